@@ -1,0 +1,70 @@
+"""The relay contract every backend honours (C splice, C select/poll, pure-Python asyncio).
+
+A relay owns pairs of connected sockets and moves bytes between them until both directions
+are done, then reports what happened. Callers never touch a socket after handing it over.
+"""
+from __future__ import annotations
+
+import enum
+import socket
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+
+class FinishReason(str, enum.Enum):
+    """Why a relayed session ended; the value travels in PNC `closed` and the audit trail."""
+
+    EOF = "eof"              # both directions reached end of stream and were forwarded
+    RESET = "reset"          # one side reset or errored (ECONNRESET, EPIPE, ...)
+    IDLE = "idle"            # no byte moved either way for the idle timeout
+    KILLED = "killed"        # kill(session_id) was called
+    SHUTDOWN = "shutdown"    # the relay itself was closed with sessions still running
+    ERROR = "error"          # local failure (e.g. out of pipes/memory); see `error`
+
+
+@dataclass(frozen=True, slots=True)
+class RelayReport:
+    """One finished session. `a` is the first socket given to add() (the SFTP client side)."""
+
+    session_id: int
+    bytes_a_to_b: int
+    bytes_b_to_a: int
+    duration: float          # seconds from add() to the end
+    reason: FinishReason
+    error: str = ""          # strerror of the failing call when reason is RESET/ERROR
+
+
+@dataclass(frozen=True, slots=True)
+class RelayStats:
+    backend: str
+    active_sessions: int
+    total_sessions: int
+    bytes_total: int
+    pipes_in_use: int = 0    # splice backend only
+    pipes_pooled: int = 0    # splice backend only
+
+
+FinishedCallback = Callable[[RelayReport], None]
+
+
+class Relay(Protocol):
+    """What the gateway and the node need from a relay backend.
+
+    Lifecycle: construct -> start(on_finished) inside a running asyncio loop -> add()/kill()
+    -> close(). `on_finished` runs in the event loop thread, once per session.
+    """
+
+    backend: str  # "splice", "select" or "python"
+
+    def start(self, on_finished: FinishedCallback) -> None: ...
+
+    def add(self, session_id: int, a: socket.socket, b: socket.socket) -> None:
+        """Take ownership of both sockets (they are detached from the caller) and relay them."""
+
+    def kill(self, session_id: int) -> bool:
+        """End a session now (reported with reason KILLED). False if it is not running."""
+
+    def stats(self) -> RelayStats: ...
+
+    async def close(self) -> None:
+        """Stop relaying; running sessions are closed and reported with reason SHUTDOWN."""

@@ -1,0 +1,153 @@
+"""The node's home directory: identity, keys, certificate, store location, user files.
+
+Layout (all created by `edgegw internal init`):
+    node.json              node id, store URL, files root
+    ssh/host_*_key         SSH host keys (private; never leave the node)
+    pnc/node.key           the node's PNC TLS key (private)
+    pnc/node.crt           its certificate
+    gateway-trust.pem      what the operator copies to the gateway (certificate only)
+    edgegw.db              SQLite store (default)
+    files/<user>/          default user homes
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncssh
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+CONFIG_NAME = "node.json"
+HOST_KEY_ALGS = ("ssh-ed25519", "ecdsa-sha2-nistp256")
+TLS_NAME = "edgegw-node"  # the name gateways expect in a node certificate's SAN
+
+
+class HomeError(Exception):
+    """The home directory is missing, incomplete or unreadable; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class NodeHome:
+    path: Path
+    node_id: str
+    db_url: str
+    files_root: Path
+
+    @property
+    def ssh_dir(self) -> Path:
+        return self.path / "ssh"
+
+    @property
+    def tls_cert(self) -> Path:
+        return self.path / "pnc" / "node.crt"
+
+    @property
+    def tls_key(self) -> Path:
+        return self.path / "pnc" / "node.key"
+
+    @property
+    def trust_file(self) -> Path:
+        return self.path / "gateway-trust.pem"
+
+    def host_key_paths(self) -> list[Path]:
+        """Host keys in preference order (newest first among the same algorithm)."""
+        keys = sorted(self.ssh_dir.glob("host_*_key"), key=lambda p: (p.stat().st_mtime, p.name),
+                      reverse=True)
+        return keys
+
+    def user_home(self, username: str) -> Path:
+        return self.files_root / username
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "NodeHome":
+        root = Path(path).expanduser().resolve()
+        cfg_path = root / CONFIG_NAME
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except FileNotFoundError:
+            raise HomeError(f"{root} is not an edgegw node home (no {CONFIG_NAME}); "
+                            f"create one with: edgegw internal init --home {root}") from None
+        except (OSError, ValueError) as exc:
+            raise HomeError(f"cannot read {cfg_path}: {exc}") from None
+        try:
+            return cls(path=root, node_id=str(cfg["node_id"]), db_url=str(cfg["db"]),
+                       files_root=Path(cfg.get("files_root") or root / "files"))
+        except (KeyError, TypeError) as exc:
+            raise HomeError(f"{cfg_path} lacks field {exc}; re-create the home") from None
+
+    @classmethod
+    def init(cls, path: str | os.PathLike[str], *, db_url: str | None = None,
+             node_id: str | None = None, files_root: str | None = None) -> "NodeHome":
+        root = Path(path).expanduser().resolve()
+        if (root / CONFIG_NAME).exists():
+            raise HomeError(f"{root} is already initialised; pick another directory")
+        root.mkdir(parents=True, exist_ok=True)
+        os.chmod(root, 0o700)
+        node_id = node_id or f"node-{secrets.token_hex(4)}"
+        db_url = db_url or f"sqlite:///{root / 'edgegw.db'}"
+        files = Path(files_root).expanduser().resolve() if files_root else root / "files"
+        files.mkdir(parents=True, exist_ok=True)
+        (root / "ssh").mkdir(mode=0o700, exist_ok=True)
+        (root / "pnc").mkdir(mode=0o700, exist_ok=True)
+        for alg in HOST_KEY_ALGS:
+            write_host_key(root / "ssh", alg)
+        key_pem, cert_pem = make_node_certificate(node_id)
+        _write_private(root / "pnc" / "node.key", key_pem)
+        (root / "pnc" / "node.crt").write_bytes(cert_pem)
+        (root / "gateway-trust.pem").write_bytes(cert_pem)
+        cfg = {"node_id": node_id, "db": db_url, "files_root": str(files)}
+        (root / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+        return cls.load(root)
+
+
+def write_host_key(ssh_dir: Path, alg: str) -> Path:
+    """Generate one SSH host key; a second key of the same algorithm gets a numbered name."""
+    short = {"ssh-ed25519": "ed25519", "ecdsa-sha2-nistp256": "ecdsa", "ssh-rsa": "rsa"}[alg]
+    path = ssh_dir / f"host_{short}_key"
+    n = 1
+    while path.exists():
+        n += 1
+        path = ssh_dir / f"host_{short}{n}_key"
+    key = asyncssh.generate_private_key(alg, comment=f"edgegw host key {short}")
+    _write_private(path, key.export_private_key())
+    path.with_name(path.name + ".pub").write_bytes(key.export_public_key())
+    return path
+
+
+def make_node_certificate(node_id: str, days: int = 3650) -> tuple[bytes, bytes]:
+    """A self-signed P-256 certificate: the node is its own trust anchor for the gateway."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{TLS_NAME} {node_id}")])
+    now = _dt.datetime.now(_dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _dt.timedelta(minutes=5))
+        .not_valid_after(now + _dt.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(TLS_NAME)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
+                                     content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False,
+                                     crl_sign=False, encipher_only=False, decipher_only=False),
+                       critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)

@@ -1,0 +1,24 @@
+"""Build the relay engine: C sources in csrc/ behind a Cython binding, edgegw._relay."""
+import sys
+
+from setuptools import Extension, setup
+
+try:
+    from Cython.Build import cythonize
+except ImportError:  # pragma: no cover - Cython is a build requirement
+    cythonize = None
+
+CSRC = ["csrc/engine.c", "csrc/splice_backend.c", "csrc/poll_backend.c", "csrc/pipe_pool.c"]
+
+ext_modules = []
+if cythonize is not None:
+    ext = Extension(
+        "edgegw._relay",
+        sources=["edgegw/_relay.pyx", *CSRC],
+        include_dirs=["csrc"],
+        extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"],
+        libraries=["pthread"] if sys.platform != "win32" else [],
+    )
+    ext_modules = cythonize([ext], language_level=3, compiler_directives={"embedsignature": True})
+
+setup(ext_modules=ext_modules)
