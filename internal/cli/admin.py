@@ -1,0 +1,46 @@
+"""What the admin commands share: the home's store, and an audit event for every change."""
+from __future__ import annotations
+
+import getpass
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+
+from internal.home import NodeHome
+from internal.store import AuditEvent, Store, StoreError, open_store
+
+
+@contextmanager
+def home_store(home: NodeHome) -> Iterator[Store]:
+    """The home's store; store errors become one clear line instead of a traceback."""
+    try:
+        store = open_store(home.db_url)
+    except StoreError as exc:
+        raise click.ClickException(f"cannot open the store: {exc}") from None
+    try:
+        yield store
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        store.close()
+
+
+def actor() -> str:
+    """Who ran the command, for the audit trail (the sudo caller when there is one)."""
+    try:
+        me = getpass.getuser()
+    except Exception:
+        me = str(os.getuid())
+    sudo = os.environ.get("SUDO_USER")
+    return f"{sudo} (via sudo as {me})" if sudo and sudo != me else me
+
+
+def record_admin(store: Store, home: NodeHome, kind: str, *, username: str = "",
+                 client_ip: str = "", detail: dict[str, Any] | None = None) -> None:
+    """Write one admin audit event synchronously: the change is not done until it is logged."""
+    store.append_audit([AuditEvent(kind=kind, node_id=home.node_id, username=username,
+                                   client_ip=client_ip,
+                                   detail={"actor": actor(), **(detail or {})})])

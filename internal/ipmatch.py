@@ -1,0 +1,89 @@
+"""Per-user address rules: which client IPs may log in as a user.
+
+Addresses are compared in canonical form, so a client seen as IPv4-mapped IPv6
+(::ffff:192.0.2.1) matches IPv4 rules, and the other way round.
+"""
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+from collections.abc import Iterable
+
+from internal.store.base import User
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_cidr(text: str) -> Network:
+    """`10.0.0.0/8`, `2001:db8::/32` or a single address (→ /32, /128); host bits are ignored."""
+    raw = text.strip() if isinstance(text, str) else ""
+    try:
+        net = ipaddress.ip_network(raw, strict=False)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address or CIDR network "
+                         "(examples: 192.0.2.7, 10.0.0.0/8, 2001:db8::/32)") from None
+    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96:
+        mapped = net.network_address.ipv4_mapped
+        if mapped is not None:
+            return ipaddress.IPv4Network((mapped, net.prefixlen - 96))
+    return net
+
+
+def canonical_cidr(text: str) -> str:
+    """How a rule or ban is stored: `192.0.2.7` for one address, `10.0.0.0/8` for a network."""
+    net = parse_cidr(text)
+    if net.prefixlen == net.max_prefixlen:
+        return str(net.network_address)
+    return str(net)
+
+
+def parse_ip(ip: str) -> Address:
+    """A client address in canonical form (zone id dropped, IPv4-mapped → IPv4); ValueError."""
+    addr = ipaddress.ip_address(str(ip).strip().split("%", 1)[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def ip_in(ip: str, cidrs: Iterable[str]) -> bool:
+    """True when `ip` lies in one of `cidrs`; an unparsable `ip` or rule never matches."""
+    try:
+        addr = parse_ip(ip)
+    except ValueError:
+        return False
+    return any(addr in net for net in _networks(cidrs, strict=False))
+
+
+def user_allows_ip(user: User, ip: str) -> bool:
+    """May `user` log in from `ip`? Deny rules win; an empty allow list means any address.
+
+    Fails closed: an unparsable client address or deny rule refuses the login.
+    """
+    try:
+        addr = parse_ip(ip)
+        deny = _networks(user.deny_cidrs, strict=True)
+    except ValueError as exc:
+        log.warning("refusing %s for user %s: %s", ip, user.name, exc)
+        return False
+    if any(addr in net for net in deny):
+        return False
+    if not user.allow_cidrs:
+        return True
+    return any(addr in net for net in _networks(user.allow_cidrs, strict=False))
+
+
+def _networks(cidrs: Iterable[str], *, strict: bool) -> list[Network]:
+    nets = []
+    for text in cidrs:
+        try:
+            nets.append(parse_cidr(text))
+        except ValueError:
+            if strict:
+                raise
+            log.warning("ignoring invalid address rule %r", text)
+    return nets

@@ -1,0 +1,315 @@
+"""The Store contract in SQL, written once for both backends.
+
+Queries use `?` placeholders; a backend with another paramstyle gets them translated once.
+Backends only say how to connect, how to open a write transaction and which errors mean what.
+Connections come from a small pool, so the store is safe to share between threads.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, ClassVar, Iterator
+
+from internal.store import migrations
+from internal.store.base import (ALL_PERMS, AlreadyExists, AuditEvent, BanEntry, NotFound, Perm,
+                                 StoreError, User)
+
+_USER_COLS = ("name, home, password_hash, keys, permissions, allow_cidrs, deny_cidrs, disabled, "
+              "expires_at, quota_bytes, quota_files, max_sessions, created_at, updated_at")
+_BAN_COLS = "ip, until_ts, reason, created_at, level"
+_AUDIT_COLS = ("ts, node_id, session_id, username, client_ip, client_port, gateway, kind, "
+               "detail, id")
+
+
+class SQLStore:
+    """Shared implementation; subclasses fill in the hooks at the bottom."""
+
+    dialect: ClassVar[str]
+    paramstyle: ClassVar[str] = "?"
+
+    def __init__(self, url: str, *, pool_size: int = 8) -> None:
+        self.url = url
+        self._pool_size = pool_size
+        self._idle: list[Any] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._sql_cache: dict[str, str] = {}
+        self._migrate()
+
+    # ---- users -------------------------------------------------------------------------------
+
+    def add_user(self, user: User) -> None:
+        now = time.time()
+        row = _user_row(user, created=user.created_at or now, updated=now)
+        try:
+            with self._tx() as cur:
+                self._exec(cur, f"INSERT INTO users ({_USER_COLS}) VALUES ({_marks(14)})", row)
+        except StoreError as exc:
+            if isinstance(exc.__cause__, self._integrity_errors()):
+                raise AlreadyExists(f"user {user.name!r} already exists") from None
+            raise
+
+    def update_user(self, user: User) -> None:
+        row = _user_row(user, created=0.0, updated=time.time())
+        sets = ", ".join(f"{c.strip()} = ?" for c in _USER_COLS.split(",")[1:]
+                         if c.strip() != "created_at")
+        params = row[1:12] + row[13:] + (user.name,)
+        with self._tx() as cur:
+            self._exec(cur, f"UPDATE users SET {sets} WHERE name = ?", params)
+            if cur.rowcount == 0:
+                raise NotFound(f"no user {user.name!r}")
+
+    def remove_user(self, name: str) -> None:
+        with self._tx() as cur:
+            self._exec(cur, "DELETE FROM users WHERE name = ?", (name,))
+            if cur.rowcount == 0:
+                raise NotFound(f"no user {name!r}")
+
+    def get_user(self, name: str) -> User | None:
+        rows = self._read(f"SELECT {_USER_COLS} FROM users WHERE name = ?", (name,))
+        return _row_user(rows[0]) if rows else None
+
+    def list_users(self) -> list[User]:
+        return [_row_user(r) for r in self._read(f"SELECT {_USER_COLS} FROM users ORDER BY name")]
+
+    # ---- bans --------------------------------------------------------------------------------
+
+    def add_ban(self, ip: str, until: float, reason: str) -> BanEntry:
+        """Ban (or re-ban) `ip`; each ban raises its level, kept after the ban ends."""
+        now = time.time()
+        with self._tx() as cur:
+            self._exec(cur, "INSERT INTO ban_history (ip, level, last_at) VALUES (?, 1, ?) "
+                            "ON CONFLICT (ip) DO UPDATE SET level = ban_history.level + 1, "
+                            "last_at = excluded.last_at RETURNING level", (ip, now))
+            level = int(cur.fetchone()[0])
+            self._exec(cur, f"INSERT INTO bans ({_BAN_COLS}) VALUES (?, ?, ?, ?, ?) "
+                            "ON CONFLICT (ip) DO UPDATE SET until_ts = excluded.until_ts, "
+                            "reason = excluded.reason, created_at = excluded.created_at, "
+                            "level = excluded.level", (ip, until, reason, now, level))
+        return BanEntry(ip=ip, until=until, reason=reason, created_at=now, level=level)
+
+    def remove_ban(self, ip: str) -> bool:
+        with self._tx() as cur:
+            self._exec(cur, "DELETE FROM bans WHERE ip = ?", (ip,))
+            return bool(cur.rowcount)
+
+    def active_bans(self, now: float | None = None) -> list[BanEntry]:
+        now = time.time() if now is None else now
+        rows = self._read(f"SELECT {_BAN_COLS} FROM bans WHERE until_ts > ? ORDER BY ip", (now,))
+        return [BanEntry(ip=r[0], until=float(r[1]), reason=r[2], created_at=float(r[3]),
+                         level=int(r[4])) for r in rows]
+
+    def ban_level(self, ip: str) -> int:
+        rows = self._read("SELECT level FROM ban_history WHERE ip = ?", (ip,))
+        return int(rows[0][0]) if rows else 0
+
+    # ---- defender ----------------------------------------------------------------------------
+
+    def record_auth_failure(self, ip: str, ts: float) -> None:
+        with self._tx() as cur:
+            self._exec(cur, "INSERT INTO auth_failures (ip, ts) VALUES (?, ?)", (ip, ts))
+
+    def count_auth_failures(self, ip: str, since: float) -> int:
+        rows = self._read("SELECT COUNT(*) FROM auth_failures WHERE ip = ? AND ts >= ?",
+                          (ip, since))
+        return int(rows[0][0])
+
+    def clear_auth_failures(self, ip: str | None = None, before: float | None = None) -> int:
+        """Forget failures of one address (after a ban) and/or older than `before` (pruning)."""
+        where, params = _where({"ip = ?": ip, "ts < ?": before})
+        with self._tx() as cur:
+            self._exec(cur, f"DELETE FROM auth_failures{where}", params)
+            return max(cur.rowcount, 0)
+
+    # ---- audit -------------------------------------------------------------------------------
+
+    def append_audit(self, events: list[AuditEvent]) -> None:
+        if not events:
+            return
+        now = time.time()
+        rows = [(e.ts or now, e.node_id, e.session_id, e.username, e.client_ip, int(e.client_port),
+                 e.gateway, e.kind, json.dumps(e.detail, sort_keys=True, default=str))
+                for e in events]
+        with self._tx() as cur:
+            cur.executemany(self._sql(f"INSERT INTO audit ({_AUDIT_COLS[:-4]}) VALUES "
+                                      f"({_marks(9)})"), rows)
+
+    def query_audit(self, *, username: str | None = None, ip: str | None = None,
+                    since: float | None = None, session_id: str | None = None,
+                    kind: str | None = None, limit: int = 1000) -> list[AuditEvent]:
+        """The newest `limit` matching events, oldest first. `kind` "file.*" matches a family."""
+        conds: dict[str, Any] = {"username = ?": username, "client_ip = ?": ip,
+                                 "ts >= ?": since, "session_id = ?": session_id}
+        if kind and kind.endswith("*"):
+            prefix = kind[:-1]
+            conds[f"substr(kind, 1, {len(prefix)}) = ?"] = prefix
+        else:
+            conds["kind = ?"] = kind
+        where, params = _where(conds)
+        rows = self._read(f"SELECT {_AUDIT_COLS} FROM audit{where} ORDER BY ts DESC, id DESC "
+                          f"LIMIT ?", (*params, max(int(limit), 0)))
+        return [AuditEvent(ts=float(r[0]), node_id=r[1], session_id=r[2], username=r[3],
+                           client_ip=r[4], client_port=int(r[5]), gateway=r[6], kind=r[7],
+                           detail=_loads(r[8]), id=int(r[9])) for r in reversed(rows)]
+
+    # ---- plumbing ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            _quiet_close(conn)
+
+    def _migrate(self) -> None:
+        with self._tx(schema=True) as cur:
+            self._exec(cur, migrations.VERSION_TABLE.format(**migrations.TYPES[self.dialect]))
+            self._exec(cur, "SELECT COALESCE(MAX(version), 0) FROM schema_version")
+            current = int(cur.fetchone()[0])
+            if current > migrations.LATEST:
+                raise StoreError(f"{_redact(self.url)} has schema v{current}, newer than this "
+                                 f"edgegw (v{migrations.LATEST}); upgrade edgegw")
+            for m in migrations.pending(current):
+                for stmt in m.statements(self.dialect):
+                    cur.execute(stmt)
+                self._exec(cur, "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
+                           (m.version, time.time()))
+
+    def _sql(self, query: str) -> str:
+        if self.paramstyle == "?":
+            return query
+        out = self._sql_cache.get(query)
+        if out is None:
+            out = self._sql_cache[query] = query.replace("?", self.paramstyle)
+        return out
+
+    def _exec(self, cur: Any, query: str, params: tuple[Any, ...] = ()) -> None:
+        if params:
+            cur.execute(self._sql(query), params)
+        else:                       # no parameters: no placeholder parsing either
+            cur.execute(query)
+
+    def _read(self, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._tx(write=False) as cur:
+            self._exec(cur, query, params)
+            return list(cur.fetchall())
+
+    @contextmanager
+    def _tx(self, *, write: bool = True, schema: bool = False) -> Iterator[Any]:
+        """A cursor inside a transaction (writes) or autocommit (reads); DB errors → StoreError."""
+        conn = self._acquire()
+        healthy = True
+        began = False
+        try:
+            if write:
+                self._begin(conn, schema=schema)
+                began = True
+            cur = conn.cursor()
+            try:
+                yield cur
+            finally:
+                cur.close()
+            if began:
+                conn.execute("COMMIT")
+        except BaseException as exc:
+            if began:
+                try:
+                    conn.execute("ROLLBACK")
+                except Exception:
+                    healthy = False
+            if isinstance(exc, self._db_errors()):
+                healthy = healthy and self._healthy(conn)
+                raise StoreError(f"{self.dialect} store {_redact(self.url)}: "
+                                 f"{str(exc).strip()}") from exc
+            raise
+        finally:
+            self._release(conn, healthy)
+
+    def _acquire(self) -> Any:
+        with self._lock:
+            if self._closed:
+                raise StoreError("the store is closed")
+            conn = self._idle.pop() if self._idle else None
+        if conn is not None:
+            return conn
+        try:
+            return self._connect()
+        except self._db_errors() as exc:
+            raise StoreError(f"cannot open {self.dialect} store {_redact(self.url)}: "
+                             f"{str(exc).strip()}") from exc
+
+    def _release(self, conn: Any, healthy: bool) -> None:
+        with self._lock:
+            if healthy and not self._closed and len(self._idle) < self._pool_size:
+                self._idle.append(conn)
+                return
+        _quiet_close(conn)
+
+    # ---- backend hooks -----------------------------------------------------------------------
+
+    def _connect(self) -> Any:
+        raise NotImplementedError
+
+    def _begin(self, conn: Any, *, schema: bool) -> None:
+        """Open a write transaction; `schema` also serialises schema changes across processes."""
+        raise NotImplementedError
+
+    def _db_errors(self) -> tuple[type[BaseException], ...]:
+        raise NotImplementedError
+
+    def _integrity_errors(self) -> tuple[type[BaseException], ...]:
+        raise NotImplementedError
+
+    def _healthy(self, conn: Any) -> bool:
+        return True
+
+
+def _marks(n: int) -> str:
+    return ", ".join("?" * n)
+
+
+def _where(conds: dict[str, Any]) -> tuple[str, tuple[Any, ...]]:
+    used = {c: v for c, v in conds.items() if v is not None}
+    return (" WHERE " + " AND ".join(used) if used else ""), tuple(used.values())
+
+
+def _user_row(u: User, *, created: float, updated: float) -> tuple[Any, ...]:
+    perms = sorted(p.value for p in u.permissions)
+    return (u.name, u.home, u.password_hash, json.dumps(list(u.keys)), json.dumps(perms),
+            json.dumps(list(u.allow_cidrs)), json.dumps(list(u.deny_cidrs)), bool(u.disabled),
+            u.expires_at, u.quota_bytes, u.quota_files, u.max_sessions, created, updated)
+
+
+def _row_user(r: tuple[Any, ...]) -> User:
+    known = {p.value for p in ALL_PERMS}
+    return User(name=r[0], home=r[1], password_hash=r[2], keys=_loads(r[3], []),
+                permissions=frozenset(Perm(p) for p in _loads(r[4], []) if p in known),
+                allow_cidrs=_loads(r[5], []), deny_cidrs=_loads(r[6], []), disabled=bool(r[7]),
+                expires_at=None if r[8] is None else float(r[8]),
+                quota_bytes=r[9], quota_files=r[10], max_sessions=r[11],
+                created_at=float(r[12]), updated_at=float(r[13]))
+
+
+def _loads(text: str, default: Any = None) -> Any:
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return {} if default is None else default
+
+
+def _redact(url: str) -> str:
+    """The URL without a password, for error messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not at or ":" not in creds:
+        return url
+    return f"{scheme}{sep}{creds.split(':', 1)[0]}:***@{host}"
+
+
+def _quiet_close(conn: Any) -> None:
+    try:
+        conn.close()
+    except Exception:
+        pass

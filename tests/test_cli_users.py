@@ -1,0 +1,228 @@
+"""The admin CLI: users, bans and the audit trail, through the real command line."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from edgegw.cli import main
+from internal.home import NodeHome
+from internal.passwords import verify_password
+from internal.store import Perm, open_store
+from tests.store_fixtures import pg_url  # noqa: F401
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    NodeHome.init(tmp_path / "home")
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def pubkey(tmp_path: Path) -> Path:
+    key = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "alice@laptop",
+                    "-f", str(key)], check=True)
+    return key
+
+
+def cli(home: Path, *args: str, input: str | None = None, code: int = 0):
+    result = CliRunner().invoke(main, ["internal", *args, "--home", str(home)], input=input)
+    assert result.exit_code == code, (result.output, result.exception)
+    assert "Traceback" not in result.output
+    return result
+
+
+def edgegw(home: Path, *args: str, input: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "edgegw", "internal", *args, "--home", str(home)],
+                          input=input, text=True, capture_output=True, timeout=60)
+
+
+def _user(home: Path, name: str):
+    s = open_store(NodeHome.load(home).db_url)
+    try:
+        return s.get_user(name), s.query_audit(username=name)
+    finally:
+        s.close()
+
+
+def test_subprocess_add_with_key_and_password_stdin(home, pubkey):
+    r = edgegw(home, "user", "add", "alice", "--key", f"{pubkey}.pub", "--password-stdin",
+               "--perm-preset", "readonly", "--allow-ip", "10.0.0.0/8", "--deny-ip",
+               "10.9.0.0/16", "--expires", "2030-01-31", "--quota-bytes", "10G",
+               "--quota-files", "1000", "--max-sessions", "4", input="s3cret pass\n")
+    assert r.returncode == 0, r.stderr
+    u, events = _user(home, "alice")
+    assert verify_password(u.password_hash, "s3cret pass")
+    assert u.permissions == {Perm.LIST, Perm.DOWNLOAD} and len(u.keys) == 1
+    assert u.allow_cidrs == ["10.0.0.0/8"] and u.deny_cidrs == ["10.9.0.0/16"]
+    assert u.quota_bytes == 10 << 30 and u.quota_files == 1000 and u.max_sessions == 4
+    assert u.expires_at == dt.datetime(2030, 1, 31, tzinfo=dt.timezone.utc).timestamp()
+    root = Path(u.home)
+    assert root == NodeHome.load(home).user_home("alice") and root.stat().st_mode & 0o777 == 0o750
+    assert [e.kind for e in events] == ["user.add"]
+    assert u.password_hash not in json.dumps(events[0].detail)
+    assert events[0].detail["password"] is True
+
+
+def test_subprocess_errors_are_clean(home, pubkey):
+    for args, code, words in [
+        (("user", "add", "bob", "--key", str(pubkey)), 1, "private key"),
+        (("user", "add", "bob", "--key", "/nonexistent.pub"), 1, "cannot read key file"),
+        (("user", "add", "bob", "--allow-ip", "10.0.0.300/8"), 2, "not an IP address or CIDR"),
+        (("user", "add", "bob", "--quota-bytes", "ten gigs"), 2, "not a size"),
+        (("user", "add", "bob", "--perm", "list,teleport"), 2, "unknown permission teleport"),
+        (("user", "add", "../etc"), 2, "use 1-64 letters"),
+        (("user", "show", "nobody"), 1, "no user 'nobody'"),
+    ]:
+        r = edgegw(home, *args)
+        assert r.returncode == code, (args, r.stderr)
+        assert words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    assert _user(home, "bob")[0] is None
+    assert not NodeHome.load(home).user_home("bob").exists()
+
+
+def test_bad_key_line_and_empty_password(home, tmp_path, pubkey):
+    bad = tmp_path / "bad.pub"
+    bad.write_text(f"{Path(f'{pubkey}.pub').read_text()}ssh-ed25519 AAAAnope x\n")
+    assert "line 2 is not an OpenSSH public key" in cli(home, "user", "add", "bob", "--key",
+                                                        str(bad), code=1).output
+    assert "no password on stdin" in cli(home, "user", "add", "bob", "--password-stdin",
+                                         input="", code=1).output
+    empty = tmp_path / "empty.pub"
+    empty.write_text("# nothing here\n")
+    assert "holds no public key" in cli(home, "user", "add", "bob", "--key", str(empty),
+                                        code=1).output
+
+
+def test_duplicate_user(home):
+    cli(home, "user", "add", "alice")
+    assert "already exists" in cli(home, "user", "add", "alice", code=1).output
+
+
+def test_set_changes_and_audits(home, pubkey, tmp_path):
+    cli(home, "user", "add", "alice", "--key", f"{pubkey}.pub", "--allow-ip", "10.0.0.0/8")
+    other = tmp_path / "other"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-N", "", "-C", "ci", "-f", str(other)],
+                   check=True)
+    cli(home, "user", "set", "alice", "--add-key", f"{other}.pub", "--remove-key",
+        "alice@laptop", "--password-stdin", "--add-allow-ip", "192.0.2.0/24",
+        "--remove-allow-ip", "10.0.0.0/8", "--deny-ip", "192.0.2.66", "--disable",
+        "--perm", "list,upload", "--perm", "mkdir", "--quota-bytes", "1.5G",
+        "--expires", "2031-01-01T12:00+02:00", input="pw\n")
+    u, events = _user(home, "alice")
+    assert len(u.keys) == 1 and u.keys[0].startswith("ecdsa-sha2-nistp256 ")
+    assert u.allow_cidrs == ["192.0.2.0/24"] and u.deny_cidrs == ["192.0.2.66"]
+    assert u.disabled and u.permissions == {Perm.LIST, Perm.UPLOAD, Perm.MKDIR}
+    assert u.quota_bytes == 3 << 29
+    assert u.expires_at == dt.datetime(2031, 1, 1, 10, tzinfo=dt.timezone.utc).timestamp()
+    assert verify_password(u.password_hash, "pw")
+    changed = events[-1].detail["changed"]
+    assert events[-1].kind == "user.set" and changed["password"] == "changed"
+    assert set(changed) == {"keys", "allow_ip", "deny_ip", "disabled", "permissions",
+                            "quota_bytes", "expires", "password"}
+    assert "argon2" not in json.dumps([e.detail for e in events])
+    cli(home, "user", "set", "alice", "--enable", "--clear-password", "--clear-keys",
+        "--clear-allow-ip", "--quota-bytes", "none", "--expires", "never", "--perm-preset", "all")
+    u, events = _user(home, "alice")
+    assert not u.disabled and u.password_hash is None and u.keys == [] and u.allow_cidrs == []
+    assert u.quota_bytes is None and u.expires_at is None and len(u.permissions) == len(Perm)
+    assert events[-1].detail["changed"]["password"] == "removed"
+    assert "nothing to change" in cli(home, "user", "set", "alice").output
+    assert "no key matches" in cli(home, "user", "set", "alice", "--remove-key", "SHA256:x",
+                                   code=1).output
+    assert "not in the list" in cli(home, "user", "set", "alice", "--remove-deny-ip", "1.2.3.4",
+                                    code=1).output
+    assert "contradict" in cli(home, "user", "set", "alice", "--password-stdin",
+                               "--clear-password", input="x\n", code=2).output
+    assert "not both" in cli(home, "user", "set", "alice", "--perm", "list", "--perm-preset",
+                             "all", code=2).output
+
+
+def test_show_list_remove(home, pubkey, tmp_path):
+    cli(home, "user", "add", "alice", "--key", f"{pubkey}.pub", "--password-stdin",
+        input="pw\n")
+    cli(home, "user", "add", "bob", "--home-dir", str(tmp_path / "bob-root"), "--disabled")
+    shown = json.loads(cli(home, "user", "show", "alice", "--json").output)
+    assert shown["name"] == "alice" and shown["password"] is True
+    assert shown["keys"][0].startswith("SHA256:") and shown["keys"][0].endswith("alice@laptop")
+    assert "password_hash" not in json.dumps(shown) and "argon2" not in json.dumps(shown)
+    text = cli(home, "user", "show", "alice").output
+    assert "alice@laptop" in text and "argon2" not in text
+    listed = json.loads(cli(home, "user", "list", "--json").output)
+    assert [(u["name"], u["state"]) for u in listed] == [("alice", "enabled"), ("bob", "disabled")]
+    table = cli(home, "user", "list").output.splitlines()
+    assert table[0].startswith("NAME") and table[2].startswith("bob")
+    assert (tmp_path / "bob-root").is_dir()
+    cli(home, "user", "remove", "bob")
+    assert "no user 'bob'" in cli(home, "user", "remove", "bob", code=1).output
+    assert (tmp_path / "bob-root").is_dir()               # files are kept
+    assert [e.kind for e in _user(home, "bob")[1]] == ["user.add", "user.remove"]
+
+
+def test_help_documents_every_flag():
+    from internal.cli import audit, bans, users
+    commands = [*users.user.commands.values(), *bans.ban.commands.values(), audit.audit]
+    for cmd in commands:
+        assert cmd.help, cmd.name
+        for p in cmd.params:
+            if isinstance(p, click.Option):
+                assert p.help, f"{cmd.name} {p.opts}"
+    out = CliRunner().invoke(main, ["internal", "user", "set", "--help"]).output
+    for flag in ("--add-key", "--remove-key", "--clear-keys", "--clear-password",
+                 "--add-allow-ip", "--remove-allow-ip", "--add-deny-ip", "--enable / --disable",
+                 "--expires", "--quota-bytes", "--quota-files", "--max-sessions", "--home-dir"):
+        assert flag in out, flag
+
+
+def test_bans_and_audit_cli(home):
+    cli(home, "ban", "add", "192.0.2.7", "--duration", "2h", "--reason", "scanner")
+    cli(home, "ban", "add", "198.51.100.9/24")
+    bans = [json.loads(line) for line in cli(home, "ban", "list", "--json").output.splitlines()]
+    assert [(b["ip"], b["reason"]) for b in bans] == [
+        ("192.0.2.7", "scanner"), ("198.51.100.0/24", "banned by an administrator")]
+    assert "scanner" in cli(home, "ban", "list").output
+    cli(home, "ban", "remove", "192.0.2.7")
+    assert "is not banned" in cli(home, "ban", "remove", "192.0.2.7", code=1).output
+    assert "not an IP address" in cli(home, "ban", "add", "nope", code=2).output
+    assert "not a duration" in cli(home, "ban", "add", "192.0.2.8", "--duration", "soon",
+                                   code=2).output
+    cli(home, "user", "add", "carol")
+    lines = cli(home, "audit", "--json", "--kind", "ban.*", "--since", "10m").output.splitlines()
+    kinds = [(json.loads(x)["kind"], json.loads(x)["ip"]) for x in lines]
+    assert kinds == [("ban.add", "192.0.2.7"), ("ban.add", "198.51.100.0/24"),
+                     ("ban.remove", "192.0.2.7")]
+    assert len(cli(home, "audit", "--json", "--ip", "192.0.2.7").output.splitlines()) == 2
+    assert len(cli(home, "audit", "--json", "--user", "carol", "--since",
+                   "2000-01-01").output.splitlines()) == 1
+    assert cli(home, "audit", "--json", "--since", "2999-01-01").output == ""
+    table = cli(home, "audit", "--limit", "2").output.splitlines()
+    assert table[0].startswith("TIME") and len(table) == 3 and "user.add" in table[2]
+    assert "not a time" in cli(home, "audit", "--since", "last tuesday", code=2).output
+
+
+def test_cli_on_postgres_home(tmp_path, pg_url, pubkey):
+    NodeHome.init(tmp_path / "pg-home", db_url=pg_url)
+    home = tmp_path / "pg-home"
+    r = edgegw(home, "user", "add", "alice", "--key", f"{pubkey}.pub")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(cli(home, "user", "list", "--json").output)[0]["name"] == "alice"
+    assert [e.kind for e in _user(home, "alice")[1]] == ["user.add"]
+
+
+def test_unreachable_store_is_a_clean_error(tmp_path):
+    NodeHome.init(tmp_path / "h", db_url="postgresql://postgres@127.0.0.1:1/x?connect_timeout=2")
+    r = cli(tmp_path / "h", "user", "list", code=1)
+    assert "cannot open the store" in r.output
+
+
+def test_missing_home_is_a_clean_error(tmp_path):
+    assert "not an edgegw node home" in cli(tmp_path / "nothing", "user", "list", code=1).output
+    assert os.path.exists(tmp_path) and not (tmp_path / "nothing").exists()
