@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from edgegw.demo import demo
+from edgegw.gateway.cli import serve
 from internal.cli import internal
 
 
@@ -12,4 +14,6 @@ def main() -> None:
     """edgegw: an SFTP edge gateway that holds no keys, credentials or files."""
 
 
+main.add_command(serve)
+main.add_command(demo)
 main.add_command(internal)

@@ -84,7 +84,8 @@ class NodeHome:
 
     @classmethod
     def init(cls, path: str | os.PathLike[str], *, db_url: str | None = None,
-             node_id: str | None = None, files_root: str | None = None) -> "NodeHome":
+             node_id: str | None = None, files_root: str | None = None,
+             ca_dir: str | os.PathLike[str] | None = None) -> "NodeHome":
         root = Path(path).expanduser().resolve()
         if (root / CONFIG_NAME).exists():
             raise HomeError(f"{root} is already initialised; pick another directory")
@@ -98,10 +99,12 @@ class NodeHome:
         (root / "pnc").mkdir(mode=0o700, exist_ok=True)
         for alg in HOST_KEY_ALGS:
             write_host_key(root / "ssh", alg)
-        key_pem, cert_pem = make_node_certificate(node_id)
+        ca = load_ca(Path(ca_dir)) if ca_dir else None
+        key_pem, cert_pem = make_node_certificate(node_id, ca=ca)
         _write_private(root / "pnc" / "node.key", key_pem)
         (root / "pnc" / "node.crt").write_bytes(cert_pem)
-        (root / "gateway-trust.pem").write_bytes(cert_pem)
+        # With a CA the gateway trusts the CA (one file for every node), else this node itself.
+        (root / "gateway-trust.pem").write_bytes(ca[2] if ca else cert_pem)
         cfg = {"node_id": node_id, "db": db_url, "files_root": str(files)}
         (root / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
         return cls.load(root)
@@ -121,30 +124,78 @@ def write_host_key(ssh_dir: Path, alg: str) -> Path:
     return path
 
 
-def make_node_certificate(node_id: str, days: int = 3650) -> tuple[bytes, bytes]:
-    """A self-signed P-256 certificate: the node is its own trust anchor for the gateway."""
+CA = tuple[ec.EllipticCurvePrivateKey, x509.Certificate, bytes]
+
+
+def make_node_certificate(node_id: str, days: int = 3650,
+                          ca: CA | None = None) -> tuple[bytes, bytes]:
+    """A P-256 certificate for the PNC: self-signed (the node is its own trust anchor for the
+    gateway) or, with `ca`, signed by the operator's CA so one trust file covers every node."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{TLS_NAME} {node_id}")])
+    builder = _cert_builder(name, key, days).add_extension(
+        x509.SubjectAlternativeName([x509.DNSName(TLS_NAME)]), critical=False)
+    if ca is None:
+        cert = _as_anchor(builder).issuer_name(name).sign(key, hashes.SHA256())
+    else:
+        ca_key, ca_cert, _ = ca
+        cert = (builder.issuer_name(ca_cert.subject)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .sign(ca_key, hashes.SHA256()))
+    return _key_pem(key), cert.public_bytes(serialization.Encoding.PEM)
+
+
+def make_ca(directory: Path, name: str = "edgegw node CA", days: int = 3650) -> Path:
+    """An operator CA (ca.key, ca.crt) for signing node certificates; keep ca.key offline."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if (directory / "ca.key").exists():
+        raise HomeError(f"{directory} already holds a CA")
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = _as_anchor(_cert_builder(subject, key, days)).issuer_name(subject).sign(
+        key, hashes.SHA256())
+    _write_private(directory / "ca.key", _key_pem(key))
+    (directory / "ca.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return directory / "ca.crt"
+
+
+def load_ca(directory: Path) -> CA:
+    try:
+        key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
+        cert_pem = (directory / "ca.crt").read_bytes()
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except (OSError, ValueError, TypeError) as exc:
+        raise HomeError(f"cannot load the CA in {directory} (ca.key, ca.crt): {exc}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise HomeError(f"{directory}/ca.key is not an EC key made by `edgegw internal ca create`")
+    return key, cert, cert_pem
+
+
+def _cert_builder(subject: x509.Name, key: ec.EllipticCurvePrivateKey,
+                  days: int) -> x509.CertificateBuilder:
     now = _dt.datetime.now(_dt.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name).issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _dt.timedelta(minutes=5))
-        .not_valid_after(now + _dt.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(TLS_NAME)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
-                                     content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False,
-                                     crl_sign=False, encipher_only=False, decipher_only=False),
-                       critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
+    return (x509.CertificateBuilder()
+            .subject_name(subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _dt.timedelta(minutes=5))
+            .not_valid_after(now + _dt.timedelta(days=days)))
+
+
+def _as_anchor(builder: x509.CertificateBuilder) -> x509.CertificateBuilder:
+    """Extensions that let OpenSSL accept the certificate as a trust anchor."""
+    return (builder
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
+                                         content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False,
+                                         crl_sign=False, encipher_only=False,
+                                         decipher_only=False), critical=True))
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
 
 
 def _write_private(path: Path, data: bytes) -> None:

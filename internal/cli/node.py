@@ -1,24 +1,161 @@
 """`edgegw internal init|serve|drain`."""
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import time
+
 import click
 
+from edgegw.logsetup import LEVELS, setup_logging
+from edgegw.netaddr import HostPort, parse_hostport
 from internal.cli.common import home_option, load_home
 from internal.home import HomeError, NodeHome
+from internal.store.base import StoreError
+
+
+def _hostports(ctx: click.Context, param: click.Parameter, value: object) -> object:
+    if value is None:
+        return None
+    try:
+        if isinstance(value, tuple):
+            return [parse_hostport(v) for v in value]
+        return parse_hostport(str(value))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @click.command()
 @home_option
-@click.option("--db", "db_url", default=None, help="Store URL (default: SQLite in the home).")
+@click.option("--db", "db_url", default=None, metavar="URL",
+              help="Store URL: postgresql://user@host/db for several nodes "
+                   "(default: SQLite in the home).")
 @click.option("--node-id", default=None, help="Name of this node in logs and the audit trail.")
-def init(home_dir: str, db_url: str | None, node_id: str | None) -> None:
+@click.option("--files-root", default=None, type=click.Path(file_okay=False),
+              help="Where user home directories go (default: HOME/files; share it between "
+                   "nodes that serve the same users).")
+@click.option("--ca", "ca_dir", default=None, type=click.Path(file_okay=False, exists=True),
+              help="Sign the PNC certificate with the CA in this directory (from `edgegw "
+                   "internal ca create`); gateways then trust the CA for every node.")
+def init(home_dir: str, db_url: str | None, node_id: str | None, files_root: str | None,
+         ca_dir: str | None) -> None:
     """Create a node home: SSH host keys, PNC certificate, store, gateway-trust.pem."""
     try:
-        home = NodeHome.init(home_dir, db_url=db_url, node_id=node_id)
-    except HomeError as exc:
+        home = NodeHome.init(home_dir, db_url=db_url, node_id=node_id, files_root=files_root,
+                             ca_dir=ca_dir)
+        from internal.store import open_store
+        open_store(home.db_url).close()  # creates the schema now, so errors show here
+    except (HomeError, StoreError) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"initialised {home.path} (node {home.node_id})")
+    click.echo(f"initialised {home.path} (node {home.node_id}, store {home.db_url})")
     click.echo(f"copy {home.trust_file} to the gateway and pass it as --trust")
 
 
-COMMANDS = [init]
+@click.command()
+@home_option
+@click.option("--gateway", "gateways", multiple=True, callback=_hostports, metavar="HOST:PORT",
+              help="A gateway's PNC address to dial (repeatable: serve several gateways).")
+@click.option("--listen", callback=_hostports, default=None, metavar="HOST:PORT",
+              help="Also serve SSH/SFTP directly on the trusted network (off by default).")
+@click.option("--forward", callback=_hostports, default=None, metavar="HOST:PORT",
+              help="Relay sessions to this TCP service instead of the built-in SFTP server.")
+@click.option("--forward-proxy-protocol", type=click.Choice(["v1", "v2"]), default=None,
+              help="With --forward: prepend a PROXY header carrying the real client address.")
+@click.option("--capacity", default=0, show_default=True, type=click.IntRange(0),
+              help="Most sessions this node runs at once (0: unlimited).")
+@click.option("--weight", default=100, show_default=True, type=click.IntRange(1, 1000),
+              help="Relative share of new sessions among nodes.")
+@click.option("--drain-timeout", default=60.0, show_default=True, type=click.FloatRange(0),
+              help="On SIGTERM/drain: seconds to let running sessions finish.")
+@click.option("--node-id", default=None, help="Override the home's node id.")
+@click.option("--log-level", type=click.Choice(LEVELS), default="info", show_default=True)
+def serve(home_dir: str, gateways: list[HostPort], listen: HostPort | None,
+          forward: HostPort | None, forward_proxy_protocol: str | None, capacity: int,
+          weight: int, drain_timeout: float, node_id: str | None, log_level: str) -> None:
+    """Run the internal node: dial the gateways and serve the sessions they offer."""
+    from internal.runtime import ServeOptions, serve as run_node
+
+    setup_logging(log_level)
+    home = load_home(home_dir)
+    if not gateways and listen is None:
+        raise click.UsageError("give at least one --gateway HOST:PORT (or --listen)")
+    if listen is not None and forward is not None:
+        raise click.UsageError("--listen and --forward cannot be combined")
+    if forward_proxy_protocol and forward is None:
+        raise click.UsageError("--forward-proxy-protocol needs --forward")
+    opts = ServeOptions(list(gateways), listen=listen, forward=forward,
+                        forward_proxy_protocol=forward_proxy_protocol, capacity=capacity,
+                        weight=weight, drain_timeout=drain_timeout, node_id=node_id)
+    try:
+        asyncio.run(run_node(home, opts))
+    except (StoreError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        pass
+
+
+@click.command()
+@home_option
+@click.option("--timeout", default=120.0, show_default=True, type=click.FloatRange(0),
+              help="Seconds to wait for the node processes to finish and exit.")
+def drain(home_dir: str, timeout: float) -> None:
+    """Drain the nodes running on this home: no new sessions, let running ones end, exit."""
+    from internal.runtime import pid_files
+
+    home = load_home(home_dir)
+    pids: list[int] = []
+    for path in pid_files(home):
+        try:
+            pid = int(path.read_text().strip())
+            os.kill(pid, signal.SIGTERM)
+            pids.append(pid)
+        except (ValueError, ProcessLookupError):
+            path.unlink(missing_ok=True)  # stale
+        except PermissionError:
+            raise click.ClickException(f"not allowed to signal node process in {path}") from None
+    if not pids:
+        raise click.ClickException(f"no node is running on {home.path}")
+    click.echo(f"draining {len(pids)} node process(es): {', '.join(map(str, pids))}")
+    deadline = time.monotonic() + timeout
+    while pids and time.monotonic() < deadline:
+        pids = [p for p in pids if _alive(p)]
+        time.sleep(0.1)
+    if pids:
+        raise click.ClickException(f"still running after {timeout:.0f}s: {pids}")
+    click.echo("drained")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie child of ours counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return True
+
+
+@click.group()
+def ca() -> None:
+    """An operator CA that signs node certificates (one trust file for all nodes)."""
+
+
+@ca.command("create")
+@click.option("--dir", "directory", required=True, type=click.Path(file_okay=False),
+              help="Where to write ca.key (keep it offline) and ca.crt.")
+def ca_create(directory: str) -> None:
+    """Create ca.key and ca.crt; then `edgegw internal init --ca DIR` for each node."""
+    from pathlib import Path
+
+    from internal.home import make_ca
+    try:
+        crt = make_ca(Path(directory))
+    except HomeError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"CA written; give gateways {crt} as --trust")
+
+
+COMMANDS = [init, serve, drain, ca]

@@ -1,0 +1,88 @@
+"""`edgegw demo`: a gateway and a node on loopback with a demo user, as two real processes."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+DEMO_USER = "demo"
+DEMO_PASSWORD = "demo"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _edgegw(*args: str) -> list[str]:
+    return [sys.executable, "-m", "edgegw", *args]
+
+
+@click.command()
+@click.option("--port", default=2222, show_default=True, type=click.IntRange(0, 65535),
+              help="External SFTP port of the gateway (0: any free port).")
+@click.option("--dir", "workdir", default=None, type=click.Path(file_okay=False),
+              help="Where to put the node home (default: a temporary directory, removed on exit).")
+def demo(port: int, workdir: str | None) -> None:
+    """Run a gateway and an internal node on loopback with a demo user; Ctrl-C stops both."""
+    tmp = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="edgegw-demo-"))
+    home = tmp / "node-home"
+    port = port or _free_port()
+    pnc, data = _free_port(), _free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        subprocess.run(_edgegw("internal", "init", "--home", str(home), "--node-id", "demo-node"),
+                       check=True, stdout=subprocess.DEVNULL)
+        key = tmp / "demo_key"
+        if not key.exists():
+            import asyncssh
+            k = asyncssh.generate_private_key("ssh-ed25519", comment="edgegw demo")
+            k.write_private_key(str(key))
+            k.write_public_key(str(key) + ".pub")
+        subprocess.run(_edgegw("internal", "user", "add", DEMO_USER, "--home", str(home),
+                               "--key", f"{key}.pub", "--password-stdin"),
+                       input=DEMO_PASSWORD.encode(), check=True, stdout=subprocess.DEVNULL)
+        procs.append(subprocess.Popen(_edgegw(
+            "serve", "--external", f"127.0.0.1:{port}", "--pnc", f"127.0.0.1:{pnc}",
+            "--data", f"127.0.0.1:{data}", "--trust", str(home / "gateway-trust.pem"),
+            "--gateway-id", "demo-gateway"), cwd="/"))
+        procs.append(subprocess.Popen(_edgegw(
+            "internal", "serve", "--home", str(home), "--gateway", f"127.0.0.1:{pnc}")))
+        time.sleep(1.0)
+        click.echo("")
+        click.echo(f"edgegw demo running: gateway on 127.0.0.1:{port}, node home {home}")
+        click.echo("Try (key):      sftp -i {k} -o StrictHostKeyChecking=no "
+                   "-o UserKnownHostsFile=/dev/null -P {p} {u}@127.0.0.1".format(
+                       k=key, p=port, u=DEMO_USER))
+        click.echo(f"or (password '{DEMO_PASSWORD}'): sftp -o StrictHostKeyChecking=no "
+                   f"-o UserKnownHostsFile=/dev/null -P {port} {DEMO_USER}@127.0.0.1")
+        click.echo(f"Audit trail:    edgegw internal audit --home {home}")
+        click.echo("Ctrl-C stops both.")
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.2)
+        raise click.ClickException("a demo process exited; see its log above")
+    except KeyboardInterrupt:
+        click.echo("\nstopping")
+    except subprocess.CalledProcessError as exc:
+        raise click.ClickException(f"demo setup failed: {exc}") from None
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if workdir is None:
+            shutil.rmtree(tmp, ignore_errors=True)

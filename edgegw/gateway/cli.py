@@ -1,0 +1,74 @@
+"""`edgegw serve`: the DMZ gateway."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from edgegw.gateway.config import GatewayConfig
+from edgegw.gateway.server import run_gateway
+from edgegw.gateway.tls import TrustError, gateway_context
+from edgegw.logsetup import LEVELS, setup_logging
+from edgegw.netaddr import HostPort, parse_hostport, parse_networks
+from edgegw.runner import run_until_signalled
+
+
+def _hostport(ctx: click.Context, param: click.Parameter, value: str) -> HostPort:
+    try:
+        return parse_hostport(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@click.command()
+@click.option("--external", required=True, callback=_hostport, metavar="HOST:PORT",
+              help="Where SFTP clients connect (e.g. 0.0.0.0:22).")
+@click.option("--pnc", required=True, callback=_hostport, metavar="HOST:PORT",
+              help="Where internal nodes dial the control channel (TLS).")
+@click.option("--data", required=True, callback=_hostport, metavar="HOST:PORT",
+              help="Where internal nodes dial one Data connection per session.")
+@click.option("--trust", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="PEM certificates of the nodes (or their CA): each node's gateway-trust.pem.")
+@click.option("--gateway-id", default="gateway", show_default=True,
+              help="Name of this gateway in logs and the nodes' audit trail.")
+@click.option("--offer-timeout", default=2.0, show_default=True, type=click.FloatRange(0.05),
+              help="Seconds a node has to answer an offer before the next node gets it.")
+@click.option("--grace-period", default=10.0, show_default=True, type=click.FloatRange(0),
+              help="Seconds a client is held while no node is attached.")
+@click.option("--heartbeat-interval", default=1.0, show_default=True, type=click.FloatRange(0.05))
+@click.option("--heartbeat-timeout", default=3.0, show_default=True, type=click.FloatRange(0.1),
+              help="A node silent this long is detached and gets no more offers.")
+@click.option("--relay-backend", type=click.Choice(["splice", "select", "python"]), default=None,
+              help="Relay engine backend (default: $EDGEGW_RELAY_BACKEND or splice on Linux).")
+@click.option("--relay-threads", default=1, show_default=True, type=click.IntRange(1, 64))
+@click.option("--pipe-size", default=1 << 20, show_default=True, type=click.IntRange(4096),
+              help="Bytes per splice pipe (F_SETPIPE_SZ).")
+@click.option("--idle-timeout", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="Close a relayed session idle this many seconds (0: never).")
+@click.option("--proxy-protocol-from", multiple=True, metavar="CIDR",
+              help="Accept PROXY protocol v1/v2 headers from these load balancers (repeatable).")
+@click.option("--log-level", type=click.Choice(LEVELS), default="info", show_default=True)
+def serve(external: HostPort, pnc: HostPort, data: HostPort, trust: Path, gateway_id: str,
+          offer_timeout: float, grace_period: float, heartbeat_interval: float,
+          heartbeat_timeout: float, relay_backend: str | None, relay_threads: int,
+          pipe_size: int, idle_timeout: float, proxy_protocol_from: tuple[str, ...],
+          log_level: str) -> None:
+    """Run the gateway (DMZ): relay SFTP clients to internal nodes; holds no keys or files."""
+    setup_logging(log_level)
+    try:
+        gateway_context(trust)  # fail fast, before binding anything
+        nets = parse_networks(proxy_protocol_from)
+    except (TrustError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    config = GatewayConfig(
+        external=external, pnc=pnc, data=data, trust=trust, gateway_id=gateway_id,
+        offer_timeout=offer_timeout, grace_period=grace_period,
+        heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
+        relay_backend=relay_backend, relay_threads=relay_threads, pipe_size=pipe_size,
+        idle_timeout=idle_timeout, proxy_protocol_from=nets)
+    try:
+        run_until_signalled(lambda stop: run_gateway(config, stop))
+    except OSError as exc:
+        logging.getLogger("edgegw.gateway").error("%s", exc)
+        raise click.ClickException(str(exc)) from None

@@ -1,0 +1,32 @@
+"""Gateway settings: every knob `edgegw serve` exposes, with the defaults operators get."""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgegw.netaddr import HostPort
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    external: HostPort
+    pnc: HostPort
+    data: HostPort
+    trust: Path
+    gateway_id: str = "gateway"
+    offer_timeout: float = 2.0        # node must answer an offer within this
+    data_timeout: float = 5.0         # accepted offer must be proven on the Data port within this
+    proof_timeout: float = 5.0        # a Data connection must send its proof within this
+    grace_period: float = 10.0        # hold clients this long while no node is attached
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 3.0    # a node silent this long gets no offers and is dropped
+    tls_handshake_timeout: float = 10.0
+    relay_backend: str | None = None  # None: EDGEGW_RELAY_BACKEND or the platform default
+    relay_threads: int = 1
+    pipe_size: int = 1 << 20
+    idle_timeout: float = 0.0         # 0: sessions may idle forever (SSH keepalives decide)
+    max_pending: int = 1024           # clients waiting for a node at once; more are closed
+    proxy_protocol_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
+        default_factory=tuple)
+    backlog: int = 1024

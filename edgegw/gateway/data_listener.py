@@ -1,0 +1,59 @@
+"""The Data port: nodes dial in, prove which offer (or pool) a connection belongs to, or go."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import TYPE_CHECKING
+
+from edgegw.pnc import RemoteProtocolError
+from edgegw.pnc import dataauth
+from edgegw.sockio import recv_exact
+
+if TYPE_CHECKING:
+    from edgegw.gateway.server import Gateway
+
+log = logging.getLogger("edgegw.gateway.data")
+
+
+async def handle_data_connection(gw: "Gateway", sock: socket.socket, addr: tuple) -> None:
+    where = f"{addr[0]}:{addr[1]}"
+    loop = asyncio.get_running_loop()
+    handed_over = False
+    try:
+        nonce, wire = dataauth.make_challenge()
+        await loop.sock_sendall(sock, wire)
+        raw = await asyncio.wait_for(recv_exact(sock, dataauth.PROOF_LEN),
+                                     gw.config.proof_timeout)
+        proof = dataauth.parse_proof(raw)
+        if proof.kind == dataauth.KIND_SESSION:
+            offer = gw.offers.claim(proof.ident)
+            if offer is None:
+                log.warning("data connection from %s: no live offer %016x (unknown, used or "
+                            "expired); closed", where, proof.ident)
+                return
+            if not dataauth.verify_session_proof(proof, offer.secret, nonce):
+                log.warning("data connection from %s: wrong proof for offer %016x; closed",
+                            where, proof.ident)
+                return
+            offer.data.set_result(sock)
+            handed_over = True
+        else:
+            for peer in gw.peers.peers:
+                if dataauth.verify_pool_proof(proof, peer.pool_key, nonce):
+                    peer.pool.append(sock)
+                    handed_over = True
+                    gw.pool_changed(peer)
+                    return
+            log.warning("data connection from %s: pool proof matches no attached node; closed",
+                        where)
+    except asyncio.TimeoutError:
+        log.warning("data connection from %s: no proof within %.1fs; closed", where,
+                    gw.config.proof_timeout)
+    except RemoteProtocolError as exc:
+        log.warning("data connection from %s: bad proof (%s); closed", where, exc)
+    except (ConnectionError, OSError) as exc:
+        log.info("data connection from %s: %s", where, exc)
+    finally:
+        if not handed_over:
+            sock.close()

@@ -1,0 +1,163 @@
+"""One node attached over the PNC, from the gateway's side: hello, heartbeats, answers, bans.
+
+The node dialed us over TCP; we run TLS as the *client* and verify its certificate. The protocol
+itself is the sans-IO `edgegw.pnc.Connection`; this module only moves its bytes.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import socket
+import ssl
+import time
+from typing import TYPE_CHECKING
+
+from edgegw.gateway.peers import Peer
+from edgegw.pnc import Connection, RemoteProtocolError, Role
+from edgegw.pnc.events import (
+    PROTOCOL_VERSION, Accept, Ban, Event, GatewayHello, Goodbye, Load, NodeHello, Ping, Pong,
+    Reject, Unban,
+)
+
+if TYPE_CHECKING:
+    from edgegw.gateway.server import Gateway
+
+log = logging.getLogger("edgegw.gateway.pnc")
+
+READ_SIZE = 65536
+
+
+class NodeLink:
+    def __init__(self, gw: "Gateway", sock: socket.socket, addr: tuple) -> None:
+        self.gw = gw
+        self.sock = sock
+        self.addr = f"{addr[0]}:{addr[1]}"
+        self.conn = Connection(Role.GATEWAY)
+        self.peer: Peer | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self._ping_seq = 0
+
+    def send(self, event: Event) -> None:
+        if self.writer is None or self.writer.is_closing():
+            return
+        self.writer.write(self.conn.send(event))
+
+    async def run(self) -> None:
+        cfg = self.gw.config
+        try:
+            reader, self.writer = await asyncio.open_connection(
+                sock=self.sock, ssl=self.gw.tls, server_hostname=self.gw.tls_name,
+                ssl_handshake_timeout=cfg.tls_handshake_timeout)
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            log.warning("pnc peer %s refused: TLS verification failed (%s); is its certificate "
+                        "in --trust?", self.addr, getattr(exc, "verify_message", None) or exc)
+            self.sock.close()
+            return
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.warning("pnc peer %s: TLS handshake failed: %s", self.addr, exc or "timeout")
+            self.sock.close()
+            return
+        pool_key = secrets.token_bytes(32)
+        try:
+            self.send(GatewayHello(PROTOCOL_VERSION, cfg.gateway_id, self.gw.data_port,
+                                   int(cfg.heartbeat_interval * 1000), pool_key))
+            hello, early = await asyncio.wait_for(self._first_hello(reader),
+                                                  cfg.heartbeat_timeout * 3)
+            self.peer = Peer(hello.node_id, self.addr, self.send, pool_key,
+                             capacity=hello.capacity, weight=max(1, hello.weight),
+                             active=hello.active, draining=hello.draining)
+            self.gw.attach(self.peer)
+            log.info("node %s attached from %s (capacity=%d weight=%d)", hello.node_id,
+                     self.addr, hello.capacity, hello.weight)
+            heartbeat = asyncio.create_task(self._heartbeat())
+            try:
+                if not any(self._handle(event) for event in early):
+                    await self._read_loop(reader)
+            finally:
+                heartbeat.cancel()
+        except RemoteProtocolError as exc:
+            log.warning("pnc peer %s: protocol error: %s; closing", self.addr, exc)
+        except asyncio.TimeoutError:
+            log.warning("pnc peer %s: no hello in time; closing", self.addr)
+        except (ConnectionError, OSError, ssl.SSLError) as exc:
+            log.info("pnc peer %s: connection lost: %s", self.addr, exc)
+        finally:
+            await self._close()
+
+    async def _first_hello(self, reader: asyncio.StreamReader) -> tuple[NodeHello, list[Event]]:
+        """The node's hello, and any events that arrived in the same read after it."""
+        while True:
+            data = await reader.read(READ_SIZE)
+            if not data:
+                raise ConnectionError("closed before hello")
+            events = self.conn.receive_data(data)
+            if events:  # the state machine guarantees the first event is the hello
+                hello = events[0]
+                assert isinstance(hello, NodeHello)
+                return hello, events[1:]
+
+    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
+        while True:
+            data = await reader.read(READ_SIZE)
+            if not data:
+                log.info("node %s closed the pnc", self.peer.describe() if self.peer else self.addr)
+                return
+            for event in self.conn.receive_data(data):
+                if self._handle(event):
+                    return
+
+    def _handle(self, event: Event) -> bool:
+        """Apply one event; True means the link should close."""
+        peer = self.peer
+        assert peer is not None
+        peer.last_seen = time.monotonic()
+        if isinstance(event, (Accept, Reject)):
+            if not self.gw.offers.answer(peer, event):
+                log.debug("node %s answered unknown/expired offer %016x", peer.node_id,
+                          event.session_id)
+        elif isinstance(event, Load):
+            peer.active, peer.capacity = event.active, event.capacity
+            peer.weight, was_draining = max(1, event.weight), peer.draining
+            peer.draining = event.draining
+            if peer.draining and not was_draining:
+                log.info("node %s is draining: no new sessions go to it", peer.node_id)
+            self.gw.peers.changed()
+        elif isinstance(event, Ping):
+            self.send(Pong(event.seq))
+        elif isinstance(event, Pong):
+            pass
+        elif isinstance(event, Ban):
+            self.gw.ban(event.ip, event.until, event.reason, peer)
+        elif isinstance(event, Unban):
+            self.gw.unban(event.ip, peer)
+        elif isinstance(event, Goodbye):
+            log.info("node %s said goodbye: %s", peer.node_id, event.reason)
+            return True
+        return False
+
+    async def _heartbeat(self) -> None:
+        cfg = self.gw.config
+        assert self.peer is not None
+        while True:
+            await asyncio.sleep(cfg.heartbeat_interval)
+            silent = time.monotonic() - self.peer.last_seen
+            if silent > cfg.heartbeat_timeout:
+                log.warning("node %s silent for %.1fs: detaching it", self.peer.describe(), silent)
+                self.gw.detach(self.peer)
+                if self.writer is not None:
+                    self.writer.transport.abort()
+                return
+            self._ping_seq += 1
+            self.send(Ping(self._ping_seq))
+
+    async def _close(self) -> None:
+        if self.peer is not None:
+            self.gw.detach(self.peer)
+            log.info("node %s detached", self.peer.describe())
+        if self.writer is not None:
+            self.writer.close()
+            try:
+                await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+            except (OSError, asyncio.TimeoutError, ssl.SSLError):
+                self.writer.transport.abort()

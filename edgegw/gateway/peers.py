@@ -1,0 +1,88 @@
+"""Attached nodes and how the gateway picks one for a new client (least loaded by weight)."""
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from edgegw.pnc.events import Event
+
+
+@dataclass(eq=False)
+class Peer:
+    """One node attached over one PNC connection."""
+
+    node_id: str
+    address: str
+    send: Callable[[Event], None]
+    pool_key: bytes
+    capacity: int = 0
+    weight: int = 1
+    active: int = 0               # sessions the node reports running
+    draining: bool = False
+    pending: int = 0              # offers sent, not yet answered or paired
+    alive: bool = True
+    last_seen: float = field(default_factory=time.monotonic)
+    served: int = 0               # sessions paired to this peer since it attached
+    pool: deque[socket.socket] = field(default_factory=deque)  # pre-opened Data connections
+
+    @property
+    def load(self) -> float:
+        return (self.active + self.pending + 1) / max(self.weight, 1)
+
+    def available(self) -> bool:
+        if not self.alive or self.draining:
+            return False
+        return self.capacity <= 0 or self.active + self.pending < self.capacity
+
+    def describe(self) -> str:
+        return f"{self.node_id}@{self.address}"
+
+
+class PeerRegistry:
+    def __init__(self) -> None:
+        self._peers: list[Peer] = []
+        self._changed = asyncio.Event()
+
+    @property
+    def peers(self) -> list[Peer]:
+        return list(self._peers)
+
+    def add(self, peer: Peer) -> None:
+        self._peers.append(peer)
+        self.changed()
+
+    def remove(self, peer: Peer) -> None:
+        peer.alive = False
+        if peer in self._peers:
+            self._peers.remove(peer)
+        self.changed()
+
+    def changed(self) -> None:
+        """Wake clients waiting for a node (a node attached, or its load/drain state moved)."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def choose(self, exclude: set[Peer] | frozenset[Peer] = frozenset()) -> Peer | None:
+        """The least-loaded available peer by weight; ties broken at random."""
+        best: list[Peer] = []
+        best_load = 0.0
+        for peer in self._peers:
+            if peer in exclude or not peer.available():
+                continue
+            load = peer.load
+            if not best or load < best_load:
+                best, best_load = [peer], load
+            elif load == best_load:
+                best.append(peer)
+        return random.choice(best) if best else None
+
+    async def wait_changed(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass

@@ -1,0 +1,214 @@
+"""The gateway process: three listeners, the attached nodes, and the relay engine.
+
+It holds no private key, reads no client byte and writes no file: decisions are the nodes',
+bytes are the relay engine's.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from edgegw.gateway.bans import BanTable
+from edgegw.gateway.config import GatewayConfig
+from edgegw.gateway.data_listener import handle_data_connection
+from edgegw.gateway.dispatch import dispatch_client
+from edgegw.gateway.node_link import NodeLink
+from edgegw.gateway.offers import OfferTable
+from edgegw.gateway.peers import Peer, PeerRegistry
+from edgegw.gateway.proxy_accept import read_proxy_header
+from edgegw.gateway.tls import NODE_TLS_NAME, gateway_context
+from edgegw.netaddr import ip_in_networks, normalize_ip
+from edgegw.pnc.events import Closed
+from edgegw.relay import RelayReport, create_relay
+from edgegw.sockio import listen_socket, set_nodelay
+
+log = logging.getLogger("edgegw.gateway")
+
+
+@dataclass(slots=True)
+class _Session:
+    peer: Peer
+    client: str
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.tls = gateway_context(config.trust)
+        self.tls_name = NODE_TLS_NAME
+        self.peers = PeerRegistry()
+        self.offers = OfferTable()
+        self.bans = BanTable()
+        self.relay = create_relay(config.relay_backend, threads=config.relay_threads,
+                                  pipe_size=config.pipe_size, idle_timeout=config.idle_timeout)
+        self.sessions: dict[int, _Session] = {}
+        self._listeners: dict[str, socket.socket] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._accept_tasks: list[asyncio.Task[None]] = []
+        self._pending_clients = 0
+
+    @property
+    def data_port(self) -> int:
+        return self._listeners["data"].getsockname()[1]
+
+    def address(self, name: str) -> tuple[str, int]:
+        """Bound address of the 'external', 'pnc' or 'data' listener (port 0 resolved)."""
+        return self._listeners[name].getsockname()[:2]
+
+    async def start(self) -> None:
+        cfg = self.config
+        for name, addr in (("external", cfg.external), ("pnc", cfg.pnc), ("data", cfg.data)):
+            self._listeners[name] = listen_socket(addr, cfg.backlog)
+        self.relay.start(self._on_relay_finished)
+        handlers: dict[str, Callable[[socket.socket, tuple], Awaitable[None]]] = {
+            "external": self._on_client, "pnc": self._on_node, "data": self._on_data}
+        for name, handler in handlers.items():
+            self._accept_tasks.append(asyncio.create_task(
+                self._accept_loop(name, self._listeners[name], handler)))
+        log.info("gateway %s listening: external=%s pnc=%s data=%s relay=%s", cfg.gateway_id,
+                 _fmt(self.address("external")), _fmt(self.address("pnc")),
+                 _fmt(self.address("data")), self.relay.backend)
+
+    async def close(self) -> None:
+        for task in self._accept_tasks:
+            task.cancel()
+        for sock in self._listeners.values():
+            sock.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._accept_tasks, *self._tasks, return_exceptions=True)
+        for peer in self.peers.peers:
+            self.detach(peer)
+        await self.relay.close()
+        log.info("gateway %s stopped", self.config.gateway_id)
+
+    # -- accept loops --------------------------------------------------------------------
+
+    async def _accept_loop(self, name: str, lsock: socket.socket,
+                           handler: Callable[[socket.socket, tuple], Awaitable[None]]) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, addr = await loop.sock_accept(lsock)
+            except asyncio.CancelledError:
+                raise
+            except OSError as exc:  # EMFILE and friends: back off instead of spinning
+                log.error("%s listener: accept failed: %s", name, exc)
+                await asyncio.sleep(0.1)
+                continue
+            sock.setblocking(False)
+            task = asyncio.create_task(self._guarded(name, handler, sock, addr))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _guarded(self, name: str,
+                       handler: Callable[[socket.socket, tuple], Awaitable[None]],
+                       sock: socket.socket, addr: tuple) -> None:
+        """Run one connection's handler; a bug in it closes that connection, not the gateway."""
+        try:
+            await handler(sock, addr)
+        except asyncio.CancelledError:
+            sock.close()  # no-op once the relay has detached it
+            raise
+        except Exception:
+            log.exception("%s connection from %s: internal error; closed it", name, addr[0])
+            sock.close()  # no-op once the relay has detached it
+
+    async def _on_client(self, sock: socket.socket, addr: tuple) -> None:
+        ip, port = normalize_ip(addr[0]), addr[1]
+        if self.config.proxy_protocol_from and ip_in_networks(ip, self.config.proxy_protocol_from):
+            real = await read_proxy_header(sock, ip, port)
+            if real is None:
+                sock.close()
+                return
+            ip, port = real
+        if self.bans.banned(ip):
+            log.info("client %s:%d dropped: address is banned", ip, port)
+            sock.close()
+            return
+        if self._pending_clients >= self.config.max_pending:
+            log.warning("client %s:%d dropped: %d clients already waiting for a node", ip, port,
+                        self._pending_clients)
+            sock.close()
+            return
+        set_nodelay(sock)
+        self._pending_clients += 1
+        try:
+            await dispatch_client(self, sock, ip, port)
+        finally:
+            self._pending_clients -= 1
+
+    async def _on_node(self, sock: socket.socket, addr: tuple) -> None:
+        await NodeLink(self, sock, addr).run()
+
+    async def _on_data(self, sock: socket.socket, addr: tuple) -> None:
+        set_nodelay(sock)
+        await handle_data_connection(self, sock, addr)
+
+    # -- called by links and dispatch -------------------------------------------------------
+
+    def attach(self, peer: Peer) -> None:
+        self.peers.add(peer)
+
+    def detach(self, peer: Peer) -> None:
+        if peer.alive or peer in self.peers.peers:
+            self.peers.remove(peer)
+            self.offers.fail_peer(peer)
+        while peer.pool:
+            peer.pool.popleft().close()
+
+    def pool_changed(self, peer: Peer) -> None:
+        self.peers.changed()
+
+    def ban(self, ip: str, until: float, reason: str, peer: Peer) -> None:
+        try:
+            self.bans.add(ip, until)
+        except ValueError:
+            log.warning("node %s sent a ban for invalid address %r; ignored", peer.node_id, ip)
+            return
+        log.info("ban %s for %.0fs (from node %s: %s)", ip, until - time.time(), peer.node_id,
+                 reason)
+
+    def unban(self, ip: str, peer: Peer) -> None:
+        try:
+            if self.bans.remove(ip):
+                log.info("ban on %s lifted by node %s", ip, peer.node_id)
+        except ValueError:
+            log.warning("node %s sent an unban for invalid address %r; ignored", peer.node_id, ip)
+
+    def start_session(self, session_id: int, peer: Peer, client: socket.socket,
+                      data: socket.socket, ip: str, port: int) -> None:
+        self.sessions[session_id] = _Session(peer, f"{ip}:{port}")
+        peer.active += 1  # until the node's next Load report says otherwise
+        peer.served += 1
+        self.relay.add(session_id, client, data)
+        log.info("session %016x: client %s:%d paired with node %s", session_id, ip, port,
+                 peer.node_id)
+
+    def _on_relay_finished(self, report: RelayReport) -> None:
+        info = self.sessions.pop(report.session_id, None)
+        who = info.client if info else "?"
+        log.info("session %016x: client %s closed (%s%s) up=%d down=%d in %.1fs",
+                 report.session_id, who, report.reason.value,
+                 f": {report.error}" if report.error else "", report.bytes_a_to_b,
+                 report.bytes_b_to_a, report.duration)
+        if info is not None and info.peer.alive:
+            info.peer.send(Closed(report.session_id, report.bytes_a_to_b, report.bytes_b_to_a,
+                                  int(report.duration * 1000), report.reason.value))
+
+
+def _fmt(addr: tuple[str, int]) -> str:
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+
+
+async def run_gateway(config: GatewayConfig, stop: asyncio.Event) -> None:
+    gw = Gateway(config)
+    await gw.start()
+    try:
+        await stop.wait()
+    finally:
+        await gw.close()

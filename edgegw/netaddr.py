@@ -1,0 +1,66 @@
+"""Addresses as operators write them: HOST:PORT, [IPv6]:PORT, CIDR lists."""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_hostport(text: str, *, default_host: str = "") -> HostPort:
+    """Parse `HOST:PORT`, `[V6]:PORT` or `:PORT`; ValueError names what was wrong."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError(f"{text!r}: expected [IPv6]:PORT")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"{text!r}: expected HOST:PORT")
+        if ":" in host:
+            raise ValueError(f"{text!r}: write IPv6 addresses as [ADDR]:PORT")
+    host = host or default_host
+    if not host:
+        raise ValueError(f"{text!r}: missing host")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"{text!r}: port {port_text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{text!r}: port {port} is out of range 0-65535")
+    return HostPort(host, port)
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def ip_in_networks(ip: str, nets: tuple[Network, ...] | list[Network]) -> bool:
+    addr = ipaddress.ip_address(ip)
+    return any(addr.version == net.version and addr in net for net in nets)
+
+
+def parse_networks(items: list[str] | tuple[str, ...]) -> tuple[Network, ...]:
+    nets = []
+    for item in items:
+        try:
+            nets.append(ipaddress.ip_network(item.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or CIDR (e.g. 10.0.0.0/8)") from None
+    return tuple(nets)
+
+
+def normalize_ip(ip: str) -> str:
+    """Canonical text of an address; IPv4-mapped IPv6 (::ffff:a.b.c.d) becomes plain IPv4."""
+    addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return str(addr)

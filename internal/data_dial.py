@@ -1,0 +1,54 @@
+"""Dial a gateway's Data port and prove which offer (or pool) the connection belongs to."""
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from edgegw.netaddr import HostPort
+from edgegw.pnc import dataauth
+from edgegw.sockio import recv_exact, set_nodelay
+
+DIAL_TIMEOUT = 5.0
+
+
+async def _dial(addr: HostPort) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM)
+    family, _, _, _, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, sockaddr), DIAL_TIMEOUT)
+        set_nodelay(sock)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def dial_session(addr: HostPort, session_id: int, secret: bytes) -> socket.socket:
+    """A Data connection proven for one offer; the SSH stream starts right after the proof."""
+    sock = await _dial(addr)
+    try:
+        nonce = dataauth.parse_challenge(
+            await asyncio.wait_for(recv_exact(sock, dataauth.CHALLENGE_LEN), DIAL_TIMEOUT))
+        await asyncio.get_running_loop().sock_sendall(
+            sock, dataauth.session_proof(secret, session_id, nonce))
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def dial_pooled(addr: HostPort, pool_key: bytes, ident: int) -> socket.socket:
+    """A pre-opened Data connection proven with the link's pool key; it waits for assignment."""
+    sock = await _dial(addr)
+    try:
+        nonce = dataauth.parse_challenge(
+            await asyncio.wait_for(recv_exact(sock, dataauth.CHALLENGE_LEN), DIAL_TIMEOUT))
+        await asyncio.get_running_loop().sock_sendall(
+            sock, dataauth.pool_proof(pool_key, ident, nonce))
+        return sock
+    except BaseException:
+        sock.close()
+        raise

@@ -1,0 +1,100 @@
+"""Forward mode: relay each session to an existing TCP service (OpenSSH, another SFTP server)
+with the same C engine, instead of running the node's own SSH server."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Callable
+
+from edgegw import proxyproto
+from edgegw.netaddr import HostPort
+from edgegw.relay import Relay, RelayReport, create_relay
+from edgegw.sockio import set_nodelay
+from internal.session import SessionContext, SessionResult
+
+log = logging.getLogger("edgegw.node.session")
+
+
+class ForwardService:
+    def __init__(self, target: HostPort, *, proxy_protocol: str | None = None,
+                 capacity: int = 0, banned: Callable[[str], object] | None = None,
+                 audit: "object | None" = None, node_id: str = "",
+                 relay: Relay | None = None) -> None:
+        self.target = target
+        self.proxy_protocol = proxy_protocol
+        self.capacity = capacity
+        self._banned = banned
+        self._audit = audit
+        self._relay = relay or create_relay()
+        self._relay_started = False
+        self._waiting: dict[int, asyncio.Future[RelayReport]] = {}
+        self._next_id = 1
+
+    @property
+    def active(self) -> int:
+        return len(self._waiting)
+
+    def admit(self, client_ip: str) -> str | None:
+        if self._banned is not None and self._banned(client_ip):
+            return "banned"
+        if self.capacity and self.active >= self.capacity:
+            return "capacity"
+        return None
+
+    async def serve_socket(self, sock: socket.socket, ctx: SessionContext) -> SessionResult:
+        loop = asyncio.get_running_loop()
+        if not self._relay_started:
+            self._relay.start(self._finished)
+            self._relay_started = True
+        rid = self._next_id
+        self._next_id += 1
+        fut: asyncio.Future[RelayReport] = loop.create_future()
+        self._waiting[rid] = fut
+        upstream = socket.socket(socket.AF_INET6 if ":" in self.target.host else socket.AF_INET)
+        upstream.setblocking(False)
+        try:
+            try:
+                await asyncio.wait_for(loop.sock_connect(upstream, (self.target.host,
+                                                                    self.target.port)), 5.0)
+                set_nodelay(upstream)
+                if self.proxy_protocol:
+                    build = proxyproto.build_v2 if self.proxy_protocol == "v2" else proxyproto.build_v1
+                    dst = upstream.getpeername()[:2]
+                    await loop.sock_sendall(upstream, build((ctx.client_ip, ctx.client_port), dst))
+            except (OSError, asyncio.TimeoutError) as exc:
+                upstream.close()
+                log.warning("session %s: client %s:%d: cannot reach %s: %s", ctx.session_id,
+                            ctx.client_ip, ctx.client_port, self.target, exc or "timeout")
+                return SessionResult(None, 0, 0, "upstream unreachable")
+            self._record("session.connect", ctx, {"forward": str(self.target)})
+            log.info("session %s: client %s:%d forwarded to %s", ctx.session_id, ctx.client_ip,
+                     ctx.client_port, self.target)
+            self._relay.add(rid, sock, upstream)
+            report = await fut
+        finally:
+            self._waiting.pop(rid, None)
+        result = SessionResult(None, report.bytes_a_to_b, report.bytes_b_to_a,
+                               report.reason.value)
+        self._record("session.disconnect", ctx, {"bytes_in": result.bytes_in,
+                                                 "bytes_out": result.bytes_out,
+                                                 "duration": round(report.duration, 3),
+                                                 "reason": result.reason})
+        log.info("session %s: client %s:%d done (%s) in=%d out=%d", ctx.session_id,
+                 ctx.client_ip, ctx.client_port, result.reason, result.bytes_in,
+                 result.bytes_out)
+        return result
+
+    def _finished(self, report: RelayReport) -> None:
+        fut = self._waiting.get(report.session_id)
+        if fut is not None and not fut.done():
+            fut.set_result(report)
+
+    def _record(self, kind: str, ctx: SessionContext, detail: dict) -> None:
+        if self._audit is not None:
+            self._audit.record(kind, session_id=ctx.session_id, client_ip=ctx.client_ip,
+                               client_port=ctx.client_port, gateway=ctx.gateway, detail=detail)
+
+    async def close(self) -> None:
+        if self._relay_started:
+            await self._relay.close()

@@ -1,0 +1,195 @@
+"""The node's control channel to one gateway: dial out, be the TLS server, speak the PNC.
+
+Redials forever with exponential backoff and full jitter, so that a fleet of nodes does not
+reconnect in lockstep after a gateway restart.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import ssl
+import time
+from pathlib import Path
+from typing import Protocol
+
+from edgegw.netaddr import HostPort
+from edgegw.pnc import Connection, LocalProtocolError, RemoteProtocolError, Role
+from edgegw.pnc.events import (
+    Closed, Event, GatewayHello, Goodbye, NodeHello, Offer, Ping, Pong, PROTOCOL_VERSION,
+)
+
+log = logging.getLogger("edgegw.node.pnc")
+
+READ_SIZE = 65536
+
+
+def node_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+class LinkOwner(Protocol):
+    """What a link needs from the node that owns it."""
+
+    node_id: str
+
+    def hello(self) -> NodeHello: ...
+    def on_attached(self, link: "GatewayLink") -> None: ...
+    def on_detached(self, link: "GatewayLink") -> None: ...
+    def on_offer(self, link: "GatewayLink", offer: Offer) -> None: ...
+    def on_closed(self, link: "GatewayLink", closed: Closed) -> None: ...
+
+
+class GatewayLink:
+    def __init__(self, owner: LinkOwner, target: HostPort, tls: ssl.SSLContext, *,
+                 backoff_base: float = 0.2, backoff_max: float = 5.0,
+                 heartbeat_timeout: float = 3.0) -> None:
+        self.owner = owner
+        self.target = target
+        self.tls = tls
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.heartbeat_timeout = heartbeat_timeout
+        self.gateway: GatewayHello | None = None
+        self.connected = False
+        self._writer: asyncio.StreamWriter | None = None
+        self._conn: Connection | None = None
+        self._stopping = False
+        self._last_seen = 0.0
+
+    @property
+    def data_addr(self) -> HostPort:
+        assert self.gateway is not None
+        return HostPort(self.target.host, self.gateway.data_port)
+
+    @property
+    def gateway_id(self) -> str:
+        return self.gateway.gateway_id if self.gateway else str(self.target)
+
+    def send(self, event: Event) -> bool:
+        """Queue an event; False when the link is down (the caller decides what that means)."""
+        if not self.connected or self._writer is None or self._conn is None:
+            return False
+        if self._writer.is_closing():
+            return False
+        try:
+            self._writer.write(self._conn.send(event))
+        except LocalProtocolError:
+            log.exception("gateway %s: refusing to send %r", self.target, event)
+            return False
+        return True
+
+    async def run_forever(self) -> None:
+        attempt = 0
+        while not self._stopping:
+            started = time.monotonic()
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except ssl.SSLError as exc:
+                log.warning("gateway %s: TLS failed: %s", self.target, exc)
+            except RemoteProtocolError as exc:
+                log.warning("gateway %s: protocol error: %s", self.target, exc)
+            except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+                log.log(logging.INFO if attempt else logging.WARNING,
+                        "gateway %s: %s", self.target, exc or type(exc).__name__)
+            if self._stopping:
+                break
+            if time.monotonic() - started > 10:
+                attempt = 0  # it was up for a while: start the backoff over
+            delay = random.uniform(0, min(self.backoff_max, self.backoff_base * 2 ** attempt))
+            attempt = min(attempt + 1, 30)
+            await asyncio.sleep(max(delay, 0.05))
+
+    async def stop(self, reason: str = "node shutting down") -> None:
+        self._stopping = True
+        if self.connected:
+            self.send(Goodbye(reason))
+        if self._writer is not None:
+            self._writer.close()
+            try:
+                await asyncio.wait_for(self._writer.wait_closed(), 1.0)
+            except (OSError, asyncio.TimeoutError, ssl.SSLError):
+                self._writer.transport.abort()
+
+    async def _session(self) -> None:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(self.target.host, self.target.port,
+                                       type=socket.SOCK_STREAM)
+        family, _, _, _, sockaddr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, sockaddr), 5.0)
+        except BaseException:
+            sock.close()
+            raise
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader = asyncio.StreamReader(limit=READ_SIZE * 4)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        # Roles reversed: we dialed, but we are the TLS server the gateway verifies.
+        transport, _ = await loop.connect_accepted_socket(
+            lambda: protocol, sock, ssl=self.tls, ssl_handshake_timeout=10.0)
+        self._writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        self._conn = Connection(Role.NODE)
+        self.connected = True
+        heartbeat: asyncio.Task[None] | None = None
+        try:
+            self.send(self.owner.hello())
+            self._last_seen = time.monotonic()
+            heartbeat = asyncio.create_task(self._heartbeat())
+            while True:
+                data = await reader.read(READ_SIZE)
+                if not data:
+                    raise ConnectionError("gateway closed the connection")
+                self._last_seen = time.monotonic()
+                for event in self._conn.receive_data(data):
+                    if self._handle(event):
+                        return
+        finally:
+            self.connected = False
+            if heartbeat is not None:
+                heartbeat.cancel()
+            if self.gateway is not None:
+                self.owner.on_detached(self)
+            self.gateway = None
+            self._writer.transport.abort()
+
+    def _handle(self, event: Event) -> bool:
+        if isinstance(event, GatewayHello):
+            self.gateway = event
+            log.info("attached to gateway %s at %s (data port %d)", event.gateway_id,
+                     self.target, event.data_port)
+            self.owner.on_attached(self)
+        elif isinstance(event, Offer):
+            self.owner.on_offer(self, event)
+        elif isinstance(event, Closed):
+            self.owner.on_closed(self, event)
+        elif isinstance(event, Ping):
+            self.send(Pong(event.seq))
+        elif isinstance(event, Goodbye):
+            log.info("gateway %s said goodbye: %s", self.target, event.reason)
+            return True
+        return False
+
+    async def _heartbeat(self) -> None:
+        seq = 0
+        while True:
+            interval = (self.gateway.heartbeat_interval_ms / 1000) if self.gateway else 1.0
+            await asyncio.sleep(max(interval, 0.05))
+            silent = time.monotonic() - self._last_seen
+            if silent > max(self.heartbeat_timeout, 3 * interval):
+                log.warning("gateway %s silent for %.1fs; reconnecting", self.target, silent)
+                if self._writer is not None:
+                    self._writer.transport.abort()
+                return
+            seq += 1
+            self.send(Ping(seq))
+
+
+__all__ = ["GatewayLink", "LinkOwner", "node_tls_context", "PROTOCOL_VERSION"]

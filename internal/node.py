@@ -1,0 +1,211 @@
+"""The internal node at run time: links to gateways, offers in, sessions out, load and bans.
+
+Decisions (admit or reject an offer) are the service's; this module turns them into PNC
+messages, dials the Data connection, tracks load for the gateways' balancing, and drains.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from dataclasses import dataclass
+
+from edgegw.netaddr import HostPort
+from edgegw.pnc import RemoteProtocolError
+from edgegw.pnc.events import (
+    Accept, Ban, Closed, Load, NodeHello, Offer, PROTOCOL_VERSION, Reject, Unban,
+)
+from internal.data_dial import dial_session
+from internal.data_pool import DataPool
+from internal.gateway_link import GatewayLink, node_tls_context
+from internal.home import NodeHome
+from internal.session import SessionContext, SessionService
+from internal.store.base import BanEntry
+
+log = logging.getLogger("edgegw.node")
+
+RETRYABLE = {"capacity", "draining"}  # another node may take the client
+
+
+@dataclass
+class NodeSettings:
+    gateways: list[HostPort]
+    capacity: int = 0
+    weight: int = 100
+    drain_timeout: float = 60.0
+    backoff_max: float = 5.0
+    node_id: str | None = None
+    pool_size: int = 2            # pre-opened Data connections per gateway (0: dial per session)
+
+
+class Node:
+    def __init__(self, home: NodeHome, service: SessionService, settings: NodeSettings,
+                 audit: "object | None" = None) -> None:
+        self.home = home
+        self.node_id = settings.node_id or home.node_id
+        self.service = service
+        self.settings = settings
+        self.audit = audit
+        self.draining = False
+        tls = node_tls_context(home.tls_cert, home.tls_key)
+        self.links = [GatewayLink(self, gw, tls, backoff_max=settings.backoff_max)
+                      for gw in settings.gateways]
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._link_tasks: list[asyncio.Task[None]] = []
+        self._load_pending = False
+        self._bans: dict[str, BanEntry] = {}
+        self._pools: dict[GatewayLink, DataPool] = {}
+        self._expected: dict[int, Offer] = {}   # accepted offers waiting for a pooled assignment
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._link_tasks = [asyncio.create_task(link.run_forever()) for link in self.links]
+
+    async def drain(self) -> None:
+        """No new sessions; let running ones finish (up to drain_timeout); then stop."""
+        if not self.draining:
+            self.draining = True
+            log.info("draining: %d sessions running, waiting up to %.0fs", self.active,
+                     self.settings.drain_timeout)
+            self._send_load()
+        try:
+            await asyncio.wait_for(self.idle.wait(), self.settings.drain_timeout)
+        except asyncio.TimeoutError:
+            log.warning("drain timeout: closing %d sessions still running", self.active)
+
+    async def close(self) -> None:
+        for link in self.links:
+            await link.stop()
+        for task in self._link_tasks:
+            task.cancel()
+        await asyncio.gather(*self._link_tasks, return_exceptions=True)
+        await self.service.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    @property
+    def active(self) -> int:
+        return self.service.active
+
+    # -- LinkOwner ------------------------------------------------------------------------
+
+    def hello(self) -> NodeHello:
+        return NodeHello(PROTOCOL_VERSION, self.node_id, self.settings.capacity,
+                         self.settings.weight, self.active, self.draining)
+
+    def on_attached(self, link: GatewayLink) -> None:
+        if self.settings.pool_size > 0:
+            pool = DataPool(link, self.settings.pool_size,
+                            lambda sid, sock: self._assigned(link, sid, sock))
+            self._pools[link] = pool
+            pool.fill()
+        now = time.time()
+        for entry in self._bans.values():  # a gateway that (re)attaches learns current bans
+            if entry.until > now:
+                link.send(Ban(entry.ip, entry.until, entry.reason))
+
+    def on_detached(self, link: GatewayLink) -> None:
+        pool = self._pools.pop(link, None)
+        if pool is not None:
+            pool.close()
+        log.info("detached from gateway %s", link.target)
+
+    def on_offer(self, link: GatewayLink, offer: Offer) -> None:
+        sid = f"{offer.session_id:016x}"
+        reason = "draining" if self.draining else self.service.admit(offer.client_ip)
+        if reason is not None:
+            log.info("offer %s from %s: client %s:%d rejected: %s", sid, link.gateway_id,
+                     offer.client_ip, offer.client_port, reason)
+            link.send(Reject(offer.session_id, reason, retry_elsewhere=reason in RETRYABLE))
+            return
+        pool = self._pools.get(link)
+        if pool is not None and pool.take():
+            self._expected[offer.session_id] = offer
+            asyncio.get_running_loop().call_later(
+                offer.expires_ms / 1000, self._expected.pop, offer.session_id, None)
+            link.send(Accept(offer.session_id, pooled=True))
+            return
+        link.send(Accept(offer.session_id))
+        self._spawn(self._dial_and_serve(link, offer))
+
+    def on_closed(self, link: GatewayLink, closed: Closed) -> None:
+        if self.audit is not None:
+            self.audit.record("session.closed", session_id=f"{closed.session_id:016x}",
+                              gateway=link.gateway_id,
+                              detail={"bytes_up": closed.bytes_up, "bytes_down": closed.bytes_down,
+                                      "duration_ms": closed.duration_ms, "reason": closed.reason})
+
+    # -- bans (from the defender or the operator) -----------------------------------------
+
+    def push_ban(self, entry: BanEntry) -> None:
+        self._bans[entry.ip] = entry
+        for link in self.links:
+            link.send(Ban(entry.ip, entry.until, entry.reason))
+
+    def push_unban(self, ip: str) -> None:
+        self._bans.pop(ip, None)
+        for link in self.links:
+            link.send(Unban(ip))
+
+    # -- sessions -------------------------------------------------------------------------
+
+    def _assigned(self, link: GatewayLink, session_id: int, sock: socket.socket) -> None:
+        offer = self._expected.pop(session_id, None)
+        if offer is None:
+            log.warning("gateway %s assigned unknown or expired session %016x to a pooled "
+                        "connection; closed it", link.gateway_id, session_id)
+            sock.close()
+            return
+        self._spawn(self._serve(link, offer, sock))
+
+    async def _dial_and_serve(self, link: GatewayLink, offer: Offer) -> None:
+        try:
+            sock = await dial_session(link.data_addr, offer.session_id, offer.secret)
+        except (OSError, asyncio.TimeoutError, ConnectionError, RemoteProtocolError) as exc:
+            log.warning("session %016x: could not open the Data connection to %s: %s",
+                        offer.session_id, link.gateway_id, exc or "timeout")
+            return
+        await self._serve(link, offer, sock)
+
+    async def _serve(self, link: GatewayLink, offer: Offer, sock: socket.socket) -> None:
+        sid = f"{offer.session_id:016x}"
+        ctx = SessionContext(sid, offer.client_ip, offer.client_port, link.gateway_id)
+        self.idle.clear()
+        self._send_load()
+        try:
+            result = await self.service.serve_socket(sock, ctx)
+            log.debug("session %s ended: %s", sid, result.reason)
+        finally:
+            sock.close()
+            if self.active == 0:
+                self.idle.set()
+            self._send_load()
+
+    def _spawn(self, coro: "asyncio.coroutines.Coroutine[object, object, None]") -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("session task failed", exc_info=task.exception())
+
+    def _send_load(self) -> None:
+        """Coalesce load reports: at most one per loop iteration, whatever the churn."""
+        if self._load_pending:
+            return
+        self._load_pending = True
+
+        def _flush() -> None:
+            self._load_pending = False
+            load = Load(self.active, self.settings.capacity, self.settings.weight, self.draining)
+            for link in self.links:
+                link.send(load)
+
+        asyncio.get_running_loop().call_soon(_flush)

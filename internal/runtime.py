@@ -1,0 +1,125 @@
+"""Assemble and run a node process: store, audit, defender, service, links, signals, pid file."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgegw.netaddr import HostPort
+from internal.audit import AuditLog
+from internal.defender import Defender
+from internal.forward import ForwardService
+from internal.home import NodeHome
+from internal.node import Node, NodeSettings
+from internal.session import SessionService
+from internal.store import open_store
+
+log = logging.getLogger("edgegw.node")
+
+BAN_SYNC_INTERVAL = 1.0
+
+
+@dataclass
+class ServeOptions:
+    gateways: list[HostPort]
+    listen: HostPort | None = None
+    forward: HostPort | None = None
+    forward_proxy_protocol: str | None = None
+    capacity: int = 0
+    weight: int = 100
+    drain_timeout: float = 60.0
+    node_id: str | None = None
+
+
+def run_dir(home: NodeHome) -> Path:
+    return home.path / "run"
+
+
+def pid_files(home: NodeHome) -> list[Path]:
+    return sorted(run_dir(home).glob("node-*.pid"))
+
+
+async def serve(home: NodeHome, opts: ServeOptions) -> None:
+    store = await asyncio.to_thread(open_store, home.db_url)
+    node_id = opts.node_id or home.node_id
+    audit = AuditLog(store, node_id)
+    defender = Defender(store)
+    service: SessionService
+    if opts.forward is not None:
+        service = ForwardService(opts.forward, proxy_protocol=opts.forward_proxy_protocol,
+                                 capacity=opts.capacity, banned=defender.banned, audit=audit,
+                                 node_id=node_id)
+    else:
+        from internal.ssh.service import SSHService
+        service = SSHService(home, store, audit, defender, capacity=opts.capacity)
+    node = Node(home, service, NodeSettings(opts.gateways, capacity=opts.capacity,
+                                            weight=opts.weight, drain_timeout=opts.drain_timeout,
+                                            node_id=node_id), audit=audit)
+    listener = None
+    pid_file = run_dir(home) / f"node-{os.getpid()}.pid"
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    drain = asyncio.Event()
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, drain.set)  # SIGTERM drains, as orchestrators expect
+    ban_task = None
+    try:
+        if opts.listen is not None:
+            if opts.forward is not None:
+                raise SystemExit("--listen and --forward cannot be combined")
+            listener = await service.listen(opts.listen.host, opts.listen.port)  # type: ignore[attr-defined]
+            log.info("serving SSH/SFTP directly on %s", opts.listen)
+        run_dir(home).mkdir(exist_ok=True)
+        pid_file.write_text(f"{os.getpid()}\n")
+        node.start()
+        ban_task = asyncio.create_task(_sync_bans(node, defender))
+        log.info("node %s started (%s), gateways: %s", node_id,
+                 f"forward to {opts.forward}" if opts.forward else "SSH/SFTP",
+                 ", ".join(map(str, opts.gateways)) or "none")
+        waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(drain.wait())]
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for w in waiters:
+            w.cancel()
+        if drain.is_set() and not stop.is_set():
+            drain_task = asyncio.create_task(node.drain())
+            stop_task = asyncio.create_task(stop.wait())
+            await asyncio.wait([drain_task, stop_task], return_when=asyncio.FIRST_COMPLETED)
+            drain_task.cancel()
+            stop_task.cancel()
+    finally:
+        if ban_task is not None:
+            ban_task.cancel()
+        if listener is not None:
+            listener.close()
+        await node.close()
+        await asyncio.to_thread(audit.close)
+        await asyncio.to_thread(store.close)
+        pid_file.unlink(missing_ok=True)
+        log.info("node %s stopped", node_id)
+
+
+async def _sync_bans(node: Node, defender: Defender) -> None:
+    """Push every active ban (from this node's defender, another node or the operator) to the
+    gateways, and lift the ones that were removed. Polling the store makes PostgreSQL-shared
+    bans and `edgegw internal ban` changes reach every gateway without extra plumbing."""
+    pushed: dict[str, float] = {}
+    while True:
+        try:
+            bans = await asyncio.to_thread(defender.active_bans)
+        except Exception:  # store hiccup: keep what we have, try again
+            log.exception("could not read bans from the store")
+            await asyncio.sleep(BAN_SYNC_INTERVAL)
+            continue
+        current = {b.ip: b for b in bans}
+        for ip, entry in current.items():
+            if pushed.get(ip) != entry.until:
+                node.push_ban(entry)
+                pushed[ip] = entry.until
+        for ip in list(pushed):
+            if ip not in current:
+                node.push_unban(ip)
+                del pushed[ip]
+        await asyncio.sleep(BAN_SYNC_INTERVAL)

@@ -1,0 +1,217 @@
+"""The whole path with real processes: OpenSSH sftp -> edgegw serve -> edgegw internal serve."""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.procs import (
+    GatewayProc, Proc, free_port, init_home, sftp_batch, start_gateway, start_node,
+)
+
+
+def _sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _ok(res: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert res.returncode == 0, f"sftp failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
+    return res
+
+
+def test_sftp_roundtrip_through_gateway(tmp_path: Path, node_home: Path, gateway: GatewayProc,
+                                        node: Proc, alice: tuple[str, Path]) -> None:
+    user, key = alice
+    src = tmp_path / "src"
+    src.mkdir()
+    sizes = {"empty.bin": 0, "one.bin": 1, "mib.bin": 1 << 20, "big.bin": 64 << 20}
+    for name, size in sizes.items():
+        (src / name).write_bytes(os.urandom(size))
+    puts = "\n".join(f"put {name}" for name in sizes)
+    _ok(sftp_batch(gateway.external, user, key, f"mkdir in\ncd in\n{puts}\nls -l\n", cwd=src))
+    stored = node_home / "files" / user / "in"
+    for name in sizes:
+        assert _sha(stored / name) == _sha(src / name)
+
+    back = tmp_path / "back"
+    back.mkdir()
+    gets = "\n".join(f"get in/{name}" for name in sizes)
+    res = _ok(sftp_batch(gateway.external, user, key, f"{gets}\nls in\n", cwd=back))
+    for name in sizes:
+        assert _sha(back / name) == _sha(src / name), name
+    assert "big.bin" in res.stdout
+
+    _ok(sftp_batch(gateway.external, user, key,
+                   "rename in/one.bin in/renamed.bin\nrm in/empty.bin\nmkdir in/sub\nrmdir in/sub\n"))
+    assert (stored / "renamed.bin").exists()
+    assert not (stored / "one.bin").exists() and not (stored / "empty.bin").exists()
+    assert not (stored / "sub").exists()
+
+
+def test_node_logs_real_client_ip(gateway: GatewayProc, node: Proc,
+                                  alice: tuple[str, Path]) -> None:
+    user, key = alice
+    _ok(sftp_batch(gateway.external, user, key, "ls\n", bind="127.0.0.2"))
+    node.wait_log(r"127\.0\.0\.2:\d+")
+    gateway.wait_log(r"client 127\.0\.0\.2:\d+ paired with node")
+    assert "127.0.0.1" not in [line.split()[-1] for line in node.text().splitlines()
+                               if "session" in line and "auth" in line]
+
+
+def test_untrusted_node_certificate_is_refused(tmp_path: Path, procs: list[Proc]) -> None:
+    trusted = init_home(tmp_path / "trusted")
+    stranger = init_home(tmp_path / "stranger")
+    gw = start_gateway(tmp_path, trusted / "gateway-trust.pem")
+    procs.append(gw)
+    node = start_node(tmp_path, stranger, [gw], wait=False)
+    procs.append(node)
+    gw.wait_log(r"refused: TLS verification failed")
+    assert gw.count("attached from") == 0
+
+
+def test_wrong_data_proof_pairs_nothing(gateway: GatewayProc, node: Proc) -> None:
+    from edgegw.pnc import dataauth
+    with socket.create_connection(("127.0.0.1", gateway.data), timeout=5) as s:
+        challenge = s.recv(dataauth.CHALLENGE_LEN, socket.MSG_WAITALL)
+        nonce = dataauth.parse_challenge(challenge)
+        s.sendall(dataauth.session_proof(b"\x01" * 32, 0x1234, nonce))
+        assert s.recv(1) == b""  # closed by the gateway
+    gateway.wait_log(r"no live offer 0000000000001234")
+    with socket.create_connection(("127.0.0.1", gateway.data), timeout=5) as s:
+        s.recv(dataauth.CHALLENGE_LEN, socket.MSG_WAITALL)
+        s.sendall(b"garbage" * 10)
+        assert s.recv(1) == b""
+    gateway.wait_log(r"bad proof")
+    assert gateway.count("paired with node") == 0
+
+
+def test_unanswered_offer_closes_client(tmp_path: Path, node_home: Path, procs: list[Proc],
+                                        alice: tuple[str, Path]) -> None:
+    gw = start_gateway(tmp_path, node_home / "gateway-trust.pem", "--offer-timeout", "0.5",
+                       "--grace-period", "1", "--heartbeat-timeout", "30")
+    procs.append(gw)
+    node = start_node(tmp_path, node_home, [gw])
+    procs.append(node)
+    node.send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        with socket.create_connection(("127.0.0.1", gw.external), timeout=10) as s:
+            assert s.recv(100) == b""  # clean close, no bytes
+        assert time.monotonic() - t0 < 8
+        gw.wait_log(r"did not answer offer")
+    finally:
+        node.send_signal(signal.SIGCONT)
+
+
+def test_node_reconnects_after_gateway_restart(tmp_path: Path, node_home: Path,
+                                               procs: list[Proc], alice: tuple[str, Path]) -> None:
+    user, key = alice
+    gw = start_gateway(tmp_path, node_home / "gateway-trust.pem", name="gw1")
+    procs.append(gw)
+    node = start_node(tmp_path, node_home, [gw])
+    procs.append(node)
+    _ok(sftp_batch(gw.external, user, key, "ls\n"))
+    gw.stop()
+    gw2 = start_gateway(tmp_path, node_home / "gateway-trust.pem", name="gw1",
+                        ports=(gw.external, gw.pnc, gw.data))
+    procs.append(gw2)
+    gw2.wait_log(r"node \S+ attached", timeout=15)
+    _ok(sftp_batch(gw2.external, user, key, "ls\n"))
+
+
+def test_gateway_writes_nothing(tmp_path: Path, node_home: Path, procs: list[Proc],
+                                alice: tuple[str, Path]) -> None:
+    user, key = alice
+    cwd = tmp_path / "gw-cwd"
+    home = tmp_path / "gw-home"
+    cwd.mkdir()
+    home.mkdir()
+    trust = tmp_path / "trust.pem"
+    trust.write_bytes((node_home / "gateway-trust.pem").read_bytes())
+    env = dict(os.environ, HOME=str(home), PYTHONDONTWRITEBYTECODE="1")
+    gw = start_gateway(tmp_path, trust, env=env, cwd=str(cwd))
+    procs.append(gw)
+    node = start_node(tmp_path, node_home, [gw])
+    procs.append(node)
+    _ok(sftp_batch(gw.external, user, key, "put /etc/hostname h\nget h /dev/null\n"))
+    gw.wait_log(r"closed \(eof")
+    assert list(cwd.iterdir()) == [] and list(home.iterdir()) == []
+
+
+def test_direct_listen_and_forward_mode(tmp_path: Path, node_home: Path, procs: list[Proc],
+                                        alice: tuple[str, Path]) -> None:
+    """--listen serves the same users directly; --forward relays to another SSH server."""
+    user, key = alice
+    listen = free_port()
+    direct = start_node(tmp_path, node_home, [], "--listen", f"127.0.0.1:{listen}",
+                        name="direct", wait=False)
+    procs.append(direct)
+    direct.wait_log(r"serving SSH/SFTP directly")
+    _ok(sftp_batch(listen, user, key, "ls\n"))
+
+    fwd_home = init_home(tmp_path / "fwd-home")
+    gw = start_gateway(tmp_path, fwd_home / "gateway-trust.pem", name="gwf")
+    procs.append(gw)
+    fwd = start_node(tmp_path, fwd_home, [gw], "--forward", f"127.0.0.1:{listen}", name="fwd")
+    procs.append(fwd)
+    _ok(sftp_batch(gw.external, user, key, "ls\n", bind="127.0.0.7"))
+    fwd.wait_log(r"client 127\.0\.0\.7:\d+ forwarded to 127\.0\.0\.1")
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_forward_mode_sends_proxy_header(tmp_path: Path, node_home: Path, procs: list[Proc],
+                                         version: str) -> None:
+    from edgegw import proxyproto
+    upstream = socket.create_server(("127.0.0.1", 0))
+    upstream.settimeout(20)
+    gw = start_gateway(tmp_path, node_home / "gateway-trust.pem")
+    procs.append(gw)
+    procs.append(start_node(tmp_path, node_home, [gw], "--forward",
+                            f"127.0.0.1:{upstream.getsockname()[1]}",
+                            "--forward-proxy-protocol", version))
+    with socket.socket() as client:
+        client.bind(("127.0.0.9", 0))
+        client.connect(("127.0.0.1", gw.external))
+        client.sendall(b"hello")
+        conn, _ = upstream.accept()
+        with conn:
+            conn.settimeout(10)
+            if version == "v1":
+                line = b""
+                while not line.endswith(b"\r\n"):
+                    line += conn.recv(1)
+                info = proxyproto.parse_v1(line)
+            else:
+                header = conn.recv(16, socket.MSG_WAITALL)
+                info = proxyproto.parse_v2(header, conn.recv(
+                    proxyproto.v2_body_length(header), socket.MSG_WAITALL))
+            assert info.src == ("127.0.0.9", client.getsockname()[1])
+            assert conn.recv(5, socket.MSG_WAITALL) == b"hello"
+            conn.sendall(b"world")
+            assert client.recv(5, socket.MSG_WAITALL) == b"world"
+    upstream.close()
+
+
+@pytest.mark.parametrize("backend", ["select", "python"])
+def test_other_relay_backends_end_to_end(tmp_path: Path, node_home: Path, procs: list[Proc],
+                                         alice: tuple[str, Path], backend: str) -> None:
+    user, key = alice
+    gw = start_gateway(tmp_path, node_home / "gateway-trust.pem", "--relay-backend", backend,
+                       name=f"gw-{backend}")
+    procs.append(gw)
+    procs.append(start_node(tmp_path, node_home, [gw]))
+    data = os.urandom(3 << 20)
+    (tmp_path / "x.bin").write_bytes(data)
+    _ok(sftp_batch(gw.external, user, key, "put x.bin\nget x.bin y.bin\n", cwd=tmp_path))
+    assert (tmp_path / "y.bin").read_bytes() == data
+    gw.wait_log(rf"relay={backend}")

@@ -1,0 +1,83 @@
+"""Gateway pieces without sockets: addresses, bans, least-loaded choice, offers."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from edgegw.gateway.bans import BanTable
+from edgegw.gateway.offers import OfferTable, PeerLost
+from edgegw.gateway.peers import Peer, PeerRegistry
+from edgegw.netaddr import HostPort, normalize_ip, parse_hostport, parse_networks
+from edgegw.pnc.events import Accept
+
+
+def test_parse_hostport() -> None:
+    assert parse_hostport("127.0.0.1:22") == HostPort("127.0.0.1", 22)
+    assert parse_hostport("[::1]:2222") == HostPort("::1", 2222)
+    assert str(HostPort("::1", 1)) == "[::1]:1"
+    for bad in ["nohost", "h:port", "h:70000", "::1:22", "[::1]22", ":22"]:
+        with pytest.raises(ValueError):
+            parse_hostport(bad)
+
+
+def test_networks_and_ips() -> None:
+    assert normalize_ip("::ffff:10.1.2.3") == "10.1.2.3"
+    assert len(parse_networks(["10.0.0.0/8", "::1"])) == 2
+    with pytest.raises(ValueError, match="not an IP"):
+        parse_networks(["10.0.0.0/33"])
+
+
+def test_ban_table_expires() -> None:
+    bans = BanTable()
+    now = time.time()
+    bans.add("10.0.0.0/24", now + 60)
+    bans.add("192.0.2.1", now - 1)
+    assert bans.banned("10.0.0.7", now)
+    assert not bans.banned("10.0.1.7", now)
+    assert not bans.banned("192.0.2.1", now)
+    assert len(bans) == 1          # the expired one was forgotten
+    assert bans.remove("10.0.0.0/24")
+    assert not bans.banned("10.0.0.7", now)
+
+
+def _peer(name: str, **kw: object) -> Peer:
+    return Peer(name, "x", lambda e: None, b"k" * 32, **kw)  # type: ignore[arg-type]
+
+
+async def test_least_loaded_by_weight() -> None:
+    reg = PeerRegistry()
+    a, b, c = _peer("a", active=4, weight=1), _peer("b", active=4, weight=4), _peer("c", draining=True)
+    for p in (a, b, c):
+        reg.add(p)
+    assert reg.choose() is b                    # 5/4 < 5/1; c is draining
+    assert reg.choose({b}) is a
+    full = _peer("full", capacity=2, active=2, weight=1000)
+    reg.add(full)
+    assert reg.choose() is b                    # at capacity: never chosen
+    picks = {reg.choose().node_id for _ in range(50)}  # type: ignore[union-attr]
+    assert picks == {"b"}
+
+
+async def test_offer_table_single_use_and_peer_loss() -> None:
+    table = OfferTable()
+    peer = _peer("a")
+    offer = table.create(peer, "192.0.2.1", 1000, ttl=5)
+    assert peer.pending == 1
+    assert table.answer(peer, Accept(offer.session_id))
+    assert not table.answer(_peer("other"), Accept(offer.session_id))
+    assert table.claim(offer.session_id) is offer
+    offer.data.set_result(None)  # type: ignore[arg-type]
+    assert table.claim(offer.session_id) is None   # used
+    second = table.create(peer, "192.0.2.1", 1001, ttl=5)
+    table.fail_peer(peer)
+    with pytest.raises(PeerLost):
+        await second.answer
+    for o in (offer, second):
+        table.discard(o)
+    assert peer.pending == 0 and len(table) == 0
+    expired = table.create(peer, "192.0.2.1", 1002, ttl=-1)
+    assert table.claim(expired.session_id) is None
+    table.discard(expired)
+    await asyncio.sleep(0)

@@ -1,0 +1,211 @@
+"""The node's managed-file-transfer rules, every one exercised through the gateway with real
+clients: IP rules on the real client address, path escapes, atomic uploads, quotas,
+permissions, other SSH implementations, and the defender's bans enforced at the gateway."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import asyncssh
+import paramiko
+import pytest
+
+from tests.procs import (
+    SSH_OPTS, GatewayProc, Proc, add_user, edgegw_cmd, make_key, sftp_batch,
+)
+
+
+def _audit(home: Path, *args: str) -> list[dict]:
+    res = subprocess.run(edgegw_cmd("internal", "audit", "--home", str(home), "--json",
+                                    "--limit", "10000", *args),
+                         capture_output=True, text=True, check=True)
+    return [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
+
+
+def test_allow_ip_uses_real_client_address(node_home: Path, gateway: GatewayProc, node: Proc,
+                                           tmp_path: Path) -> None:
+    key = make_key(tmp_path / "k3")
+    add_user(node_home, "only3", key, "--allow-ip", "127.0.0.3/32")
+    denied = sftp_batch(gateway.external, "only3", key, "ls\n", bind="127.0.0.2")
+    assert denied.returncode != 0
+    allowed = sftp_batch(gateway.external, "only3", key, "ls\n", bind="127.0.0.3")
+    assert allowed.returncode == 0, allowed.stderr
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        auths = [e for e in _audit(node_home, "--user", "only3", "--kind", "auth")]
+        ips = {(e["client_ip"], bool(e["detail"].get("success", e["detail"].get("result") == "success")))
+               for e in auths}
+        if {("127.0.0.2", False), ("127.0.0.3", True)} <= ips:
+            break
+        time.sleep(0.2)
+    assert ("127.0.0.2", False) in ips and ("127.0.0.3", True) in ips, auths
+
+
+def test_escapes_stay_inside_home(node_home: Path, gateway: GatewayProc, node: Proc,
+                                  alice: tuple[str, Path], tmp_path: Path) -> None:
+    user, key = alice
+    home = node_home / "files" / user
+    os.symlink("/etc", home / "planted")
+    cwd = tmp_path / "esc"
+    cwd.mkdir()
+    for cmd in ["get ../../etc/passwd p1", "get /etc/passwd p2", "get planted/passwd p3",
+                "put /etc/hostname ../../escaped", "put /etc/hostname /tmp/escaped-abs"]:
+        sftp_batch(gateway.external, user, key, cmd + "\n", cwd=cwd)
+    res = sftp_batch(gateway.external, user, key,
+                     "-symlink /etc made\n-get made/passwd p4\n-put /etc/hostname made/x\n",
+                     cwd=cwd)
+    assert res.returncode == 0, res.stderr   # '-' prefix: failures allowed, session goes on
+    for name in ["p1", "p2", "p3", "p4"]:
+        got = cwd / name
+        assert not got.exists() or b"root:" not in got.read_bytes(), name
+    assert not (node_home / "escaped").exists() and not Path("/tmp/escaped-abs").exists()
+    assert not Path("/etc/x").exists()
+
+
+def test_upload_killed_midway_leaves_no_file(node_home: Path, gateway: GatewayProc,
+                                             node: Proc, alice: tuple[str, Path],
+                                             tmp_path: Path) -> None:
+    user, key = alice
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(32 << 20))
+    args = ["sftp", "-b", "-", "-l", "20000", "-P", str(gateway.external), "-i", str(key),
+            *SSH_OPTS, f"{user}@127.0.0.1"]
+    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdin is not None
+    proc.stdin.write(f"put {src} final.bin\n")
+    proc.stdin.close()
+    home = node_home / "files" / user
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not any(home.iterdir()):
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    node.wait_log(r"session \S+ .*(disconnect|closed|lost)", timeout=20)
+    time.sleep(0.5)
+    assert not (home / "final.bin").exists()
+    assert list(home.iterdir()) == [], list(home.iterdir())  # the temporary was removed too
+
+
+def test_quota_enforced_during_upload(node_home: Path, gateway: GatewayProc, node: Proc,
+                                      tmp_path: Path) -> None:
+    key = make_key(tmp_path / "kq")
+    add_user(node_home, "quota", key, "--quota-bytes", "1M")
+    (tmp_path / "small.bin").write_bytes(os.urandom(300 << 10))
+    (tmp_path / "large.bin").write_bytes(os.urandom(2 << 20))
+    ok = sftp_batch(gateway.external, "quota", key, "put small.bin\n", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    over = sftp_batch(gateway.external, "quota", key, "put large.bin\n", cwd=tmp_path)
+    assert over.returncode != 0
+    assert "quota" in (over.stderr + over.stdout).lower()
+    home = node_home / "files" / "quota"
+    used = sum(p.stat().st_size for p in home.rglob("*") if p.is_file())
+    assert used <= 1 << 20 and not (home / "large.bin").exists()
+
+
+def test_download_only_user(node_home: Path, gateway: GatewayProc, node: Proc,
+                            tmp_path: Path) -> None:
+    key = make_key(tmp_path / "kr")
+    add_user(node_home, "reader", key, "--perm-preset", "readonly")
+    home = node_home / "files" / "reader"
+    (home / "report.csv").write_text("a,b\n")
+    cwd = tmp_path / "r"
+    cwd.mkdir()
+    assert sftp_batch(gateway.external, "reader", key, "get report.csv\nls\n",
+                      cwd=cwd).returncode == 0
+    assert (cwd / "report.csv").read_text() == "a,b\n"
+    for cmd in ["put /etc/hostname up.txt", "rm report.csv", "rename report.csv x.csv",
+                "mkdir d"]:
+        res = sftp_batch(gateway.external, "reader", key, cmd + "\n", cwd=cwd)
+        assert res.returncode != 0, cmd
+        assert "permission denied" in res.stderr.lower(), (cmd, res.stderr)
+    assert sorted(p.name for p in home.iterdir()) == ["report.csv"]
+
+
+def test_scp_client(gateway: GatewayProc, node: Proc, alice: tuple[str, Path],
+                    tmp_path: Path) -> None:
+    user, key = alice
+    src = tmp_path / "s.bin"
+    src.write_bytes(os.urandom(1 << 20))
+    base = ["scp", "-P", str(gateway.external), "-i", str(key), *SSH_OPTS]
+    subprocess.run([*base, str(src), f"{user}@127.0.0.1:s.bin"], check=True, timeout=60)
+    subprocess.run([*base, f"{user}@127.0.0.1:s.bin", str(tmp_path / "back.bin")], check=True,
+                   timeout=60)
+    assert (tmp_path / "back.bin").read_bytes() == src.read_bytes()
+    listing = sftp_batch(gateway.external, user, key, "ls\n")
+    assert "s.bin" in listing.stdout
+
+
+async def test_asyncssh_client(gateway: GatewayProc, node: Proc, alice: tuple[str, Path],
+                               tmp_path: Path) -> None:
+    user, key = alice
+    data = os.urandom(1 << 20)
+    async with asyncssh.connect("127.0.0.1", gateway.external, username=user,
+                                client_keys=[str(key)], known_hosts=None,
+                                local_addr=("127.0.0.5", 0)) as conn:
+        async with conn.start_sftp_client() as sftp:
+            async with sftp.open("a.bin", "wb") as f:
+                await f.write(data)
+            async with sftp.open("a.bin", "rb") as f:
+                assert await f.read() == data
+            assert "a.bin" in await sftp.listdir(".")
+    node.wait_log(r"127\.0\.0\.5")
+
+
+def test_paramiko_client(gateway: GatewayProc, node: Proc, alice: tuple[str, Path]) -> None:
+    user, key = alice
+    sock = socket.create_connection(("127.0.0.1", gateway.external), timeout=20,
+                                    source_address=("127.0.0.6", 0))
+    transport = paramiko.Transport(sock)
+    try:
+        transport.connect(username=user, pkey=paramiko.Ed25519Key.from_private_key_file(str(key)))
+        sftp = paramiko.SFTPClient.from_transport(transport)
+        assert sftp is not None
+        data = os.urandom(256 << 10)
+        with sftp.open("p.bin", "wb") as f:
+            f.write(data)
+        with sftp.open("p.bin", "rb") as f:
+            assert f.read() == data
+        assert "p.bin" in sftp.listdir(".")
+        sftp.close()
+    finally:
+        transport.close()
+
+
+async def test_brute_force_banned_at_gateway(node_home: Path, gateway: GatewayProc,
+                                             node: Proc, tmp_path: Path) -> None:
+    subprocess.run(edgegw_cmd("internal", "user", "add", "pw", "--home", str(node_home),
+                              "--password-stdin"), input="right-password", text=True, check=True,
+                   capture_output=True)
+    for _ in range(6):
+        try:
+            async with asyncssh.connect("127.0.0.1", gateway.external, username="pw",
+                                        password="wrong", known_hosts=None, client_keys=None,
+                                        preferred_auth="password",
+                                        local_addr=("127.0.0.4", 0)):
+                pytest.fail("a wrong password logged in")
+        except (asyncssh.PermissionDenied, asyncssh.DisconnectError, ConnectionError, OSError):
+            pass
+    gateway.wait_log(r"ban 127\.0\.0\.4", timeout=15)
+    offers_before = node.count(r"127\.0\.0\.4")
+    with socket.socket() as s:
+        s.bind(("127.0.0.4", 0))
+        s.settimeout(10)
+        s.connect(("127.0.0.1", gateway.external))
+        assert s.recv(100) == b""                   # dropped at accept, nothing relayed
+    gateway.wait_log(r"client 127\.0\.0\.4:\d+ dropped: address is banned")
+    time.sleep(0.5)
+    assert node.count(r"127\.0\.0\.4") == offers_before  # the node heard of no new offer
+    async with asyncssh.connect("127.0.0.1", gateway.external, username="pw",
+                                password="right-password", known_hosts=None, client_keys=None,
+                                preferred_auth="password", local_addr=("127.0.0.5", 0)) as conn:
+        assert conn is not None
+    bans = subprocess.run(edgegw_cmd("internal", "ban", "list", "--home", str(node_home)),
+                          capture_output=True, text=True, check=True)
+    assert "127.0.0.4" in bans.stdout
