@@ -1,4 +1,5 @@
 """Build the relay engine: C sources in csrc/ behind a Cython binding, edgegw._relay."""
+import glob
 import sys
 
 from setuptools import Extension, setup
@@ -16,7 +17,8 @@ if cythonize is not None:
         "edgegw._relay",
         sources=["edgegw/_relay.pyx", *CSRC],
         include_dirs=["csrc"],
-        extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"],
+        depends=glob.glob("csrc/*.h"),
+        extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
         libraries=["pthread"] if sys.platform != "win32" else [],
     )
     ext_modules = cythonize([ext], language_level=3, compiler_directives={"embedsignature": True})

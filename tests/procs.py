@@ -33,6 +33,7 @@ class Proc:
     popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def start(self) -> "Proc":
+        self._offset = self.log.stat().st_size if self.log.exists() else 0
         self._log_f = open(self.log, "ab")
         self.popen = subprocess.Popen(self.args, stdout=self._log_f, stderr=subprocess.STDOUT,
                                       env=self.env, cwd=self.cwd, start_new_session=True)
@@ -44,7 +45,10 @@ class Proc:
         return self.popen.pid
 
     def text(self) -> str:
-        return self.log.read_text(errors="replace")
+        """What this run of the process logged (a restarted process may share the file)."""
+        with open(self.log, "rb") as f:
+            f.seek(self._offset)
+            return f.read().decode(errors="replace")
 
     def wait_log(self, pattern: str, timeout: float = 20.0, start: int = 0) -> re.Match[str]:
         deadline = time.monotonic() + timeout

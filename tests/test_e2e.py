@@ -90,7 +90,10 @@ def test_wrong_data_proof_pairs_nothing(gateway: GatewayProc, node: Proc) -> Non
     with socket.create_connection(("127.0.0.1", gateway.data), timeout=5) as s:
         s.recv(dataauth.CHALLENGE_LEN, socket.MSG_WAITALL)
         s.sendall(b"garbage" * 10)
-        assert s.recv(1) == b""
+        try:
+            assert s.recv(1) == b""
+        except ConnectionResetError:
+            pass  # closed with our surplus bytes unread: the kernel answers with a reset
     gateway.wait_log(r"bad proof")
     assert gateway.count("paired with node") == 0
 

@@ -42,6 +42,8 @@ class RelayStats:
     bytes_total: int
     pipes_in_use: int = 0    # splice backend only
     pipes_pooled: int = 0    # splice backend only
+    buffers_in_use: int = 0  # select backend only: per-direction buffers holding bytes
+    buffers_pooled: int = 0  # select backend only
 
 
 FinishedCallback = Callable[[RelayReport], None]

@@ -1,0 +1,175 @@
+"""SFTP upload/download, tmpfs to tmpfs, with OpenSSH's `sftp -b` client: OpenSSH sshd
+(directly, through HAProxy splice, through the edgegw gateway in --forward mode) against the
+edgegw node's own SFTP server directly and through the gateway.
+
+MB/s = file bytes / 1e6 / (wall time of `sftp -b` doing the transfer - the median wall time
+of `sftp -b` doing only `pwd` on the same path and cipher in the same repetition), so the
+connection setup is not charged to the transfer. Server CPU = the server process tree's
+utime+stime delta per GiB (sshd's per-connection children are reaped into it)."""
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from bench.peers import (Ctx, EdgegwGateway, EdgegwSsh, HAProxy, RelayPath, Sshd, start_all,
+                         stop_all)
+from bench.procs import Skip, cpu_seconds, log, need
+from bench.report import Metric, PartResult, Results
+from bench.sessions import ssh_keys
+
+CIPHERS = {"aes": "aes128-gcm@openssh.com", "chacha": "chacha20-poly1305@openssh.com"}
+SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "LogLevel=ERROR", "-o", "BatchMode=yes", "-o", "ConnectTimeout=30"]
+
+
+def _metrics() -> list[Metric]:
+    out = []
+    for c in CIPHERS:
+        for d, dl in (("up", "upload"), ("down", "download")):
+            out.append(Metric(f"{d}_{c}", f"{d} {c}", "MB/s", "{:.0f}"))
+    for c in CIPHERS:
+        for d in ("up", "down"):
+            out.append(Metric(f"cpu_{d}_{c}", f"srv CPU {d} {c}", "s/GiB", "{:.2f}"))
+    for c in CIPHERS:
+        for d in ("up", "down"):
+            out.append(Metric(f"relay_cpu_{d}_{c}", f"relay CPU {d} {c}", "s/GiB", "{:.2f}",
+                              table=False))
+    for c in CIPHERS:
+        for d in ("up", "down"):
+            out.append(Metric(f"node_cpu_{d}_{c}", f"fwd node CPU {d} {c}", "s/GiB", "{:.2f}",
+                              table=False))
+    return out
+
+
+class Target:
+    """One SFTP endpoint: a path plus who logs in where, and which pid plays which role."""
+
+    def __init__(self, name: str, path: RelayPath, user: str, remote_dir: str,
+                 roles: dict[str, int]) -> None:
+        self.name, self.path, self.user, self.remote_dir = name, path, user, remote_dir
+        self.roles = roles
+
+
+def sftp_batch(port: int, user: str, key: Path, cipher: str, commands: str,
+               timeout: float) -> tuple[float, subprocess.CompletedProcess]:
+    args = ["sftp", "-b", "-", "-P", str(port), "-i", str(key), *SSH_OPTS,
+            "-o", f"Ciphers={cipher}", f"{user}@127.0.0.1"]
+    t0 = time.monotonic()
+    cp = subprocess.run(args, input=commands, capture_output=True, text=True, timeout=timeout)
+    return time.monotonic() - t0, cp
+
+
+def make_source(path: Path, size: int) -> None:
+    block = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for _ in range(size >> 20):
+            f.write(block)
+
+
+def run(ctx: Ctx, results: Results, *, quick: bool, repeat: int, mib: int | None = None,
+        only: set[str] | None = None) -> PartResult:
+    mib = mib or (32 if quick else 1024)
+    size = mib << 20
+    part = results.part(PartResult(
+        "sftp", f"sftp: {mib} MiB tmpfs->tmpfs, OpenSSH sftp -b client", _metrics(),
+        baselines=["openssh"],
+        ratio_metrics=[f"{d}_{c}" for c in CIPHERS for d in ("up", "down")]))
+    part.notes["units"] = "MB = 1e6 bytes; CPU s/GiB; relay CPU = HAProxy or edgegw gateway"
+    try:
+        need("sftp")
+    except Skip as exc:
+        part.skip("all", str(exc))
+        return part
+    key, pub = ssh_keys(ctx)
+    me = pwd.getpwuid(os.getuid()).pw_name
+    shm = Path("/dev/shm") / f"edgegw-bench-{os.getpid()}-sftp"
+    shm.mkdir(parents=True, exist_ok=True)
+    src, dl = shm / "source.bin", shm / "download.bin"
+    ossh_dir = shm / "openssh"
+    ossh_dir.mkdir(exist_ok=True)
+    log(f"sftp: writing a {mib} MiB source file on tmpfs")
+    make_source(src, size)
+
+    sshd = Sshd(pub)
+    edge = EdgegwSsh("bench", pub)
+    running: list[RelayPath] = []
+    targets: list[Target] = []
+    try:
+        running += start_all([sshd, edge], ctx, 0, part.skip)
+        if sshd in running:
+            targets.append(Target("openssh", sshd, me, str(ossh_dir), {"server": sshd.pids()["server"]}))
+            hp = HAProxy(splice=True)
+            hp.name = "openssh-via-haproxy-splice"
+            eg = EdgegwGateway("splice")
+            eg.name = "openssh-via-edgegw"
+            for p in start_all([hp, eg], ctx, sshd.port, part.skip):
+                running.append(p)
+                roles = {"server": sshd.pids()["server"]}
+                roles.update({("relay" if r in ("relay", "gateway") else r): pid
+                              for r, pid in p.pids().items()})
+                targets.append(Target(p.name, p, me, str(ossh_dir), roles))
+        if edge in running:
+            targets.append(Target("edgegw-node", edge.direct, "bench", ".",
+                                  {"server": edge.pids()["server"]}))
+            targets.append(Target("edgegw-gateway", edge, "bench", ".",
+                                  {"server": edge.pids()["server"],
+                                   "relay": edge.pids()["gateway"]}))
+        if only is not None and "all" not in only:
+            targets = [t for t in targets if t.name in only]
+        limit = 120 + size / 5e6   # even 5 MB/s finishes
+        total, step = repeat * len(CIPHERS) * len(targets), 0
+        for rep in range(repeat):
+            for c, cipher in CIPHERS.items():
+                for t in targets:
+                    step += 1
+                    log(f"sftp [{step}/{total}] rep {rep + 1} {t.name} {c}: up+down {mib} MiB")
+                    try:
+                        t.path.check_alive()
+                        transfer(part, t, rep, c, cipher, key, src, dl, size, limit)
+                    except Skip as exc:
+                        part.fail(t.name, str(exc))
+                    except subprocess.TimeoutExpired:
+                        t.path.mark_broken(f"sftp through {t.name} did not finish in "
+                                           f"{limit:.0f}s")
+                        part.fail(t.name, t.path.broken)
+    finally:
+        stop_all(running)
+        shutil.rmtree(shm, ignore_errors=True)
+    return part
+
+
+def transfer(part: PartResult, t: Target, rep: int, c: str, cipher: str, key: Path,
+             src: Path, dl: Path, size: int, limit: float) -> None:
+    remote = f"{t.remote_dir}/upload.bin"
+    hs = []
+    for _ in range(3):
+        el, cp = sftp_batch(t.path.port, t.user, key, cipher, "pwd\n", 60)
+        if cp.returncode != 0:
+            raise Skip(f"sftp login failed ({c}): {(cp.stderr or cp.stdout).strip()[-300:]}")
+        hs.append(el)
+    handshake = sorted(hs)[1]
+    part.path(t.name).info[f"handshake_s_{c}_rep{rep}"] = round(handshake, 4)
+    gib = size / 2**30
+    for d, cmd in (("up", f"put {src} {remote}\n"), ("down", f"get {remote} {dl}\n")):
+        before = {r: cpu_seconds(pid) for r, pid in t.roles.items()}
+        el, cp = sftp_batch(t.path.port, t.user, key, cipher, cmd, limit)
+        time.sleep(0.1)  # let sshd reap its session child into cutime/cstime
+        after = {r: cpu_seconds(pid) for r, pid in t.roles.items()}
+        if cp.returncode != 0:
+            raise Skip(f"sftp {d} failed ({c}): {(cp.stderr or cp.stdout).strip()[-300:]}")
+        if d == "down" and dl.stat().st_size != size:
+            raise Skip(f"download has {dl.stat().st_size} bytes, expected {size}")
+        net = max(el - handshake, 1e-3)
+        part.add(t.name, f"{d}_{c}", rep, size / 1e6 / net)
+        part.add(t.name, f"cpu_{d}_{c}", rep, (after["server"] - before["server"]) / gib)
+        if "relay" in t.roles:
+            part.add(t.name, f"relay_cpu_{d}_{c}", rep,
+                     (after["relay"] - before["relay"]) / gib)
+        if "node" in t.roles:
+            part.add(t.name, f"node_cpu_{d}_{c}", rep, (after["node"] - before["node"]) / gib)
+    if dl.exists():
+        dl.unlink()

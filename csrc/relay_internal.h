@@ -1,0 +1,121 @@
+/* Shared between the engine core and its backends; not part of the public API. */
+#ifndef EDGEGW_RELAY_INTERNAL_H
+#define EDGEGW_RELAY_INTERNAL_H
+
+#include "compat.h"
+#include "relay.h"
+
+/* ---- pipe pool (pipe_pool.c): one per I/O thread, so no locking ---------------------- */
+
+struct relay_pipe {
+    int rfd, wfd; /* rfd < 0: no pipe held */
+    uint32_t cap; /* capacity the kernel granted */
+};
+
+struct relay_pipe_pool {
+    struct relay_pipe *idle;
+    size_t nidle, max_idle;
+    size_t want;        /* size asked for with F_SETPIPE_SZ, 0 = kernel default */
+    size_t granted;     /* largest size the kernel accepted so far (stops retrying refusals) */
+    relay_counter in_use, pooled;
+};
+
+void relay_pipe_pool_init(struct relay_pipe_pool *pool, size_t want, size_t max_idle);
+int relay_pipe_get(struct relay_pipe_pool *pool, struct relay_pipe *out);
+/* `pending`: bytes still in the pipe. Such a pipe is closed, never pooled. */
+void relay_pipe_put(struct relay_pipe_pool *pool, struct relay_pipe *p, size_t pending);
+void relay_pipe_pool_destroy(struct relay_pipe_pool *pool);
+
+/* ---- sessions ---------------------------------------------------------------------- */
+
+/* One direction: bytes read from fd[i] and written to fd[!i]. */
+struct relay_dir {
+    uint64_t bytes;          /* delivered to the destination */
+    struct relay_pipe pipe;  /* splice: held only while bytes are in flight */
+    char *buf;               /* select: held only while bytes are in flight */
+    uint32_t off, len;       /* bytes in flight: in the pipe, or buf[off, off + len) */
+    uint8_t eof;             /* source said end of stream */
+    uint8_t shut;            /* end of stream forwarded: shutdown(dst, SHUT_WR) done */
+    uint8_t paused;          /* splice: EAGAIN with data in the pipe, wait for it to drain */
+    uint8_t can_read;        /* source not known to be empty */
+    uint8_t can_write;       /* destination not known to be full */
+};
+
+struct relay_worker;
+
+struct relay_session {
+    uint64_t id;
+    int fd[2];                      /* a, b */
+    struct relay_dir dir[2];        /* dir[0]: a -> b, dir[1]: b -> a */
+    uint64_t start_ns, last_ns;
+    struct relay_session *lru_prev, *lru_next; /* worker's list, least recently active first */
+    struct relay_session *hnext;    /* engine id table chain */
+    struct relay_session *dead_next;
+    struct relay_worker *worker;
+    uint32_t events[2];             /* splice: interest registered with epoll */
+    uint32_t slot;                  /* select: index in the worker's session array */
+    uint8_t registered;             /* splice: bit i set when fd[i] is in the epoll set */
+    uint8_t hup;                    /* bit i set once fd[i] hung up: final state, not watched */
+    uint8_t attached, done;
+};
+
+/* ---- backends ---------------------------------------------------------------------- */
+
+struct relay_backend {
+    const char *name;
+    int (*init)(struct relay_worker *w);
+    void (*fini)(struct relay_worker *w);
+    /* Start relaying a session; may finish it at once. -errno: not attached, caller reports. */
+    int (*attach)(struct relay_worker *w, struct relay_session *s);
+    /* Forget a session and give back its pipes/buffers; the engine closes the fds. */
+    void (*detach)(struct relay_worker *w, struct relay_session *s);
+    /* Wait up to timeout_ms (-1: forever) for I/O or the wake fd, and do the I/O. */
+    void (*wait)(struct relay_worker *w, int timeout_ms);
+};
+
+extern const struct relay_backend relay_splice_backend;
+extern const struct relay_backend relay_poll_backend;
+
+struct relay_cmd {
+    struct relay_cmd *next;
+    int op; /* RELAY_CMD_* */
+    uint64_t id;
+    struct relay_session *session;
+};
+
+enum { RELAY_CMD_ADD, RELAY_CMD_KILL, RELAY_CMD_STOP };
+
+struct relay_worker {
+    struct relay_engine *engine;
+    const struct relay_backend *be;
+    pthread_t thread;
+    int started;
+    relay_notifier wake;
+    pthread_mutex_t cmd_lock;
+    struct relay_cmd *cmd_head, *cmd_tail;
+    struct relay_session *lru_head, *lru_tail;
+    struct relay_session *dead;
+    relay_counter load;      /* sessions assigned (for spreading new ones) */
+    relay_counter bytes;     /* bytes delivered by this thread */
+    uint64_t now_ns;
+    int stop;
+    size_t pool_max;
+    /* splice */
+    int epfd;
+    struct relay_pipe_pool pipes;
+    /* select */
+    struct relay_session **slots;
+    size_t nslots, cap_slots;
+    void *pfds;              /* struct pollfd[1 + 2 * cap_slots] */
+    char **bufs;             /* idle buffers */
+    size_t nbufs;
+    size_t buffer_size;
+    relay_counter bufs_in_use, bufs_pooled;
+};
+
+/* Engine services for backends (engine.c). */
+void relay_session_touch(struct relay_worker *w, struct relay_session *s, uint64_t moved);
+/* Close the pair and queue its report. Memory is freed after the current batch of events. */
+void relay_session_finish(struct relay_worker *w, struct relay_session *s, int reason, int err);
+
+#endif

@@ -1,0 +1,256 @@
+/* Linux backend: epoll + splice() through a pipe per direction, taken from the thread's pool
+ * only while bytes are in flight, so an idle session holds no pipe.
+ *
+ * Level-triggered epoll; the interest mask of each fd is derived from the session state in
+ * want_events() and only changed (EPOLL_CTL_MOD) when it differs from what is registered. */
+#include "relay_internal.h"
+
+#if RELAY_HAVE_SPLICE
+
+#include <stdlib.h>
+#include <sys/epoll.h>
+
+#define MAX_EVENTS 256
+#define WAKE_TAG ((void *)1) /* sessions are aligned, so bit 0 carries the side */
+
+static inline void *tag(struct relay_session *s, int side)
+{
+    return (void *)((uintptr_t)s | (uintptr_t)side);
+}
+
+static int splice_init(struct relay_worker *w)
+{
+    w->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (w->epfd < 0)
+        return -errno;
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
+    if (epoll_ctl(w->epfd, EPOLL_CTL_ADD, w->wake.rfd, &ev) < 0) {
+        int err = errno;
+        close(w->epfd);
+        w->epfd = -1;
+        return -err;
+    }
+    return 0;
+}
+
+static void splice_fini(struct relay_worker *w)
+{
+    relay_pipe_pool_destroy(&w->pipes);
+    if (w->epfd >= 0)
+        close(w->epfd);
+    w->epfd = -1;
+}
+
+/* What fd[side] must be watched for, given the state of the two directions through it. */
+static uint32_t want_events(const struct relay_session *s, int side)
+{
+    const struct relay_dir *in = &s->dir[side];   /* read from fd[side] */
+    const struct relay_dir *out = &s->dir[!side]; /* written to fd[side] */
+    uint32_t ev = 0;
+    if (!in->eof && !in->paused && !in->can_read)
+        ev |= EPOLLIN;
+    if (out->len > 0 && !out->can_write)
+        ev |= EPOLLOUT;
+    return ev; /* EPOLLERR and EPOLLHUP are always reported */
+}
+
+static int sync_events(struct relay_worker *w, struct relay_session *s, int side)
+{
+    int registered = (s->registered >> side) & 1;
+    if ((s->hup >> side) & 1) {
+        /* A hung-up socket stays readable and writable (EOF, EPIPE) and would report EPOLLHUP
+         * forever: stop watching it; the other fd's events drive what is left. */
+        if (registered)
+            (void)epoll_ctl(w->epfd, EPOLL_CTL_DEL, s->fd[side], NULL);
+        s->registered &= (uint8_t)~(1u << side);
+        return 0;
+    }
+    uint32_t ev = want_events(s, side);
+    if (registered && ev == s->events[side])
+        return 0;
+    struct epoll_event e = {.events = ev, .data.ptr = tag(s, side)};
+    if (epoll_ctl(w->epfd, registered ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, s->fd[side], &e) < 0)
+        return -errno;
+    s->registered |= (uint8_t)(1u << side);
+    s->events[side] = ev;
+    return 0;
+}
+
+/* Move what can be moved in direction d without blocking. Returns 0, or a reason with *err
+ * set. Pipe first (drain to the destination), then source into the pipe, until neither end
+ * makes progress. */
+static int pump(struct relay_worker *w, struct relay_session *s, int d, int *err)
+{
+    struct relay_dir *x = &s->dir[d];
+    int src = s->fd[d], dst = s->fd[!d];
+    uint64_t moved = 0;
+    int reason = 0;
+    *err = 0;
+    for (;;) {
+        while (x->len > 0 && x->can_write) {
+            ssize_t n = splice(x->pipe.rfd, NULL, dst, NULL, x->len,
+                               SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+            if (n > 0) {
+                x->len -= (uint32_t)n;
+                moved += (uint64_t)n;
+            } else if (n < 0 && errno == EINTR) {
+                continue;
+            } else if (n < 0 && errno == EAGAIN) {
+                x->can_write = 0;
+            } else {
+                *err = n < 0 ? errno : EPIPE;
+                reason = RELAY_RESET;
+                goto out;
+            }
+        }
+        if (x->len > 0)
+            break; /* destination full; EPOLLOUT will bring us back */
+        x->paused = 0;
+        if (x->eof) {
+            if (!x->shut) {
+                if (shutdown(dst, SHUT_WR) < 0 && errno != ENOTCONN) {
+                    *err = errno;
+                    reason = RELAY_RESET;
+                    goto out;
+                }
+                x->shut = 1;
+            }
+            break;
+        }
+        if (!x->can_read)
+            break;
+        if (x->pipe.rfd < 0) {
+            int rc = relay_pipe_get(&w->pipes, &x->pipe);
+            if (rc < 0) {
+                *err = -rc;
+                reason = RELAY_ERROR;
+                goto out;
+            }
+        }
+        ssize_t n;
+        do
+            n = splice(src, NULL, x->pipe.wfd, NULL, x->pipe.cap, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+        while (n < 0 && errno == EINTR);
+        if (n > 0) {
+            x->len += (uint32_t)n;
+        } else if (n == 0) {
+            x->eof = 1;
+        } else if (errno == EAGAIN) {
+            if (x->len > 0)
+                x->paused = 1; /* maybe the pipe is full: read again once it drained */
+            else
+                x->can_read = 0;
+            if (x->len == 0 || !x->can_write)
+                break;
+        } else {
+            *err = errno;
+            reason = RELAY_RESET;
+            goto out;
+        }
+    }
+out:
+    if (x->len == 0 && x->pipe.rfd >= 0)
+        relay_pipe_put(&w->pipes, &x->pipe, 0);
+    if (moved) {
+        x->bytes += moved;
+        relay_session_touch(w, s, moved);
+    }
+    return reason;
+}
+
+static int sock_error(int fd)
+{
+    int err = 0;
+    socklen_t len = sizeof err;
+    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+        return errno;
+    return err;
+}
+
+/* Pump both directions, then finish the session or refresh its interest masks. */
+static void service(struct relay_worker *w, struct relay_session *s)
+{
+    int err;
+    for (int d = 0; d < 2; d++) {
+        int reason = pump(w, s, d, &err);
+        if (reason) {
+            relay_session_finish(w, s, reason, err);
+            return;
+        }
+    }
+    if (s->dir[0].shut && s->dir[1].shut) {
+        relay_session_finish(w, s, RELAY_EOF, 0);
+        return;
+    }
+    for (int side = 0; side < 2; side++) {
+        int rc = sync_events(w, s, side);
+        if (rc < 0) {
+            relay_session_finish(w, s, RELAY_ERROR, -rc);
+            return;
+        }
+    }
+}
+
+static int splice_attach(struct relay_worker *w, struct relay_session *s)
+{
+    service(w, s); /* bytes that arrived before the hand-over go out now */
+    return 0;
+}
+
+static void splice_detach(struct relay_worker *w, struct relay_session *s)
+{
+    for (int side = 0; side < 2; side++) {
+        if ((s->registered >> side) & 1)
+            (void)epoll_ctl(w->epfd, EPOLL_CTL_DEL, s->fd[side], NULL);
+        struct relay_dir *x = &s->dir[side];
+        relay_pipe_put(&w->pipes, &x->pipe, x->len);
+        x->len = 0;
+    }
+    s->registered = 0;
+}
+
+static void splice_wait(struct relay_worker *w, int timeout_ms)
+{
+    struct epoll_event evs[MAX_EVENTS];
+    int n = epoll_wait(w->epfd, evs, MAX_EVENTS, timeout_ms);
+    if (n <= 0)
+        return;
+    w->now_ns = relay_now_ns();
+    for (int i = 0; i < n; i++) {
+        void *p = evs[i].data.ptr;
+        uint32_t ev = evs[i].events;
+        if (p == NULL) {
+            relay_notifier_clear(&w->wake);
+            continue;
+        }
+        int side = (int)((uintptr_t)p & 1u);
+        struct relay_session *s = (struct relay_session *)((uintptr_t)p & ~(uintptr_t)1);
+        if (s->done)
+            continue; /* finished earlier in this batch; freed after it */
+        if (ev & EPOLLERR) {
+            int err = sock_error(s->fd[side]);
+            if (err) {
+                relay_session_finish(w, s, RELAY_RESET, err);
+                continue;
+            }
+        }
+        if (ev & EPOLLHUP)
+            s->hup |= (uint8_t)(1u << side);
+        if (ev & (EPOLLIN | EPOLLHUP | EPOLLERR))
+            s->dir[side].can_read = 1;
+        if (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR))
+            s->dir[!side].can_write = 1;
+        service(w, s);
+    }
+}
+
+const struct relay_backend relay_splice_backend = {
+    .name = "splice",
+    .init = splice_init,
+    .fini = splice_fini,
+    .attach = splice_attach,
+    .detach = splice_detach,
+    .wait = splice_wait,
+};
+
+#endif /* RELAY_HAVE_SPLICE */

@@ -1,0 +1,81 @@
+"""The relay: moves an SFTP client's bytes to its internal node and back, untouched.
+
+`create_relay()` is the one place that picks a backend:
+
+* "splice": the C engine with epoll + splice() (Linux, the default there);
+* "select": the C engine with poll() and a buffer per direction (the default elsewhere);
+* "python": pure asyncio, used when the C extension is missing, and as a baseline.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+from edgegw.relay.base import FinishedCallback, FinishReason, Relay, RelayReport, RelayStats
+
+__all__ = [
+    "FinishReason", "FinishedCallback", "Relay", "RelayReport", "RelayStats",
+    "available_backends", "create_relay", "default_backend",
+]
+
+log = logging.getLogger("edgegw.relay")
+
+BACKENDS = ("splice", "select", "python")
+ENV_BACKEND = "EDGEGW_RELAY_BACKEND"
+
+
+def _c_backends() -> tuple[str, ...] | None:
+    try:
+        engine = importlib.import_module("edgegw._relay")
+    except ImportError:
+        return None
+    return tuple(engine.BACKENDS)
+
+
+def available_backends() -> list[str]:
+    """Backends that can run here, best first."""
+    return [*(_c_backends() or ()), "python"]
+
+
+def default_backend() -> str:
+    chosen = os.environ.get(ENV_BACKEND, "").strip()
+    if chosen:
+        return chosen
+    return "splice" if sys.platform.startswith("linux") else "select"
+
+
+def create_relay(backend: str | None = None, *, threads: int = 1, pipe_size: int = 1 << 20,
+                 idle_timeout: float = 0.0) -> Relay:
+    """A relay of the given backend; None means $EDGEGW_RELAY_BACKEND, else the platform's best.
+
+    `threads` (C engine) spreads sessions over that many I/O threads; `pipe_size` is asked of
+    the kernel for each splice pipe (smaller if refused); `idle_timeout` (seconds, 0 = never)
+    ends sessions that moved no byte either way for that long.
+    """
+    name = backend or default_backend()
+    if name not in BACKENDS:
+        raise ValueError(f"unknown relay backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if threads < 1:
+        raise ValueError(f"relay threads must be >= 1, got {threads}")
+    if idle_timeout < 0:
+        raise ValueError(f"relay idle_timeout must be >= 0 seconds, got {idle_timeout}")
+    if name != "python":
+        c_backends = _c_backends()
+        if c_backends is None:
+            log.warning(
+                "RELAY C ENGINE MISSING: edgegw._relay could not be imported, so the %r relay "
+                "is replaced by the pure-Python one. Throughput will be far lower and CPU use "
+                "far higher. Fix: reinstall edgegw with a C compiler and Cython available "
+                "(e.g. `pip install --force-reinstall --no-binary edgegw edgegw`, or "
+                "`python setup.py build_ext --inplace` in a checkout).", name)
+            name = "python"
+        elif name not in c_backends:
+            raise ValueError(f"relay backend {name!r} is not available on this system; "
+                             f"available: {', '.join(available_backends())}")
+    if name == "python":
+        from edgegw.relay.pyrelay import PyRelay
+        return PyRelay(idle_timeout=idle_timeout)
+    from edgegw.relay.cengine import CRelay
+    return CRelay(name, threads=threads, pipe_size=pipe_size, idle_timeout=idle_timeout)

@@ -1,0 +1,249 @@
+"""Pure-Python relay on asyncio transports: the fallback when the C engine is missing, and the
+"naive" line in the benchmarks. Same semantics as the C engine: half-close forwarded once the
+data before it is written, resets propagate, idle timeout, kill, byte counters."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Optional
+
+from edgegw.relay.base import FinishedCallback, FinishReason, RelayReport, RelayStats
+
+log = logging.getLogger("edgegw.relay")
+
+_HIGH_WATER = 256 * 1024  # stop reading a side while its peer has this much unsent
+
+
+class _Side(asyncio.Protocol):
+    """One socket of a session; `index` 0 is a, 1 is b."""
+
+    __slots__ = ("session", "index", "transport", "eof", "lost")
+
+    def __init__(self, session: "_Session", index: int) -> None:
+        self.session = session
+        self.index = index
+        self.transport: Optional[asyncio.Transport] = None
+        self.eof = False
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=_HIGH_WATER)
+        peer = self.session.sides[1 - self.index].transport
+        if peer is None:
+            transport.pause_reading()  # nowhere to forward to yet; the bytes wait in the kernel
+        else:
+            peer.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.session.forward(self.index, data)
+
+    def eof_received(self) -> bool:
+        self.session.on_eof(self.index)
+        return True  # keep the transport: the other direction may still be running
+
+    def pause_writing(self) -> None:
+        peer = self.session.sides[1 - self.index].transport
+        if peer is not None:
+            peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        peer = self.session.sides[1 - self.index].transport
+        if peer is not None and not peer.is_closing():
+            peer.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.session.on_lost(self.index, exc)
+
+
+class _Session:
+    __slots__ = ("relay", "id", "sides", "bytes", "start", "last", "reason", "error",
+                 "ready", "reported")
+
+    def __init__(self, relay: "PyRelay", session_id: int, now: float) -> None:
+        self.relay = relay
+        self.id = session_id
+        self.sides = (_Side(self, 0), _Side(self, 1))
+        self.bytes = [0, 0]
+        self.start = now
+        self.last = now
+        self.reason: FinishReason | None = None
+        self.error = ""
+        self.ready = False
+        self.reported = False
+
+    def forward(self, index: int, data: bytes) -> None:
+        peer = self.sides[1 - index].transport
+        if peer is None or peer.is_closing():
+            return
+        peer.write(data)  # sends at once when it can: no batching
+        self.bytes[index] += len(data)
+        self.relay._bytes_total += len(data)
+        self.last = self.relay._loop.time()
+
+    def on_eof(self, index: int) -> None:
+        if self.sides[index].eof:
+            return  # resume_reading() after EOF reads it again
+        self.sides[index].eof = True
+        peer = self.sides[1 - index].transport
+        if peer is not None and not peer.is_closing():
+            peer.write_eof()  # after the buffered bytes, like shutdown(SHUT_WR) after the pipe
+        if self.sides[0].eof and self.sides[1].eof:
+            self.end(FinishReason.EOF, graceful=True)
+
+    def on_lost(self, index: int, exc: Exception | None) -> None:
+        if exc is not None:
+            self.end(FinishReason.RESET, error=_strerror(exc))
+        elif not (self.sides[0].eof and self.sides[1].eof):
+            self.end(FinishReason.RESET, error="connection closed")
+        if all(s.lost for s in self.sides) and not self.reported:
+            self.reported = True
+            self.relay._finished(self)
+
+    def end(self, reason: FinishReason, *, error: str = "", graceful: bool = False) -> None:
+        """Record why the session ends (first reason wins) and close both sockets."""
+        if self.reason is None:
+            self.reason = reason
+            self.error = error
+        if not self.ready:
+            return  # transports not made yet; _connect() finishes the job
+        for side in self.sides:
+            t = side.transport
+            if t is not None and not t.is_closing():
+                t.close() if graceful else t.abort()
+            elif t is not None and not graceful:
+                t.abort()
+
+
+def _strerror(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+class PyRelay:
+    """`Relay` in pure asyncio: one transport per socket, no task per direction."""
+
+    backend = "python"
+
+    def __init__(self, *, idle_timeout: float = 0.0) -> None:
+        self._idle_timeout = idle_timeout
+        self._sessions: dict[int, _Session] = {}
+        self._on_finished: FinishedCallback | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._idle_handle: asyncio.TimerHandle | None = None
+        self._total = 0
+        self._bytes_total = 0
+        self._closed = False
+        self._drained: asyncio.Event | None = None
+
+    def start(self, on_finished: FinishedCallback) -> None:
+        if self._loop is not None:
+            raise RuntimeError("relay already started")
+        self._loop = asyncio.get_running_loop()
+        self._on_finished = on_finished
+        if self._idle_timeout > 0:
+            self._schedule_idle_check()
+
+    def add(self, session_id: int, a: socket.socket, b: socket.socket) -> None:
+        if self._closed:
+            raise RuntimeError("relay is closed")
+        if self._loop is None:
+            raise RuntimeError("relay not started: call start() first")
+        if not 0 <= session_id < 1 << 64:
+            raise ValueError(f"relay session id must be an unsigned 64-bit int, got {session_id}")
+        if session_id in self._sessions:
+            raise FileExistsError(17, f"relay session {session_id} already exists; "
+                                      "ids must be unique")
+        # New socket objects own the fds; the caller's objects are detached and inert.
+        sa = socket.socket(fileno=a.detach())
+        sb = socket.socket(fileno=b.detach())
+        for s in (sa, sb):
+            s.setblocking(False)
+            if s.family in (socket.AF_INET, socket.AF_INET6):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        session = _Session(self, session_id, self._loop.time())
+        self._sessions[session_id] = session
+        self._total += 1
+        self._loop.create_task(self._connect(session, sa, sb))
+
+    async def _connect(self, session: _Session, sa: socket.socket, sb: socket.socket) -> None:
+        loop = self._loop
+        assert loop is not None
+        made = 0
+        try:
+            for i, sock in enumerate((sa, sb)):
+                await loop.connect_accepted_socket(lambda i=i: session.sides[i], sock)
+                made += 1
+        except BaseException as exc:  # pragma: no cover - needs a broken socket
+            for i, sock in enumerate((sa, sb)):
+                t = session.sides[i].transport
+                t.abort() if t is not None else sock.close()
+                if t is None:
+                    session.sides[i].lost = True
+            session.ready = True
+            session.end(FinishReason.ERROR, error=_strerror(exc))
+            if all(s.lost for s in session.sides) and not session.reported:
+                session.reported = True
+                self._finished(session)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        session.ready = True
+        if session.reason is not None:  # killed or shut down while connecting
+            session.end(session.reason, error=session.error)
+
+    def kill(self, session_id: int) -> bool:
+        session = self._sessions.get(session_id)
+        if session is None or session.reason is not None:
+            return False
+        session.end(FinishReason.KILLED)
+        return True
+
+    def stats(self) -> RelayStats:
+        return RelayStats(backend=self.backend, active_sessions=len(self._sessions),
+                          total_sessions=self._total, bytes_total=self._bytes_total)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+        if not self._sessions:
+            return
+        self._drained = asyncio.Event()
+        for session in list(self._sessions.values()):
+            session.end(FinishReason.SHUTDOWN)
+        await self._drained.wait()
+
+    def _finished(self, session: _Session) -> None:
+        self._sessions.pop(session.id, None)
+        assert self._loop is not None
+        report = RelayReport(session.id, session.bytes[0], session.bytes[1],
+                             self._loop.time() - session.start,
+                             session.reason or FinishReason.ERROR, session.error)
+        if self._on_finished is not None:
+            try:
+                self._on_finished(report)
+            except Exception:
+                log.exception("relay on_finished callback failed for session %d", session.id)
+        if self._drained is not None and not self._sessions:
+            self._drained.set()
+
+    def _schedule_idle_check(self) -> None:
+        assert self._loop is not None
+        self._idle_handle = self._loop.call_later(min(self._idle_timeout / 4, 1.0),
+                                                  self._check_idle)
+
+    def _check_idle(self) -> None:
+        assert self._loop is not None
+        deadline = self._loop.time() - self._idle_timeout
+        for session in list(self._sessions.values()):
+            if session.last <= deadline and session.reason is None:
+                session.end(FinishReason.IDLE)
+        if not self._closed:
+            self._schedule_idle_check()

@@ -1,0 +1,403 @@
+"""The SFTP server the node runs for each authenticated user: one `SFTPServer` subclass.
+
+asyncssh decodes the protocol and calls one method per operation; each method here checks the
+user's permission, resolves the path inside the home (`paths`), acts through verified
+descriptors, records an audit event for operations that change or open something, and lets
+`sftp_error` turn any failure into the SFTP status the client sees. Reads and writes stay
+synchronous positional I/O: that is the hot path, and a thread hop per block would cost more
+than the disk.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import inspect
+import logging
+import os
+import posixpath
+import stat
+import sys
+from types import FrameType
+from typing import Any, AsyncIterator, Callable, Protocol, TypeVar
+
+import asyncssh
+from asyncssh import SFTPAttrs, SFTPError, SFTPName
+from asyncssh.constants import FXF_APPEND, FXF_CREAT, FXF_EXCL, FXF_READ, FXF_TRUNC, FXF_WRITE
+
+from internal.sftp.paths import AccessDenied, Jail, is_temp_name, lstat_at
+from internal.sftp.quota import QuotaExceeded, Usage
+from internal.sftp.uploads import OpenFile, Upload, apply_attrs
+from internal.store.base import Perm, User
+
+log = logging.getLogger("edgegw.node.sftp")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class SessionSink(Protocol):
+    """What the SFTP server reports to its SSH session (`internal.ssh.auth.Session`)."""
+
+    bytes_in: int
+    bytes_out: int
+
+    def audit(self, kind: str, **detail: Any) -> None: ...
+
+_ERRNO: dict[int, tuple[type[SFTPError], str]] = {
+    errno.ENOENT: (asyncssh.SFTPNoSuchFile, "no such file or directory"),
+    errno.EACCES: (asyncssh.SFTPPermissionDenied, "permission denied"),
+    errno.EPERM: (asyncssh.SFTPPermissionDenied, "permission denied"),
+    errno.EBADF: (asyncssh.SFTPPermissionDenied, "permission denied: the handle was not "
+                                                 "opened for that"),
+    errno.ELOOP: (asyncssh.SFTPPermissionDenied, "permission denied: refusing to follow a "
+                                                 "symbolic link here"),
+    errno.EEXIST: (asyncssh.SFTPFileAlreadyExists, "the file already exists"),
+    errno.ENOSPC: (asyncssh.SFTPNoSpaceOnFilesystem, "no space left on the server's disk; "
+                                                     "nothing was stored, try again later"),
+    errno.EDQUOT: (asyncssh.SFTPQuotaExceeded, "quota exceeded: the server's disk quota is "
+                                               "used up"),
+    errno.ENOTEMPTY: (asyncssh.SFTPDirNotEmpty, "the directory is not empty"),
+    errno.ENOTDIR: (asyncssh.SFTPNotADirectory, "not a directory"),
+    errno.EISDIR: (asyncssh.SFTPFileIsADirectory, "not a regular file"),
+    errno.ENAMETOOLONG: (asyncssh.SFTPInvalidFilename, "the file name is too long"),
+    errno.EINVAL: (asyncssh.SFTPInvalidParameter, "invalid argument"),
+    errno.EXDEV: (asyncssh.SFTPFailure, "cannot move between file systems"),
+}
+
+
+def sftp_error(exc: BaseException) -> SFTPError:
+    """The one place where anything that went wrong becomes an SFTP status and message.
+
+    (Version 3 clients such as OpenSSH see codes above FX_OP_UNSUPPORTED as FX_FAILURE, with the
+    message intact.)
+    """
+    if isinstance(exc, SFTPError):
+        return exc
+    if isinstance(exc, QuotaExceeded):
+        return asyncssh.SFTPQuotaExceeded(str(exc))
+    if isinstance(exc, AccessDenied):
+        return asyncssh.SFTPPermissionDenied(exc.strerror)
+    if isinstance(exc, OSError):
+        cls, reason = _ERRNO.get(exc.errno or 0, (asyncssh.SFTPFailure, ""))
+        return cls(reason or f"failed: {exc.strerror or exc}")
+    if isinstance(exc, (ValueError, UnicodeError)):
+        return asyncssh.SFTPInvalidFilename(f"invalid file name: {exc}")
+    log.error("unexpected error in an SFTP operation", exc_info=exc)
+    return asyncssh.SFTPFailure("internal error on the server; it has been logged")
+
+
+def _sftp_op(fn: F) -> F:
+    """Route every exception of an operation through `sftp_error`."""
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def run_async(*args: Any) -> Any:
+            try:
+                return await fn(*args)
+            except Exception as exc:
+                raise sftp_error(exc) from None
+        return run_async  # type: ignore[return-value]
+
+    @functools.wraps(fn)
+    def run(*args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception as exc:
+            raise sftp_error(exc) from None
+    return run  # type: ignore[return-value]
+
+
+def _closed_by_cleanup(caller: FrameType | None) -> bool:
+    """asyncssh closes the handles a client left open from SFTPServerHandler._cleanup when the
+    channel ends (client killed, connection lost). Only a close the client asked for may
+    commit an upload, so tell the two apart by who is calling."""
+    return caller is not None and caller.f_code.co_name == "_cleanup"
+
+
+class NodeSFTPServer(asyncssh.SFTPServer):
+    """One SFTP channel of one authenticated user, confined to the user's home."""
+
+    def __init__(self, chan: asyncssh.SSHServerChannel, session: SessionSink, user: User,
+                 usage: Usage | None, *, durable: bool,
+                 on_exit: Callable[[], None] | None = None) -> None:
+        super().__init__(chan)
+        self._session = session
+        self._jail = Jail(user.home)
+        self._perms = user.permissions
+        self._usage = usage
+        self._durable = durable
+        self._on_exit = on_exit
+
+    def _need(self, perm: Perm, what: str) -> None:
+        if perm not in self._perms:
+            raise AccessDenied(f"permission denied: you may not {what} here")
+
+    def _audit(self, kind: str, path: bytes, **detail: Any) -> None:
+        self._session.audit(kind, path=os.fsdecode(self._jail.virtual(path)), **detail)
+
+    def _charge(self, nbytes: int, nfiles: int = 0) -> None:
+        """Growth is checked against the quota (and may be refused); shrinking is recorded."""
+        if self._usage is not None:
+            if nbytes > 0 or nfiles > 0:
+                self._usage.charge(max(nbytes, 0), max(nfiles, 0))
+            if nbytes < 0 or nfiles < 0:
+                self._usage.adjust(min(nbytes, 0), min(nfiles, 0))
+
+    # -- files ------------------------------------------------------------------------------
+    @_sftp_op
+    async def open(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> OpenFile:
+        real = self._jail.resolve(path)
+        vpath = self._jail.virtual(path)
+        if not pflags & (FXF_WRITE | FXF_APPEND):
+            self._need(Perm.DOWNLOAD, "download files")
+            handle = OpenFile.open_read(self._jail, real, vpath)
+            self._audit("file.open", path, mode="read")
+            return handle
+        if pflags & FXF_READ:
+            self._need(Perm.DOWNLOAD, "download files")
+        exists = os.path.lexists(real)
+        if exists:
+            self._need(Perm.OVERWRITE, "overwrite files")
+        else:
+            self._need(Perm.UPLOAD, "upload files")
+        truncate = bool(pflags & FXF_TRUNC)
+        start = functools.partial(
+            Upload.start, self._jail, real, vpath, truncate=truncate,
+            append=bool(pflags & FXF_APPEND), create=bool(pflags & FXF_CREAT),
+            exclusive=bool(pflags & FXF_EXCL) or Perm.OVERWRITE not in self._perms,
+            perms=0o644 if attrs.permissions is None else attrs.permissions, usage=self._usage)
+        # Resuming copies the existing file first: keep that off the event loop.
+        upload = await asyncio.to_thread(start) if exists and not truncate else start()
+        self._audit("file.open", path, mode="write", resume=exists and not truncate)
+        return upload
+
+    def close(self, file_obj: object) -> Any:
+        aborted = _closed_by_cleanup(sys._getframe(1)) or self.channel.is_closing()
+        return self._close(file_obj, aborted)
+
+    @_sftp_op
+    async def _close(self, handle: OpenFile, aborted: bool) -> None:
+        result = "ok"
+        try:
+            if isinstance(handle, Upload):
+                if aborted:
+                    handle.abort()
+                    result = "aborted: the client left without closing the file"
+                elif self._durable:
+                    await asyncio.to_thread(handle.commit, durable=True)
+                else:
+                    handle.commit(durable=False)
+            else:
+                handle.close()
+        except Exception as exc:
+            result = f"failed: {sftp_error(exc).reason}"
+            raise
+        finally:
+            self._session.bytes_in += handle.bytes_written
+            self._session.bytes_out += handle.bytes_read
+            self._session.audit("file.close", path=os.fsdecode(handle.client_path),
+                                bytes_read=handle.bytes_read,
+                                bytes_written=handle.bytes_written, result=result)
+
+    @_sftp_op
+    def read(self, file_obj: OpenFile, offset: int, size: int) -> bytes:
+        return file_obj.read(offset, size)
+
+    @_sftp_op
+    def write(self, file_obj: OpenFile, offset: int, data: bytes) -> int:
+        return file_obj.write(offset, data)
+
+    @_sftp_op
+    def fstat(self, file_obj: OpenFile) -> os.stat_result:
+        return os.fstat(file_obj.fd)
+
+    @_sftp_op
+    def fsync(self, file_obj: OpenFile) -> None:
+        os.fsync(file_obj.fd)
+
+    @_sftp_op
+    def fstatvfs(self, file_obj: OpenFile) -> os.statvfs_result:
+        return os.statvfs(file_obj.fd)
+
+    # -- attributes -------------------------------------------------------------------------
+    def _resize_fd(self, fd: int, size: int) -> None:
+        old = os.fstat(fd).st_size
+        if size > old:
+            self._charge(size - old)
+        os.ftruncate(fd, size)
+        if size < old:
+            self._charge(size - old)
+
+    def _setstat(self, path: bytes, attrs: SFTPAttrs, follow: bool) -> None:
+        self._need(Perm.SETSTAT, "change file attributes")
+        real = self._jail.resolve(path, follow=follow)
+        flags = os.O_WRONLY if attrs.size is not None else os.O_RDONLY | os.O_NONBLOCK
+        fd = self._jail.open(real, flags)
+        try:
+            apply_attrs(fd, attrs, functools.partial(self._resize_fd, fd))
+        finally:
+            os.close(fd)
+        self._audit("file.setstat", path, **_attr_detail(attrs))
+
+    @_sftp_op
+    def setstat(self, path: bytes, attrs: SFTPAttrs) -> None:
+        self._setstat(path, attrs, follow=True)
+
+    @_sftp_op
+    def lsetstat(self, path: bytes, attrs: SFTPAttrs) -> None:
+        self._setstat(path, attrs, follow=False)
+
+    @_sftp_op
+    def fsetstat(self, file_obj: OpenFile, attrs: SFTPAttrs) -> None:
+        # An upload's own attributes (e.g. `put -p`) are part of uploading it.
+        if not isinstance(file_obj, Upload):
+            self._need(Perm.SETSTAT, "change file attributes")
+        apply_attrs(file_obj.fd, attrs, file_obj.truncate)
+        self._session.audit("file.setstat", path=os.fsdecode(file_obj.client_path),
+                            **_attr_detail(attrs))
+
+    @_sftp_op
+    def stat(self, path: bytes) -> os.stat_result:
+        return os.stat(self._jail.resolve(path))
+
+    @_sftp_op
+    def lstat(self, path: bytes) -> os.stat_result:
+        return os.lstat(self._jail.resolve(path, follow=False))
+
+    @_sftp_op
+    def statvfs(self, path: bytes) -> os.statvfs_result:
+        return os.statvfs(self._jail.resolve(path))
+
+    @_sftp_op
+    def realpath(self, path: bytes) -> bytes:
+        return self._jail.client_path(self._jail.resolve(path))
+
+    # -- directories ------------------------------------------------------------------------
+    async def scandir(self, path: bytes) -> AsyncIterator[SFTPName]:
+        try:
+            self._need(Perm.LIST, "list directories")
+            real = self._jail.resolve(path)
+            fd = self._jail.open_dir(real)
+            try:
+                parent = posixpath.dirname(real) if real != self._jail.root else real
+                names = [SFTPName(b".", attrs=SFTPAttrs.from_local(os.fstat(fd))),
+                         SFTPName(b"..", attrs=SFTPAttrs.from_local(os.stat(parent)))]
+                with os.scandir(fd) as entries:
+                    for entry in entries:
+                        name = os.fsencode(entry.name)
+                        if is_temp_name(name):
+                            continue
+                        st = entry.stat(follow_symlinks=False)
+                        names.append(SFTPName(name, attrs=SFTPAttrs.from_local(st)))
+            finally:
+                os.close(fd)
+        except Exception as exc:
+            raise sftp_error(exc) from None
+        for name in names:
+            yield name
+
+    @_sftp_op
+    def mkdir(self, path: bytes, attrs: SFTPAttrs) -> None:
+        self._need(Perm.MKDIR, "create directories")
+        with self._jail.parent(path) as (dfd, name):
+            os.mkdir(name, 0o755 if attrs.permissions is None else attrs.permissions & 0o777,
+                     dir_fd=dfd)
+        self._audit("dir.mkdir", path)
+
+    @_sftp_op
+    def rmdir(self, path: bytes) -> None:
+        self._need(Perm.RMDIR, "remove directories")
+        with self._jail.parent(path) as (dfd, name):
+            os.rmdir(name, dir_fd=dfd)
+        self._audit("dir.rmdir", path)
+
+    @_sftp_op
+    def remove(self, path: bytes) -> None:
+        self._need(Perm.DELETE, "delete files")
+        with self._jail.parent(path) as (dfd, name):
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                raise IsADirectoryError(errno.EISDIR, "is a directory")
+            os.unlink(name, dir_fd=dfd)
+        if stat.S_ISREG(st.st_mode):
+            self._charge(-st.st_size, -1)
+        self._audit("file.remove", path, size=st.st_size)
+
+    # -- names ------------------------------------------------------------------------------
+    def _rename(self, oldpath: bytes, newpath: bytes, *, replace: bool) -> None:
+        self._need(Perm.RENAME, "rename files")
+        with self._jail.parent(oldpath) as (old_fd, old_name), \
+                self._jail.parent(newpath) as (new_fd, new_name):
+            os.stat(old_name, dir_fd=old_fd, follow_symlinks=False)
+            target = lstat_at(new_name, new_fd)
+            if target is not None:
+                if not replace:
+                    raise FileExistsError(errno.EEXIST, "the target exists")
+                self._need(Perm.OVERWRITE, "overwrite files")
+            os.rename(old_name, new_name, src_dir_fd=old_fd, dst_dir_fd=new_fd)
+        if target is not None and stat.S_ISREG(target.st_mode):
+            self._charge(-target.st_size, -1)
+        self._audit("file.rename", oldpath, to=os.fsdecode(self._jail.virtual(newpath)),
+                    replaced=target is not None)
+
+    @_sftp_op
+    def rename(self, oldpath: bytes, newpath: bytes) -> None:
+        self._rename(oldpath, newpath, replace=False)
+
+    @_sftp_op
+    def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
+        self._rename(oldpath, newpath, replace=True)
+
+    @_sftp_op
+    def readlink(self, path: bytes) -> bytes:
+        self._need(Perm.LIST, "list directories")
+        real = self._jail.resolve(path, follow=False)
+        target = os.readlink(real)
+        dest = os.path.realpath(posixpath.join(posixpath.dirname(real), target))
+        return self._jail.client_path(dest)
+
+    @_sftp_op
+    def symlink(self, oldpath: bytes, newpath: bytes) -> None:
+        self._need(Perm.UPLOAD, "create links")
+        stored = self._jail.link_target(oldpath, self._jail.resolve(newpath, follow=False))
+        with self._jail.parent(newpath) as (dfd, name):
+            os.symlink(stored, name, dir_fd=dfd)
+        self._audit("file.symlink", newpath, target=os.fsdecode(oldpath))
+
+    @_sftp_op
+    def link(self, oldpath: bytes, newpath: bytes) -> None:
+        self._need(Perm.UPLOAD, "create links")
+        with self._jail.parent(oldpath) as (old_fd, old_name), \
+                self._jail.parent(newpath) as (new_fd, new_name):
+            st = os.stat(old_name, dir_fd=old_fd, follow_symlinks=False)
+            size, count = (st.st_size, 1) if stat.S_ISREG(st.st_mode) else (0, 0)
+            self._charge(size, count)
+            try:
+                os.link(old_name, new_name, src_dir_fd=old_fd, dst_dir_fd=new_fd,
+                        follow_symlinks=False)
+            except BaseException:
+                self._charge(-size, -count)
+                raise
+        self._audit("file.link", newpath, target=os.fsdecode(self._jail.virtual(oldpath)))
+
+    def exit(self) -> None:
+        # Like OpenSSH's sftp-server, end with exit status 0: scp (SFTP mode) treats a channel
+        # closed without one as a failed transfer.
+        if not self.channel.is_closing():
+            try:
+                self.channel.exit(0)
+            except OSError:
+                pass
+        if self._on_exit is not None:
+            on_exit, self._on_exit = self._on_exit, None
+            on_exit()
+
+
+def _attr_detail(attrs: SFTPAttrs) -> dict[str, Any]:
+    detail: dict[str, Any] = {}
+    if attrs.size is not None:
+        detail["size"] = attrs.size
+    if attrs.permissions is not None:
+        detail["mode"] = oct(attrs.permissions & 0o777)
+    if attrs.mtime is not None:
+        detail["mtime"] = attrs.mtime
+    return detail

@@ -1,0 +1,281 @@
+"""Open files: plain downloads, and uploads that appear under their name only when complete.
+
+An upload writes to a hidden temporary in the target directory and is renamed over the final
+name only when the client closes the handle. A client that vanishes mid-transfer leaves the old
+file (or nothing) under the final name; its temporary is removed when the session ends, and any
+left by a crash are swept at startup. A write into an existing file without truncation (resume,
+append, random access) starts from a copy of the file, so readers never see a half-rewritten
+file either. I/O is positional (`pread`/`pwrite`): one system call per SFTP request.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import stat
+import time
+from typing import Callable
+
+from asyncssh import SFTPAttrs
+
+from internal.sftp.paths import (TEMP_PREFIX, AccessDenied, Jail, is_temp_name, lstat_at,
+                                 new_temp_name)
+from internal.sftp.quota import QuotaExceeded, Usage
+
+log = logging.getLogger(__name__)
+
+_COPY_CHUNK = 1 << 24
+
+
+class OpenFile:
+    """A file opened for reading; counts bytes for the audit trail, not per-block events."""
+
+    writable = False
+
+    def __init__(self, fd: int, client_path: bytes) -> None:
+        self.fd = fd
+        self.client_path = client_path
+        self.bytes_read = 0
+        self.bytes_written = 0
+
+    @classmethod
+    def open_read(cls, jail: Jail, real: bytes, client_path: bytes) -> "OpenFile":
+        """Open a regular file for download (O_NONBLOCK so a planted FIFO cannot hang us)."""
+        fd = jail.open(real, os.O_RDONLY | os.O_NONBLOCK)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise IsADirectoryError(errno.EISDIR, "not a regular file")
+        return cls(fd, client_path)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        """Used by the sparse-ranges extension (SEEK_DATA / SEEK_HOLE)."""
+        return os.lseek(self.fd, offset, whence)
+
+    def read(self, offset: int, size: int) -> bytes:
+        data = os.pread(self.fd, size, offset)
+        self.bytes_read += len(data)
+        return data
+
+    def write(self, offset: int, data: bytes) -> int:
+        raise PermissionError(errno.EBADF, "the file was opened for reading only")
+
+    def truncate(self, size: int) -> None:
+        raise PermissionError(errno.EBADF, "the file was opened for reading only")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+
+class Upload(OpenFile):
+    """A file being written: a temporary that replaces the final name on `commit()`."""
+
+    writable = True
+
+    def __init__(self, fd: int, client_path: bytes, dir_fd: int, temp: bytes, name: bytes, *,
+                 append: bool, exclusive: bool, usage: Usage | None, credit: int,
+                 new_file: bool) -> None:
+        super().__init__(fd, client_path)
+        self.dir_fd = dir_fd
+        self.temp = temp
+        self.name = name
+        self.append = append
+        self.exclusive = exclusive
+        self.usage = usage
+        self.credit = credit            # size of the file being replaced: rewriting it is free
+        self.size = os.fstat(fd).st_size
+        self.high = max(credit, self.size)   # quota is charged for growth beyond this mark
+        self.new_file = new_file
+        self.failed: Exception | None = None
+
+    @classmethod
+    def start(cls, jail: Jail, real: bytes, client_path: bytes, *, truncate: bool,
+              append: bool, exclusive: bool, create: bool, perms: int,
+              usage: Usage | None) -> "Upload":
+        """Create the temporary next to `real` (copying the existing file unless truncating).
+
+        `exclusive` refuses an existing file now and at commit (SFTP's EXCL, or a user who may
+        upload but not overwrite).
+        """
+        dir_fd, name = jail.open_parent(real)
+        fd = -1
+        temp = new_temp_name()
+        charged_file = False
+        try:
+            existing = lstat_at(name, dir_fd)
+            if existing is None and not create:
+                raise FileNotFoundError(errno.ENOENT, "no such file")
+            if existing is not None:
+                if exclusive:
+                    raise FileExistsError(errno.EEXIST, "the file already exists")
+                if not stat.S_ISREG(existing.st_mode):
+                    raise IsADirectoryError(errno.EISDIR, "not a regular file")
+            elif usage is not None:
+                usage.charge(nfiles=1)
+                charged_file = True
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(temp, flags, 0o600, dir_fd=dir_fd)
+            os.fchmod(fd, stat.S_IMODE(existing.st_mode) if existing else perms & 0o777)
+            if existing is not None and not truncate:
+                src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                try:
+                    _copy(src, fd)
+                finally:
+                    os.close(src)
+            if append:   # only now: copy_file_range refuses an O_APPEND destination
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+            return cls(fd, client_path, dir_fd, temp, name, append=append,
+                       exclusive=exclusive, usage=usage,
+                       credit=existing.st_size if existing else 0, new_file=existing is None)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+                _unlink_quietly(temp, dir_fd)
+            os.close(dir_fd)
+            if charged_file and usage is not None:
+                usage.adjust(nfiles=-1)
+            raise
+
+    def _grow(self, end: int) -> None:
+        if end > self.high:
+            if self.usage is not None:
+                try:
+                    self.usage.charge(end - self.high)
+                except QuotaExceeded as exc:
+                    self.failed = exc
+                    raise
+            self.high = end
+
+    def write(self, offset: int, data: bytes) -> int:
+        if self.failed is not None:
+            raise self.failed
+        end = (self.size if self.append else offset) + len(data)
+        self._grow(end)
+        try:
+            n = os.pwrite(self.fd, data, offset)
+        except OSError as exc:
+            self.failed = exc
+            raise
+        if end > self.size:
+            self.size = end
+        self.bytes_written += n
+        return n
+
+    def truncate(self, size: int) -> None:
+        self._grow(size)
+        os.ftruncate(self.fd, size)
+        self.size = size
+
+    def commit(self, *, durable: bool) -> None:
+        """Put the data under its final name, atomically; on any failure nothing changes."""
+        if self.failed is not None:
+            self.abort()
+            raise self.failed
+        try:
+            if durable:
+                os.fsync(self.fd)
+            final_size = os.fstat(self.fd).st_size
+            replaced = self._replace()
+        except BaseException:
+            self.abort()
+            raise
+        if self.usage is not None:
+            replaced_size = replaced.st_size if replaced is not None else 0
+            self.usage.adjust(final_size - replaced_size - (self.high - self.credit),
+                              int(replaced is None) - int(self.new_file))
+        self._release()
+
+    def _replace(self) -> os.stat_result | None:
+        d = self.dir_fd
+        if self.exclusive:
+            os.link(self.temp, self.name, src_dir_fd=d, dst_dir_fd=d, follow_symlinks=False)
+            os.unlink(self.temp, dir_fd=d)
+            return None
+        replaced = lstat_at(self.name, d)
+        if replaced is not None and stat.S_ISDIR(replaced.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "a directory has taken the file's name")
+        os.replace(self.temp, self.name, src_dir_fd=d, dst_dir_fd=d)
+        return replaced if replaced is not None and stat.S_ISREG(replaced.st_mode) else None
+
+    def abort(self) -> None:
+        """Drop the temporary and give back what it was charged; the final name is untouched."""
+        if self.dir_fd < 0:
+            return
+        _unlink_quietly(self.temp, self.dir_fd)
+        if self.usage is not None:
+            self.usage.adjust(-(self.high - self.credit), -int(self.new_file))
+        self._release()
+
+    def _release(self) -> None:
+        self.close()
+        if self.dir_fd >= 0:
+            fd, self.dir_fd = self.dir_fd, -1
+            os.close(fd)
+
+
+def apply_attrs(fd: int, attrs: SFTPAttrs, resize: Callable[[int], None]) -> None:
+    """Apply a client's SETSTAT to an open descriptor: size (through `resize`, which accounts
+    for quota), mode without setuid/setgid/sticky, times. Ownership changes are refused."""
+    if attrs.uid is not None or attrs.gid is not None or attrs.owner or attrs.group:
+        raise AccessDenied("permission denied: file ownership cannot be changed")
+    if attrs.size is not None:
+        resize(attrs.size)
+    if attrs.permissions is not None:
+        os.fchmod(fd, attrs.permissions & 0o777)
+    atime, mtime = _ns(attrs.atime, attrs.atime_ns), _ns(attrs.mtime, attrs.mtime_ns)
+    if atime is not None or mtime is not None:
+        st = os.fstat(fd)
+        os.utime(fd, ns=(st.st_atime_ns if atime is None else atime,
+                         st.st_mtime_ns if mtime is None else mtime))
+
+
+def _ns(sec: int | None, ns: int | None) -> int | None:
+    return None if sec is None else sec * 1_000_000_000 + (ns or 0)
+
+
+def _copy(src: int, dst: int) -> None:
+    """Copy a whole file between descriptors in the kernel (reflink where the fs can)."""
+    try:
+        while os.copy_file_range(src, dst, _COPY_CHUNK):
+            pass
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    os.lseek(src, 0, os.SEEK_SET)
+    os.lseek(dst, 0, os.SEEK_SET)
+    os.ftruncate(dst, 0)
+    while chunk := os.read(src, 1 << 20):
+        os.write(dst, chunk)
+
+
+def _unlink_quietly(name: bytes, dir_fd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.error("cannot remove upload temporary %r: %s", name, exc)
+
+
+def sweep_temps(root: str | bytes, older_than: float = 0.0) -> int:
+    """Remove upload temporaries left under `root` by a crash; returns how many went."""
+    removed = 0
+    limit = time.time() - older_than
+    for dirpath, _dirs, files in os.walk(os.fsencode(root)):
+        for name in files:
+            if not (name.startswith(TEMP_PREFIX) and is_temp_name(name)):
+                continue
+            path = os.path.join(dirpath, name)
+            try:
+                if os.lstat(path).st_mtime <= limit:
+                    os.unlink(path)
+                    removed += 1
+            except OSError as exc:
+                log.warning("cannot sweep upload temporary %r: %s", path, exc)
+    return removed

@@ -1,0 +1,191 @@
+"""Who is on an SSH connection: the session record and the authentication hooks.
+
+The user is read from the store when the client names it, so changes (keys, password, address
+rules, disabled, expiry) apply to the next login without a restart. Every rule is checked
+against the REAL client address from the session context, never the socket's peer (for relayed
+sessions that is the gateway). A refused user still goes through the motions of password
+verification, so timing does not reveal which names exist or why a login failed.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import asyncssh
+
+from internal.audit import AuditLog
+from internal.defender import Defender
+from internal.ipmatch import user_allows_ip
+from internal.passwords import verify_password
+from internal.session import SessionContext
+from internal.store.base import Store, User
+
+log = logging.getLogger("edgegw.node.auth")
+
+
+class Session:
+    """One SSH connection's identity and counters, shared by auth, SFTP and the service."""
+
+    def __init__(self, ctx: SessionContext, audit_log: AuditLog) -> None:
+        self.ctx = ctx
+        self.user: User | None = None       # set once authentication succeeded
+        self.attempted: str = ""            # the last user name the client tried
+        self.bytes_in = 0                   # file data uploaded (client -> node)
+        self.bytes_out = 0                  # file data downloaded
+        self.started = time.monotonic()
+        self.reason = ""                    # why it ended, once known
+        self._audit_log = audit_log
+
+    @property
+    def username(self) -> str:
+        return self.user.name if self.user is not None else self.attempted
+
+    def audit(self, kind: str, **detail: Any) -> None:
+        """Record an event carrying this session's id, user and real client address."""
+        c = self.ctx
+        self._audit_log.record(kind, session_id=c.session_id, username=self.username,
+                               client_ip=c.client_ip, client_port=c.client_port,
+                               gateway=c.gateway, detail=detail)
+
+
+class SessionCounter:
+    """Sessions per user on this node, for `max_sessions`."""
+
+    def __init__(self) -> None:
+        self._count: dict[str, int] = {}
+
+    def count(self, name: str) -> int:
+        return self._count.get(name, 0)
+
+    def acquire(self, name: str) -> None:
+        self._count[name] = self._count.get(name, 0) + 1
+
+    def release(self, name: str) -> None:
+        left = self._count.get(name, 0) - 1
+        if left > 0:
+            self._count[name] = left
+        else:
+            self._count.pop(name, None)
+
+
+def refusal(user: User | None, ip: str, sessions: SessionCounter,
+            now: float | None = None) -> str | None:
+    """Why `user` may not log in from `ip` right now, or None when it may."""
+    if user is None:
+        return "no such user"
+    if user.disabled:
+        return "user disabled"
+    if user.expires_at is not None and user.expires_at <= (now or time.time()):
+        return "user expired"
+    if not user_allows_ip(user, ip):
+        return "address not allowed for this user"
+    if user.max_sessions is not None and sessions.count(user.name) >= user.max_sessions:
+        return f"too many sessions (limit {user.max_sessions})"
+    return None
+
+
+class NodeSSHServer(asyncssh.SSHServer):
+    """Authentication policy for one connection: password (argon2id) or public key."""
+
+    def __init__(self, session: Session, store: Store, defender: Defender,
+                 sessions: SessionCounter) -> None:
+        self.session = session
+        self._store = store
+        self._defender = defender
+        self._sessions = sessions
+        self._conn: asyncssh.SSHServerConnection | None = None
+        self._candidate: User | None = None
+        self._keys: set[bytes] = set()
+        self._method = ""
+        self._key_failure_counted = False
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._conn = conn
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.session.reason:
+            self.session.reason = f"connection lost: {exc}" if exc else "closed"
+
+    async def begin_auth(self, username: str) -> bool:
+        self.session.attempted = username
+        try:
+            user = await asyncio.to_thread(self._store.get_user, username)
+        except Exception as exc:   # a store outage refuses logins, it must not crash them
+            log.error("cannot read user %r from the store: %s", username, exc)
+            user = None
+        why = refusal(user, self.session.ctx.client_ip, self._sessions)
+        if why is not None:
+            self._candidate, self._keys = None, set()
+            self.session.audit("auth", method="begin", result="refused", reason=why)
+            return True     # keep asking: failing every method later tells the client nothing
+        assert user is not None
+        self._candidate = user
+        self._keys = _key_blobs(user)
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def kbdint_auth_supported(self) -> bool:
+        return False
+
+    async def validate_password(self, username: str, password: str) -> bool:
+        stored = self._candidate.password_hash if self._candidate is not None else None
+        ok = await asyncio.to_thread(verify_password, stored, password)
+        if ok and self._candidate is not None:
+            self._method = "password"
+            return True
+        await self._failed("password")
+        return False
+
+    async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        if self._candidate is not None and key.public_data in self._keys:
+            self._method = "publickey"
+            return True
+        # A client tries each key it has; count that as one failure, not one per key.
+        await self._failed("publickey", count=not self._key_failure_counted)
+        self._key_failure_counted = True
+        return False
+
+    def auth_completed(self) -> None:
+        user = self._candidate
+        assert user is not None
+        self.session.user = user
+        self._sessions.acquire(user.name)
+        self.session.audit("auth", method=self._method, result="ok")
+        if user.max_sessions is not None and self._sessions.count(user.name) > user.max_sessions:
+            self._disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS,
+                             f"too many sessions for {user.name}", "too many sessions")
+
+    async def _failed(self, method: str, *, count: bool = True) -> None:
+        self.session.audit("auth", method=method, result="failed")
+        if not count:
+            return
+        ip = self.session.ctx.client_ip
+        ban = await asyncio.to_thread(self._defender.record_failure, ip)
+        if ban is not None:
+            self.session.audit("auth", method=method, result="banned", until=ban.until)
+            self._disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
+                             "too many failed logins from your address", "banned")
+
+    def _disconnect(self, code: int, message: str, reason: str) -> None:
+        self.session.reason = reason
+        conn = self._conn
+        if conn is not None:   # after the current auth step has been answered
+            asyncio.get_running_loop().call_soon(conn.disconnect, code, message)
+
+
+def _key_blobs(user: User) -> set[bytes]:
+    """The wire form of each authorised key; a malformed line is logged and skipped."""
+    blobs = set()
+    for line in user.keys:
+        try:
+            blobs.add(asyncssh.import_public_key(line).public_data)
+        except (asyncssh.KeyImportError, ValueError) as exc:
+            log.warning("user %s: ignoring unusable public key: %s", user.name, exc)
+    return blobs

@@ -1,0 +1,275 @@
+"""The node's SSH service: runs asyncssh on relayed Data connections and on a direct listener.
+
+Both paths end in `serve_socket`, with the session context carrying the REAL client address (the
+gateway's offer, or the peer of a direct connection). `admit` answers the gateway's offers from
+caches refreshed in the background every second, so it never waits on the store.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import logging
+import os
+import secrets
+import socket
+import time
+
+import asyncssh
+
+from internal.audit import AuditLog
+from internal.defender import Defender
+from internal.home import NodeHome
+from internal.ipmatch import ip_in, user_allows_ip
+from internal.session import SessionContext, SessionResult
+from internal.sftp.quota import QuotaBook
+from internal.sftp.server import NodeSFTPServer
+from internal.sftp.uploads import sweep_temps
+from internal.ssh.algorithms import algorithm_options
+from internal.ssh.auth import NodeSSHServer, Session, SessionCounter
+from internal.store.base import BanEntry, Store, User
+
+log = logging.getLogger("edgegw.node.ssh")
+session_log = logging.getLogger("edgegw.node.session")
+
+REFRESH_INTERVAL = 1.0
+STALE_UPLOAD_AGE = 3600.0     # an upload temporary untouched this long belongs to a crashed session
+SERVER_VERSION = "edgegw"
+
+
+class Listener:
+    """A direct (`--listen`) SSH listener on the trusted network."""
+
+    def __init__(self, sock: socket.socket, service: "SSHService") -> None:
+        self._sock = sock
+        self._service = service
+        self.port: int = sock.getsockname()[1]
+        self._task = asyncio.create_task(self._accept_loop(), name=f"ssh-listen-{self.port}")
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(self._sock)
+            except OSError as exc:     # EMFILE and friends: back off instead of spinning
+                log.error("accept on port %d failed: %s", self.port, exc)
+                await asyncio.sleep(0.5)
+                continue
+            ip, port = str(peer[0]), int(peer[1])
+            reason = self._service.admit(ip)
+            if reason is not None:
+                log.info("refused direct connection from %s:%d: %s", ip, port, reason)
+                conn.close()
+                continue
+            self._service.spawn(conn, SessionContext("", ip, port, ""))
+
+    def close(self) -> None:
+        self._task.cancel()
+        self._sock.close()
+
+    async def wait_closed(self) -> None:
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+
+
+class SSHService:
+    """SSH/SFTP for the node's users; see `internal.session.SessionService`."""
+
+    def __init__(self, home: NodeHome, store: Store, audit: AuditLog, defender: Defender, *,
+                 capacity: int = 0, login_timeout: float = 30.0,
+                 durable_uploads: bool = True) -> None:
+        self.home = home
+        self.store = store
+        self.audit = audit
+        self.defender = defender
+        self.capacity = capacity
+        self.durable_uploads = durable_uploads
+        keys = [asyncssh.read_private_key(p) for p in home.host_key_paths()]
+        if not keys:
+            raise ValueError(f"no SSH host keys in {home.ssh_dir}; create one with: "
+                             f"edgegw internal hostkey rotate --home {home.path}")
+        self._options = asyncssh.SSHServerConnectionOptions(
+            server_host_keys=keys, login_timeout=login_timeout,
+            connect_timeout=login_timeout + 5, server_version=SERVER_VERSION,
+            allow_scp=False, agent_forwarding=False, x11_forwarding=False, allow_pty=False,
+            sftp_version=3, keepalive_interval=60, send_server_host_keys=True,
+            **algorithm_options())
+        self._sessions = SessionCounter()
+        self._quotas = QuotaBook()
+        self._active = 0
+        self._conns: set[asyncssh.SSHServerConnection] = set()
+        self._tasks: set[asyncio.Task[SessionResult]] = set()
+        self._listeners: list[Listener] = []
+        self._bans: list[BanEntry] = []
+        self._users: list[User] | None = None   # None until first loaded: admit fails open
+        self._open_to_all = False
+        self._refresher: asyncio.Task[None] | None = None
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    # -- offers -----------------------------------------------------------------------------
+    def admit(self, client_ip: str) -> str | None:
+        """Layer-7 decision for an offer, from memory only; authentication checks again."""
+        self._start_refresher()
+        now = time.time()
+        if ip_in(client_ip, [b.ip for b in self._bans if b.until > now]):
+            return "banned"
+        if self.capacity and self._active >= self.capacity:
+            return "capacity"
+        users = self._users
+        if users is not None and not self._open_to_all and \
+                not any(user_allows_ip(u, client_ip) for u in users):
+            return "no user may connect from this address"
+        return None
+
+    async def refresh(self) -> None:
+        """Reload bans and users now (the background task does this every second)."""
+        bans, users = await asyncio.gather(asyncio.to_thread(self.defender.active_bans),
+                                           asyncio.to_thread(self.store.list_users))
+        now = time.time()
+        usable = [u for u in users
+                  if not u.disabled and (u.expires_at is None or u.expires_at > now)]
+        self._bans = bans
+        self._users = usable
+        self._open_to_all = any(not u.allow_cidrs and not u.deny_cidrs for u in usable)
+
+    def _start_refresher(self) -> None:
+        if self._refresher is None:
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
+
+    async def _refresh_loop(self) -> None:
+        next_sweep = 0.0
+        while True:
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + STALE_UPLOAD_AGE / 4
+                try:
+                    await asyncio.to_thread(self._sweep)
+                except Exception:
+                    log.exception("sweep of stale upload temporaries failed")
+            try:
+                await self.refresh()
+            except Exception as exc:
+                log.error("cannot refresh bans/users from the store (keeping the old): %s", exc)
+            await asyncio.sleep(REFRESH_INTERVAL)
+
+    def _sweep(self) -> None:
+        """Temporaries of uploads interrupted by a crash. Other nodes sharing the files root
+        may be writing theirs right now, so only the ones untouched for an hour go."""
+        roots = {str(self.home.files_root)} | {u.home for u in self.store.list_users()}
+        removed = sum(sweep_temps(r, older_than=STALE_UPLOAD_AGE)
+                      for r in sorted(roots) if os.path.isdir(r))
+        if removed:
+            log.info("removed %d upload temporaries left by an earlier run", removed)
+
+    # -- sessions ---------------------------------------------------------------------------
+    def spawn(self, sock: socket.socket, ctx: SessionContext) -> asyncio.Task[SessionResult]:
+        task = asyncio.get_running_loop().create_task(self.serve_socket(sock, ctx))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def serve_socket(self, sock: socket.socket, ctx: SessionContext) -> SessionResult:
+        """Run SSH on a connected socket until the connection ends; never raises for the
+        client's misbehaviour, only reports it in the result."""
+        self._start_refresher()
+        if not ctx.session_id:
+            ctx = dataclasses.replace(ctx, session_id=secrets.token_hex(8))
+        session = Session(ctx, self.audit)
+        server = NodeSSHServer(session, self.store, self.defender, self._sessions)
+        options = asyncssh.SSHServerConnectionOptions(
+            options=self._options, server_factory=lambda: server,
+            sftp_factory=functools.partial(self._open_sftp, session))
+        self._active += 1
+        session.audit("session.connect")
+        conn: asyncssh.SSHServerConnection | None = None
+        try:
+            conn = await asyncssh.run_server(sock, options=options)
+            self._conns.add(conn)
+            await conn.wait_closed()
+        except (asyncssh.Error, OSError, asyncio.TimeoutError, EOFError) as exc:
+            session.reason = session.reason or _describe(exc)
+        except asyncio.CancelledError:
+            session.reason = session.reason or "cancelled by the node"
+            if conn is not None:
+                conn.abort()
+            raise
+        finally:
+            if conn is None:
+                sock.close()
+            else:
+                self._conns.discard(conn)
+            self._active -= 1
+            if session.user is not None:
+                self._sessions.release(session.user.name)
+            result = self._finish(session)
+        return result
+
+    def _finish(self, session: Session) -> SessionResult:
+        duration = time.monotonic() - session.started
+        reason = session.reason or "closed"
+        session.audit("session.disconnect", bytes_in=session.bytes_in,
+                      bytes_out=session.bytes_out, duration=round(duration, 3), reason=reason)
+        c = session.ctx
+        session_log.info("session %s user=%s client=%s:%d gateway=%s in=%d out=%d "
+                         "duration=%.1fs reason=%s", c.session_id, session.username or "-",
+                         c.client_ip, c.client_port, c.gateway or "-", session.bytes_in,
+                         session.bytes_out, duration, reason)
+        return SessionResult(username=session.user.name if session.user else None,
+                             bytes_in=session.bytes_in, bytes_out=session.bytes_out,
+                             reason=reason)
+
+    async def _open_sftp(self, session: Session, chan: asyncssh.SSHServerChannel
+                         ) -> NodeSFTPServer:
+        user = session.user
+        if user is None:    # asyncssh opens channels only after auth; belt and braces
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                            "not authenticated")
+        await asyncio.to_thread(os.makedirs, user.home, 0o750, True)
+        usage = await self._quotas.acquire(user)
+        return NodeSFTPServer(chan, session, user, usage, durable=self.durable_uploads,
+                              on_exit=functools.partial(self._quotas.release, user.name))
+
+    # -- direct mode and shutdown -------------------------------------------------------------
+    async def listen(self, host: str, port: int) -> Listener:
+        """Accept SSH clients directly (trusted network); the peer address is the client's."""
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, addr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(128)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        self._start_refresher()
+        listener = Listener(sock, self)
+        self._listeners.append(listener)
+        return listener
+
+    async def close(self) -> None:
+        """Stop listening, end every session, and wait (briefly) for them to report."""
+        for listener in self._listeners:
+            listener.close()
+        self._listeners.clear()
+        if self._refresher is not None:
+            self._refresher.cancel()
+            self._refresher = None
+        for conn in list(self._conns):
+            conn.disconnect(asyncssh.DISC_BY_APPLICATION, "server shutting down")
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5.0)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, asyncssh.DisconnectError):
+        return f"disconnected: {exc.reason}" if exc.reason else "disconnected"
+    if isinstance(exc, asyncio.TimeoutError):
+        return "login timeout"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -1,0 +1,427 @@
+"""The relay contract, run against every backend: C splice, C select/poll, pure Python.
+
+Real TCP sockets on 127.0.0.1; our test peers stand for the SFTP client (side a) and the
+internal node's Data connection (side b). No assertion depends on speed.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import resource
+import socket
+import struct
+import sys
+from typing import Any, AsyncIterator, Callable
+
+import pytest
+
+from edgegw.relay import (FinishReason, Relay, RelayStats, available_backends, create_relay,
+                          default_backend)
+from tests.relay_helpers import (Listener, Reports, open_fds, recv_exactly, recv_until_eof, send_all,
+                           sees_end, sha)
+
+BIG = 64 << 20
+
+# 200 sessions use ~800 sockets plus pipes; make room for them.
+_soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if _soft != resource.RLIM_INFINITY and _soft < 8192:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(8192, _hard), _hard))
+
+
+@pytest.fixture(scope="module")
+def big_payloads() -> tuple[bytes, bytes]:
+    rnd = random.Random(1234)
+    return rnd.randbytes(BIG), rnd.randbytes(BIG)
+
+
+@pytest.fixture
+def listener() -> Any:
+    lst = Listener()
+    yield lst
+    lst.close()
+
+
+class RelayContract:
+    """Mixin: subclasses set `backend`."""
+
+    backend: str
+
+    @pytest.fixture
+    async def make(self) -> AsyncIterator[Callable[..., tuple[Relay, Reports]]]:
+        made: list[Relay] = []
+
+        def make(**kw: Any) -> tuple[Relay, Reports]:
+            relay = create_relay(self.backend, **{"threads": 2, **kw})
+            reports = Reports()
+            relay.start(reports)
+            made.append(relay)
+            return relay, reports
+
+        yield make
+        for relay in made:
+            await relay.close()
+
+    @pytest.fixture
+    async def relay(self, make: Callable[..., tuple[Relay, Reports]]) -> tuple[Relay, Reports]:
+        return make()
+
+    @staticmethod
+    def session(relay: Relay, listener: Listener, sid: int) -> tuple[socket.socket, socket.socket]:
+        """Start relaying a fresh client/node pair; returns our client end and our node end."""
+        client, a = listener.pair()
+        node, b = listener.pair()
+        relay.add(sid, a, b)
+        assert a.fileno() == -1 and b.fileno() == -1  # ownership moved to the relay
+        return client, node
+
+    async def test_backend_name(self, relay: tuple[Relay, Reports]) -> None:
+        assert relay[0].backend == self.backend
+
+    async def test_large_transfer_both_ways(self, relay, listener, big_payloads) -> None:
+        r, reports = relay
+        up, down = big_payloads
+        client, node = self.session(r, listener, 1)
+
+        async def side(sock: socket.socket, data: bytes) -> tuple[int, str]:
+            async def send() -> None:
+                await send_all(sock, data)
+                sock.shutdown(socket.SHUT_WR)
+            _, got = await asyncio.gather(send(), recv_until_eof(sock))
+            return got
+
+        got_at_client, got_at_node = await asyncio.wait_for(
+            asyncio.gather(side(client, up), side(node, down)), 120)
+        assert got_at_node == (BIG, sha(up))
+        assert got_at_client == (BIG, sha(down))
+        rep = await reports.wait(1)
+        assert rep.reason is FinishReason.EOF, rep
+        assert (rep.bytes_a_to_b, rep.bytes_b_to_a) == (BIG, BIG)
+        assert rep.error == "" and rep.duration > 0
+        assert reports.wrong_thread == 0
+        client.close()
+        node.close()
+
+    async def test_half_close_client_first(self, relay, listener) -> None:
+        r, reports = relay
+        client, node = self.session(r, listener, 2)
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(client, b"request")
+        client.shutdown(socket.SHUT_WR)
+        assert await recv_until_eof(node) == (7, sha(b"request"))  # FIN forwarded after data
+        answer = random.Random(2).randbytes(3 << 20)
+        await send_all(node, answer)  # the client still receives after its half-close
+        node.shutdown(socket.SHUT_WR)
+        assert await recv_until_eof(client) == (len(answer), sha(answer))
+        rep = await reports.wait(2)
+        assert rep.reason is FinishReason.EOF
+        assert (rep.bytes_a_to_b, rep.bytes_b_to_a) == (7, len(answer))
+        client.close()
+        node.close()
+
+    async def test_half_close_node_first(self, relay, listener) -> None:
+        r, reports = relay
+        client, node = self.session(r, listener, 3)
+        loop = asyncio.get_running_loop()
+        banner = b"SSH-2.0-edgegw\r\n"
+        await loop.sock_sendall(node, banner)
+        node.shutdown(socket.SHUT_WR)
+        assert await recv_until_eof(client) == (len(banner), sha(banner))
+        upload = random.Random(3).randbytes(2 << 20)
+        await send_all(client, upload)
+        client.shutdown(socket.SHUT_WR)
+        assert await recv_until_eof(node) == (len(upload), sha(upload))
+        rep = await reports.wait(3)
+        assert rep.reason is FinishReason.EOF
+        assert (rep.bytes_a_to_b, rep.bytes_b_to_a) == (len(upload), len(banner))
+        client.close()
+        node.close()
+
+    async def test_early_bytes_and_small_messages(self, relay, listener) -> None:
+        """Bytes sent before the hand-over go out; 64-byte messages round-trip one by one."""
+        r, reports = relay
+        client, a = listener.pair()
+        node, b = listener.pair()
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(client, b"SSH-2.0-client\r\n")  # waits in a's kernel buffer
+        r.add(4, a, b)
+        assert await recv_exactly(node, 16) == b"SSH-2.0-client\r\n"
+        for i in range(200):
+            msg = struct.pack("!I", i) * 16
+            await loop.sock_sendall(client, msg)
+            assert await asyncio.wait_for(recv_exactly(node, 64), 30) == msg
+            await loop.sock_sendall(node, msg[::-1])
+            assert await asyncio.wait_for(recv_exactly(client, 64), 30) == msg[::-1]
+        client.close()
+        node.close()
+        rep = await reports.wait(4)
+        assert (rep.bytes_a_to_b, rep.bytes_b_to_a) == (16 + 200 * 64, 200 * 64)
+
+    async def test_peer_reset(self, relay, listener) -> None:
+        r, reports = relay
+        client, node = self.session(r, listener, 5)
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(client, b"x" * 100)
+        assert await recv_exactly(node, 100) == b"x" * 100
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # RST
+        rep = await reports.wait(5)
+        assert rep.reason is FinishReason.RESET, rep
+        assert rep.error  # strerror of the failing call
+        assert rep.bytes_a_to_b == 100
+        assert await sees_end(node)  # the other side was closed too
+        node.close()
+
+    async def test_node_reset_while_client_sends(self, relay, listener) -> None:
+        r, reports = relay
+        client, node = self.session(r, listener, 6)
+        node.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        node.close()
+        loop = asyncio.get_running_loop()
+
+        async def keep_sending() -> None:
+            try:
+                while 6 not in reports.by_id:
+                    await loop.sock_sendall(client, b"y" * 65536)
+            except (ConnectionResetError, BrokenPipeError):
+                pass
+
+        await asyncio.wait_for(keep_sending(), 30)
+        rep = await reports.wait(6)
+        assert rep.reason is FinishReason.RESET, rep
+        assert rep.error
+        assert await sees_end(client)
+        client.close()
+
+    async def test_idle_timeout(self, make, listener) -> None:
+        r, reports = make(idle_timeout=0.3)
+        client, node = self.session(r, listener, 7)
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(client, b"hello")
+        assert await recv_exactly(node, 5) == b"hello"
+        rep = await reports.wait(7)  # nothing more moves
+        assert rep.reason is FinishReason.IDLE
+        assert rep.bytes_a_to_b == 5 and rep.duration >= 0.3
+        assert await sees_end(client) and await sees_end(node)
+        client.close()
+        node.close()
+
+    async def test_kill(self, relay, listener) -> None:
+        r, reports = relay
+        client, node = self.session(r, listener, 8)
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(node, b"abc")
+        assert await recv_exactly(client, 3) == b"abc"
+        assert r.kill(8) is True
+        rep = await reports.wait(8)
+        assert rep.reason is FinishReason.KILLED and rep.bytes_b_to_a == 3
+        assert await sees_end(client) and await sees_end(node)
+        assert r.kill(8) is False
+        assert r.kill(2**64 - 1) is False
+        client.close()
+        node.close()
+
+    async def test_many_concurrent_sessions(self, relay, listener) -> None:
+        r, reports = relay
+        n = 200
+        rnd = random.Random(200)
+        payloads = {sid: (rnd.randbytes(rnd.randrange(1, 256 << 10)),
+                          rnd.randbytes(rnd.randrange(0, 256 << 10)))
+                    for sid in range(1000, 1000 + n)}
+        ends = {sid: self.session(r, listener, sid) for sid in payloads}
+
+        async def one(sid: int) -> None:
+            client, node = ends[sid]
+            up, down = payloads[sid]
+
+            async def pump(sock: socket.socket, data: bytes) -> tuple[int, str]:
+                async def send() -> None:
+                    await send_all(sock, data)
+                    sock.shutdown(socket.SHUT_WR)
+                return (await asyncio.gather(send(), recv_until_eof(sock)))[1]
+
+            at_client, at_node = await asyncio.gather(pump(client, up), pump(node, down))
+            assert at_node == (len(up), sha(up)), sid
+            assert at_client == (len(down), sha(down)), sid
+
+        await asyncio.wait_for(asyncio.gather(*(one(sid) for sid in payloads)), 120)
+        for sid, (up, down) in payloads.items():
+            rep = await reports.wait(sid)
+            assert rep.reason is FinishReason.EOF, rep
+            assert (rep.bytes_a_to_b, rep.bytes_b_to_a) == (len(up), len(down))
+            for s in ends[sid]:
+                s.close()
+        st = r.stats()
+        assert st.active_sessions == 0 and st.total_sessions == n
+        assert st.bytes_total == sum(len(u) + len(d) for u, d in payloads.values())
+        assert not reports.duplicates and reports.wrong_thread == 0
+
+    async def test_no_descriptor_leak(self, listener) -> None:
+        before = open_fds()
+        relay = create_relay(self.backend, threads=2)
+        reports = Reports()
+        relay.start(reports)
+        loop = asyncio.get_running_loop()
+        ours = []
+        for sid in range(10):
+            client, node = self.session(relay, listener, sid)
+            ours += [client, node]
+            await loop.sock_sendall(client, b"z" * 100_000)
+        ours[0].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        ours[0].close()  # session 0: reset
+        relay.kill(1)  # session 1: killed
+        ours[4].shutdown(socket.SHUT_WR)  # session 2: clean end
+        ours[5].shutdown(socket.SHUT_WR)
+        for sid in (0, 1, 2):
+            await reports.wait(sid)
+        await relay.close()  # the rest: shutdown, with bytes possibly still in pipes
+        assert len(reports.by_id) == 10
+        for s in ours:
+            s.close()
+        assert open_fds() == before
+
+    async def test_close_with_live_sessions(self, make, listener) -> None:
+        r, reports = make()
+        loop = asyncio.get_running_loop()
+        ends = [self.session(r, listener, sid) for sid in range(20, 30)]
+        for client, node in ends:
+            await loop.sock_sendall(client, b"ping")
+            assert await recv_exactly(node, 4) == b"ping"
+        await r.close()
+        assert sorted(reports.by_id) == list(range(20, 30))
+        assert {rep.reason for rep in reports.by_id.values()} == {FinishReason.SHUTDOWN}
+        assert all(rep.bytes_a_to_b == 4 for rep in reports.by_id.values())
+        for client, node in ends:
+            assert await sees_end(client) and await sees_end(node)
+            client.close()
+            node.close()
+        assert r.kill(20) is False
+        with pytest.raises(RuntimeError):
+            r.add(99, *listener.pair())
+        await r.close()  # idempotent
+
+    async def test_duplicate_id_rejected(self, relay, listener) -> None:
+        r, reports = relay
+        client, node = self.session(r, listener, 40)
+        c2, a2 = listener.pair()
+        n2, b2 = listener.pair()
+        with pytest.raises(FileExistsError, match="40"):
+            r.add(40, a2, b2)
+        assert a2.fileno() != -1 and b2.fileno() != -1  # still the caller's
+        for s in (c2, a2, n2, b2):
+            s.close()
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(client, b"still works")
+        assert await recv_exactly(node, 11) == b"still works"
+        client.close()
+        node.close()
+        assert (await reports.wait(40)).bytes_a_to_b == 11
+        c3, n3 = self.session(r, listener, 40)  # the id is free again once reported
+        c3.close()
+        n3.close()
+        await reports.wait(40)
+
+    async def test_stats(self, relay, listener) -> None:
+        r, reports = relay
+        st = r.stats()
+        assert isinstance(st, RelayStats) and st.backend == self.backend
+        assert (st.active_sessions, st.total_sessions, st.bytes_total) == (0, 0, 0)
+        client, node = self.session(r, listener, 50)
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(client, b"q" * 1000)
+        assert await recv_exactly(node, 1000) == b"q" * 1000
+        st = r.stats()
+        assert (st.active_sessions, st.total_sessions, st.bytes_total) == (1, 1, 1000)
+        client.close()
+        node.close()
+        await reports.wait(50)
+        st = r.stats()
+        assert (st.active_sessions, st.total_sessions) == (0, 1)
+
+    async def test_idle_sessions_hold_no_buffers(self, relay, listener) -> None:
+        """Pipes (splice) or buffers (select) are held only while bytes are in flight."""
+        r, reports = relay
+        loop = asyncio.get_running_loop()
+        ends = [self.session(r, listener, sid) for sid in range(60, 80)]
+        for i, (client, node) in enumerate(ends):
+            data = bytes([i]) * 300_000
+            await send_all(client, data)
+            assert await recv_exactly(node, len(data)) == data
+            await loop.sock_sendall(node, b"ok")
+            assert await recv_exactly(client, 2) == b"ok"
+        for _ in range(300):  # the engine gives them back right after the last write
+            st = r.stats()
+            if st.pipes_in_use == 0 and st.buffers_in_use == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert (st.pipes_in_use, st.buffers_in_use) == (0, 0)
+        assert st.active_sessions == 20
+        if self.backend == "splice":
+            assert 0 < st.pipes_pooled <= 2 * 64  # pooled for reuse, capped per thread
+        if self.backend == "select":
+            assert 0 < st.buffers_pooled <= 2 * 64
+        for client, node in ends:
+            client.close()
+            node.close()
+
+
+C_BACKENDS = set(available_backends()) - {"python"}
+
+
+@pytest.mark.skipif("splice" not in C_BACKENDS, reason="C engine with splice() not available")
+class TestSpliceRelay(RelayContract):
+    backend = "splice"
+
+    async def test_pipe_size_refused_falls_back(self, make, listener) -> None:
+        r, reports = make(pipe_size=1 << 30)  # far above pipe-max-size: sized down, still works
+        client, node = self.session(r, listener, 1)
+        data = random.Random(5).randbytes(4 << 20)
+        await send_all(client, data)
+        client.shutdown(socket.SHUT_WR)
+        assert await recv_until_eof(node) == (len(data), sha(data))
+        node.close()
+        client.close()
+        assert (await reports.wait(1)).bytes_a_to_b == len(data)
+
+
+@pytest.mark.skipif("select" not in C_BACKENDS, reason="C engine not built")
+class TestSelectRelay(RelayContract):
+    backend = "select"
+
+
+class TestPythonRelay(RelayContract):
+    backend = "python"
+
+
+# ---- backend selection -------------------------------------------------------------------
+
+def test_unknown_backend_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown relay backend 'nope'"):
+        create_relay("nope")
+
+
+def test_default_backend_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EDGEGW_RELAY_BACKEND", raising=False)
+    assert default_backend() == ("splice" if sys.platform.startswith("linux") else "select")
+    monkeypatch.setenv("EDGEGW_RELAY_BACKEND", "python")
+    assert default_backend() == "python"
+    assert create_relay().backend == "python"
+
+
+def test_available_backends() -> None:
+    backends = available_backends()
+    assert backends[-1] == "python"
+    if sys.platform.startswith("linux") and "select" in backends:
+        assert backends[:2] == ["splice", "select"]
+
+
+def test_missing_c_engine_warns_loudly(monkeypatch: pytest.MonkeyPatch,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setitem(sys.modules, "edgegw._relay", None)  # import now fails
+    with caplog.at_level(logging.WARNING, logger="edgegw.relay"):
+        relay = create_relay("splice")
+    assert relay.backend == "python"
+    assert available_backends() == ["python"]
+    [rec] = [r for r in caplog.records if r.name == "edgegw.relay"]
+    assert rec.levelno == logging.WARNING
+    assert "C ENGINE MISSING" in rec.getMessage() and "C compiler" in rec.getMessage()

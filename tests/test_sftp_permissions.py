@@ -1,0 +1,63 @@
+"""Per-user permissions: each SFTP operation needs its permission, and says so when refused."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from internal.store.base import Perm
+from tests.sshutil import NodeUnderTest, sshnode  # noqa: F401
+
+
+async def test_download_only_user(sshnode: NodeUnderTest, tmp_path: Path) -> None:
+    home, key = sshnode.keyed_user("reader", permissions=frozenset({Perm.LIST, Perm.DOWNLOAD}))
+    (home / "report.csv").write_text("a,b\n")
+    (home / "dir").mkdir()
+    (tmp_path / "up.txt").write_text("x")
+    run = await sshnode.sftp("reader", key, f"ls\nget report.csv {tmp_path / 'r.csv'}\n")
+    assert run.returncode == 0, run.output
+    assert (tmp_path / "r.csv").read_text() == "a,b\n"
+    for cmd in (f"put {tmp_path / 'up.txt'} new.txt", f"put {tmp_path / 'up.txt'} report.csv",
+                "rm report.csv", "rename report.csv other.csv", "mkdir sub", "rmdir dir",
+                "chmod 600 report.csv", "ln -s report.csv link"):
+        run = await sshnode.sftp("reader", key, cmd + "\n")
+        assert run.returncode != 0, (cmd, run.output)
+        assert "Permission denied" in run.stderr, (cmd, run.output)
+    assert sorted(p.name for p in home.iterdir()) == ["dir", "report.csv"]
+    assert (home / "report.csv").read_text() == "a,b\n"
+    async with asyncssh.connect("127.0.0.1", sshnode.port, username="reader",
+                                client_keys=[str(key)], known_hosts=None) as conn:
+        async with conn.start_sftp_client() as sftp:
+            with pytest.raises(asyncssh.SFTPPermissionDenied) as err:
+                await sftp.remove("report.csv")
+    assert "may not delete files" in str(err.value.reason)
+
+
+async def test_upload_without_overwrite(sshnode: NodeUnderTest, tmp_path: Path) -> None:
+    home, key = sshnode.keyed_user("drop", permissions=frozenset({Perm.UPLOAD, Perm.LIST}))
+    (tmp_path / "a.txt").write_text("first")
+    run = await sshnode.sftp("drop", key, f"put {tmp_path / 'a.txt'} a.txt\nls\n")
+    assert run.returncode == 0, run.output
+    (tmp_path / "a.txt").write_text("second")
+    run = await sshnode.sftp("drop", key, f"put {tmp_path / 'a.txt'} a.txt\n")
+    assert run.returncode != 0
+    assert (home / "a.txt").read_text() == "first"
+    run = await sshnode.sftp("drop", key, f"get a.txt {tmp_path / 'b.txt'}\n")
+    assert run.returncode != 0 and not (tmp_path / "b.txt").exists()
+
+
+async def test_full_permissions_round_trip(sshnode: NodeUnderTest, tmp_path: Path) -> None:
+    home, key = sshnode.keyed_user("alice")
+    (tmp_path / "f.txt").write_text("data")
+    run = await sshnode.sftp("alice", key, f"mkdir d\nput {tmp_path / 'f.txt'} d/f.txt\n"
+                                           "chmod 600 d/f.txt\nrename d/f.txt d/g.txt\n"
+                                           "ln d/g.txt d/h.txt\ndf -h\n"
+                                           "rm d/g.txt\nrm d/h.txt\nrmdir d\n")
+    assert run.returncode == 0, run.output
+    assert list(home.iterdir()) == []
+    await sshnode.wait_idle()
+    kinds = [e.kind for e in sshnode.events(username="alice")]
+    for kind in ("dir.mkdir", "file.open", "file.close", "file.setstat", "file.rename",
+                 "file.link", "file.remove", "dir.rmdir", "session.disconnect"):
+        assert kind in kinds, kind

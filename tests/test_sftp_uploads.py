@@ -1,0 +1,146 @@
+"""Uploads: atomic (killed clients leave nothing), resumable, quota-bound while data arrives."""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import signal
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from internal.sftp.paths import is_temp_name
+from internal.sftp.uploads import sweep_temps
+from tests.sshutil import NodeUnderTest, sshnode, tree  # noqa: F401
+
+MiB = 1 << 20
+
+
+def temps(root: Path) -> list[str]:
+    return [n for n in tree(root) if is_temp_name(os.fsencode(os.path.basename(n)))]
+
+
+@pytest.mark.parametrize("victim", ["sftp", "ssh too"])
+async def test_killed_mid_upload_leaves_nothing(sshnode: NodeUnderTest, tmp_path: Path,
+                                                victim: str) -> None:
+    home, key = sshnode.keyed_user("alice")
+    (home / "big.bin").write_bytes(b"old content")        # must survive the failed overwrite
+    src = tmp_path / "big.bin"
+    with open(src, "wb") as f:
+        f.truncate(2048 * MiB)                            # sparse: cheap to make, slow to send
+    proc = await sshnode.start_sftp("alice", key)
+    assert proc.stdin is not None
+    proc.stdin.write(f"put {src} big.bin\n".encode())
+    await proc.stdin.drain()
+    for _ in range(500):                                  # until data is flowing
+        found = temps(home)
+        if found and (home / found[0]).stat().st_size > MiB:
+            break
+        await asyncio.sleep(0.02)
+    else:
+        pytest.fail("the upload never started")
+    if victim == "sftp":
+        proc.kill()                                       # its ssh sees EOF and ends the channel
+    else:
+        _kill_tree(proc.pid)
+    await proc.wait()
+    await sshnode.wait_idle()
+    assert (home / "big.bin").read_bytes() == b"old content"
+    assert temps(home) == []
+    closes = sshnode.events("file.close", username="alice")
+    assert closes and closes[-1].detail["result"].startswith("aborted")
+
+
+def _kill_tree(pid: int) -> None:
+    """Kill sftp and the ssh it started, so the TCP connection just drops."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    for p in [pid, *map(int, children)]:
+        os.kill(p, signal.SIGKILL)
+
+
+async def test_reput_and_append_resume(sshnode: NodeUnderTest, tmp_path: Path) -> None:
+    home, key = sshnode.keyed_user("alice")
+    data = os.urandom(3 * MiB + 123)
+    src = tmp_path / "file.bin"
+    src.write_bytes(data)
+    (home / "file.bin").write_bytes(data[:MiB])           # what an interrupted put left
+    run = await sshnode.sftp("alice", key, f"reput {src} file.bin\n")
+    assert run.returncode == 0, run.output
+    assert (home / "file.bin").read_bytes() == data
+    opens = sshnode.events("file.open", username="alice")
+    assert opens[-1].detail["resume"] is True
+
+    # asyncssh's append mode: the existing bytes are kept, the new ones land at the end
+    async with asyncssh.connect("127.0.0.1", sshnode.port, username="alice",
+                                client_keys=[str(key)], known_hosts=None) as conn:
+        async with conn.start_sftp_client() as sftp:
+            async with sftp.open("file.bin", "ab") as f:
+                await f.write(b"tail")
+    assert (home / "file.bin").read_bytes() == data + b"tail"
+    assert temps(home) == []
+
+
+async def test_overwrite_is_atomic_and_keeps_mode(sshnode: NodeUnderTest, tmp_path: Path) -> None:
+    home, key = sshnode.keyed_user("alice")
+    (home / "doc.txt").write_text("v1")
+    os.chmod(home / "doc.txt", 0o640)
+    (tmp_path / "doc.txt").write_text("version two")
+    run = await sshnode.sftp("alice", key, f"put {tmp_path / 'doc.txt'} doc.txt\nls -a\n")
+    assert run.returncode == 0, run.output
+    assert (home / "doc.txt").read_text() == "version two"
+    assert (home / "doc.txt").stat().st_mode & 0o777 == 0o640
+    assert ".edgegw-upload" not in run.stdout
+
+
+async def test_quota_bytes_enforced_during_upload(sshnode: NodeUnderTest, tmp_path: Path) -> None:
+    home, key = sshnode.keyed_user("alice", quota_bytes=2 * MiB)
+    (tmp_path / "small.bin").write_bytes(os.urandom(MiB))
+    (tmp_path / "big.bin").write_bytes(os.urandom(3 * MiB))
+    run = await sshnode.sftp("alice", key, f"put {tmp_path / 'small.bin'} a.bin\n")
+    assert run.returncode == 0, run.output
+    run = await sshnode.sftp("alice", key, f"put {tmp_path / 'big.bin'} b.bin\n")
+    assert run.returncode != 0
+    assert "Failure" in run.stderr or "failure" in run.stderr.lower(), run.output
+    assert not (home / "b.bin").exists()
+    assert temps(home) == []
+    used = sum(p.stat().st_size for p in home.iterdir())
+    assert used <= 2 * MiB
+
+    # a client that shows the server's message sees why
+    async with asyncssh.connect("127.0.0.1", sshnode.port, username="alice",
+                                client_keys=[str(key)], known_hosts=None) as conn:
+        async with conn.start_sftp_client() as sftp:
+            with pytest.raises(asyncssh.SFTPError) as err:
+                await sftp.put(str(tmp_path / "big.bin"), "c.bin")
+    assert "quota exceeded" in str(err.value.reason)
+    assert not (home / "c.bin").exists()
+
+    # deleting frees space again, arithmetic only
+    run = await sshnode.sftp("alice", key, f"rm a.bin\nput {tmp_path / 'small.bin'} d.bin\n"
+                                           f"put {tmp_path / 'small.bin'} e.bin\n")
+    assert run.returncode == 0, run.output
+
+
+async def test_quota_files(sshnode: NodeUnderTest, tmp_path: Path) -> None:
+    home, key = sshnode.keyed_user("alice", quota_files=2)
+    (tmp_path / "x").write_text("x")
+    run = await sshnode.sftp("alice", key, "".join(f"put {tmp_path / 'x'} f{i}\n"
+                                                   for i in range(3)))
+    assert run.returncode != 0
+    assert sorted(os.listdir(home)) == ["f0", "f1"]
+    # overwriting an existing file does not need a new slot
+    run = await sshnode.sftp("alice", key, f"put {tmp_path / 'x'} f1\n")
+    assert run.returncode == 0, run.output
+
+
+def test_sweep_removes_only_stale_temporaries(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    stale = tmp_path / "d" / ".edgegw-upload-0123456789abcdef.tmp"
+    stale.write_text("partial")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    fresh = tmp_path / ".edgegw-upload-fedcba9876543210.tmp"  # another node's upload in flight
+    fresh.write_text("in flight")
+    (tmp_path / "keep.tmp").write_text("user data")
+    assert sweep_temps(tmp_path, older_than=3600) == 1
+    assert tree(tmp_path) == {"d", "keep.tmp", fresh.name}

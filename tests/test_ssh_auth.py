@@ -1,0 +1,158 @@
+"""Authentication: keys and passwords, address rules on the REAL client address, disabled and
+expired users, session caps, brute-force bans, offers (`admit`) and the audit trail."""
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import pytest
+
+from internal.session import SessionContext
+from tests.sshutil import NodeUnderTest, sshnode  # noqa: F401
+
+
+def client(n: NodeUnderTest, user: str, **kw: Any) -> Any:
+    kw.setdefault("known_hosts", None)
+    if "password" in kw:
+        kw.setdefault("client_keys", None)
+    return asyncssh.connect("127.0.0.1", n.port, username=user, **kw)
+
+
+async def test_key_and_password_login(sshnode: NodeUnderTest, tmp_path: Path) -> None:
+    _, key = sshnode.add_user("alice", password="correct horse")
+    async with client(sshnode, "alice", password="correct horse") as conn:
+        async with conn.start_sftp_client() as sftp:
+            assert await sftp.listdir(".") == [".", ".."]
+    with pytest.raises(asyncssh.PermissionDenied):
+        async with client(sshnode, "alice", password="wrong"):
+            pass
+    async with client(sshnode, "alice", client_keys=[str(key)]):
+        pass
+    other = asyncssh.generate_private_key("ssh-ed25519")
+    with pytest.raises(asyncssh.PermissionDenied):
+        async with client(sshnode, "alice", client_keys=[other]):
+            pass
+    await sshnode.wait_idle()
+    results = [(e.detail["method"], e.detail["result"]) for e in sshnode.events("auth")]
+    assert ("password", "ok") in results and ("password", "failed") in results
+    assert ("publickey", "ok") in results and ("publickey", "failed") in results
+
+
+async def test_address_rules_use_the_client_address(sshnode: NodeUnderTest) -> None:
+    _, key = sshnode.add_user("alice", allow_cidrs=["127.0.0.2/32"])
+    _, bkey = sshnode.add_user("bob", deny_cidrs=["127.0.0.3"])
+    assert key is not None and bkey is not None
+    await sshnode.service.refresh()
+    assert (await sshnode.sftp("alice", key, "ls\n", bind="127.0.0.2")).returncode == 0
+    assert (await sshnode.sftp("bob", bkey, "ls\n", bind="127.0.0.2")).returncode == 0
+    # nobody may log in from .3: refused when the connection arrives, before any SSH
+    assert (await sshnode.sftp("alice", key, "ls\n", bind="127.0.0.3")).returncode != 0
+    await sshnode.wait_idle()
+    assert not sshnode.events(client_ip="127.0.0.3")
+    # once someone may, .3 gets to authentication, where the per-user rules refuse it
+    sshnode.add_user("carol")
+    await sshnode.service.refresh()
+    assert (await sshnode.sftp("alice", key, "ls\n", bind="127.0.0.3")).returncode != 0
+    assert (await sshnode.sftp("bob", bkey, "ls\n", bind="127.0.0.3")).returncode != 0
+    await sshnode.wait_idle()
+    refused = sshnode.events("auth", username="alice", client_ip="127.0.0.3")
+    assert refused and refused[0].detail["reason"] == "address not allowed for this user"
+    assert sshnode.events("session.connect", client_ip="127.0.0.2")
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected TCP pair: the node's end plays the Data connection from a gateway."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client_end = socket.create_connection(server.getsockname())
+        node_end, _ = server.accept()
+    return node_end, client_end
+
+
+async def test_relayed_session_uses_offer_address(sshnode: NodeUnderTest) -> None:
+    """On a Data connection the socket's peer is the gateway; the offer's address counts."""
+    _, key = sshnode.add_user("alice", allow_cidrs=["203.0.113.0/24"])
+    assert key is not None
+    for ip, ok in (("203.0.113.9", True), ("198.51.100.1", False)):
+        node_end, client_end = tcp_pair()
+        ctx = SessionContext("00112233445566" + ("77" if ok else "88"), ip, 40000, "gw-1")
+        served = asyncio.create_task(sshnode.service.serve_socket(node_end, ctx))
+        try:
+            async with asyncssh.connect(sock=client_end, username="alice", known_hosts=None,
+                                        client_keys=[str(key)]) as conn:
+                async with conn.start_sftp_client() as sftp:
+                    await sftp.listdir(".")
+            assert ok
+        except asyncssh.PermissionDenied:
+            assert not ok
+        result = await asyncio.wait_for(served, 10)
+        assert result.username == ("alice" if ok else None)
+        events = sshnode.events(session_id=ctx.session_id)
+        assert {e.client_ip for e in events} == {ip}
+        assert {e.gateway for e in events} == {"gw-1"}
+        assert events[-1].kind == "session.disconnect"
+
+
+async def test_disabled_and_expired_users_are_refused_at_once(sshnode: NodeUnderTest) -> None:
+    _, key = sshnode.add_user("alice")
+    assert key is not None
+    assert (await sshnode.sftp("alice", key, "ls\n")).returncode == 0
+    sshnode.update_user("alice", disabled=True)            # no restart, no cache to wait for
+    assert (await sshnode.sftp("alice", key, "ls\n")).returncode != 0
+    sshnode.update_user("alice", disabled=False, expires_at=time.time() - 1)
+    assert (await sshnode.sftp("alice", key, "ls\n")).returncode != 0
+    sshnode.update_user("alice", expires_at=time.time() + 3600)
+    assert (await sshnode.sftp("alice", key, "ls\n")).returncode == 0
+    await sshnode.wait_idle()
+    reasons = [e.detail.get("reason") for e in sshnode.events("auth", username="alice")]
+    assert "user disabled" in reasons and "user expired" in reasons
+
+
+async def test_max_sessions(sshnode: NodeUnderTest) -> None:
+    _, key = sshnode.add_user("alice", max_sessions=1)
+    assert key is not None
+    async with client(sshnode, "alice", client_keys=[str(key)]):
+        with pytest.raises(asyncssh.PermissionDenied):
+            async with client(sshnode, "alice", client_keys=[str(key)]):
+                pass
+    await sshnode.wait_idle()
+    async with client(sshnode, "alice", client_keys=[str(key)]):
+        pass
+
+
+async def test_failed_logins_get_the_address_banned(sshnode: NodeUnderTest) -> None:
+    sshnode.add_user("alice", password="right")
+    for _ in range(sshnode.defender.threshold - 1):
+        with pytest.raises(asyncssh.PermissionDenied):
+            async with client(sshnode, "alice", password="wrong"):
+                pass
+    with pytest.raises((asyncssh.PermissionDenied, asyncssh.DisconnectError)):
+        async with client(sshnode, "alice", password="wrong"):
+            pass
+    assert sshnode.defender.banned("127.0.0.1") is not None
+    await sshnode.service.refresh()
+    assert sshnode.service.admit("127.0.0.1") == "banned"
+    await sshnode.wait_idle()
+    assert any(e.detail.get("result") == "banned" for e in sshnode.events("auth"))
+
+
+async def test_admit(sshnode: NodeUnderTest) -> None:
+    service = sshnode.service
+    await service.refresh()
+    assert service.admit("192.0.2.1") == "no user may connect from this address"
+    sshnode.add_user("alice", allow_cidrs=["192.0.2.0/24"])
+    await service.refresh()
+    assert service.admit("192.0.2.1") is None
+    assert service.admit("198.51.100.7") == "no user may connect from this address"
+    sshnode.defender.add_ban("192.0.2.66", 60, "test")
+    await service.refresh()
+    assert service.admit("192.0.2.66") == "banned"
+    service.capacity = 1
+    service._active = 1     # as if one session were running
+    try:
+        assert service.admit("192.0.2.1") == "capacity"
+    finally:
+        service._active = 0
