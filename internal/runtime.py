@@ -32,6 +32,8 @@ class ServeOptions:
     weight: int = 100
     drain_timeout: float = 60.0
     node_id: str | None = None
+    pool_size: int = 2
+    reuse_port: bool = False
 
 
 def run_dir(home: NodeHome) -> Path:
@@ -57,7 +59,8 @@ async def serve(home: NodeHome, opts: ServeOptions) -> None:
         service = SSHService(home, store, audit, defender, capacity=opts.capacity)
     node = Node(home, service, NodeSettings(opts.gateways, capacity=opts.capacity,
                                             weight=opts.weight, drain_timeout=opts.drain_timeout,
-                                            node_id=node_id), audit=audit)
+                                            node_id=node_id, pool_size=opts.pool_size),
+                audit=audit)
     listener = None
     pid_file = run_dir(home) / f"node-{os.getpid()}.pid"
     loop = asyncio.get_running_loop()

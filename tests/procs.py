@@ -113,6 +113,8 @@ def start_gateway(tmp: Path, trust: Path, *extra: str, name: str = "gateway",
 def start_node(tmp: Path, home: Path, gateways: list[GatewayProc], *extra: str,
                name: str = "node", wait: bool = True,
                env: dict[str, str] | None = None) -> Proc:
+    if "--workers" not in extra:
+        extra = ("--workers", "1", *extra)   # one process: the node id is the home's
     args = edgegw_cmd("internal", "serve", "--home", str(home), "--log-level", "debug", *extra)
     for gw in gateways:
         args += ["--gateway", f"127.0.0.1:{gw.pnc}"]

@@ -269,3 +269,45 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
         dst.shutdown(socket.SHUT_WR)
     except OSError:
         pass
+
+
+def test_ban_reaches_every_gateway_through_every_node(cluster: Cluster,
+                                                      procs: list[Proc]) -> None:
+    """A ban made on one node's home (shared store) is pushed to both gateways."""
+    gws = [start_gateway(cluster.tmp, cluster.trust, name=f"g{i}") for i in range(2)]
+    procs.extend(gws)
+    procs.append(start_node(cluster.tmp, cluster.homes[1], gws, name="n1"))
+    subprocess.run(edgegw_cmd("internal", "ban", "add", "127.0.0.77", "--home",
+                              str(cluster.homes[0]), "--duration", "1h", "--reason", "test"),
+                   check=True, capture_output=True)
+    for gw in gws:
+        gw.wait_log(r"ban 127\.0\.0\.77 ", timeout=15)
+        with socket.socket() as s:
+            s.bind(("127.0.0.77", 0))
+            s.settimeout(10)
+            s.connect(("127.0.0.1", gw.external))
+            assert s.recv(10) == b""
+        gw.wait_log(r"client 127\.0\.0\.77:\d+ dropped: address is banned")
+    subprocess.run(edgegw_cmd("internal", "ban", "remove", "127.0.0.77", "--home",
+                              str(cluster.homes[0])), check=True, capture_output=True)
+    for gw in gws:
+        gw.wait_log(r"ban on 127\.0\.0\.77 lifted", timeout=15)
+    _ok(cluster.sftp(gws[0], "ls\n", bind="127.0.0.77"))
+
+
+def test_workers_attach_as_separate_peers(cluster: Cluster, procs: list[Proc]) -> None:
+    gw = start_gateway(cluster.tmp, cluster.trust)
+    procs.append(gw)
+    node = start_node(cluster.tmp, cluster.homes[0], [gw], "--workers", "2", name="n0",
+                      wait=False)
+    procs.append(node)
+    gw.wait_log(r"node n0-w1 attached")
+    gw.wait_log(r"node n0-w2 attached")
+    with ThreadPoolExecutor(4) as pool:
+        for res in pool.map(lambda _: cluster.sftp(gw, "ls\n"), range(12)):
+            _ok(res)
+    assert set(_served(gw)) == {"n0-w1", "n0-w2"}
+    drain = subprocess.run(edgegw_cmd("internal", "drain", "--home", str(cluster.homes[0])),
+                           capture_output=True, text=True, timeout=60)
+    assert drain.returncode == 0, drain.stdout + drain.stderr
+    assert node.popen is not None and node.popen.wait(20) == 0

@@ -10,7 +10,7 @@ import click
 
 from edgegw.logsetup import LEVELS, setup_logging
 from edgegw.netaddr import HostPort, parse_hostport
-from internal.cli.common import home_option, load_home
+from internal.cli.common import default_workers, home_option, load_home
 from internal.home import HomeError, NodeHome
 from internal.store.base import StoreError
 
@@ -69,24 +69,38 @@ def init(home_dir: str, db_url: str | None, node_id: str | None, files_root: str
 @click.option("--drain-timeout", default=60.0, show_default=True, type=click.FloatRange(0),
               help="On SIGTERM/drain: seconds to let running sessions finish.")
 @click.option("--node-id", default=None, help="Override the home's node id.")
+@click.option("--workers", default=0, type=click.IntRange(0, 256),
+              help="Node processes to run [default: 0 = one per CPU]; each attaches to every "
+                   "gateway as its own peer (node id suffixed -wN), so SFTP work spreads over "
+                   "the cores.")
+@click.option("--pool-size", default=2, show_default=True, type=click.IntRange(0, 64),
+              help="Pre-opened Data connections per gateway (0: dial one per session).")
 @click.option("--log-level", type=click.Choice(LEVELS), default="info", show_default=True)
 def serve(home_dir: str, gateways: list[HostPort], listen: HostPort | None,
           forward: HostPort | None, forward_proxy_protocol: str | None, capacity: int,
-          weight: int, drain_timeout: float, node_id: str | None, log_level: str) -> None:
+          weight: int, drain_timeout: float, node_id: str | None, workers: int,
+          pool_size: int, log_level: str) -> None:
     """Run the internal node: dial the gateways and serve the sessions they offer."""
     from internal.runtime import ServeOptions, serve as run_node
 
     setup_logging(log_level)
     home = load_home(home_dir)
+    workers = workers or default_workers()
     if not gateways and listen is None:
         raise click.UsageError("give at least one --gateway HOST:PORT (or --listen)")
     if listen is not None and forward is not None:
         raise click.UsageError("--listen and --forward cannot be combined")
     if forward_proxy_protocol and forward is None:
         raise click.UsageError("--forward-proxy-protocol needs --forward")
+    if workers > 1:
+        import sys
+
+        from internal.workers import supervise
+        raise SystemExit(supervise(sys.argv[1:], workers, node_id or home.node_id))
     opts = ServeOptions(list(gateways), listen=listen, forward=forward,
                         forward_proxy_protocol=forward_proxy_protocol, capacity=capacity,
-                        weight=weight, drain_timeout=drain_timeout, node_id=node_id)
+                        weight=weight, drain_timeout=drain_timeout, node_id=node_id,
+                        pool_size=pool_size, reuse_port=listen is not None)
     try:
         asyncio.run(run_node(home, opts))
     except (StoreError, OSError) as exc:

@@ -1,0 +1,67 @@
+"""`--workers N`: N node processes over one home, each a separate PNC peer of every gateway.
+
+asyncssh does its crypto and SFTP work in one thread per process, so a node uses every core
+only by running several processes. The supervisor starts them, passes SIGTERM (drain) and
+SIGINT (stop) on, and restarts a worker that dies unexpectedly.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import time
+
+log = logging.getLogger("edgegw.node.workers")
+
+RESTART_DELAY = 1.0
+
+
+def worker_args(argv: list[str], index: int, node_id: str) -> list[str]:
+    """The command line of worker `index`: this one, with one worker and its own node id."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--workers", "--node-id"):
+            skip = True  # its value follows
+        elif not arg.startswith(("--workers=", "--node-id=")):
+            out.append(arg)
+    return [sys.executable, "-m", "edgegw", *out, "--workers", "1",
+            "--node-id", f"{node_id}-w{index}"]
+
+
+def supervise(argv: list[str], workers: int, node_id: str) -> int:
+    procs: dict[int, subprocess.Popen[bytes]] = {}
+    stopping = False
+
+    def spawn(index: int) -> None:
+        procs[index] = subprocess.Popen(worker_args(argv, index, node_id))
+        log.info("worker %d started (pid %d)", index, procs[index].pid)
+
+    def forward(sig: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for index in range(1, workers + 1):
+        spawn(index)
+    done: set[int] = set()
+    while len(done) < len(procs):
+        time.sleep(0.2)
+        for index, proc in list(procs.items()):
+            code = proc.poll()
+            if code is None or index in done:
+                continue
+            if stopping or code == 0:  # stopped or drained (`edgegw internal drain`): done
+                done.add(index)
+                continue
+            log.warning("worker %d (pid %d) exited with %d; restarting", index, proc.pid, code)
+            time.sleep(RESTART_DELAY)
+            spawn(index)
+    return 0 if all(p.returncode == 0 for p in procs.values()) else 1
