@@ -218,3 +218,38 @@ def test_other_relay_backends_end_to_end(tmp_path: Path, node_home: Path, procs:
     _ok(sftp_batch(gw.external, user, key, "put x.bin\nget x.bin y.bin\n", cwd=tmp_path))
     assert (tmp_path / "y.bin").read_bytes() == data
     gw.wait_log(rf"relay={backend}")
+
+
+def _fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_garbage_on_every_port_is_closed_and_leaks_nothing(gateway: GatewayProc, node: Proc,
+                                                           alice: tuple[str, Path]) -> None:
+    user, key = alice
+    _ok(sftp_batch(gateway.external, user, key, "ls\n"))  # warm: pools and links are up
+    time.sleep(0.5)
+    before = _fd_count(gateway.pid)
+    junk = [os.urandom(n) for n in (1, 7, 300, 70000)] + [b"GET / HTTP/1.0\r\n\r\n",
+                                                         b"\x16\x03\x01\x02\x00" + b"\x00" * 50]
+    for port in (gateway.pnc, gateway.data, gateway.external):
+        for payload in junk:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                try:
+                    s.sendall(payload)
+                    s.shutdown(socket.SHUT_WR)
+                    while s.recv(65536):
+                        pass
+                except (ConnectionResetError, BrokenPipeError):
+                    pass
+        # and connections that say nothing and just go away
+        for _ in range(5):
+            socket.create_connection(("127.0.0.1", port), timeout=10).close()
+    gateway.wait_log(r"pnc peer .*(TLS|handshake)")
+    gateway.wait_log(r"data connection from .*(bad proof|peer closed|closed)")
+    _ok(sftp_batch(gateway.external, user, key, "ls\n"))  # still serving
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and _fd_count(gateway.pid) > before:
+        time.sleep(0.2)
+    assert _fd_count(gateway.pid) <= before
+    assert gateway.popen is not None and gateway.popen.poll() is None

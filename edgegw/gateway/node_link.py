@@ -11,7 +11,7 @@ import secrets
 import socket
 import ssl
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from edgegw.gateway.peers import Peer
 from edgegw.pnc import Connection, RemoteProtocolError, Role
@@ -21,6 +21,7 @@ from edgegw.pnc.events import (
 )
 
 if TYPE_CHECKING:
+    from edgegw.gateway.config import GatewayConfig
     from edgegw.gateway.server import Gateway
 
 log = logging.getLogger("edgegw.gateway.pnc")
@@ -37,14 +38,24 @@ class NodeLink:
         self.peer: Peer | None = None
         self.writer: asyncio.StreamWriter | None = None
         self._ping_seq = 0
+        self._counted = False
 
     def send(self, event: Event) -> None:
         if self.writer is None or self.writer.is_closing():
             return
         self.writer.write(self.conn.send(event))
 
-    async def run(self) -> None:
+    async def run(self, on_authenticated: Callable[[], None]) -> None:
+        """Serve the link until it closes; `on_authenticated` runs once, when the TLS
+        handshake verified the node or failed (either way it no longer counts as pending)."""
         cfg = self.gw.config
+        try:
+            await self._run(cfg, on_authenticated)
+        finally:
+            if not self._counted:
+                on_authenticated()
+
+    async def _run(self, cfg: "GatewayConfig", on_authenticated: Callable[[], None]) -> None:
         try:
             reader, self.writer = await asyncio.open_connection(
                 sock=self.sock, ssl=self.gw.tls, server_hostname=self.gw.tls_name,
@@ -58,6 +69,8 @@ class NodeLink:
             log.warning("pnc peer %s: TLS handshake failed: %s", self.addr, exc or "timeout")
             self.sock.close()
             return
+        self._counted = True
+        on_authenticated()
         pool_key = secrets.token_bytes(32)
         try:
             self.send(GatewayHello(PROTOCOL_VERSION, cfg.gateway_id, self.gw.data_port,

@@ -50,6 +50,7 @@ class Gateway:
         self._tasks: set[asyncio.Task[None]] = set()
         self._accept_tasks: list[asyncio.Task[None]] = []
         self._pending_clients = 0
+        self._handshaking = {"pnc": 0, "data": 0}   # connections not yet authenticated
 
     @property
     def data_port(self) -> int:
@@ -143,11 +144,33 @@ class Gateway:
             self._pending_clients -= 1
 
     async def _on_node(self, sock: socket.socket, addr: tuple) -> None:
-        await NodeLink(self, sock, addr).run()
+        if self._over_limit("pnc", addr):
+            sock.close()
+            return
+        link = NodeLink(self, sock, addr)
+        await link.run(on_authenticated=lambda: self._authenticated("pnc"))
 
     async def _on_data(self, sock: socket.socket, addr: tuple) -> None:
+        if self._over_limit("data", addr):
+            sock.close()
+            return
         set_nodelay(sock)
-        await handle_data_connection(self, sock, addr)
+        try:
+            await handle_data_connection(self, sock, addr)
+        finally:
+            self._authenticated("data")
+
+    def _over_limit(self, name: str, addr: tuple) -> bool:
+        """Unauthenticated connections cost a task each until their deadline: cap them."""
+        if self._handshaking[name] >= self.config.max_handshaking:
+            log.warning("%s connection from %s dropped: %d handshakes already in progress",
+                        name, addr[0], self._handshaking[name])
+            return True
+        self._handshaking[name] += 1
+        return False
+
+    def _authenticated(self, name: str) -> None:
+        self._handshaking[name] -= 1
 
     # -- called by links and dispatch -------------------------------------------------------
 
