@@ -39,6 +39,8 @@ def demo(port: int, workdir: str | None) -> None:
     port = port or _free_port()
     pnc, data = _free_port(), _free_port()
     procs: list[subprocess.Popen[bytes]] = []
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in background
+    signal.signal(signal.SIGTERM, lambda *_: signal.default_int_handler(signal.SIGINT, None))
     try:
         subprocess.run(_edgegw("internal", "init", "--home", str(home), "--node-id", "demo-node"),
                        check=True, stdout=subprocess.DEVNULL)
@@ -48,6 +50,7 @@ def demo(port: int, workdir: str | None) -> None:
             k = asyncssh.generate_private_key("ssh-ed25519", comment="edgegw demo")
             k.write_private_key(str(key))
             k.write_public_key(str(key) + ".pub")
+            os.chmod(key, 0o600)
         subprocess.run(_edgegw("internal", "user", "add", DEMO_USER, "--home", str(home),
                                "--key", f"{key}.pub", "--password-stdin"),
                        input=DEMO_PASSWORD.encode(), check=True, stdout=subprocess.DEVNULL)
@@ -75,6 +78,7 @@ def demo(port: int, workdir: str | None) -> None:
     except subprocess.CalledProcessError as exc:
         raise click.ClickException(f"demo setup failed: {exc}") from None
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not orphan them
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGINT)
