@@ -117,6 +117,8 @@ class Node:
 
     def on_offer(self, link: GatewayLink, offer: Offer) -> None:
         sid = f"{offer.session_id:016x}"
+        log.debug("offer %s from %s: client %s:%d", sid, link.gateway_id, offer.client_ip,
+                  offer.client_port)
         reason = "draining" if self.draining else self.service.admit(offer.client_ip)
         if reason is not None:
             log.info("offer %s from %s: client %s:%d rejected: %s", sid, link.gateway_id,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from typing import TYPE_CHECKING
 
 from edgegw.gateway.offers import PeerLost, PendingOffer
@@ -62,9 +63,11 @@ async def _offer_to(gw: "Gateway", peer: Peer, ip: str, port: int,
     cfg = gw.config
     offer = gw.offers.create(peer, ip, port, cfg.offer_timeout + cfg.data_timeout)
     paired = False
+    t0 = time.perf_counter()
     try:
         peer.send(Offer(offer.session_id, offer.secret, ip, port,
                         int((cfg.offer_timeout + cfg.data_timeout) * 1000)))
+        log.debug("client %s: offered as %016x to node %s", who, offer.session_id, peer.node_id)
         try:
             answer = await asyncio.wait_for(asyncio.shield(offer.answer), cfg.offer_timeout)
         except asyncio.TimeoutError:
@@ -72,6 +75,8 @@ async def _offer_to(gw: "Gateway", peer: Peer, ip: str, port: int,
                         "trying another node", who, peer.node_id, offer.session_id,
                         cfg.offer_timeout)
             return None
+        log.debug("client %s: node %s answered offer %016x in %.2f ms", who, peer.node_id,
+                  offer.session_id, (time.perf_counter() - t0) * 1000)
         if isinstance(answer, Reject):
             if answer.retry_elsewhere:
                 log.info("client %s: node %s declined (%s); trying another node", who,
@@ -91,6 +96,8 @@ async def _offer_to(gw: "Gateway", peer: Peer, ip: str, port: int,
         else:
             data_sock = await asyncio.wait_for(asyncio.shield(offer.data), cfg.data_timeout)
         paired = True
+        log.debug("client %s: offer %016x paired in %.2f ms", who, offer.session_id,
+                  (time.perf_counter() - t0) * 1000)
         return offer.session_id, data_sock
     except asyncio.TimeoutError:
         log.warning("client %s: node %s accepted offer %016x but never proved a Data "

@@ -147,6 +147,7 @@ class Gateway:
         if self._over_limit("pnc", addr):
             sock.close()
             return
+        set_nodelay(sock)  # asyncio only does it for sockets made with proto=IPPROTO_TCP
         link = NodeLink(self, sock, addr)
         await link.run(on_authenticated=lambda: self._authenticated("pnc"))
 
