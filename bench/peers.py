@@ -232,7 +232,7 @@ class EdgegwGateway(RelayPath):
         self.procs["gateway"] = gw
         gw.wait_log("listening: external=", timeout=30)
         node_args = [sys.executable, "-m", "edgegw", "internal", "serve", "--home", str(home),
-                     "--gateway", f"127.0.0.1:{pnc}"]
+                     "--workers", "1", "--gateway", f"127.0.0.1:{pnc}"]
         if self.node_mode == "forward":
             node_args += ["--forward", f"127.0.0.1:{target}"]
         else:
@@ -255,7 +255,8 @@ class EdgegwNodeDirect(RelayPath):
         home = ctx.edgegw_home("sftp")
         self.port = free_port()
         node = Proc(self.name, [sys.executable, "-m", "edgegw", "internal", "serve",
-                                "--home", str(home), "--listen", f"127.0.0.1:{self.port}"],
+                                "--home", str(home), "--workers", "1",
+                                "--listen", f"127.0.0.1:{self.port}"],
                     ctx.workdir / f"{self.name}-{self.port}.log").start()
         self.procs["node"] = node
         wait_port(self.port, proc=node, timeout=30)
@@ -417,7 +418,8 @@ class EdgegwSsh(RelayPath):
         gw.wait_log("listening: external=", timeout=30)
         node = Proc("edgegw node (ssh)",
                     [sys.executable, "-m", "edgegw", "internal", "serve", "--home", str(home),
-                     "--gateway", f"127.0.0.1:{pnc}", "--listen", f"127.0.0.1:{listen}"],
+                     "--workers", "1", "--gateway", f"127.0.0.1:{pnc}",
+                     "--listen", f"127.0.0.1:{listen}"],
                     ctx.workdir / f"ssh-node-{listen}.log", env=env).start()
         self.procs["node"] = node
         node.wait_log("attached to gateway", timeout=30)

@@ -276,6 +276,21 @@ def kernel_other_kib(mi: dict[str, int]) -> int:
     return used - known
 
 
+def slab_object_kib() -> float | None:
+    """Bytes held by allocated slab objects (sum of active_objs x objsize in /proc/slabinfo),
+    in KiB. Unlike meminfo's Slab (whole pages), this does not depend on whether freed objects
+    of an earlier path still sit in partially used slab pages."""
+    try:
+        lines = Path("/proc/slabinfo").read_text().splitlines()[2:]
+    except OSError:
+        return None
+    total = 0
+    for line in lines:
+        cols = line.split()
+        total += int(cols[1]) * int(cols[3])
+    return total / 1024
+
+
 def tcp_mem_pages() -> int:
     for line in Path("/proc/net/sockstat").read_text().splitlines():
         if line.startswith("TCP:"):

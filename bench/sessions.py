@@ -21,7 +21,7 @@ import time
 from bench import netload
 from bench.peers import (Ctx, EdgegwSsh, HAProxy, RelayPath, Sshd, choose, relay_paths,
                          start_all, stop_all)
-from bench.procs import (Skip, kernel_other_kib, log, meminfo_kib, memory_kib, pipe_fds,
+from bench.procs import (Skip, kernel_other_kib, slab_object_kib, log, meminfo_kib, memory_kib, pipe_fds,
                          process_tree, tcp_mem_pages)
 from bench.report import Metric, PartResult, Results
 
@@ -30,7 +30,8 @@ METRICS = [
     Metric("pss_kib", "relay PSS/sess", "KiB", "{:.2f}"),
     Metric("rss_kib", "relay RSS/sess", "KiB", "{:.2f}"),
     Metric("node_pss_kib", "node PSS/sess", "KiB", "{:.2f}"),
-    Metric("slab_kib", "Slab/sess", "KiB", "{:.2f}"),
+    Metric("slab_obj_kib", "slab objs/sess", "KiB", "{:.2f}"),
+    Metric("slab_kib", "Slab pages/sess", "KiB", "{:.2f}", table=False),
     Metric("sunreclaim_kib", "SUnreclaim/sess", "KiB", "{:.2f}", table=False),
     Metric("other_kib", "other kernel/sess", "KiB", "{:.2f}", table=False),
     Metric("kernel_relay_kib", "relay slab/sess", "KiB", "{:.2f}"),
@@ -139,7 +140,7 @@ class Holder:
 
 def _snapshot(path: RelayPath) -> dict:
     mi = meminfo_kib()
-    snap = {"slab": mi["Slab"], "sunreclaim": mi["SUnreclaim"], "other": kernel_other_kib(mi),
+    snap = {"slab": mi["Slab"], "slab_obj": slab_object_kib(), "sunreclaim": mi["SUnreclaim"], "other": kernel_other_kib(mi),
             "tcp_pages": tcp_mem_pages(), "roles": {}}
     for role, pid in path.pids().items():
         mem = memory_kib(pid)
@@ -212,7 +213,11 @@ def measure_memory(part: PartResult, path: RelayPath, rep: int, n: int,
         part.add(path.name, "other_kib", rep, (after["other"] - base["other"]) / held)
         part.add(path.name, "tcp_mem_kib", rep,
                  (after["tcp_pages"] - base["tcp_pages"]) * 4 / held)
-        slab = (after["slab"] - base["slab"]) / held
+        if base["slab_obj"] is not None:
+            slab = (after["slab_obj"] - base["slab_obj"]) / held
+            part.add(path.name, "slab_obj_kib", rep, slab)
+        else:
+            slab = (after["slab"] - base["slab"]) / held
         kernel = slab + (after["other"] - base["other"]) / held
         if path.name == "direct":
             direct_kernel[rep] = slab
@@ -249,7 +254,7 @@ def run(ctx: Ctx, results: Results, *, quick: bool, repeat: int, count: int | No
     part = results.part(PartResult(
         "sessions", f"sessions: memory per idle relayed session (N={n})", METRICS,
         baselines=[], ratio_metrics=[]))
-    part.notes["method"] = ("PSS/RSS = relay process tree delta / N; Slab = system-wide "
+    part.notes["method"] = ("fresh relay processes every round; PSS/RSS = relay process tree delta / N; slab objs = system-wide /proc/slabinfo active_objs x objsize delta / N; Slab = system-wide "
                             "/proc/meminfo delta / N (includes client and echo-server sockets);"
                             " 'relay slab' = that minus the direct path's, same repetition; "
                             "JSON also has SUnreclaim, 'other kernel' (pipe buffers, skbs: "
@@ -265,10 +270,14 @@ def run(ctx: Ctx, results: Results, *, quick: bool, repeat: int, count: int | No
         return part
     running: list[RelayPath] = []
     try:
-        running = start_all(paths, ctx, port, part.skip)
         direct_kernel: dict[int, float] = {}
-        total, step = repeat * len(running), 0
+        total, step = repeat * len(paths), 0
         for rep in range(repeat):
+            # Fresh processes every round: a warm relay reuses the memory an earlier round
+            # freed, and would show ~0 per session from the second round on.
+            stop_all(running)
+            running = start_all([p for p in paths if not p.broken], ctx, port,
+                                part.skip if rep == 0 else part.fail)
             for path in running:
                 step += 1
                 want = min(n, 1000) if path.name == "socat" else n

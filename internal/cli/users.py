@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -308,7 +309,7 @@ def _perms(items: tuple[str, ...], preset: str | None) -> frozenset[Perm] | None
 
 
 def _read_password() -> str:
-    stdin = click.get_text_stream("stdin")
+    stdin = sys.stdin
     if stdin.isatty():
         pw = click.prompt("Password", hide_input=True, confirmation_prompt=True)
     else:
