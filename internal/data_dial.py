@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from typing import Callable
 
 from edgegw.netaddr import HostPort
 from edgegw.pnc import dataauth
@@ -26,29 +27,25 @@ async def _dial(addr: HostPort) -> socket.socket:
         raise
 
 
-async def dial_session(addr: HostPort, session_id: int, secret: bytes) -> socket.socket:
-    """A Data connection proven for one offer; the SSH stream starts right after the proof."""
+async def _dial_proven(addr: HostPort, proof: Callable[[bytes], bytes]) -> socket.socket:
+    """Dial the Data port, read the gateway's challenge, answer with proof(nonce)."""
     sock = await _dial(addr)
     try:
         nonce = dataauth.parse_challenge(
             await asyncio.wait_for(recv_exact(sock, dataauth.CHALLENGE_LEN), DIAL_TIMEOUT))
-        await asyncio.get_running_loop().sock_sendall(
-            sock, dataauth.session_proof(secret, session_id, nonce))
+        await asyncio.get_running_loop().sock_sendall(sock, proof(nonce))
         return sock
     except BaseException:
         sock.close()
         raise
+
+
+async def dial_session(addr: HostPort, session_id: int, secret: bytes) -> socket.socket:
+    """A Data connection proven for one offer; the SSH stream starts right after the proof."""
+    return await _dial_proven(addr, lambda nonce: dataauth.session_proof(secret, session_id,
+                                                                         nonce))
 
 
 async def dial_pooled(addr: HostPort, pool_key: bytes, ident: int) -> socket.socket:
     """A pre-opened Data connection proven with the link's pool key; it waits for assignment."""
-    sock = await _dial(addr)
-    try:
-        nonce = dataauth.parse_challenge(
-            await asyncio.wait_for(recv_exact(sock, dataauth.CHALLENGE_LEN), DIAL_TIMEOUT))
-        await asyncio.get_running_loop().sock_sendall(
-            sock, dataauth.pool_proof(pool_key, ident, nonce))
-        return sock
-    except BaseException:
-        sock.close()
-        raise
+    return await _dial_proven(addr, lambda nonce: dataauth.pool_proof(pool_key, ident, nonce))
