@@ -117,7 +117,8 @@ def start_node(work: Path, pubkey: Path, name: str = "node", src: str = "") -> S
     """`src`: run the node from another source tree (e.g. an unmodified export, for a
     before/after comparison in the same run)."""
     home = work / name
-    env = dict(os.environ, PYTHONPATH=src) if src else None
+    env = dict(os.environ, PYTHONPATH=src) if src else None   # run from `work`: with -m,
+    # the current directory would come before PYTHONPATH on sys.path
     edgegw = [sys.executable, "-m", "edgegw", "internal"]
     subprocess.run([*edgegw, "init", "--home", str(home)], check=True,
                    stdout=subprocess.DEVNULL)
@@ -126,7 +127,7 @@ def start_node(work: Path, pubkey: Path, name: str = "node", src: str = "") -> S
     port = free_port()
     proc = subprocess.Popen([*edgegw, "serve", "--home", str(home), "--workers", "1",
                              "--listen", f"127.0.0.1:{port}", "--log-level", "warning"],
-                            stderr=subprocess.DEVNULL, env=env)
+                            stderr=subprocess.DEVNULL, env=env, cwd=work)
     wait_port(port, proc, "edgegw internal serve")
     return Server(name, port, "bench", "/", proc)
 
@@ -172,9 +173,9 @@ def main() -> None:
                     help="comma-separated: sshd, node, or LABEL=SRCDIR for a node run from "
                          "another source tree (PYTHONPATH=SRCDIR), e.g. base=/tmp/edgegw-base")
     ap.add_argument("--profile", metavar="PREFIX",
-                    help="py-spy record the node (first rep) to PREFIX-{up,down}-CIPHER.txt, collapsed "
-                         "stacks (flamegraph.pl / speedscope read them), and print the top "
-                         "functions")
+                    help="py-spy record the node (first rep) to PREFIX-{up,down}-CIPHER.txt, "
+                         "collapsed stacks (flamegraph.pl / speedscope read them), and print "
+                         "the top functions")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sftp-profile-", dir="/dev/shm"))
     servers: list[Server] = []

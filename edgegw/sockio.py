@@ -7,14 +7,18 @@ import socket
 from edgegw.netaddr import HostPort
 
 
-def listen_socket(addr: HostPort, backlog: int = 1024) -> socket.socket:
-    """A non-blocking listening socket; OSError names the address that could not be bound."""
+def listen_socket(addr: HostPort, backlog: int = 1024, *,
+                  reuse_port: bool = False) -> socket.socket:
+    """A non-blocking listening socket; OSError names the address that could not be bound.
+    `reuse_port` lets several worker processes share the port (the kernel spreads clients)."""
     infos = socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM,
                                flags=socket.AI_PASSIVE)
     family = infos[0][0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind(infos[0][4])

@@ -73,7 +73,8 @@ async def serve(home: NodeHome, opts: ServeOptions) -> None:
         if opts.listen is not None:
             if opts.forward is not None:
                 raise SystemExit("--listen and --forward cannot be combined")
-            listener = await service.listen(opts.listen.host, opts.listen.port)  # type: ignore[attr-defined]
+            listener = await service.listen(opts.listen.host, opts.listen.port,  # type: ignore[attr-defined]
+                                            reuse_port=opts.reuse_port)
             log.info("serving SSH/SFTP directly on %s", opts.listen)
         run_dir(home).mkdir(exist_ok=True)
         pid_file.write_text(f"{os.getpid()}\n")

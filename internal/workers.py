@@ -28,7 +28,7 @@ def worker_args(argv: list[str], index: int, node_id: str) -> list[str]:
             skip = True  # its value follows
         elif not arg.startswith(("--workers=", "--node-id=")):
             out.append(arg)
-    return [sys.executable, "-m", "edgegw", *out, "--workers", "1",
+    return [sys.executable, "-m", "edgegw", *out, "--workers", "1", "--reuse-port",
             "--node-id", f"{node_id}-w{index}"]
 
 

@@ -75,11 +75,13 @@ def init(home_dir: str, db_url: str | None, node_id: str | None, files_root: str
                    "the cores.")
 @click.option("--pool-size", default=2, show_default=True, type=click.IntRange(0, 64),
               help="Pre-opened Data connections per gateway (0: dial one per session).")
+@click.option("--reuse-port", is_flag=True, hidden=True,
+              help="Share --listen with sibling worker processes (set by --workers).")
 @click.option("--log-level", type=click.Choice(LEVELS), default="info", show_default=True)
 def serve(home_dir: str, gateways: list[HostPort], listen: HostPort | None,
           forward: HostPort | None, forward_proxy_protocol: str | None, capacity: int,
           weight: int, drain_timeout: float, node_id: str | None, workers: int,
-          pool_size: int, log_level: str) -> None:
+          pool_size: int, reuse_port: bool, log_level: str) -> None:
     """Run the internal node: dial the gateways and serve the sessions they offer."""
     from internal.runtime import ServeOptions, serve as run_node
 
@@ -100,7 +102,7 @@ def serve(home_dir: str, gateways: list[HostPort], listen: HostPort | None,
     opts = ServeOptions(list(gateways), listen=listen, forward=forward,
                         forward_proxy_protocol=forward_proxy_protocol, capacity=capacity,
                         weight=weight, drain_timeout=drain_timeout, node_id=node_id,
-                        pool_size=pool_size, reuse_port=listen is not None)
+                        pool_size=pool_size, reuse_port=reuse_port)
     try:
         asyncio.run(run_node(home, opts))
     except (StoreError, OSError) as exc:

@@ -1,0 +1,265 @@
+"""The SSH packet layer under bulk SFTP: asyncssh's server connection, leaner per packet.
+
+A 1 GiB transfer is ~33,000 SSH packets each way (OpenSSH clients take at most 32 KiB per
+channel packet), and asyncssh does every one in Python on the event loop thread. Profiles of
+the node (bench/sftp_profile.py) showed the time going into per-packet bookkeeping rather than
+the cipher, and this subclass removes what the node does not need:
+
+* one socket write per event-loop turn instead of one per packet (`_CorkedTransport`);
+* no SSH_MSG_IGNORE before every packet: asyncssh sends one as the old countermeasure against
+  CBC plaintext recovery, and the node offers no CBC cipher (`internal.ssh.algorithms`);
+* a receive buffer consumed through a memoryview, so each packet no longer copies everything
+  queued behind it;
+* AES-GCM with one AESGCM object per key and a single copy per packet each way;
+* packet logging only when asyncssh's packet-level debug is on.
+
+Everything else (key exchange, rekeying, auth, channels) is asyncssh's own code; packets before
+authentication completes, during key exchange, or with compression go through it unchanged.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any, Optional
+
+import asyncssh
+from asyncssh.connection import SSHServerConnection
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+try:   # asyncssh's GCM shim; if its layout ever changes the generic path is used
+    from asyncssh.encryption import GCMEncryption
+except ImportError:   # pragma: no cover
+    GCMEncryption = None  # type: ignore[assignment,misc]
+
+_MSG_USERAUTH_LAST = 79
+_GCM_TAG = 16
+_U64 = 0xFFFFFFFFFFFFFFFF
+
+
+class _FastGCM:
+    """aes*-gcm@openssh.com (RFC 5647) for one direction: same nonce sequence as asyncssh's
+    GCMCipher, one AESGCM key schedule per key instead of per packet."""
+
+    def __init__(self, key: bytes, iv: bytes) -> None:
+        self._aead = AESGCM(key)
+        self._fixed = iv[:4]
+        self._counter = int.from_bytes(iv[4:], "big")
+
+    @classmethod
+    def wrap(cls, enc: Any) -> Any:
+        cipher = getattr(enc, "_cipher", None)
+        key, iv = getattr(cipher, "_key", None), getattr(cipher, "_iv", None)
+        if type(enc) is not GCMEncryption or not isinstance(key, bytes) or \
+                not isinstance(iv, bytes) or len(iv) != 12:
+            return enc
+        return cls(key, iv)
+
+    def _nonce(self) -> bytes:
+        nonce = self._fixed + self._counter.to_bytes(8, "big")
+        self._counter = (self._counter + 1) & _U64
+        return nonce
+
+    def seal(self, header: bytes, packet: bytes) -> bytes:
+        """Ciphertext followed by the tag."""
+        return self._aead.encrypt(self._nonce(), packet, header)
+
+    # -- asyncssh's Encryption interface ---------------------------------------------------
+    @classmethod
+    def needs_mac(cls) -> bool:
+        return False
+
+    def encrypt_packet(self, seq: int, header: bytes, packet: bytes) -> tuple[bytes, bytes]:
+        data = self.seal(header, packet)
+        return header + data[:-_GCM_TAG], data[-_GCM_TAG:]
+
+    def decrypt_header(self, seq: int, first_block: Any, header_len: int) -> tuple[Any, Any]:
+        return first_block, first_block[:header_len]
+
+    def decrypt_packet(self, seq: int, first: Any, rest: Any, header_len: int,
+                       mac: Any) -> Optional[bytes]:
+        nonce = self._nonce()
+        try:
+            return self._aead.decrypt(nonce, b"".join((first[header_len:], rest, mac)),
+                                      bytes(first[:header_len]))
+        except InvalidTag:
+            return None
+
+
+class _BytesIn:
+    """Any other cipher: asyncssh's own, handed bytes as it expects (the receive buffer is a
+    memoryview here)."""
+
+    def __init__(self, enc: Any) -> None:
+        self._enc = enc
+
+    def decrypt_packet(self, seq: int, first: Any, rest: Any, header_len: int,
+                       mac: Any) -> Optional[bytes]:
+        return self._enc.decrypt_packet(seq, first, bytes(rest), header_len, bytes(mac))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._enc, name)
+
+
+def _wrap(enc: Any) -> Any:
+    if enc is None:
+        return None
+    fast = _FastGCM.wrap(enc)
+    return fast if fast is not enc else _BytesIn(enc)
+
+
+class _CorkedTransport:
+    """Collects writes made during one event-loop turn and hands them to the real transport
+    as one write: one send() for a burst of packets instead of one each."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            self._loop.call_soon(self.flush)
+        self._pending.append(data)
+
+    def writelines(self, parts: Any) -> None:
+        for part in parts:
+            self.write(part)
+
+    def flush(self) -> None:
+        pending = self._pending
+        if pending:
+            self._pending = []
+            if not self._transport.is_closing():
+                self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(map(len, self._pending))
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._pending = []
+        self._transport.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class NodeServerConnection(SSHServerConnection):
+    """asyncssh's SSHServerConnection with the per-packet fast path described above."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(
+            _CorkedTransport(transport, self._loop))  # type: ignore[arg-type]
+
+    # Both directions' encryption objects are swapped for the fast GCM one when they are set
+    # (after each key exchange); anything else is kept as asyncssh made it.
+    @property
+    def _send_encryption(self) -> Any:
+        return self.__dict__.get("_node_send_enc")
+
+    @_send_encryption.setter
+    def _send_encryption(self, enc: Any) -> None:
+        self.__dict__["_node_send_enc"] = _wrap(enc)
+
+    @property
+    def _recv_encryption(self) -> Any:
+        return self.__dict__.get("_node_recv_enc")
+
+    @_recv_encryption.setter
+    def _recv_encryption(self, enc: Any) -> None:
+        self.__dict__["_node_recv_enc"] = _wrap(enc)
+
+    # -- receive ---------------------------------------------------------------------------
+    def data_received(self, data: bytes, datatype: Any = None) -> None:
+        buf = self._inpbuf
+        if not buf:
+            self._inpbuf = data
+        elif isinstance(buf, memoryview):   # the partial packet left from the last read
+            self._inpbuf = b"".join((buf, data))
+        else:
+            self._inpbuf = buf + data
+        self._recv_data()
+
+    def _recv_pkthdr(self) -> bool:
+        # asyncssh slices `_inpbuf` once per packet; over a memoryview that costs nothing,
+        # where slicing bytes copied the whole rest of the read each time.
+        buf = self._inpbuf
+        bs = self._recv_blocksize
+        if len(buf) < bs:
+            return False
+        if not isinstance(buf, memoryview):
+            buf = memoryview(buf)
+        first = bytes(buf[:bs])
+        self._inpbuf = buf[bs:]
+        if self._recv_encryption:
+            self._packet, pktlen = self._recv_encryption.decrypt_header(
+                self._recv_seq, first, 4)
+        else:
+            self._packet, pktlen = first, first[:4]
+        self._pktlen = int.from_bytes(pktlen, "big")
+        if self._pktlen > self._max_recv_pktlen:
+            raise asyncssh.ProtocolError("Max packet size exceeded")
+        self._recv_handler = self._recv_packet
+        return True
+
+    # -- send ------------------------------------------------------------------------------
+    def send_packet(self, pkttype: int, *args: bytes, handler: Any = None) -> None:
+        enc = self._send_encryption
+        if (pkttype <= _MSG_USERAUTH_LAST or enc is None or not self._kex_complete or
+                not self._auth_complete or self._compressor is not None or
+                self._rekey_bytes_sent >= self._rekey_bytes or
+                (self._rekey_seconds and time.monotonic() >= self._rekey_time)):
+            super().send_packet(pkttype, *args, handler=handler)
+            return
+        payload_len = 1 + sum(map(len, args))
+        blocksize = self._send_blocksize
+        padlen = -(self._send_enchdrlen + payload_len) % blocksize
+        if padlen < 4:
+            padlen += blocksize
+        pktlen = 1 + payload_len + padlen
+        hdr = pktlen.to_bytes(4, "big")
+        seq = self._send_seq
+        packet = b"".join((bytes((padlen, pkttype)), *args, os.urandom(padlen)))
+        transport = self._transport
+        if isinstance(enc, _FastGCM):
+            data = enc.seal(hdr, packet)
+            if transport is not None:
+                transport.write(hdr)
+                transport.write(data)
+        else:
+            data, mac = enc.encrypt_packet(seq, hdr, packet)
+            if transport is not None:
+                transport.write(data)
+                transport.write(mac)
+        self._send_seq = (seq + 1) & 0xFFFFFFFF
+        self._rekey_bytes_sent += pktlen
+        logger = (handler or self).logger
+        if getattr(logger, "_debug_level", 3) >= 3:
+            (handler or self).log_sent_packet(pkttype, seq, bytes((pkttype,)) + b"".join(args))
+
+
+async def run_server(sock: Any, options: asyncssh.SSHServerConnectionOptions
+                     ) -> SSHServerConnection:
+    """asyncssh.run_server on a connected socket, with `NodeServerConnection`."""
+    loop = asyncio.get_running_loop()
+    opts = await asyncssh.SSHServerConnectionOptions.construct(options)
+    waiter: asyncio.Future[None] = loop.create_future()
+    opts.waiter = waiter
+    _, conn = await loop.create_connection(
+        lambda: NodeServerConnection(loop, opts, wait="auth"), sock=sock)
+    try:
+        await asyncio.wait_for(waiter, timeout=opts.connect_timeout)
+    except BaseException:
+        conn.abort()
+        await conn.wait_closed()
+        raise
+    return conn
