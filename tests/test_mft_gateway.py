@@ -214,3 +214,47 @@ async def test_brute_force_banned_at_gateway(node_home: Path, gateway: GatewayPr
     bans = subprocess.run(edgegw_cmd("internal", "ban", "list", "--home", str(node_home)),
                           capture_output=True, text=True, check=True)
     assert "127.0.0.4" in bans.stdout
+
+
+async def test_openssh_extensions_work_inside_the_rules(gateway: GatewayProc, node: Proc,
+                                                        alice: tuple[str, Path]) -> None:
+    """posix-rename, statvfs, fsync, hardlink and limits, as OpenSSH clients use them."""
+    user, key = alice
+    async with asyncssh.connect("127.0.0.1", gateway.external, username=user,
+                                client_keys=[str(key)], known_hosts=None) as conn:
+        async with conn.start_sftp_client() as sftp:
+            assert sftp.limits.max_write_len >= 32768
+            async with sftp.open("x.txt", "wb") as f:
+                await f.write(b"hello")
+                await f.fsync()
+            await sftp.posix_rename("x.txt", "y.txt")
+            await sftp.link("y.txt", "z.txt")
+            assert (await sftp.stat("z.txt")).size == 5
+            vfs = await sftp.statvfs(".")
+            assert vfs.bsize > 0 and vfs.blocks > 0
+            with pytest.raises(asyncssh.SFTPError):
+                await sftp.link("/etc/passwd", "stolen")   # a hard link to outside: refused
+            assert sorted(await sftp.listdir(".")) == [".", "..", "y.txt", "z.txt"] or \
+                sorted(await sftp.listdir(".")) == ["y.txt", "z.txt"]
+
+
+async def test_disk_full_is_reported_and_leaves_no_file(node_home: Path, gateway: GatewayProc,
+                                                        node: Proc, tmp_path: Path) -> None:
+    small = tmp_path / "small-fs"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        key = make_key(tmp_path / "kd")
+        add_user(node_home, "full", key, "--home-dir", str(small / "full"))
+        async with asyncssh.connect("127.0.0.1", gateway.external, username="full",
+                                    client_keys=[str(key)], known_hosts=None) as conn:
+            async with conn.start_sftp_client() as sftp:
+                with pytest.raises(asyncssh.SFTPError, match="(?i)space"):
+                    async with sftp.open("huge.bin", "wb") as f:
+                        await f.write(os.urandom(4 << 20))
+        assert os.listdir(small / "full") == []   # neither the file nor its temporary
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)

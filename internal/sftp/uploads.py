@@ -72,6 +72,19 @@ class OpenFile:
             os.close(fd)
 
 
+def _pwrite_all(fd: int, data: bytes, offset: int) -> int:
+    """SFTP has no short writes: a write either stored every byte or failed. pwrite() may
+    store part (a disk filling up) and fail only on the next call, so loop until done."""
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        n = os.pwrite(fd, view[done:], offset + done)
+        if n <= 0:
+            raise OSError(errno.EIO, "write stored nothing")
+        done += n
+    return done
+
+
 class Upload(OpenFile):
     """A file being written: a temporary that replaces the final name on `commit()`."""
 
@@ -157,7 +170,7 @@ class Upload(OpenFile):
         end = (self.size if self.append else offset) + len(data)
         self._grow(end)
         try:
-            n = os.pwrite(self.fd, data, offset)
+            n = _pwrite_all(self.fd, data, offset)
         except OSError as exc:
             self.failed = exc
             raise
@@ -250,8 +263,9 @@ def _copy(src: int, dst: int) -> None:
     os.lseek(src, 0, os.SEEK_SET)
     os.lseek(dst, 0, os.SEEK_SET)
     os.ftruncate(dst, 0)
+    pos = 0
     while chunk := os.read(src, 1 << 20):
-        os.write(dst, chunk)
+        pos += _pwrite_all(dst, chunk, pos)
 
 
 def _unlink_quietly(name: bytes, dir_fd: int) -> None:
