@@ -20,6 +20,7 @@ from internal.data_dial import dial_session
 from internal.data_pool import DataPool
 from internal.gateway_link import GatewayLink, node_tls_context
 from internal.home import NodeHome
+from internal.ipmatch import ip_in
 from internal.session import SessionContext, SessionService
 from internal.store.base import BanEntry
 
@@ -143,6 +144,11 @@ class Node:
                                       "duration_ms": closed.duration_ms, "reason": closed.reason})
 
     # -- bans (from the defender or the operator) -----------------------------------------
+
+    def banned(self, ip: str) -> bool:
+        """From memory: the bans last read from the store (refreshed every second)."""
+        now = time.time()
+        return ip_in(ip, [b.ip for b in self._bans.values() if b.until > now])
 
     def push_ban(self, entry: BanEntry) -> None:
         self._bans[entry.ip] = entry
