@@ -113,6 +113,18 @@ struct relay_worker {
     relay_counter bufs_in_use, bufs_pooled;
 };
 
+/* Forward a drained direction's end of stream to its destination, once: 0, or the errno of
+ * a failed shutdown(). Both backends call it only when nothing is left in flight. */
+static inline int relay_dir_forward_eof(struct relay_dir *x, int dst)
+{
+    if (!x->shut) {
+        if (shutdown(dst, SHUT_WR) < 0 && errno != ENOTCONN)
+            return errno;
+        x->shut = 1;
+    }
+    return 0;
+}
+
 /* Engine services for backends (engine.c). */
 void relay_session_touch(struct relay_worker *w, struct relay_session *s, uint64_t moved);
 /* Close the pair and queue its report. Memory is freed after the current batch of events. */

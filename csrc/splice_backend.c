@@ -107,13 +107,9 @@ static int pump(struct relay_worker *w, struct relay_session *s, int d, int *err
             break; /* destination full; EPOLLOUT will bring us back */
         x->paused = 0;
         if (x->eof) {
-            if (!x->shut) {
-                if (shutdown(dst, SHUT_WR) < 0 && errno != ENOTCONN) {
-                    *err = errno;
-                    reason = RELAY_RESET;
-                    goto out;
-                }
-                x->shut = 1;
+            if ((*err = relay_dir_forward_eof(x, dst)) != 0) {
+                reason = RELAY_RESET;
+                goto out;
             }
             break;
         }

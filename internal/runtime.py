@@ -71,9 +71,7 @@ async def serve(home: NodeHome, opts: ServeOptions) -> None:
     loop.add_signal_handler(signal.SIGTERM, drain.set)  # SIGTERM drains, as orchestrators expect
     ban_task = None
     try:
-        if opts.listen is not None:
-            if opts.forward is not None:
-                raise SystemExit("--listen and --forward cannot be combined")
+        if opts.listen is not None:  # the CLI refuses --listen with --forward
             listener = await service.listen(opts.listen.host, opts.listen.port,  # type: ignore[attr-defined]
                                             reuse_port=opts.reuse_port)
             log.info("serving SSH/SFTP directly on %s", opts.listen)
