@@ -9,7 +9,7 @@ the cipher, and this subclass removes what the node does not need:
 * no SSH_MSG_IGNORE before every packet: asyncssh sends one as the old countermeasure against
   CBC plaintext recovery, and the node offers no CBC cipher (`internal.ssh.algorithms`);
 * a receive buffer consumed through a memoryview, so each packet no longer copies everything
-  queued behind it;
+  queued behind it, and a packet that arrives in many reads is joined once, not once per read;
 * AES-GCM with one AESGCM object per key and a single copy per packet each way;
 * packet logging only when asyncssh's packet-level debug is on.
 
@@ -157,6 +157,8 @@ class NodeServerConnection(SSHServerConnection):
     """asyncssh's SSHServerConnection with the per-packet fast path described above."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._held: list[bytes] = []   # reads of a packet not yet complete (data_received)
+        self._held_len = 0
         super().connection_made(
             _CorkedTransport(transport, self._loop))  # type: ignore[arg-type]
 
@@ -181,7 +183,21 @@ class NodeServerConnection(SSHServerConnection):
     # -- receive ---------------------------------------------------------------------------
     def data_received(self, data: bytes, datatype: Any = None) -> None:
         buf = self._inpbuf
-        if not buf:
+        if self._recv_handler == self._recv_packet:
+            # A large packet often arrives in many reads (always so through a relay). Joining
+            # each read onto what is buffered would copy the packet over and over: keep the
+            # reads aside until the whole packet is there, then join once.
+            rem = 4 + self._pktlen + self._recv_macsize - self._recv_blocksize
+            if len(buf) + self._held_len + len(data) < rem:
+                self._held.append(data)
+                self._held_len += len(data)
+                self._reset_keepalive_timer()
+                return
+        if self._held:
+            self._inpbuf = b"".join((buf, *self._held, data))
+            self._held = []
+            self._held_len = 0
+        elif not buf:
             self._inpbuf = data
         elif isinstance(buf, memoryview):   # the partial packet left from the last read
             self._inpbuf = b"".join((buf, data))
