@@ -69,6 +69,6 @@ def serve(external: HostPort, pnc: HostPort, data: HostPort, trust: Path, gatewa
         idle_timeout=idle_timeout, proxy_protocol_from=nets)
     try:
         run_until_signalled(lambda stop: run_gateway(config, stop))
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # a port in use, a bad $EDGEGW_RELAY_BACKEND, ...
         logging.getLogger("edgegw.gateway").error("%s", exc)
         raise click.ClickException(str(exc)) from None

@@ -1,0 +1,71 @@
+"""Bad command lines and config get one clear line and a non-zero exit, never a traceback."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.procs import edgegw_cmd
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(edgegw_cmd(*args), capture_output=True, text=True, timeout=60,
+                          env=env, stdin=subprocess.DEVNULL)
+
+
+def _serve(trust: Path, external: str = "127.0.0.1:0") -> list[str]:
+    return ["serve", "--external", external, "--pnc", "127.0.0.1:0", "--data", "127.0.0.1:0",
+            "--trust", str(trust)]
+
+
+def test_gateway_bad_inputs(tmp_path: Path, node_home: Path) -> None:
+    trust = node_home / "gateway-trust.pem"
+    key_file = node_home / "pnc" / "node.key"
+    busy = socket.create_server(("127.0.0.1", 0))
+    cases = [
+        (_serve(tmp_path / "missing.pem"), "cannot read trust file"),
+        (_serve(Path("/etc/hostname")), "holds no PEM certificate"),
+        (_serve(key_file), "contains a private key"),
+        (_serve(trust, external="nohostport"), "expected HOST:PORT"),
+        (_serve(trust, external="127.0.0.1:99999"), "out of range"),
+        (_serve(trust, external=f"127.0.0.1:{busy.getsockname()[1]}"), "cannot listen on"),
+        ([*_serve(trust), "--proxy-protocol-from", "10.0.0.0/33"], "not an IP address"),
+    ]
+    try:
+        for args, message in cases:
+            res = _run(*args)
+            assert res.returncode != 0, args
+            assert message in res.stderr, (args, res.stderr)
+            assert "Traceback" not in res.stderr, res.stderr
+        res = _run(*_serve(trust), env=dict(os.environ, EDGEGW_RELAY_BACKEND="bogus"))
+        assert res.returncode != 0 and "unknown relay backend" in res.stderr
+        assert "Traceback" not in res.stderr
+    finally:
+        busy.close()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["internal", "serve", "--home", "/nonexistent/home", "--gateway", "127.0.0.1:1"],
+     "not an edgegw node home"),
+    (["internal", "serve", "--gateway", "127.0.0.1:1"], "--home"),
+    (["internal", "drain", "--home", "/nonexistent/home"], "not an edgegw node home"),
+])
+def test_node_bad_inputs(args: list[str], message: str) -> None:
+    res = _run(*args, env={k: v for k, v in os.environ.items() if k != "EDGEGW_HOME"})
+    assert res.returncode != 0 and message in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_node_serve_needs_a_gateway_or_listen(node_home: Path) -> None:
+    res = _run("internal", "serve", "--home", str(node_home))
+    assert res.returncode != 0 and "--gateway" in res.stderr
+    res = _run("internal", "serve", "--home", str(node_home), "--listen", "127.0.0.1:1",
+               "--forward", "127.0.0.1:2")
+    assert res.returncode != 0 and "cannot be combined" in res.stderr
+    corrupt = node_home / "node.json"
+    corrupt.write_text("{not json")
+    res = _run("internal", "serve", "--home", str(node_home), "--gateway", "127.0.0.1:1")
+    assert res.returncode != 0 and "cannot read" in res.stderr and "Traceback" not in res.stderr
