@@ -9,11 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from edgegw.pnc import RemoteProtocolError, dataauth
 from edgegw.sockio import recv_exact
 from internal.data_dial import dial_pooled
+
+if TYPE_CHECKING:
+    from internal.gateway_link import GatewayLink
 
 log = logging.getLogger("edgegw.node.pool")
 
@@ -21,7 +24,7 @@ Assigned = Callable[[int, socket.socket], None]  # must not block: spawn the ses
 
 
 class DataPool:
-    def __init__(self, link: "object", size: int, on_assigned: Assigned) -> None:
+    def __init__(self, link: "GatewayLink", size: int, on_assigned: Assigned) -> None:
         self.link = link
         self.size = size
         self.on_assigned = on_assigned
@@ -51,7 +54,7 @@ class DataPool:
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._waiting.discard(task)
-        if not task.cancelled() and getattr(self.link, "connected", False):
+        if not task.cancelled() and self.link.connected:
             self.fill()
 
     async def _one(self) -> None:
@@ -59,10 +62,10 @@ class DataPool:
         ident = self._next_ident
         self._next_ident += 1
         try:
-            sock = await dial_pooled(link.data_addr, link.gateway.pool_key, ident)  # type: ignore[attr-defined]
+            sock = await dial_pooled(link.data_addr, link.gateway.pool_key, ident)  # type: ignore[union-attr]
         except (OSError, asyncio.TimeoutError, ConnectionError, RemoteProtocolError) as exc:
             self._failures += 1
-            log.debug("pooled data connection to %s failed: %s", link.target, exc)  # type: ignore[attr-defined]
+            log.debug("pooled data connection to %s failed: %s", link.target, exc)
             await asyncio.sleep(0.5)
             return
         self._failures = 0
@@ -72,8 +75,11 @@ class DataPool:
         except (OSError, ConnectionError, RemoteProtocolError) as exc:
             # Closed unassigned (gateway restart, link down): one idle connection fewer.
             self.idle = max(0, self.idle - 1)
-            log.debug("pooled data connection to %s closed: %s", link.target, exc)  # type: ignore[attr-defined]
+            log.debug("pooled data connection to %s closed: %s", link.target, exc)
             sock.close()
             return
+        except asyncio.CancelledError:   # the pool is closing (link down, node stopping)
+            sock.close()
+            raise
         # take() already counted this connection out of `idle`; the done-callback replaces it.
         self.on_assigned(session_id, sock)
