@@ -30,6 +30,23 @@ def listen_socket(addr: HostPort, backlog: int = 1024, *,
     return sock
 
 
+async def connect_tcp(addr: HostPort, timeout: float) -> socket.socket:
+    """A connected, non-blocking TCP socket with Nagle off (both sides exchange small
+    messages and wait for answers); closed again if the connect fails or is cancelled."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM)
+    family, _, _, _, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, sockaddr), timeout)
+    except BaseException:
+        sock.close()
+        raise
+    set_nodelay(sock)
+    return sock
+
+
 async def recv_exact(sock: socket.socket, n: int) -> bytes:
     """Read exactly n bytes, never more (bytes after them belong to whoever gets the socket)."""
     loop = asyncio.get_running_loop()

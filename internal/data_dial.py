@@ -7,29 +7,14 @@ from typing import Callable
 
 from edgegw.netaddr import HostPort
 from edgegw.pnc import dataauth
-from edgegw.sockio import recv_exact, set_nodelay
+from edgegw.sockio import connect_tcp, recv_exact
 
 DIAL_TIMEOUT = 5.0
 
 
-async def _dial(addr: HostPort) -> socket.socket:
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM)
-    family, _, _, _, sockaddr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    try:
-        await asyncio.wait_for(loop.sock_connect(sock, sockaddr), DIAL_TIMEOUT)
-        set_nodelay(sock)
-        return sock
-    except BaseException:
-        sock.close()
-        raise
-
-
 async def _dial_proven(addr: HostPort, proof: Callable[[bytes], bytes]) -> socket.socket:
     """Dial the Data port, read the gateway's challenge, answer with proof(nonce)."""
-    sock = await _dial(addr)
+    sock = await connect_tcp(addr, DIAL_TIMEOUT)
     try:
         nonce = dataauth.parse_challenge(
             await asyncio.wait_for(recv_exact(sock, dataauth.CHALLENGE_LEN), DIAL_TIMEOUT))

@@ -10,16 +10,19 @@ from typing import Callable
 from edgegw import proxyproto
 from edgegw.netaddr import HostPort
 from edgegw.relay import Relay, RelayReport, create_relay
-from edgegw.sockio import set_nodelay
+from edgegw.sockio import connect_tcp
+from internal.audit import AuditLog
 from internal.session import SessionContext, SessionResult
 
 log = logging.getLogger("edgegw.node.session")
+
+CONNECT_TIMEOUT = 5.0
 
 
 class ForwardService:
     def __init__(self, target: HostPort, *, proxy_protocol: str | None = None,
                  capacity: int = 0, banned: Callable[[str], object] | None = None,
-                 audit: "object | None" = None, node_id: str = "",
+                 audit: AuditLog | None = None,
                  relay: Relay | None = None) -> None:
         self.target = target
         self.proxy_protocol = proxy_protocol
@@ -51,19 +54,17 @@ class ForwardService:
         self._next_id += 1
         fut: asyncio.Future[RelayReport] = loop.create_future()
         self._waiting[rid] = fut
-        upstream = socket.socket(socket.AF_INET6 if ":" in self.target.host else socket.AF_INET)
-        upstream.setblocking(False)
+        upstream: socket.socket | None = None
         try:
             try:
-                await asyncio.wait_for(loop.sock_connect(upstream, (self.target.host,
-                                                                    self.target.port)), 5.0)
-                set_nodelay(upstream)
+                upstream = await connect_tcp(self.target, CONNECT_TIMEOUT)
                 if self.proxy_protocol:
                     build = proxyproto.build_v2 if self.proxy_protocol == "v2" else proxyproto.build_v1
                     dst = upstream.getpeername()[:2]
                     await loop.sock_sendall(upstream, build((ctx.client_ip, ctx.client_port), dst))
             except (OSError, asyncio.TimeoutError) as exc:
-                upstream.close()
+                if upstream is not None:
+                    upstream.close()
                 log.warning("session %s: client %s:%d: cannot reach %s: %s", ctx.session_id,
                             ctx.client_ip, ctx.client_port, self.target, exc or "timeout")
                 return SessionResult(None, 0, 0, "upstream unreachable")

@@ -8,13 +8,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import socket
 import ssl
 import time
 from pathlib import Path
 from typing import Protocol
 
 from edgegw.netaddr import HostPort
+from edgegw.sockio import connect_tcp
 from edgegw.pnc import Connection, LocalProtocolError, RemoteProtocolError, Role
 from edgegw.pnc.events import (
     Closed, Event, GatewayHello, Goodbye, NodeHello, Offer, Ping, Pong, PROTOCOL_VERSION,
@@ -23,6 +23,7 @@ from edgegw.pnc.events import (
 log = logging.getLogger("edgegw.node.pnc")
 
 READ_SIZE = 65536
+CONNECT_TIMEOUT = 5.0
 
 
 def node_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
@@ -119,17 +120,7 @@ class GatewayLink:
 
     async def _session(self) -> None:
         loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(self.target.host, self.target.port,
-                                       type=socket.SOCK_STREAM)
-        family, _, _, _, sockaddr = infos[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            await asyncio.wait_for(loop.sock_connect(sock, sockaddr), 5.0)
-        except BaseException:
-            sock.close()
-            raise
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = await connect_tcp(self.target, CONNECT_TIMEOUT)
         reader = asyncio.StreamReader(limit=READ_SIZE * 4)
         protocol = asyncio.StreamReaderProtocol(reader)
         # Roles reversed: we dialed, but we are the TLS server the gateway verifies.

@@ -10,12 +10,14 @@ import logging
 import socket
 import time
 from dataclasses import dataclass
+from typing import Coroutine
 
 from edgegw.netaddr import HostPort
 from edgegw.pnc import RemoteProtocolError
 from edgegw.pnc.events import (
     Accept, Ban, Closed, Load, NodeHello, Offer, PROTOCOL_VERSION, Reject, Unban,
 )
+from internal.audit import AuditLog
 from internal.data_dial import dial_session
 from internal.data_pool import DataPool
 from internal.gateway_link import GatewayLink, node_tls_context
@@ -42,7 +44,7 @@ class NodeSettings:
 
 class Node:
     def __init__(self, home: NodeHome, service: SessionService, settings: NodeSettings,
-                 audit: "object | None" = None) -> None:
+                 audit: AuditLog | None = None) -> None:
         self.home = home
         self.node_id = settings.node_id or home.node_id
         self.service = service
@@ -194,7 +196,7 @@ class Node:
                 self.idle.set()
             self._send_load()
 
-    def _spawn(self, coro: "asyncio.coroutines.Coroutine[object, object, None]") -> None:
+    def _spawn(self, coro: Coroutine[object, object, None]) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)

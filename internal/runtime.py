@@ -54,7 +54,7 @@ async def serve(home: NodeHome, opts: ServeOptions) -> None:
         # bans are checked from the node's memory (see Node.banned): no store query per offer
         service = ForwardService(opts.forward, proxy_protocol=opts.forward_proxy_protocol,
                                  capacity=opts.capacity, banned=lambda ip: node.banned(ip),
-                                 audit=audit, node_id=node_id)
+                                 audit=audit)
     else:
         from internal.ssh.service import SSHService
         service = SSHService(home, store, audit, defender, capacity=opts.capacity)

@@ -43,7 +43,7 @@ async def handle_data_connection(gw: "Gateway", sock: socket.socket, addr: tuple
                 if dataauth.verify_pool_proof(proof, peer.pool_key, nonce):
                     peer.pool.append(sock)
                     handed_over = True
-                    gw.pool_changed(peer)
+                    gw.peers.changed()  # wake a client waiting for a pooled connection
                     return
             log.warning("data connection from %s: pool proof matches no attached node; closed",
                         where)

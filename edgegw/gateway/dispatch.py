@@ -61,12 +61,13 @@ async def _offer_to(gw: "Gateway", peer: Peer, ip: str, port: int,
                     who: str) -> tuple[int, socket.socket] | None | bool:
     """Offer the client to one node. (id, data socket) if paired; None: try another; False: give up."""
     cfg = gw.config
-    offer = gw.offers.create(peer, ip, port, cfg.offer_timeout + cfg.data_timeout)
+    lifetime = cfg.offer_timeout + cfg.data_timeout  # answer, then prove the Data connection
+    offer = gw.offers.create(peer, ip, port, lifetime)
     paired = False
     t0 = time.perf_counter()
     try:
         peer.send(Offer(offer.session_id, offer.secret, ip, port,
-                        int((cfg.offer_timeout + cfg.data_timeout) * 1000)))
+                        int(lifetime * 1000)))
         log.debug("client %s: offered as %016x to node %s", who, offer.session_id, peer.node_id)
         try:
             answer = await asyncio.wait_for(asyncio.shield(offer.answer), cfg.offer_timeout)
@@ -128,7 +129,7 @@ async def _take_pooled(gw: "Gateway", peer: Peer, timeout: float) -> socket.sock
             raise PeerLost(peer.describe())
         await gw.peers.wait_changed(remaining)
     sock = peer.pool.popleft()
-    gw.pool_changed(peer)
+    gw.peers.changed()
     return sock
 
 

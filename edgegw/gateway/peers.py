@@ -27,7 +27,6 @@ class Peer:
     pending: int = 0              # offers sent, not yet answered or paired
     alive: bool = True
     last_seen: float = field(default_factory=time.monotonic)
-    served: int = 0               # sessions paired to this peer since it attached
     pool: deque[socket.socket] = field(default_factory=deque)  # pre-opened Data connections
 
     @property

@@ -185,9 +185,6 @@ class Gateway:
         while peer.pool:
             peer.pool.popleft().close()
 
-    def pool_changed(self, peer: Peer) -> None:
-        self.peers.changed()
-
     def ban(self, ip: str, until: float, reason: str, peer: Peer) -> None:
         try:
             self.bans.add(ip, until)
@@ -208,7 +205,6 @@ class Gateway:
                       data: socket.socket, ip: str, port: int) -> None:
         self.sessions[session_id] = _Session(peer, f"{ip}:{port}")
         peer.active += 1  # until the node's next Load report says otherwise
-        peer.served += 1
         self.relay.add(session_id, client, data)
         log.info("session %016x: client %s:%d paired with node %s", session_id, ip, port,
                  peer.node_id)
