@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -74,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         procs.log("interrupted: stopping what was started, writing what was measured")
     finally:
         procs.stop_all()
-        for home_files in Path("/dev/shm").glob(f"edgegw-bench-*"):
-            if str(__import__("os").getpid()) in home_files.name:
-                shutil.rmtree(home_files, ignore_errors=True)
+        # this run's tmpfs homes and files only (peers.py and sftp.py name them by our pid)
+        for home_files in Path("/dev/shm").glob(f"edgegw-bench-{os.getpid()}-*"):
+            shutil.rmtree(home_files, ignore_errors=True)
     results.options["elapsed_s"] = round(time.monotonic() - t0, 1)
     results.options["interrupted"] = interrupted
     print_tables(results, spread=args.spread)

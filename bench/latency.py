@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from bench import netload
-from bench.peers import Ctx, choose, relay_paths, start_all, stop_all
-from bench.procs import Skip, log
+from bench.peers import Ctx, alive, choose, relay_paths, start_all, stop_all
+from bench.procs import log
 from bench.report import Metric, PartResult, Results
 
 METRICS = [
@@ -23,12 +23,10 @@ def run(ctx: Ctx, results: Results, *, quick: bool, repeat: int,
     part.notes["samples"] = f"{rtts} round trips on one connection (after {rtts // 10 + 10} " \
                             f"warm-up), {cycles} connect+echo+close cycles, per path per rep"
     paths = choose(relay_paths(), only, quick)
-    try:
-        echo, port = netload.start_echo(ctx.workdir)
-    except Skip as exc:
-        for p in paths:
-            part.skip(p.name, str(exc))
+    started = netload.start_echo_or_skip(ctx.workdir, part, paths)
+    if started is None:
         return part
+    echo, port = started
     running = []
     try:
         running = start_all(paths, ctx, port, part.skip)
@@ -37,10 +35,7 @@ def run(ctx: Ctx, results: Results, *, quick: bool, repeat: int,
             for path in running:
                 step += 1
                 log(f"latency [{step}/{total}] rep {rep + 1} {path.name}")
-                try:
-                    path.check_alive()
-                except Skip as exc:
-                    part.fail(path.name, str(exc))
+                if not alive(part, path):
                     continue
                 limit = 10 if quick else 120
                 pp = netload.client(ctx.workdir, "pingpong", path.port, rtts, timeout=limit)

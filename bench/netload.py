@@ -5,7 +5,9 @@ import json
 import subprocess
 from pathlib import Path
 
+from bench.peers import RelayPath
 from bench.procs import Proc, Skip, free_port, need, wait_port
+from bench.report import PartResult
 
 SOURCE = Path(__file__).with_name("netload.c")
 
@@ -27,6 +29,17 @@ def start_echo(workdir: Path) -> tuple[Proc, int]:
     p = Proc("echo", [str(exe), "echo", str(port)], workdir / f"echo-{port}.log").start()
     wait_port(port, proc=p)
     return p, port
+
+
+def start_echo_or_skip(workdir: Path, part: PartResult,
+                       paths: list[RelayPath]) -> tuple[Proc, int] | None:
+    """The echo server every path of a part relays to; None (every path skipped) without it."""
+    try:
+        return start_echo(workdir)
+    except Skip as exc:
+        for p in paths:
+            part.skip(p.name, str(exc))
+        return None
 
 
 def client(workdir: Path, mode: str, port: int, count: int, size: int = 64,

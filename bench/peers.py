@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.procs import Proc, Skip, free_port, need, wait_port
+from bench.report import PartResult
 
 HAPROXY_CFG = """\
 global
@@ -319,6 +320,16 @@ class Sshd(RelayPath):
                  ctx.workdir / f"sshd-{self.port}.log").start()
         self.procs["server"] = p
         wait_port(self.port, proc=p)
+
+
+def alive(part: "PartResult", path: RelayPath) -> bool:
+    """True while the path's processes run; else the path is marked failed for this part."""
+    try:
+        path.check_alive()
+    except Skip as exc:
+        part.fail(path.name, str(exc))
+        return False
+    return True
 
 
 def start_all(paths: list[RelayPath], ctx: Ctx, target: int,

@@ -11,12 +11,13 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from edgegw.sockio import free_port  # noqa: F401  (re-exported)
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -30,12 +31,6 @@ def log(msg: str) -> None:
 
 class Skip(Exception):
     """A path cannot run here; the message is the reason printed and stored in the JSON."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def listening(port: int) -> bool:

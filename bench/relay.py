@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-from bench.peers import Ctx, choose, relay_paths, start_all, stop_all
+from bench.peers import Ctx, alive, choose, relay_paths, start_all, stop_all
 from bench.procs import Proc, Skip, cpu_seconds, free_port, log, need, wait_port
 from bench.report import Metric, PartResult, Results
 
@@ -69,10 +69,7 @@ def run(ctx: Ctx, results: Results, *, quick: bool, repeat: int,
                 for path in running:
                     step += 1
                     log(f"relay [{step}/{total}] rep {rep + 1} {path.name} {streams} stream(s)")
-                    try:
-                        path.check_alive()
-                    except Skip as exc:
-                        part.fail(path.name, str(exc))
+                    if not alive(part, path):
                         continue
                     pids = path.pids()
                     before = {r: cpu_seconds(pid) for r, pid in pids.items()}

@@ -19,7 +19,7 @@ import struct
 import time
 
 from bench import netload
-from bench.peers import (Ctx, EdgegwSsh, HAProxy, RelayPath, Sshd, choose, relay_paths,
+from bench.peers import (Ctx, EdgegwSsh, HAProxy, RelayPath, Sshd, alive, choose, relay_paths,
                          start_all, stop_all)
 from bench.procs import (Skip, kernel_other_kib, slab_object_kib, log, meminfo_kib, memory_kib, pipe_fds,
                          process_tree, tcp_mem_pages)
@@ -262,12 +262,10 @@ def run(ctx: Ctx, results: Results, *, quick: bool, repeat: int, count: int | No
                             "line, noisy) and TCP buffer pages")
     part.notes["socat"] = "forks a process per connection: held at most 1000 sessions"
     paths = choose(relay_paths(include_engine=True), only, quick)
-    try:
-        echo, port = netload.start_echo(ctx.workdir)
-    except Skip as exc:
-        for p in paths:
-            part.skip(p.name, str(exc))
+    started = netload.start_echo_or_skip(ctx.workdir, part, paths)
+    if started is None:
         return part
+    echo, port = started
     running: list[RelayPath] = []
     try:
         direct_kernel: dict[int, float] = {}
@@ -327,10 +325,7 @@ def setup_time(ctx: Ctx, results: Results, *, quick: bool, repeat: int,
         for rep in range(repeat):
             for path in paths:
                 log(f"session setup rep {rep + 1} {path.name}: {count} banners")
-                try:
-                    path.check_alive()
-                except Skip as exc:
-                    part.fail(path.name, str(exc))
+                if not alive(part, path):
                     continue
                 r = netload.client(ctx.workdir, "banner", path.port, count,
                                    timeout=60 if quick else 300)

@@ -148,16 +148,7 @@ out:
 
 static void service(struct relay_worker *w, struct relay_session *s)
 {
-    int err;
-    for (int d = 0; d < 2; d++) {
-        int reason = pump(w, s, d, &err);
-        if (reason) {
-            relay_session_finish(w, s, reason, err);
-            return;
-        }
-    }
-    if (s->dir[0].shut && s->dir[1].shut)
-        relay_session_finish(w, s, RELAY_EOF, 0);
+    (void)relay_pump_both(w, s, pump);
 }
 
 static int poll_attach(struct relay_worker *w, struct relay_session *s)

@@ -130,4 +130,27 @@ void relay_session_touch(struct relay_worker *w, struct relay_session *s, uint64
 /* Close the pair and queue its report. Memory is freed after the current batch of events. */
 void relay_session_finish(struct relay_worker *w, struct relay_session *s, int reason, int err);
 
+/* A backend's "move what can be moved in direction d": 0, or a finish reason with *err set. */
+typedef int (*relay_pump_fn)(struct relay_worker *w, struct relay_session *s, int d, int *err);
+
+/* Pump both directions, then finish the session on an error or once both ends are shut.
+ * Returns 1 if the session finished (its memory is freed after the current batch). */
+static inline int relay_pump_both(struct relay_worker *w, struct relay_session *s,
+                                  relay_pump_fn pump)
+{
+    int err;
+    for (int d = 0; d < 2; d++) {
+        int reason = pump(w, s, d, &err);
+        if (reason) {
+            relay_session_finish(w, s, reason, err);
+            return 1;
+        }
+    }
+    if (s->dir[0].shut && s->dir[1].shut) {
+        relay_session_finish(w, s, RELAY_EOF, 0);
+        return 1;
+    }
+    return 0;
+}
+
 #endif

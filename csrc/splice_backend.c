@@ -166,18 +166,8 @@ static int sock_error(int fd)
 /* Pump both directions, then finish the session or refresh its interest masks. */
 static void service(struct relay_worker *w, struct relay_session *s)
 {
-    int err;
-    for (int d = 0; d < 2; d++) {
-        int reason = pump(w, s, d, &err);
-        if (reason) {
-            relay_session_finish(w, s, reason, err);
-            return;
-        }
-    }
-    if (s->dir[0].shut && s->dir[1].shut) {
-        relay_session_finish(w, s, RELAY_EOF, 0);
+    if (relay_pump_both(w, s, pump))
         return;
-    }
     for (int side = 0; side < 2; side++) {
         int rc = sync_events(w, s, side);
         if (rc < 0) {

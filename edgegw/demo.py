@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,14 +12,10 @@ from pathlib import Path
 
 import click
 
+from edgegw.sockio import free_port
+
 DEMO_USER = "demo"
 DEMO_PASSWORD = "demo"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _edgegw(*args: str) -> list[str]:
@@ -36,8 +31,8 @@ def demo(port: int, workdir: str | None) -> None:
     """Run a gateway and an internal node on loopback with a demo user; Ctrl-C stops both."""
     tmp = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="edgegw-demo-"))
     home = tmp / "node-home"
-    port = port or _free_port()
-    pnc, data = _free_port(), _free_port()
+    port = port or free_port()
+    pnc, data = free_port(), free_port()
     procs: list[subprocess.Popen[bytes]] = []
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in background
     signal.signal(signal.SIGTERM, lambda *_: signal.default_int_handler(signal.SIGINT, None))

@@ -5,6 +5,8 @@ import asyncio
 import signal
 from typing import Awaitable, Callable
 
+from edgegw.eventloop import run
+
 
 def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     async def _runner() -> None:
@@ -24,4 +26,4 @@ def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> Non
         except asyncio.CancelledError:
             pass
 
-    asyncio.run(_runner())
+    run(_runner())

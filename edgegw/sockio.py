@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import random
 import socket
 
 from edgegw.netaddr import HostPort
@@ -30,12 +32,54 @@ def listen_socket(addr: HostPort, backlog: int = 1024, *,
     return sock
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(v) for v in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free now, for a server that a child process will bind later.
+
+    Chosen outside the kernel's ephemeral range: a port the kernel handed out for ``bind(0)``
+    can be taken by any outgoing connection before the child binds it. Ports already returned
+    by this process are not repeated."""
+    low, high = _ephemeral_range()
+    spans = [(a, b) for a, b in ((20000, low - 1), (high + 1, 65535)) if a <= b]
+    for _ in range(500 if spans else 0):
+        a, b = random.choice(spans)
+        port = random.randint(a, b)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as s:  # no room outside the ephemeral range: take the kernel's pick
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
 async def connect_tcp(addr: HostPort, timeout: float) -> socket.socket:
     """A connected, non-blocking TCP socket with Nagle off (both sides exchange small
     messages and wait for answers); closed again if the connect fails or is cancelled."""
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM)
-    family, _, _, _, sockaddr = infos[0]
+    try:  # an address needs no resolver thread (Data connections are dialed per session)
+        family = socket.AF_INET6 if ipaddress.ip_address(addr.host).version == 6 \
+            else socket.AF_INET
+        sockaddr: tuple = (addr.host, addr.port)
+    except ValueError:
+        infos = await loop.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM)
+        family, _, _, _, sockaddr = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
@@ -62,5 +106,24 @@ async def recv_exact(sock: socket.socket, n: int) -> bytes:
 def set_nodelay(sock: socket.socket) -> None:
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
+
+
+KEEPALIVE_IDLE = 60       # seconds idle before the first probe: under common firewall timeouts
+KEEPALIVE_INTERVAL = 15
+KEEPALIVE_COUNT = 4       # a dead peer is noticed ~2 minutes after it went quiet
+
+
+def set_keepalive(sock: socket.socket) -> None:
+    """TCP keepalive on a connection that may sit idle for long (pooled Data connections): the
+    probes keep stateful firewalls between gateway and node from dropping it silently, and a
+    peer that vanished turns into a socket error instead of a hang."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):  # Linux; other systems keep their defaults
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
     except OSError:
         pass

@@ -1,8 +1,9 @@
 """Pre-opened, pre-proven Data connections per gateway link.
 
 Dialing and proving a Data connection costs a TCP handshake and a round trip on the session's
-critical path. A few idle ones, proven with the link's pool key, let the gateway pair a client
-the moment the node accepts; each is replaced as soon as it is used.
+critical path. A few idle ones, proven with the link's pool key, let the gateway hand a client
+over the moment it connects: the assignment it writes on one carries the client's address, so no
+PNC round trip is needed either. Used ones are replaced in batches (see QUIET).
 """
 from __future__ import annotations
 
@@ -20,7 +21,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edgegw.node.pool")
 
-Assigned = Callable[[int, socket.socket], None]  # must not block: spawn the session
+# Used connections are replaced in a batch once sessions have stopped arriving for QUIET
+# seconds, or at once when only LOW_WATER of them are left: dialing and proving them on both
+# ends would otherwise compete with the new sessions' SSH setup for the loop.
+QUIET = 0.02
+
+# Must not block: answer on the socket and spawn the session (or close it).
+Assigned = Callable[[dataauth.Assignment, socket.socket], None]
 
 
 class DataPool:
@@ -28,17 +35,15 @@ class DataPool:
         self.link = link
         self.size = size
         self.on_assigned = on_assigned
-        self.idle = 0           # proven connections not yet promised to an offer
         self._waiting: set[asyncio.Task[None]] = set()
         self._next_ident = 1
         self._failures = 0
+        self._last_use = 0.0
+        self._timer: asyncio.TimerHandle | None = None
 
-    def take(self) -> bool:
-        """Promise one idle connection to an offer we accept; False when none is idle."""
-        if self.idle <= 0:
-            return False
-        self.idle -= 1
-        return True
+    @property
+    def low_water(self) -> int:
+        return max(1, self.size // 4)
 
     def fill(self) -> None:
         """Dial until `size` connections are open or being opened."""
@@ -48,38 +53,61 @@ class DataPool:
             task.add_done_callback(self._done)
 
     def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         for task in list(self._waiting):
             task.cancel()
-        self.idle = 0
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._waiting.discard(task)
-        if not task.cancelled() and self.link.connected:
+        if task.cancelled() or not self.link.connected:
+            return
+        if len(self._waiting) <= self.low_water:
             self.fill()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(QUIET, self._refill_when_quiet)
+
+    def _refill_when_quiet(self) -> None:
+        self._timer = None
+        if not self.link.connected:
+            return
+        loop = asyncio.get_running_loop()
+        quiet_for = loop.time() - self._last_use
+        if quiet_for >= QUIET or len(self._waiting) <= self.low_water:
+            self.fill()
+        else:
+            self._timer = loop.call_later(QUIET - quiet_for, self._refill_when_quiet)
 
     async def _one(self) -> None:
         link = self.link
+        gateway = link.gateway
+        assert gateway is not None
         ident = self._next_ident
         self._next_ident += 1
         try:
-            sock = await dial_pooled(link.data_addr, link.gateway.pool_key, ident)  # type: ignore[union-attr]
+            sock, nonce = await dial_pooled(link.data_addr, gateway.pool_key, ident)
         except (OSError, asyncio.TimeoutError, ConnectionError, RemoteProtocolError) as exc:
             self._failures += 1
             log.debug("pooled data connection to %s failed: %s", link.target, exc)
             await asyncio.sleep(0.5)
             return
         self._failures = 0
-        self.idle += 1
         try:
-            session_id = dataauth.parse_assignment(await recv_exact(sock, dataauth.ASSIGN_LEN))
-        except (OSError, ConnectionError, RemoteProtocolError) as exc:
-            # Closed unassigned (gateway restart, link down): one idle connection fewer.
-            self.idle = max(0, self.idle - 1)
+            wire = await recv_exact(sock, dataauth.ASSIGN_LEN)
+            assignment = dataauth.parse_assignment(wire, gateway.pool_key, nonce, ident)
+        except RemoteProtocolError as exc:
+            log.warning("pooled data connection to %s: bad assignment (%s); closed",
+                        link.target, exc)
+            sock.close()
+            return
+        except (OSError, ConnectionError) as exc:
+            # Closed unassigned (gateway restart, link down): the done-callback replaces it.
             log.debug("pooled data connection to %s closed: %s", link.target, exc)
             sock.close()
             return
         except asyncio.CancelledError:   # the pool is closing (link down, node stopping)
             sock.close()
             raise
-        # take() already counted this connection out of `idle`; the done-callback replaces it.
-        self.on_assigned(session_id, sock)
+        self._last_use = asyncio.get_running_loop().time()
+        self.on_assigned(assignment, sock)

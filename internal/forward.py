@@ -38,6 +38,9 @@ class ForwardService:
     def active(self) -> int:
         return len(self._waiting)
 
+    async def start(self) -> None:
+        """Nothing to load: bans come from the node's memory."""
+
     def admit(self, client_ip: str) -> str | None:
         if self._banned is not None and self._banned(client_ip):
             return "banned"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Coroutine
 
 from edgegw.netaddr import HostPort
-from edgegw.pnc import RemoteProtocolError
+from edgegw.pnc import RemoteProtocolError, dataauth
 from edgegw.pnc.events import (
     Accept, Ban, Closed, Load, NodeHello, Offer, PROTOCOL_VERSION, Reject, Unban,
 )
@@ -29,6 +29,7 @@ from internal.store.base import BanEntry
 log = logging.getLogger("edgegw.node")
 
 RETRYABLE = {"capacity", "draining"}  # another node may take the client
+LOAD_INTERVAL = 0.02                   # seconds between two load reports, at most
 
 
 @dataclass
@@ -39,7 +40,7 @@ class NodeSettings:
     drain_timeout: float = 60.0
     backoff_max: float = 5.0
     node_id: str | None = None
-    pool_size: int = 2            # pre-opened Data connections per gateway (0: dial per session)
+    pool_size: int = 8     # pre-opened Data connections per gateway (0: dial per session)
 
 
 class Node:
@@ -56,10 +57,9 @@ class Node:
                       for gw in settings.gateways]
         self._tasks: set[asyncio.Task[None]] = set()
         self._link_tasks: list[asyncio.Task[None]] = []
-        self._load_pending = False
+        self._load_timer: asyncio.TimerHandle | None = None
         self._bans: dict[str, BanEntry] = {}
         self._pools: dict[GatewayLink, DataPool] = {}
-        self._expected: dict[int, Offer] = {}   # accepted offers waiting for a pooled assignment
         self.idle = asyncio.Event()
         self.idle.set()
 
@@ -74,13 +74,16 @@ class Node:
             self.draining = True
             log.info("draining: %d sessions running, waiting up to %.0fs", self.active,
                      self.settings.drain_timeout)
-            self._send_load()
+            self._send_load(urgent=True)
         try:
             await asyncio.wait_for(self.idle.wait(), self.settings.drain_timeout)
         except asyncio.TimeoutError:
             log.warning("drain timeout: closing %d sessions still running", self.active)
 
     async def close(self) -> None:
+        if self._load_timer is not None:
+            self._load_timer.cancel()
+            self._load_timer = None
         for link in self.links:
             await link.stop()
         for task in self._link_tasks:
@@ -104,7 +107,7 @@ class Node:
     def on_attached(self, link: GatewayLink) -> None:
         if self.settings.pool_size > 0:
             pool = DataPool(link, self.settings.pool_size,
-                            lambda sid, sock: self._assigned(link, sid, sock))
+                            lambda assignment, sock: self._assigned(link, assignment, sock))
             self._pools[link] = pool
             pool.fill()
         now = time.time()
@@ -120,23 +123,22 @@ class Node:
 
     def on_offer(self, link: GatewayLink, offer: Offer) -> None:
         sid = f"{offer.session_id:016x}"
-        log.debug("offer %s from %s: client %s:%d", sid, link.gateway_id, offer.client_ip,
-                  offer.client_port)
-        reason = "draining" if self.draining else self.service.admit(offer.client_ip)
+        log.debug("session %s: client %s:%d offered by %s", sid, offer.client_ip,
+                  offer.client_port, link.gateway_id)
+        reason = self._admit(link, sid, offer.client_ip, offer.client_port)
         if reason is not None:
-            log.info("offer %s from %s: client %s:%d rejected: %s", sid, link.gateway_id,
-                     offer.client_ip, offer.client_port, reason)
             link.send(Reject(offer.session_id, reason, retry_elsewhere=reason in RETRYABLE))
-            return
-        pool = self._pools.get(link)
-        if pool is not None and pool.take():
-            self._expected[offer.session_id] = offer
-            asyncio.get_running_loop().call_later(
-                offer.expires_ms / 1000, self._expected.pop, offer.session_id, None)
-            link.send(Accept(offer.session_id, pooled=True))
             return
         link.send(Accept(offer.session_id))
         self._spawn(self._dial_and_serve(link, offer))
+
+    def _admit(self, link: GatewayLink, sid: str, ip: str, port: int) -> str | None:
+        """Why the client may not start a session here, or None."""
+        reason = "draining" if self.draining else self.service.admit(ip)
+        if reason is not None:
+            log.info("session %s from %s: client %s:%d rejected: %s", sid, link.gateway_id,
+                     ip, port, reason)
+        return reason
 
     def on_closed(self, link: GatewayLink, closed: Closed) -> None:
         if self.audit is not None:
@@ -164,14 +166,27 @@ class Node:
 
     # -- sessions -------------------------------------------------------------------------
 
-    def _assigned(self, link: GatewayLink, session_id: int, sock: socket.socket) -> None:
-        offer = self._expected.pop(session_id, None)
-        if offer is None:
-            log.warning("gateway %s assigned unknown or expired session %016x to a pooled "
-                        "connection; closed it", link.gateway_id, session_id)
+    def _assigned(self, link: GatewayLink, assignment: dataauth.Assignment,
+                  sock: socket.socket) -> None:
+        """The gateway handed a client to one of our pooled Data connections: answer on it."""
+        session_id, ip, port = assignment
+        log.debug("session %016x: client %s:%d assigned by %s", session_id, ip, port,
+                  link.gateway_id)
+        reason = self._admit(link, f"{session_id:016x}", ip, port)
+        if reason is None:
+            answer = dataauth.ANSWER_ACCEPT
+        else:
+            answer = dataauth.ANSWER_RETRY if reason in RETRYABLE else dataauth.ANSWER_REFUSE
+        try:
+            sock.send(bytes((answer,)))  # one byte into an empty send buffer: never blocks
+        except OSError as exc:
+            log.warning("session %016x: pooled data connection to %s failed: %s", session_id,
+                        link.gateway_id, exc)
+            reason = reason or "data connection failed"
+        if reason is not None:
             sock.close()
             return
-        self._spawn(self._serve(link, offer, sock))
+        self._spawn(self._serve(link, session_id, ip, port, sock))
 
     async def _dial_and_serve(self, link: GatewayLink, offer: Offer) -> None:
         try:
@@ -180,11 +195,12 @@ class Node:
             log.warning("session %016x: could not open the Data connection to %s: %s",
                         offer.session_id, link.gateway_id, exc or "timeout")
             return
-        await self._serve(link, offer, sock)
+        await self._serve(link, offer.session_id, offer.client_ip, offer.client_port, sock)
 
-    async def _serve(self, link: GatewayLink, offer: Offer, sock: socket.socket) -> None:
-        sid = f"{offer.session_id:016x}"
-        ctx = SessionContext(sid, offer.client_ip, offer.client_port, link.gateway_id)
+    async def _serve(self, link: GatewayLink, session_id: int, ip: str, port: int,
+                     sock: socket.socket) -> None:
+        sid = f"{session_id:016x}"
+        ctx = SessionContext(sid, ip, port, link.gateway_id)
         self.idle.clear()
         self._send_load()
         try:
@@ -206,16 +222,21 @@ class Node:
         if not task.cancelled() and task.exception() is not None:
             log.error("session task failed", exc_info=task.exception())
 
-    def _send_load(self) -> None:
-        """Coalesce load reports: at most one per loop iteration, whatever the churn."""
-        if self._load_pending:
+    def _send_load(self, urgent: bool = False) -> None:
+        """Coalesce load reports: at most one per LOAD_INTERVAL, whatever the churn. The
+        gateway counts the sessions it pairs itself; this corrects it (ended sessions, other
+        gateways' sessions). A change of draining is sent at once."""
+        if urgent:
+            self._flush_load()
             return
-        self._load_pending = True
+        if self._load_timer is None:
+            self._load_timer = asyncio.get_running_loop().call_later(LOAD_INTERVAL,
+                                                                     self._flush_load)
 
-        def _flush() -> None:
-            self._load_pending = False
-            load = Load(self.active, self.settings.capacity, self.settings.weight, self.draining)
-            for link in self.links:
-                link.send(load)
-
-        asyncio.get_running_loop().call_soon(_flush)
+    def _flush_load(self) -> None:
+        if self._load_timer is not None:
+            self._load_timer.cancel()
+            self._load_timer = None
+        load = Load(self.active, self.settings.capacity, self.settings.weight, self.draining)
+        for link in self.links:
+            link.send(load)

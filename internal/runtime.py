@@ -32,7 +32,7 @@ class ServeOptions:
     weight: int = 100
     drain_timeout: float = 60.0
     node_id: str | None = None
-    pool_size: int = 2
+    pool_size: int = 8
     reuse_port: bool = False
 
 
@@ -50,14 +50,16 @@ async def serve(home: NodeHome, opts: ServeOptions) -> None:
     audit = AuditLog(store, node_id)
     defender = Defender(store)
     service: SessionService
+    # Both services check bans against the node's memory (Node.banned): no store query per
+    # client, and the same view the node pushes to its gateways.
     if opts.forward is not None:
-        # bans are checked from the node's memory (see Node.banned): no store query per offer
         service = ForwardService(opts.forward, proxy_protocol=opts.forward_proxy_protocol,
                                  capacity=opts.capacity, banned=lambda ip: node.banned(ip),
                                  audit=audit)
     else:
         from internal.ssh.service import SSHService
-        service = SSHService(home, store, audit, defender, capacity=opts.capacity)
+        service = SSHService(home, store, audit, defender, capacity=opts.capacity,
+                             banned=lambda ip: node.banned(ip))
     node = Node(home, service, NodeSettings(opts.gateways, capacity=opts.capacity,
                                             weight=opts.weight, drain_timeout=opts.drain_timeout,
                                             node_id=node_id, pool_size=opts.pool_size),
@@ -71,14 +73,21 @@ async def serve(home: NodeHome, opts: ServeOptions) -> None:
     loop.add_signal_handler(signal.SIGTERM, drain.set)  # SIGTERM drains, as orchestrators expect
     ban_task = None
     try:
+        await service.start()
         if opts.listen is not None:  # the CLI refuses --listen with --forward
             listener = await service.listen(opts.listen.host, opts.listen.port,  # type: ignore[attr-defined]
                                             reuse_port=opts.reuse_port)
             log.info("serving SSH/SFTP directly on %s", opts.listen)
         run_dir(home).mkdir(exist_ok=True)
         pid_file.write_text(f"{os.getpid()}\n")
+        pushed: dict[str, float] = {}
+        try:  # admission knows the bans before the first client
+            await _sync_bans(node, defender, pushed)
+        except Exception:
+            log.exception("could not read bans from the store (retrying every %.0fs)",
+                          BAN_SYNC_INTERVAL)
         node.start()
-        ban_task = asyncio.create_task(_sync_bans(node, defender))
+        ban_task = asyncio.create_task(_ban_sync_loop(node, defender, pushed))
         log.info("node %s started (%s), gateways: %s", node_id,
                  f"forward to {opts.forward}" if opts.forward else "SSH/SFTP",
                  ", ".join(map(str, opts.gateways)) or "none")
@@ -104,25 +113,25 @@ async def serve(home: NodeHome, opts: ServeOptions) -> None:
         log.info("node %s stopped", node_id)
 
 
-async def _sync_bans(node: Node, defender: Defender) -> None:
+async def _sync_bans(node: Node, defender: Defender, pushed: dict[str, float]) -> None:
     """Push every active ban (from this node's defender, another node or the operator) to the
     gateways, and lift the ones that were removed. Polling the store makes PostgreSQL-shared
     bans and `edgegw internal ban` changes reach every gateway without extra plumbing."""
-    pushed: dict[str, float] = {}
+    current = {b.ip: b for b in await asyncio.to_thread(defender.active_bans)}
+    for ip, entry in current.items():
+        if pushed.get(ip) != entry.until:
+            node.push_ban(entry)
+            pushed[ip] = entry.until
+    for ip in list(pushed):
+        if ip not in current:
+            node.push_unban(ip)
+            del pushed[ip]
+
+
+async def _ban_sync_loop(node: Node, defender: Defender, pushed: dict[str, float]) -> None:
     while True:
+        await asyncio.sleep(BAN_SYNC_INTERVAL)
         try:
-            bans = await asyncio.to_thread(defender.active_bans)
+            await _sync_bans(node, defender, pushed)
         except Exception:  # store hiccup: keep what we have, try again
             log.exception("could not read bans from the store")
-            await asyncio.sleep(BAN_SYNC_INTERVAL)
-            continue
-        current = {b.ip: b for b in bans}
-        for ip, entry in current.items():
-            if pushed.get(ip) != entry.until:
-                node.push_ban(entry)
-                pushed[ip] = entry.until
-        for ip in list(pushed):
-            if ip not in current:
-                node.push_unban(ip)
-                del pushed[ip]
-        await asyncio.sleep(BAN_SYNC_INTERVAL)

@@ -28,6 +28,9 @@ class SessionService(Protocol):
     @property
     def active(self) -> int: ...
 
+    async def start(self) -> None:
+        """Load what admit() decides from, before the first client arrives."""
+
     def admit(self, client_ip: str) -> str | None:
         """Layer-7 decision at offer time, fast: a reason to reject, or None to accept."""
 

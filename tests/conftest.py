@@ -1,12 +1,25 @@
 """Shared fixtures: node homes with a user, gateways and nodes as real processes."""
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import pytest
 
 from tests.procs import GatewayProc, Proc, add_user, init_home, make_key, start_gateway, start_node
+
+pytest_plugins = ["tests.store_fixtures", "tests.sshutil"]  # store and node fixtures
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item
+                                  ) -> Mapping[str, Callable[[], Any]]:
+    """asyncio's loop for in-process async tests; uvloop (what the processes run on, see
+    edgegw.eventloop) for a test class that says `event_loop = "uvloop"`."""
+    if getattr(getattr(item, "cls", None), "event_loop", "asyncio") == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        return {"uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
 
 
 @pytest.fixture

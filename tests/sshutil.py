@@ -1,7 +1,7 @@
 """Helpers for the SSH/SFTP tests: an in-process node service on a free port, users, and real
 OpenSSH clients run as subprocesses against it.
 
-Import the fixture into a test module: `from tests.sshutil import sshnode  # noqa: F401`.
+The `sshnode` fixture is registered for every test module by `pytest_plugins` in conftest.py.
 """
 from __future__ import annotations
 

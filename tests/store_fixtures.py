@@ -1,6 +1,6 @@
 """Store fixtures shared by the store, audit, defender and CLI tests.
 
-Import what you need into a test module: `from tests.store_fixtures import pg_url, store_url, store`.
+Registered for every test module by `pytest_plugins` in tests/conftest.py.
 The PostgreSQL variant fails (never skips) when the server is unreachable: a green run must
 mean both backends were exercised.
 """

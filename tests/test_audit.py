@@ -8,7 +8,6 @@ import time
 
 from internal.audit import AuditLog
 from internal.store import AuditEvent, StoreError, open_store
-from tests.store_fixtures import pg_url, sqlite_url, store, store_url  # noqa: F401
 
 
 def test_record_flush_query(store):

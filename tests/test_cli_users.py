@@ -16,7 +16,6 @@ from edgegw.cli import main
 from internal.home import NodeHome
 from internal.passwords import verify_password
 from internal.store import Perm, open_store
-from tests.store_fixtures import pg_url  # noqa: F401
 
 
 @pytest.fixture

@@ -11,32 +11,34 @@ from hypothesis import strategies as st
 
 from edgegw.pnc import LocalProtocolError, RemoteProtocolError, dataauth
 from edgegw.pnc.dataauth import (
-    ASSIGN_LEN, CHALLENGE_LEN, KIND_POOL, KIND_SESSION, PROOF_LEN, Proof, encode_assignment,
-    make_challenge, parse_assignment, parse_challenge, parse_proof, pool_proof, session_proof,
-    verify_pool_proof, verify_session_proof,
+    ANSWER_ACCEPT, ANSWER_REFUSE, ANSWER_RETRY, ASSIGN_LEN, CHALLENGE_LEN, KIND_POOL,
+    KIND_SESSION, PROOF_LEN, Assignment, Proof, encode_assignment, make_challenge, parse_answer,
+    parse_assignment, parse_challenge, parse_proof, pool_proof, session_proof, verify_pool_proof,
+    verify_session_proof,
 )
 
 SECRET = bytes(range(32))
 OTHER = bytes(range(1, 33))
 SID = 0x1122334455667788
+NONCE = bytes(range(100, 132))
 
 
 def test_sizes() -> None:
-    assert (CHALLENGE_LEN, PROOF_LEN, ASSIGN_LEN) == (37, 41, 12)
+    assert (CHALLENGE_LEN, PROOF_LEN, ASSIGN_LEN) == (37, 41, 46)
 
 
 def test_challenge_round_trip_and_fresh_nonces() -> None:
     nonce, wire = make_challenge()
-    assert len(wire) == CHALLENGE_LEN and wire.startswith(b"EGWD\x01")
+    assert len(wire) == CHALLENGE_LEN and wire.startswith(b"EGWD\x02")
     assert parse_challenge(wire) == nonce and len(nonce) == 32
     assert make_challenge()[0] != nonce
 
 
 @pytest.mark.parametrize("wire,why", [
-    (b"EGWD\x01" + b"n" * 31, "expected 37"),
-    (b"EGWD\x01" + b"n" * 33, "expected 37"),
-    (b"SSH-\x01" + b"n" * 32, "Data port"),
-    (b"EGWD\x02" + b"n" * 32, "version 2"),
+    (b"EGWD\x02" + b"n" * 31, "expected 37"),
+    (b"EGWD\x02" + b"n" * 33, "expected 37"),
+    (b"SSH-\x02" + b"n" * 32, "Data port"),
+    (b"EGWD\x01" + b"n" * 32, "version 1"),
 ])
 def test_bad_challenge(wire: bytes, why: str) -> None:
     with pytest.raises(RemoteProtocolError, match=why):
@@ -131,27 +133,56 @@ def test_compare_is_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
     lambda: pool_proof(SECRET, -1, bytes(32)),
     lambda: pool_proof("k" * 32, 1, bytes(32)),
     lambda: verify_session_proof(Proof(1, 1, bytes(32)), SECRET, bytes(5)),
-    lambda: encode_assignment(0),
-    lambda: encode_assignment(True),
+    lambda: encode_assignment(Assignment(0, "1.2.3.4", 1), SECRET, NONCE, 1),
+    lambda: encode_assignment(Assignment(True, "1.2.3.4", 1), SECRET, NONCE, 1),
+    lambda: encode_assignment(Assignment(SID, "1.2.3", 1), SECRET, NONCE, 1),
+    lambda: encode_assignment(Assignment(SID, "1.2.3.4", 65536), SECRET, NONCE, 1),
+    lambda: encode_assignment(Assignment(SID, "1.2.3.4", 1), SECRET[:31], NONCE, 1),
+    lambda: encode_assignment(Assignment(SID, "1.2.3.4", 1), SECRET, NONCE, -1),
 ])
 def test_misuse_is_a_local_error(call: object) -> None:
     with pytest.raises(LocalProtocolError):
         call()  # type: ignore[operator]
 
 
-def test_assignment_round_trip() -> None:
-    wire = encode_assignment(SID)
-    assert wire == b"EGWA" + struct.pack(">Q", SID) and len(wire) == ASSIGN_LEN
-    assert parse_assignment(wire) == SID
-    assert parse_assignment(bytearray(encode_assignment(2**64 - 1))) == 2**64 - 1
+@pytest.mark.parametrize("ip,seen", [("203.0.113.9", "203.0.113.9"),
+                                     ("2001:db8::7", "2001:db8::7"), ("::", "::"),
+                                     ("::ffff:198.51.100.2", "198.51.100.2")])
+def test_assignment_round_trip(ip: str, seen: str) -> None:
+    wire = encode_assignment(Assignment(SID, ip, 40000), SECRET, NONCE, 7)
+    assert len(wire) == ASSIGN_LEN and wire.startswith(b"EGWA" + struct.pack(">Q", SID))
+    assert parse_assignment(wire, SECRET, NONCE, 7) == Assignment(SID, seen, 40000)
+    assert parse_assignment(bytearray(wire), SECRET, NONCE, 7) == Assignment(SID, seen, 40000)
 
 
-@pytest.mark.parametrize("wire,why", [
-    (b"EGWA" + bytes(7), "expected 12"),
-    (b"EGWA" + bytes(9), "expected 12"),
-    (b"EGWD" + struct.pack(">Q", 1), "not b'EGWA'"),
-    (b"EGWA" + bytes(8), "session 0"),
+def _forged_sid0() -> bytes:
+    body = b"EGWA" + bytes(8) + bytes(16) + b"\x00\x01"
+    mac = hmac.digest(SECRET, b"edgegw-assign-v1" + NONCE + struct.pack(">Q", 7) + body,
+                      hashlib.sha256)[:16]
+    return body + mac
+
+
+GOOD = encode_assignment(Assignment(SID, "10.1.2.3", 22), SECRET, NONCE, 7)
+
+
+@pytest.mark.parametrize("wire,key,nonce,ident,why", [
+    (GOOD[:-1], SECRET, NONCE, 7, "expected 46"),
+    (GOOD + b"x", SECRET, NONCE, 7, "expected 46"),
+    (b"EGWD" + GOOD[4:], SECRET, NONCE, 7, "not b'EGWA'"),
+    (GOOD, OTHER, NONCE, 7, "wrong mac"),            # another link's key
+    (GOOD, SECRET, bytes(32), 7, "wrong mac"),       # replayed onto another connection
+    (GOOD, SECRET, NONCE, 8, "wrong mac"),
+    (GOOD[:12] + b"\x01" + GOOD[13:], SECRET, NONCE, 7, "wrong mac"),  # client ip rewritten
+    (_forged_sid0(), SECRET, NONCE, 7, "session 0"),
 ])
-def test_bad_assignment(wire: bytes, why: str) -> None:
+def test_bad_assignment(wire: bytes, key: bytes, nonce: bytes, ident: int, why: str) -> None:
     with pytest.raises(RemoteProtocolError, match=why):
-        parse_assignment(wire)
+        parse_assignment(wire, key, nonce, ident)
+
+
+def test_answers() -> None:
+    for code in (ANSWER_ACCEPT, ANSWER_RETRY, ANSWER_REFUSE):
+        assert parse_answer(bytes((code,))) == code
+    for bad in (b"", b"\x00", b"\x04", b"SS", b"S"):
+        with pytest.raises(RemoteProtocolError, match="answer"):
+            parse_answer(bad)

@@ -5,7 +5,6 @@ import pytest
 
 from internal.defender import Defender
 from internal.store import open_store
-from tests.store_fixtures import pg_url, sqlite_url, store, store_url  # noqa: F401
 
 
 class Clock:

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.procs import (
-    GatewayProc, Proc, free_port, init_home, sftp_batch, start_gateway, start_node,
+    GatewayProc, Proc, add_user, free_port, init_home, make_key, sftp_batch, start_gateway,
+    start_node,
 )
 
 
@@ -98,22 +99,50 @@ def test_wrong_data_proof_pairs_nothing(gateway: GatewayProc, node: Proc) -> Non
     assert gateway.count("paired with node") == 0
 
 
+@pytest.mark.parametrize("pool,what", [("2", "assignment"), ("0", "offer")])
 def test_unanswered_offer_closes_client(tmp_path: Path, node_home: Path, procs: list[Proc],
-                                        alice: tuple[str, Path]) -> None:
+                                        alice: tuple[str, Path], pool: str, what: str) -> None:
+    """A stopped node answers neither a pooled assignment nor a PNC offer."""
     gw = start_gateway(tmp_path, node_home / "gateway-trust.pem", "--offer-timeout", "0.5",
                        "--grace-period", "1", "--heartbeat-timeout", "30")
     procs.append(gw)
-    node = start_node(tmp_path, node_home, [gw])
+    node = start_node(tmp_path, node_home, [gw], "--pool-size", pool)
     procs.append(node)
+    if pool != "0":
+        gw.wait_log(r"pooled data connection \d+ ready \(2 idle\)", timeout=10)
     node.send_signal(signal.SIGSTOP)
     try:
         t0 = time.monotonic()
         with socket.create_connection(("127.0.0.1", gw.external), timeout=10) as s:
             assert s.recv(100) == b""  # clean close, no bytes
         assert time.monotonic() - t0 < 8
-        gw.wait_log(r"did not answer offer")
+        gw.wait_log(rf"did not answer {what}")
     finally:
         node.send_signal(signal.SIGCONT)
+
+
+@pytest.mark.parametrize("pool,gateway_says", [("2", "refused by node"),
+                                              ("0", "rejected by node")])
+def test_node_refuses_a_client_no_user_may_come_from(tmp_path: Path, node_home: Path,
+                                                     procs: list[Proc], pool: str,
+                                                     gateway_says: str) -> None:
+    """The node's admission check runs on the real client address on both hand-off paths."""
+    key = make_key(tmp_path / "k")
+    add_user(node_home, "only3", key, "--allow-ip", "127.0.0.3/32")
+    gw = start_gateway(tmp_path, node_home / "gateway-trust.pem")
+    procs.append(gw)
+    node = start_node(tmp_path, node_home, [gw], "--pool-size", pool)
+    procs.append(node)
+    if pool != "0":
+        gw.wait_log(r"pooled data connection \d+ ready \(2 idle\)", timeout=10)
+    with socket.socket() as s:
+        s.bind(("127.0.0.2", 0))
+        s.settimeout(10)
+        s.connect(("127.0.0.1", gw.external))
+        assert s.recv(100) == b""                       # closed before any SSH byte
+    gw.wait_log(rf"client 127\.0\.0\.2:\d+: {gateway_says}")
+    node.wait_log(r"client 127\.0\.0\.2:\d+ rejected: no user may connect from this address")
+    _ok(sftp_batch(gw.external, "only3", key, "ls\n", bind="127.0.0.3"))
 
 
 def test_node_reconnects_after_gateway_restart(tmp_path: Path, node_home: Path,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import pytest
@@ -11,6 +12,7 @@ from edgegw.gateway.offers import OfferTable, PeerLost
 from edgegw.gateway.peers import Peer, PeerRegistry
 from edgegw.netaddr import HostPort, normalize_ip, parse_hostport, parse_networks
 from edgegw.pnc.events import Accept
+from edgegw.sockio import free_port
 
 
 def test_parse_hostport() -> None:
@@ -27,6 +29,18 @@ def test_networks_and_ips() -> None:
     assert len(parse_networks(["10.0.0.0/8", "::1"])) == 2
     with pytest.raises(ValueError, match="not an IP"):
         parse_networks(["10.0.0.0/33"])
+
+
+def test_free_port_avoids_ephemeral_range() -> None:
+    """Ports for child servers must not be ones an outgoing connect can take meanwhile."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low, high = (int(v) for v in f.read().split())
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == 50
+    for port in ports:
+        assert not low <= port <= high, port
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
 
 
 def test_ban_table_expires() -> None:

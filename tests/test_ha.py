@@ -19,7 +19,6 @@ from tests.procs import (
     SSH_OPTS, GatewayProc, Proc, add_user, edgegw_cmd, free_port, init_home, make_key,
     sftp_batch, start_gateway, start_node,
 )
-from tests.store_fixtures import pg_url  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.postgres
 
@@ -43,7 +42,7 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, pg_url: str) -> Cluster:  # noqa: F811
+def cluster(tmp_path: Path, pg_url: str) -> Cluster:
     return Cluster(tmp_path, pg_url, 2)
 
 

@@ -26,7 +26,7 @@ GATEWAY_EVENTS = [
     Goodbye("gateway shutting down"),
 ]
 NODE_EVENTS = [
-    Accept(1), Accept(2**64 - 1, pooled=True),
+    Accept(1), Accept(2**64 - 1),
     Reject(3, "banned"), Reject(4, "", retry_elsewhere=True),
     Load(0, 0, 1, False), Load(2**32 - 1, 2**32 - 1, 1000, True),
     Ban("198.51.100.7", 1.7e9, "5 failed logins"), Ban("2001:db8::/32", 0, "ténor"),
@@ -322,7 +322,7 @@ BAD_SENDS = [
     (Role.GATEWAY, Closed(1, 0, 0, 0, "é" * 129), "cap is 256"),
     (Role.GATEWAY, Goodbye("line\nbreak"), "printable"),
     (Role.GATEWAY, Goodbye("\ud800"), "printable"),
-    (Role.NODE, Accept(1, pooled=1), "bool"),  # type: ignore[arg-type]
+    (Role.NODE, Accept(0), "session"),
     (Role.NODE, Load(0, 0, 0, False), "weight"),
     (Role.NODE, Load(0, 0, 1001, False), "weight"),
     (Role.NODE, Ban("not-an-ip", 1.0, "x"), "not an address"),
@@ -373,7 +373,8 @@ def test_bad_frames_are_remote_errors(data: bytes, why: str) -> None:
 
 
 @pytest.mark.parametrize("data,why", [
-    (frame(0x11, struct.pack(">QB", 1, 2)), "0 or 1"),
+    (frame(0x11, struct.pack(">QB", 1, 0)), "at most 8"),
+    (frame(0x12, struct.pack(">QB", 1, 2) + text(b"x")), "0 or 1"),
     (frame(0x20, struct.pack(">IIHB", 0, 0, 1001, 0)), "weight"),
     (frame(0x21, struct.pack(">d", float("inf")) + text(b"1.2.3.4") + text(b"")), "finite"),
     (frame(0x21, struct.pack(">d", 1.0) + text(b"1" * 65) + text(b"")), "cap is 64"),

@@ -40,7 +40,7 @@ GATEWAY_EVENT = st.one_of(
     st.builds(Ping, U64), st.builds(Pong, U64),
 )
 NODE_EVENT = st.one_of(
-    st.builds(Accept, SESSION, st.booleans()),
+    st.builds(Accept, SESSION),
     st.builds(Reject, SESSION, REASON, st.booleans()),
     st.builds(Load, U32, U32, WEIGHT, st.booleans()),
     st.builds(Ban, NET, UNTIL, REASON), st.builds(Unban, NET),

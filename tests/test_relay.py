@@ -257,6 +257,15 @@ class RelayContract:
         assert not reports.duplicates and reports.wrong_thread == 0
 
     async def test_no_descriptor_leak(self, listener) -> None:
+        # One session first: the loop's lazily opened descriptors (uvloop keeps one on
+        # /dev/null) are not the relay's.
+        warm = create_relay(self.backend, threads=1)
+        warm_reports = Reports()
+        warm.start(warm_reports)
+        for end in self.session(warm, listener, 99):
+            end.close()
+        await warm_reports.wait(99)
+        await warm.close()
         before = open_fds()
         relay = create_relay(self.backend, threads=2)
         reports = Reports()
@@ -391,6 +400,17 @@ class TestSelectRelay(RelayContract):
 
 class TestPythonRelay(RelayContract):
     backend = "python"
+
+
+class TestPythonRelayOnUvloop(RelayContract):
+    """The processes run on uvloop (edgegw.eventloop); its transports deliver bytes in a
+    different order around connection_made than asyncio's."""
+
+    backend = "python"
+    event_loop = "uvloop"   # see pytest_asyncio_loop_factories in conftest.py
+
+    async def test_runs_on_uvloop(self) -> None:
+        assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
 
 
 # ---- backend selection -------------------------------------------------------------------

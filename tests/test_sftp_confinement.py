@@ -8,7 +8,7 @@ import asyncssh
 import pytest
 
 from internal.sftp.paths import AccessDenied, Jail
-from tests.sshutil import NodeUnderTest, sshnode, tree  # noqa: F401
+from tests.sshutil import NodeUnderTest, tree
 
 SECRET = "top secret outside the home\n"
 

@@ -7,7 +7,7 @@ import asyncssh
 import pytest
 
 from internal.store.base import Perm
-from tests.sshutil import NodeUnderTest, sshnode  # noqa: F401
+from tests.sshutil import NodeUnderTest
 
 
 async def test_download_only_user(sshnode: NodeUnderTest, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from internal.sftp.paths import is_temp_name
 from internal.sftp.uploads import sweep_temps
-from tests.sshutil import NodeUnderTest, sshnode, tree  # noqa: F401
+from tests.sshutil import NodeUnderTest, tree
 
 MiB = 1 << 20
 

@@ -12,7 +12,7 @@ import asyncssh
 import pytest
 
 from internal.session import SessionContext
-from tests.sshutil import NodeUnderTest, sshnode  # noqa: F401
+from tests.sshutil import NodeUnderTest
 
 
 def client(n: NodeUnderTest, user: str, **kw: Any) -> Any:

@@ -11,7 +11,7 @@ import paramiko
 
 from internal.ssh.algorithms import KEX_ALGS
 from tests.procs import SSH_OPTS
-from tests.sshutil import NodeUnderTest, sshnode  # noqa: F401
+from tests.sshutil import NodeUnderTest
 
 
 async def test_asyncssh_client_flow_with_mlkem(sshnode: NodeUnderTest, tmp_path: Path) -> None:

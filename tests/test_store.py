@@ -10,7 +10,6 @@ import pytest
 from internal.store import (ALL_PERMS, AlreadyExists, AuditEvent, NotFound, Perm, StoreError,
                             User, open_store)
 from internal.store import migrations
-from tests.store_fixtures import pg_url, sqlite_url, store, store_url  # noqa: F401
 
 
 def _user(name: str = "alice", **kw) -> User:

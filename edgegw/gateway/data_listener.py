@@ -6,6 +6,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING
 
+from edgegw.gateway.peers import PooledData
 from edgegw.pnc import RemoteProtocolError
 from edgegw.pnc import dataauth
 from edgegw.sockio import recv_exact
@@ -41,9 +42,10 @@ async def handle_data_connection(gw: "Gateway", sock: socket.socket, addr: tuple
         else:
             for peer in gw.peers.peers:
                 if dataauth.verify_pool_proof(proof, peer.pool_key, nonce):
-                    peer.pool.append(sock)
+                    peer.pool.append(PooledData(sock, nonce, proof.ident))
                     handed_over = True
-                    gw.peers.changed()  # wake a client waiting for a pooled connection
+                    log.debug("node %s: pooled data connection %d ready (%d idle)",
+                              peer.node_id, proof.ident, len(peer.pool))
                     return
             log.warning("data connection from %s: pool proof matches no attached node; closed",
                         where)

@@ -1,5 +1,8 @@
 """One external client, from accept to hand-off: choose a node, offer, fail over, pair.
 
+A node with a pre-opened Data connection gets the client at once: the assignment written on that
+connection carries the client's address, and the node answers with one byte on it (no PNC round
+trip). Otherwise the client is offered over the PNC and the node dials a Data connection for it.
 The client's bytes are never read here; its SSH banner waits in the kernel until the relay
 engine starts moving it.
 """
@@ -12,8 +15,8 @@ import time
 from typing import TYPE_CHECKING
 
 from edgegw.gateway.offers import PeerLost, PendingOffer
-from edgegw.gateway.peers import Peer
-from edgegw.pnc import dataauth
+from edgegw.gateway.peers import Peer, PooledData
+from edgegw.pnc import RemoteProtocolError, dataauth
 from edgegw.pnc.events import Offer, Reject
 
 if TYPE_CHECKING:
@@ -42,7 +45,10 @@ async def dispatch_client(gw: "Gateway", sock: socket.socket, ip: str, port: int
                 if not gw.peers.choose(tried):
                     tried.clear()
                 continue
-            data = await _offer_to(gw, peer, ip, port, who)
+            if peer.pool:
+                data = await _assign_pooled(gw, peer, ip, port, who)
+            else:
+                data = await _offer_to(gw, peer, ip, port, who)
             if data is None:
                 tried.add(peer)
                 continue
@@ -62,7 +68,7 @@ async def _offer_to(gw: "Gateway", peer: Peer, ip: str, port: int,
     """Offer the client to one node. (id, data socket) if paired; None: try another; False: give up."""
     cfg = gw.config
     lifetime = cfg.offer_timeout + cfg.data_timeout  # answer, then prove the Data connection
-    offer = gw.offers.create(peer, ip, port, lifetime)
+    offer = gw.offers.create(peer, ip, port, lifetime, gw.sessions)
     paired = False
     t0 = time.perf_counter()
     try:
@@ -86,16 +92,7 @@ async def _offer_to(gw: "Gateway", peer: Peer, ip: str, port: int,
             log.info("client %s: rejected by node %s: %s; closed", who, peer.node_id,
                      answer.reason)
             return False
-        if answer.pooled:
-            data_sock = await _take_pooled(gw, peer, cfg.data_timeout)
-            try:
-                await asyncio.get_running_loop().sock_sendall(
-                    data_sock, dataauth.encode_assignment(offer.session_id))
-            except OSError:
-                data_sock.close()
-                raise
-        else:
-            data_sock = await asyncio.wait_for(asyncio.shield(offer.data), cfg.data_timeout)
+        data_sock = await asyncio.wait_for(asyncio.shield(offer.data), cfg.data_timeout)
         paired = True
         log.debug("client %s: offer %016x paired in %.2f ms", who, offer.session_id,
                   (time.perf_counter() - t0) * 1000)
@@ -108,29 +105,69 @@ async def _offer_to(gw: "Gateway", peer: Peer, ip: str, port: int,
         log.warning("client %s: node %s went away during the offer; trying another node",
                     who, peer.node_id)
         return None
-    except (ConnectionError, OSError) as exc:
-        log.warning("client %s: pooled data connection of %s failed (%s); trying another node",
-                    who, peer.node_id, exc)
-        return None
     finally:
         if not paired:
             _close_unused_data(offer)
         gw.offers.discard(offer)
 
 
-async def _take_pooled(gw: "Gateway", peer: Peer, timeout: float) -> socket.socket:
-    """One of the peer's pre-opened Data connections; the node may still be proving it."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not peer.pool:
-        remaining = deadline - asyncio.get_running_loop().time()
-        if remaining <= 0:
-            raise asyncio.TimeoutError
-        if not peer.alive:
-            raise PeerLost(peer.describe())
-        await gw.peers.wait_changed(remaining)
-    sock = peer.pool.popleft()
-    gw.peers.changed()
-    return sock
+async def _assign_pooled(gw: "Gateway", peer: Peer, ip: str, port: int,
+                         who: str) -> tuple[int, socket.socket] | None | bool:
+    """Give the client to one of the peer's pre-opened Data connections; same answers as
+    _offer_to. A connection found dead (the node closed it, or something on the way dropped
+    it) is skipped for the peer's next one, and after the last, the client is offered."""
+    while peer.pool:
+        result = await _assign_on(gw, peer, peer.pool.popleft(), ip, port, who)
+        if result is not _STALE:
+            return result
+    return await _offer_to(gw, peer, ip, port, who)
+
+
+_STALE = object()   # _assign_on: that connection was dead before the node could answer
+
+
+async def _assign_on(gw: "Gateway", peer: Peer, pooled: PooledData, ip: str, port: int,
+                     who: str) -> tuple[int, socket.socket] | None | bool | object:
+    loop = asyncio.get_running_loop()
+    session_id = gw.offers.new_id(gw.sessions)
+    paired = False
+    peer.pending += 1
+    t0 = time.perf_counter()
+    try:
+        assignment = dataauth.Assignment(session_id, ip, port)
+        await loop.sock_sendall(pooled.sock, dataauth.encode_assignment(
+            assignment, peer.pool_key, pooled.nonce, pooled.ident))
+        raw = await asyncio.wait_for(loop.sock_recv(pooled.sock, 1), gw.config.offer_timeout)
+        if not raw:
+            raise ConnectionError("closed by the node")
+        answer = dataauth.parse_answer(raw)
+        if answer == dataauth.ANSWER_ACCEPT:
+            paired = True
+            log.debug("client %s: assigned as %016x to node %s in %.2f ms", who, session_id,
+                      peer.node_id, (time.perf_counter() - t0) * 1000)
+            return session_id, pooled.sock
+        if answer == dataauth.ANSWER_RETRY:
+            log.info("client %s: node %s declined; trying another node", who, peer.node_id)
+            return None
+        log.info("client %s: refused by node %s (its log says why); closed", who, peer.node_id)
+        return False
+    except asyncio.TimeoutError:
+        log.warning("client %s: node %s did not answer assignment %016x within %.1fs; "
+                    "trying another node", who, peer.node_id, session_id,
+                    gw.config.offer_timeout)
+        return None
+    except RemoteProtocolError as exc:
+        log.warning("client %s: node %s answered the assignment with garbage (%s); trying "
+                    "another node", who, peer.node_id, exc)
+        return None
+    except (ConnectionError, OSError) as exc:
+        log.info("client %s: a pooled data connection of %s was dead (%s); trying its next",
+                 who, peer.node_id, exc)
+        return _STALE
+    finally:
+        peer.pending -= 1
+        if not paired:
+            pooled.sock.close()
 
 
 def _close_unused_data(offer: PendingOffer) -> None:

@@ -6,6 +6,7 @@ import secrets
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Container
 
 from edgegw.gateway.peers import Peer
 from edgegw.pnc.events import Accept, Reject
@@ -35,11 +36,16 @@ class OfferTable:
     def __len__(self) -> int:
         return len(self._offers)
 
-    def create(self, peer: Peer, client_ip: str, client_port: int, ttl: float) -> PendingOffer:
+    def new_id(self, also_taken: Container[int] = ()) -> int:
+        """A random non-zero session id used by no offer in flight nor in `also_taken`."""
         while True:
             sid = secrets.randbits(64)
-            if sid and sid not in self._offers:
-                break
+            if sid and sid not in self._offers and sid not in also_taken:
+                return sid
+
+    def create(self, peer: Peer, client_ip: str, client_port: int, ttl: float,
+               also_taken: Container[int] = ()) -> PendingOffer:
+        sid = self.new_id(also_taken)
         offer = PendingOffer(sid, secrets.token_bytes(32), peer, client_ip, client_port,
                              time.monotonic() + ttl)
         self._offers[sid] = offer

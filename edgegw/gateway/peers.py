@@ -7,9 +7,17 @@ import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from edgegw.pnc.events import Event
+
+
+class PooledData(NamedTuple):
+    """A pre-opened Data connection, with what its assignment must be bound to."""
+
+    sock: socket.socket
+    nonce: bytes     # the challenge nonce this connection was proven over
+    ident: int       # the node's id for it
 
 
 @dataclass(eq=False)
@@ -27,7 +35,7 @@ class Peer:
     pending: int = 0              # offers sent, not yet answered or paired
     alive: bool = True
     last_seen: float = field(default_factory=time.monotonic)
-    pool: deque[socket.socket] = field(default_factory=deque)  # pre-opened Data connections
+    pool: deque[PooledData] = field(default_factory=deque)  # pre-opened Data connections
 
     @property
     def load(self) -> float:

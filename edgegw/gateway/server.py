@@ -24,7 +24,7 @@ from edgegw.gateway.tls import NODE_TLS_NAME, gateway_context
 from edgegw.netaddr import ip_in_networks, normalize_ip
 from edgegw.pnc.events import Closed
 from edgegw.relay import RelayReport, create_relay
-from edgegw.sockio import listen_socket, set_nodelay
+from edgegw.sockio import listen_socket, set_keepalive, set_nodelay
 
 log = logging.getLogger("edgegw.gateway")
 
@@ -70,9 +70,10 @@ class Gateway:
         for name, handler in handlers.items():
             self._accept_tasks.append(asyncio.create_task(
                 self._accept_loop(name, self._listeners[name], handler)))
-        log.info("gateway %s listening: external=%s pnc=%s data=%s relay=%s", cfg.gateway_id,
-                 _fmt(self.address("external")), _fmt(self.address("pnc")),
-                 _fmt(self.address("data")), self.relay.backend)
+        log.info("gateway %s listening: external=%s pnc=%s data=%s relay=%s loop=%s",
+                 cfg.gateway_id, _fmt(self.address("external")), _fmt(self.address("pnc")),
+                 _fmt(self.address("data")), self.relay.backend,
+                 type(asyncio.get_running_loop()).__module__.split(".")[0])
 
     async def close(self) -> None:
         for task in self._accept_tasks:
@@ -156,6 +157,7 @@ class Gateway:
             sock.close()
             return
         set_nodelay(sock)
+        set_keepalive(sock)  # pooled ones idle between sessions
         try:
             await handle_data_connection(self, sock, addr)
         finally:
@@ -183,7 +185,7 @@ class Gateway:
             self.peers.remove(peer)
             self.offers.fail_peer(peer)
         while peer.pool:
-            peer.pool.popleft().close()
+            peer.pool.popleft().sock.close()
 
     def ban(self, ip: str, until: float, reason: str, peer: Peer) -> None:
         try:
@@ -206,16 +208,15 @@ class Gateway:
         self.sessions[session_id] = _Session(peer, f"{ip}:{port}")
         peer.active += 1  # until the node's next Load report says otherwise
         self.relay.add(session_id, client, data)
-        log.info("session %016x: client %s:%d paired with node %s", session_id, ip, port,
-                 peer.node_id)
+        log.debug("session %016x: client %s:%d paired with node %s", session_id, ip, port,
+                  peer.node_id)
 
     def _on_relay_finished(self, report: RelayReport) -> None:
         info = self.sessions.pop(report.session_id, None)
-        who = info.client if info else "?"
-        log.info("session %016x: client %s closed (%s%s) up=%d down=%d in %.1fs",
-                 report.session_id, who, report.reason.value,
+        log.info("session %016x: client %s closed (%s%s) up=%d down=%d in %.1fs, node %s",
+                 report.session_id, info.client if info else "?", report.reason.value,
                  f": {report.error}" if report.error else "", report.bytes_a_to_b,
-                 report.bytes_b_to_a, report.duration)
+                 report.bytes_b_to_a, report.duration, info.peer.node_id if info else "?")
         if info is not None and info.peer.alive:
             info.peer.send(Closed(report.session_id, report.bytes_a_to_b, report.bytes_b_to_a,
                                   int(report.duration * 1000), report.reason.value))

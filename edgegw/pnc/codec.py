@@ -136,7 +136,7 @@ _SPECS = (
           node_id=ID),
     _spec(0x10, Offer, session_id=SESSION, secret=KEY, client_port=PORT, expires_ms=U32,
           client_ip=IP),
-    _spec(0x11, Accept, session_id=SESSION, pooled=BOOL),
+    _spec(0x11, Accept, session_id=SESSION),
     _spec(0x12, Reject, session_id=SESSION, retry_elsewhere=BOOL, reason=REASON),
     _spec(0x13, Closed, session_id=SESSION, bytes_up=U64, bytes_down=U64, duration_ms=U64,
           reason=REASON),

@@ -5,24 +5,34 @@ HMAC over a fresh gateway nonce, keyed by a secret that only ever travelled insi
 
     gateway -> node   challenge   b"EGWD" + version(1) + nonce(32)                 37 bytes
     node -> gateway   proof       kind(1) + ident(u64 big-endian) + mac(32)        41 bytes
-    gateway -> node   assignment  b"EGWA" + session_id(u64)    (pooled only)       12 bytes
+  pooled connections only, when the gateway hands one a client:
+    gateway -> node   assignment  b"EGWA" + session_id(u64) + client ip(16)
+                                  + client port(u16) + mac(16)                     46 bytes
+    node -> gateway   answer      ANSWER_ACCEPT, ANSWER_RETRY or ANSWER_REFUSE      1 byte
 
 kind 1 (session): ident = session id, mac = HMAC-SHA256(offer secret, b"edgegw-data-v1" + nonce
 + ident). kind 2 (pool): an idle connection owned by one PNC peer; ident is the node's choice,
-mac = HMAC-SHA256(pool key, b"edgegw-pool-v1" + nonce + ident). Both layouts are fixed-size, so
-a reader knows how much to wait for. Sans-IO: the drivers move the bytes.
+mac = HMAC-SHA256(pool key, b"edgegw-pool-v1" + nonce + ident).
+
+An assignment carries the client's address itself, so a pooled session starts without a PNC
+round trip. Its mac, HMAC-SHA256(pool key, b"edgegw-assign-v1" + nonce + ident + the 30 bytes
+before it) cut to 16 bytes, binds it to this connection's nonce: the address the node's IP rules
+see cannot be forged or replayed by anything on the Data path that lacks the pool key. The client
+ip is IPv6, or IPv4-mapped IPv6. Every layout is fixed-size, so a reader knows how much to wait
+for. Sans-IO: the drivers move the bytes.
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import secrets
 import struct
 from typing import NamedTuple
 
 from edgegw.pnc.errors import LocalProtocolError, RemoteProtocolError
 
-DATA_VERSION = 1
+DATA_VERSION = 2
 CHALLENGE_MAGIC = b"EGWD"
 ASSIGN_MAGIC = b"EGWA"
 NONCE_LEN = 32
@@ -30,17 +40,28 @@ KEY_LEN = 32
 MAC_LEN = 32
 KIND_SESSION = 1
 KIND_POOL = 2
+ANSWER_ACCEPT = 1   # the node serves the session on this connection
+ANSWER_RETRY = 2    # declined (capacity, draining): another node may take the client
+ANSWER_REFUSE = 3   # refused (banned, no user may connect from there): close the client
+ASSIGN_MAC_LEN = 16
 
 _SESSION_LABEL = b"edgegw-data-v1"
 _POOL_LABEL = b"edgegw-pool-v1"
+_ASSIGN_LABEL = b"edgegw-assign-v1"
 _PROOF = struct.Struct(f">BQ{MAC_LEN}s")
-_ASSIGN = struct.Struct(">4sQ")
+_ASSIGN_BODY = struct.Struct(">4sQ16sH")
 _U64 = struct.Struct(">Q")
 _U64_MAX = 2**64 - 1
 
 CHALLENGE_LEN = len(CHALLENGE_MAGIC) + 1 + NONCE_LEN   # 37
 PROOF_LEN = _PROOF.size                                 # 41
-ASSIGN_LEN = _ASSIGN.size                               # 12
+ASSIGN_LEN = _ASSIGN_BODY.size + ASSIGN_MAC_LEN         # 46
+
+
+class Assignment(NamedTuple):
+    session_id: int
+    client_ip: str
+    client_port: int
 
 
 class Proof(NamedTuple):
@@ -134,26 +155,62 @@ def verify_pool_proof(proof: Proof, pool_key: bytes, nonce: bytes) -> bool:
     return _verify(proof, KIND_POOL, pool_key, _POOL_LABEL, nonce)
 
 
-def encode_assignment(session_id: int) -> bytes:
-    """What the gateway writes on a pooled connection before relaying a session over it."""
+def _assign_mac(pool_key: bytes, nonce: bytes, ident: int, body: bytes) -> bytes:
+    return hmac.digest(pool_key, _ASSIGN_LABEL + nonce + _U64.pack(ident) + body,
+                       hashlib.sha256)[:ASSIGN_MAC_LEN]
+
+
+def encode_assignment(assignment: Assignment, pool_key: bytes, nonce: bytes,
+                      ident: int) -> bytes:
+    """What the gateway writes on the pooled connection (`nonce`, `ident`) it gives a client."""
+    session_id, client_ip, client_port = assignment
     _need_u64("session_id", session_id, 1)
-    return _ASSIGN.pack(ASSIGN_MAGIC, session_id)
+    _need("pool_key", pool_key, KEY_LEN)
+    _need("nonce", nonce, NONCE_LEN)
+    _need_u64("pool ident", ident, 0)
+    try:
+        ip = ipaddress.ip_address(client_ip)
+    except ValueError as exc:
+        raise LocalProtocolError(f"client_ip: {exc}") from None
+    if isinstance(ip, ipaddress.IPv4Address):
+        ip = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + ip.packed)
+    if not isinstance(client_port, int) or isinstance(client_port, bool) \
+            or not 0 <= client_port <= 65535:
+        raise LocalProtocolError(f"client_port must be 0..65535, got {client_port!r}")
+    body = _ASSIGN_BODY.pack(ASSIGN_MAGIC, session_id, ip.packed, client_port)
+    return body + _assign_mac(pool_key, nonce, ident, body)
 
 
-def parse_assignment(wire: bytes) -> int:
-    """The session id a pooled connection now carries; RemoteProtocolError if malformed."""
+def parse_assignment(wire: bytes, pool_key: bytes, nonce: bytes, ident: int) -> Assignment:
+    """The client a pooled connection now carries; RemoteProtocolError if malformed or forged."""
+    _need("pool_key", pool_key, KEY_LEN)
+    _need("nonce", nonce, NONCE_LEN)
     if len(wire) != ASSIGN_LEN:
         raise RemoteProtocolError(f"Data assignment is {len(wire)} bytes, expected {ASSIGN_LEN}")
-    magic, session_id = _ASSIGN.unpack(wire)
+    body, mac = bytes(wire[:_ASSIGN_BODY.size]), bytes(wire[_ASSIGN_BODY.size:])
+    magic, session_id, packed_ip, port = _ASSIGN_BODY.unpack(body)
     if magic != ASSIGN_MAGIC:
         raise RemoteProtocolError(f"Data assignment starts with {magic!r}, not {ASSIGN_MAGIC!r}")
+    if not hmac.compare_digest(_assign_mac(pool_key, nonce, ident, body), mac):
+        raise RemoteProtocolError("Data assignment has a wrong mac (not from this link's "
+                                  "gateway, or meant for another connection)")
     if session_id == 0:
         raise RemoteProtocolError("Data assignment names session 0, which never exists")
-    return int(session_id)
+    ip = ipaddress.IPv6Address(packed_ip)
+    return Assignment(int(session_id), str(ip.ipv4_mapped or ip), int(port))
+
+
+def parse_answer(byte: bytes) -> int:
+    """The node's one-byte answer to an assignment; RemoteProtocolError for anything else."""
+    if len(byte) != 1 or byte[0] not in (ANSWER_ACCEPT, ANSWER_RETRY, ANSWER_REFUSE):
+        raise RemoteProtocolError(f"Data assignment answer {bytes(byte)!r} is not one we know")
+    return byte[0]
 
 
 __all__ = [
-    "ASSIGN_LEN", "CHALLENGE_LEN", "DATA_VERSION", "KIND_POOL", "KIND_SESSION", "PROOF_LEN",
-    "Proof", "encode_assignment", "make_challenge", "parse_assignment", "parse_challenge",
-    "parse_proof", "pool_proof", "session_proof", "verify_pool_proof", "verify_session_proof",
+    "ANSWER_ACCEPT", "ANSWER_REFUSE", "ANSWER_RETRY", "ASSIGN_LEN", "Assignment",
+    "CHALLENGE_LEN", "DATA_VERSION", "KIND_POOL", "KIND_SESSION", "PROOF_LEN", "Proof",
+    "encode_assignment", "make_challenge", "parse_answer", "parse_assignment",
+    "parse_challenge", "parse_proof", "pool_proof", "session_proof", "verify_pool_proof",
+    "verify_session_proof",
 ]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,10 +46,9 @@ class Offer:
 
 @dataclass(frozen=True, slots=True)
 class Accept:
-    """Node -> gateway: the node takes the session and is dialing Data (or uses a pooled one)."""
+    """Node -> gateway: the node takes the offered session and is dialing its Data connection."""
 
     session_id: int
-    pooled: bool = False     # True: pair with one of this node's pooled Data connections
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Optional
+from typing import Optional, cast
 
 from edgegw.relay.base import FinishedCallback, FinishReason, RelayReport, RelayStats
 
@@ -28,13 +28,14 @@ class _Side(asyncio.Protocol):
         self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio subclasses
         self.transport = transport
         transport.set_write_buffer_limits(high=_HIGH_WATER)
         peer = self.session.sides[1 - self.index].transport
         if peer is None:
             transport.pause_reading()  # nowhere to forward to yet; the bytes wait in the kernel
         else:
+            self.session.flush_early(self.index)
             peer.resume_reading()
 
     def data_received(self, data: bytes) -> None:
@@ -61,7 +62,7 @@ class _Side(asyncio.Protocol):
 
 class _Session:
     __slots__ = ("relay", "id", "sides", "bytes", "start", "last", "reason", "error",
-                 "ready", "reported")
+                 "ready", "reported", "early")
 
     def __init__(self, relay: "PyRelay", session_id: int, now: float) -> None:
         self.relay = relay
@@ -74,10 +75,25 @@ class _Session:
         self.error = ""
         self.ready = False
         self.reported = False
+        # Bytes read before the other side's transport exists: uvloop may deliver data before
+        # honouring a pause_reading() made in connection_made.
+        self.early: list[bytes] = []
+
+    def flush_early(self, index: int) -> None:
+        """Side `index` just got its transport: write what the other side read before."""
+        early, self.early = self.early, []
+        for data in early:
+            self.forward(1 - index, data)
+        transport = self.sides[index].transport
+        if self.sides[1 - index].eof and transport is not None and not transport.is_closing():
+            transport.write_eof()  # the other side ended before this one was connected
 
     def forward(self, index: int, data: bytes) -> None:
         peer = self.sides[1 - index].transport
-        if peer is None or peer.is_closing():
+        if peer is None:
+            self.early.append(data)
+            return
+        if peer.is_closing():
             return
         peer.write(data)  # sends at once when it can: no batching
         self.bytes[index] += len(data)

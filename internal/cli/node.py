@@ -1,13 +1,13 @@
 """`edgegw internal init|serve|drain`."""
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import time
 
 import click
 
+from edgegw import eventloop
 from edgegw.logsetup import LEVELS, setup_logging
 from edgegw.netaddr import HostPort, parse_hostport
 from internal.cli.common import default_workers, home_option, load_home
@@ -73,7 +73,7 @@ def init(home_dir: str, db_url: str | None, node_id: str | None, files_root: str
               help="Node processes to run [default: 0 = one per CPU]; each attaches to every "
                    "gateway as its own peer (node id suffixed -wN), so SFTP work spreads over "
                    "the cores.")
-@click.option("--pool-size", default=2, show_default=True, type=click.IntRange(0, 64),
+@click.option("--pool-size", default=8, show_default=True, type=click.IntRange(0, 64),
               help="Pre-opened Data connections per gateway (0: dial one per session).")
 @click.option("--reuse-port", is_flag=True, hidden=True,
               help="Share --listen with sibling worker processes (set by --workers).")
@@ -104,7 +104,7 @@ def serve(home_dir: str, gateways: list[HostPort], listen: HostPort | None,
                         weight=weight, drain_timeout=drain_timeout, node_id=node_id,
                         pool_size=pool_size, reuse_port=reuse_port)
     try:
-        asyncio.run(run_node(home, opts))
+        eventloop.run(run_node(home, opts))
     except (StoreError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ caches refreshed in the background every second, so it never waits on the store.
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import functools
 import logging
@@ -14,6 +15,7 @@ import os
 import secrets
 import socket
 import time
+from typing import Callable
 
 import asyncssh
 
@@ -88,7 +90,10 @@ class SSHService:
 
     def __init__(self, home: NodeHome, store: Store, audit: AuditLog, defender: Defender, *,
                  capacity: int = 0, login_timeout: float = 30.0,
-                 durable_uploads: bool = True) -> None:
+                 durable_uploads: bool = True,
+                 banned: Callable[[str], bool] | None = None) -> None:
+        """`banned`: the node's view of the bans (the one it pushes to gateways), so a client a
+        gateway lets through after an unban is not refused here by an older copy."""
         self.home = home
         self.store = store
         self.audit = audit
@@ -105,6 +110,7 @@ class SSHService:
             allow_scp=False, agent_forwarding=False, x11_forwarding=False, allow_pty=False,
             sftp_version=3, keepalive_interval=60, send_server_host_keys=True,
             window=CHANNEL_WINDOW, max_pktsize=CHANNEL_MAX_PKTSIZE,
+            gss_host=None, gss_kex=False, gss_auth=False,  # no GSSAPI, no getfqdn() lookup
             **algorithm_options())
         self._sessions = SessionCounter()
         self._quotas = QuotaBook()
@@ -113,6 +119,7 @@ class SSHService:
         self._tasks: set[asyncio.Task[SessionResult]] = set()
         self._listeners: list[Listener] = []
         self._bans: list[BanEntry] = []
+        self._banned = banned
         self._users: list[User] | None = None   # None until first loaded: admit fails open
         self._open_to_all = False
         self._refresher: asyncio.Task[None] | None = None
@@ -122,11 +129,21 @@ class SSHService:
         return self._active
 
     # -- offers -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        try:
+            await self.refresh()
+        except Exception as exc:  # the refresher keeps trying; admit fails open until then
+            log.error("cannot load bans/users from the store: %s", exc)
+        self._start_refresher()
+
     def admit(self, client_ip: str) -> str | None:
         """Layer-7 decision for an offer, from memory only; authentication checks again."""
         self._start_refresher()
         now = time.time()
-        if ip_in(client_ip, [b.ip for b in self._bans if b.until > now]):
+        if self._banned is not None:
+            if self._banned(client_ip):
+                return "banned"
+        elif ip_in(client_ip, [b.ip for b in self._bans if b.until > now]):
             return "banned"
         if self.capacity and self._active >= self.capacity:
             return "capacity"
@@ -137,13 +154,17 @@ class SSHService:
         return None
 
     async def refresh(self) -> None:
-        """Reload bans and users now (the background task does this every second)."""
-        bans, users = await asyncio.gather(asyncio.to_thread(self.defender.active_bans),
-                                           asyncio.to_thread(self.store.list_users))
+        """Reload users, and bans unless the node's view is used (`banned`), now (the
+        background task does this every second)."""
+        if self._banned is None:
+            bans, users = await asyncio.gather(asyncio.to_thread(self.defender.active_bans),
+                                               asyncio.to_thread(self.store.list_users))
+            self._bans = bans
+        else:  # the node's ban sync already reads them every second
+            users = await asyncio.to_thread(self.store.list_users)
         now = time.time()
         usable = [u for u in users
                   if not u.disabled and (u.expires_at is None or u.expires_at > now)]
-        self._bans = bans
         self._users = usable
         self._open_to_all = any(not u.allow_cidrs and not u.deny_cidrs for u in usable)
 
@@ -190,9 +211,12 @@ class SSHService:
             ctx = dataclasses.replace(ctx, session_id=secrets.token_hex(8))
         session = Session(ctx, self.audit)
         server = NodeSSHServer(session, self.store, self.defender, self._sessions)
-        options = asyncssh.SSHServerConnectionOptions(
-            options=self._options, server_factory=lambda: server,
-            sftp_factory=functools.partial(self._open_sftp, session))
+        # A copy of the options prepared once, not asyncssh's per-connection re-preparation
+        # (which re-validates every algorithm list and reloads keys, twice per connection):
+        # only the two per-session factories differ.
+        options = copy.copy(self._options)
+        options.protocol_factory = lambda: server
+        options.sftp_factory = functools.partial(self._open_sftp, session)
         self._active += 1
         session.audit("session.connect")
         conn: asyncssh.SSHServerConnection | None = None

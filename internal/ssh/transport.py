@@ -11,6 +11,10 @@ the cipher, and this subclass removes what the node does not need:
 * a receive buffer consumed through a memoryview, so each packet no longer copies everything
   queued behind it, and a packet that arrives in many reads is joined once, not once per read;
 * AES-GCM with one AESGCM object per key and a single copy per packet each way;
+* chacha20-poly1305 with one keystream call for the Poly1305 key and the payload together, no
+  header+data joins, and on receive the packet authenticated and decrypted straight out of the
+  read buffer (`_FastChaCha`; asyncssh makes three ChaCha20 contexts and joins header and
+  data twice per packet);
 * packet logging only when asyncssh's packet-level debug is on.
 
 Everything else (key exchange, rekeying, auth, channels) is asyncssh's own code; packets before
@@ -25,17 +29,26 @@ from typing import Any, Optional
 
 import asyncssh
 from asyncssh.connection import SSHServerConnection
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.ciphers.algorithms import ChaCha20
+from cryptography.hazmat.primitives.poly1305 import Poly1305
 
-try:   # asyncssh's GCM shim; if its layout ever changes the generic path is used
+try:   # asyncssh's GCM and ChaCha shims; if their layout ever changes the generic path is used
     from asyncssh.encryption import GCMEncryption
 except ImportError:   # pragma: no cover
     GCMEncryption = None  # type: ignore[assignment,misc]
+try:
+    from asyncssh.encryption import ChachaEncryption
+except ImportError:   # pragma: no cover
+    ChachaEncryption = None  # type: ignore[assignment,misc]
 
 _MSG_USERAUTH_LAST = 79
 _GCM_TAG = 16
 _U64 = 0xFFFFFFFFFFFFFFFF
+_CHACHA_BLOCK0 = bytes(64)   # encrypted at counter 0, it yields the packet's Poly1305 key
+_CHACHA_CTR0 = bytes(8)      # ChaCha20's 64-bit block counter, little-endian, before the nonce
 
 
 class _FastGCM:
@@ -87,6 +100,76 @@ class _FastGCM:
             return None
 
 
+class _FastChaCha:
+    """chacha20-poly1305@openssh.com (OpenSSH's PROTOCOL.chacha20poly1305) for one direction,
+    byte for byte what asyncssh's ChachaCipher does: the second half of the 64-byte key
+    encrypts the 4-byte length, the first half the rest; both use the packet's sequence
+    number, 64-bit big-endian, as nonce; the Poly1305 key is the first 32 bytes of block 0 and
+    the payload is encrypted from block 1. Per packet: two ChaCha20 contexts, one Poly1305,
+    and the payload goes through each of them once."""
+
+    # asyncssh reads a chacha packet's first 8 bytes before its length is known
+    # (max(8, cipher block size 1)); decrypt_packet relies on it
+    FIRST = 8
+
+    def __init__(self, key: bytes) -> None:
+        self._main = key[:32]
+        self._len = key[32:]
+
+    @classmethod
+    def wrap(cls, enc: Any) -> Any:
+        cipher = getattr(enc, "_cipher", None)
+        main, len_key = getattr(cipher, "_key", None), getattr(cipher, "_adkey", None)
+        if type(enc) is not ChachaEncryption or not isinstance(main, bytes) or \
+                not isinstance(len_key, bytes) or len(main) != 32 or len(len_key) != 32:
+            return enc
+        return cls(main + len_key)
+
+    @staticmethod
+    def _stream(key: bytes, seq: int) -> Any:
+        return Cipher(ChaCha20(key, _CHACHA_CTR0 + seq.to_bytes(8, "big")), None).encryptor()
+
+    def seal(self, seq: int, header: bytes, block0_packet: bytes) -> tuple[bytes, Any, bytes]:
+        """`block0_packet` is `_CHACHA_BLOCK0` followed by the packet (the caller joins the
+        packet anyway): one keystream call then gives the Poly1305 key and the ciphertext.
+        Returns the encrypted length, the ciphertext (a memoryview) and the tag."""
+        enc_len = self._stream(self._len, seq).update(header)
+        out = memoryview(self._stream(self._main, seq).update(block0_packet))
+        body = out[64:]
+        mac = Poly1305(out[:32])
+        mac.update(enc_len)
+        mac.update(body)
+        return enc_len, body, mac.finalize()
+
+    # -- asyncssh's Encryption interface ---------------------------------------------------
+    @classmethod
+    def needs_mac(cls) -> bool:
+        return False
+
+    def encrypt_packet(self, seq: int, header: bytes, packet: bytes) -> tuple[bytes, bytes]:
+        enc_len, body, tag = self.seal(seq, header, _CHACHA_BLOCK0 + packet)
+        return enc_len + body, tag
+
+    def decrypt_header(self, seq: int, first_block: Any, header_len: int) -> tuple[Any, Any]:
+        return first_block, self._stream(self._len, seq).update(first_block[:header_len])
+
+    def decrypt_packet(self, seq: int, first: Any, rest: Any, header_len: int,
+                       mac: Any) -> Optional[bytes]:
+        """`first` is asyncssh's first 8 bytes of the packet, or (from the node's receive
+        path) a view from the packet's start over whatever was buffered with it: when that
+        already covers `rest`, the ciphertext is read from it without a join."""
+        end = self.FIRST + len(rest)
+        data = first[:end] if len(first) >= end else b"".join((first[:self.FIRST], rest))
+        stream = self._stream(self._main, seq)
+        check = Poly1305(stream.update(_CHACHA_BLOCK0)[:32])
+        check.update(data)
+        try:
+            check.verify(bytes(mac))
+        except InvalidSignature:
+            return None
+        return stream.update(data[header_len:])
+
+
 class _BytesIn:
     """Any other cipher: asyncssh's own, handed bytes as it expects (the receive buffer is a
     memoryview here)."""
@@ -105,8 +188,11 @@ class _BytesIn:
 def _wrap(enc: Any) -> Any:
     if enc is None:
         return None
-    fast = _FastGCM.wrap(enc)
-    return fast if fast is not enc else _BytesIn(enc)
+    for fast_type in (_FastGCM, _FastChaCha):
+        fast = fast_type.wrap(enc)
+        if fast is not enc:
+            return fast
+    return _BytesIn(enc)
 
 
 class _CorkedTransport:
@@ -214,13 +300,17 @@ class NodeServerConnection(SSHServerConnection):
             return False
         if not isinstance(buf, memoryview):
             buf = memoryview(buf)
-        first = bytes(buf[:bs])
         self._inpbuf = buf[bs:]
-        if self._recv_encryption:
-            self._packet, pktlen = self._recv_encryption.decrypt_header(
-                self._recv_seq, first, 4)
+        enc = self._recv_encryption
+        if type(enc) is _FastChaCha and bs == _FastChaCha.FIRST:
+            # the whole view: if the packet is already buffered, it is decrypted from here
+            self._packet, pktlen = enc.decrypt_header(self._recv_seq, buf, 4)
         else:
-            self._packet, pktlen = first, first[:4]
+            first = bytes(buf[:bs])
+            if enc:
+                self._packet, pktlen = enc.decrypt_header(self._recv_seq, first, 4)
+            else:
+                self._packet, pktlen = first, first[:4]
         self._pktlen = int.from_bytes(pktlen, "big")
         if self._pktlen > self._max_recv_pktlen:
             raise asyncssh.ProtocolError("Max packet size exceeded")
@@ -244,14 +334,22 @@ class NodeServerConnection(SSHServerConnection):
         pktlen = 1 + payload_len + padlen
         hdr = pktlen.to_bytes(4, "big")
         seq = self._send_seq
-        packet = b"".join((bytes((padlen, pkttype)), *args, os.urandom(padlen)))
         transport = self._transport
-        if isinstance(enc, _FastGCM):
-            data = enc.seal(hdr, packet)
+        if type(enc) is _FastChaCha:
+            enc_len, body, tag = enc.seal(seq, hdr, b"".join(
+                (_CHACHA_BLOCK0, bytes((padlen, pkttype)), *args, os.urandom(padlen))))
+            if transport is not None:
+                transport.write(enc_len)
+                transport.write(body)
+                transport.write(tag)
+        elif isinstance(enc, _FastGCM):
+            data = enc.seal(hdr, b"".join((bytes((padlen, pkttype)), *args,
+                                           os.urandom(padlen))))
             if transport is not None:
                 transport.write(hdr)
                 transport.write(data)
         else:
+            packet = b"".join((bytes((padlen, pkttype)), *args, os.urandom(padlen)))
             data, mac = enc.encrypt_packet(seq, hdr, packet)
             if transport is not None:
                 transport.write(data)
@@ -265,9 +363,10 @@ class NodeServerConnection(SSHServerConnection):
 
 async def run_server(sock: Any, options: asyncssh.SSHServerConnectionOptions
                      ) -> SSHServerConnection:
-    """asyncssh.run_server on a connected socket, with `NodeServerConnection`."""
+    """asyncssh.run_server on a connected socket, with `NodeServerConnection`. `options` are
+    this connection's own (prepared already); the handshake waiter is set on them."""
     loop = asyncio.get_running_loop()
-    opts = await asyncssh.SSHServerConnectionOptions.construct(options)
+    opts = options
     waiter: asyncio.Future[None] = loop.create_future()
     opts.waiter = waiter
     _, conn = await loop.create_connection(

@@ -1,0 +1,172 @@
+"""Pooled Data connections, both ends, over real sockets: the gateway's assignment and the
+node's one-byte answer, with every answer, a silence, a close and garbage."""
+from __future__ import annotations
+
+import asyncio
+import socket
+from types import SimpleNamespace
+
+import pytest
+
+from edgegw.gateway.dispatch import _assign_pooled
+from edgegw.gateway.offers import OfferTable
+from edgegw.gateway.peers import Peer, PooledData
+from edgegw.netaddr import HostPort
+from edgegw.pnc import dataauth
+from edgegw.pnc.events import Event, Offer
+from edgegw.sockio import KEEPALIVE_IDLE, recv_exact
+from internal.data_pool import DataPool
+
+KEY = bytes(range(32))
+NONCE = bytes(range(50, 82))
+
+
+def _gateway(offer_timeout: float = 2.0) -> SimpleNamespace:
+    return SimpleNamespace(config=SimpleNamespace(offer_timeout=offer_timeout, data_timeout=1.0),
+                           offers=OfferTable(), sessions={})
+
+
+def _pooled_peer(sent: list[Event] | None = None) -> tuple[Peer, socket.socket]:
+    peer = Peer("n1", "x", (sent if sent is not None else []).append, KEY)
+    return peer, _add_pooled(peer)
+
+
+def _add_pooled(peer: Peer) -> socket.socket:
+    """One more pooled connection for `peer`; returns the node's end."""
+    gw_end, node_end = socket.socketpair()
+    gw_end.setblocking(False)
+    node_end.setblocking(False)
+    peer.pool.append(PooledData(gw_end, NONCE, 9))
+    return node_end
+
+
+async def _node_answers(node_end: socket.socket, answer: bytes | None) -> dataauth.Assignment:
+    """Read and check the assignment like a node would, then answer (None: close)."""
+    loop = asyncio.get_running_loop()
+    wire = await recv_exact(node_end, dataauth.ASSIGN_LEN)
+    assignment = dataauth.parse_assignment(wire, KEY, NONCE, 9)
+    if answer is None:
+        node_end.close()
+    else:
+        await loop.sock_sendall(node_end, answer)
+    return assignment
+
+
+@pytest.mark.parametrize("answer,expect", [
+    (bytes((dataauth.ANSWER_ACCEPT,)), "paired"),
+    (bytes((dataauth.ANSWER_RETRY,)), None),       # another node may take the client
+    (bytes((dataauth.ANSWER_REFUSE,)), False),     # close the client
+    (b"S", None),                                  # not an answer we know
+])
+async def test_gateway_acts_on_the_node_answer(answer: bytes | None, expect: object) -> None:
+    gw = _gateway()
+    peer, node_end = _pooled_peer()
+    gw_end = peer.pool[0].sock
+    node = asyncio.create_task(_node_answers(node_end, answer))
+    result = await _assign_pooled(gw, peer, "198.51.100.7", 40100, "c")  # type: ignore[arg-type]
+    assignment = await node
+    assert (assignment.client_ip, assignment.client_port) == ("198.51.100.7", 40100)
+    assert peer.pending == 0 and not peer.pool
+    if expect == "paired":
+        assert isinstance(result, tuple) and result == (assignment.session_id, gw_end)
+        assert gw_end.fileno() >= 0                 # handed over open
+        gw_end.close()
+    else:
+        assert result is expect
+        assert gw_end.fileno() == -1                # never leaked
+    node_end.close()
+
+
+async def test_dead_pooled_connection_is_skipped_for_the_next() -> None:
+    gw = _gateway()
+    peer, dead = _pooled_peer()
+    dead.close()                                    # e.g. dropped by a firewall, or the node
+    alive = _add_pooled(peer)
+    node = asyncio.create_task(_node_answers(alive, bytes((dataauth.ANSWER_ACCEPT,))))
+    result = await _assign_pooled(gw, peer, "192.0.2.8", 2222, "c")  # type: ignore[arg-type]
+    assignment = await node
+    assert isinstance(result, tuple) and result[0] == assignment.session_id
+    assert assignment.client_ip == "192.0.2.8" and not peer.pool and peer.pending == 0
+    result[1].close()
+    alive.close()
+
+
+async def test_last_dead_pooled_connection_falls_back_to_an_offer() -> None:
+    gw = _gateway(offer_timeout=0.2)
+    sent: list[Event] = []
+    peer, dead = _pooled_peer(sent)
+    dead.close()
+    assert await _assign_pooled(gw, peer, "192.0.2.9", 2223, "c") is None  # type: ignore[arg-type]
+    offers = [e for e in sent if isinstance(e, Offer)]
+    assert [(o.client_ip, o.client_port) for o in offers] == [("192.0.2.9", 2223)]
+    assert peer.pending == 0 and len(gw.offers) == 0
+
+
+async def test_gateway_gives_up_on_a_silent_node() -> None:
+    gw = _gateway(offer_timeout=0.2)
+    peer, node_end = _pooled_peer()
+    gw_end = peer.pool[0].sock
+    try:
+        assert await _assign_pooled(gw, peer, "::1", 1, "c") is None  # type: ignore[arg-type]
+        assert gw_end.fileno() == -1 and peer.pending == 0
+    finally:
+        node_end.close()
+
+
+class _FakeLink:
+    """What a DataPool needs of its GatewayLink."""
+
+    def __init__(self, port: int) -> None:
+        self.target = HostPort("127.0.0.1", port)
+        self.data_addr = self.target
+        self.gateway = SimpleNamespace(pool_key=KEY)
+        self.connected = False   # no refill: each test controls the connections it sees
+
+
+async def _data_port(handler) -> tuple[asyncio.AbstractServer, int]:  # type: ignore[no-untyped-def]
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+@pytest.mark.parametrize("forge", [False, True])
+async def test_node_pool_checks_the_assignment(forge: bool, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A good assignment reaches the node with the client's address; a forged one (another
+    link's key) is logged and closed, and nothing is served on it."""
+    got: list[tuple[dataauth.Assignment, socket.socket]] = []
+    done = asyncio.Event()
+    closed_by_node = asyncio.Event()
+
+    async def gateway(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonce, challenge = dataauth.make_challenge()
+        writer.write(challenge)
+        proof = dataauth.parse_proof(await reader.readexactly(dataauth.PROOF_LEN))
+        assert dataauth.verify_pool_proof(proof, KEY, nonce)
+        key = bytes(32) if forge else KEY
+        writer.write(dataauth.encode_assignment(
+            dataauth.Assignment(77, "203.0.113.5", 5555), key, nonce, proof.ident))
+        if await reader.read(1) == b"":
+            closed_by_node.set()
+        writer.close()
+
+    server, port = await _data_port(gateway)
+    pool = DataPool(_FakeLink(port), 1,  # type: ignore[arg-type]
+                    lambda a, s: (got.append((a, s)), done.set()))
+    try:
+        pool.fill()
+        if forge:
+            await asyncio.wait_for(closed_by_node.wait(), 5)
+            assert not got
+            assert "bad assignment" in caplog.text and "wrong mac" in caplog.text
+        else:
+            await asyncio.wait_for(done.wait(), 5)
+            (assignment, sock), = got
+            assert assignment == dataauth.Assignment(77, "203.0.113.5", 5555)
+            # pooled connections idle between sessions: keepalive keeps firewalls from
+            # dropping them silently
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE
+            sock.close()
+    finally:
+        pool.close()
+        server.close()
+        await server.wait_closed()
