@@ -109,3 +109,18 @@ def test_many_threads_record(store):
         th.join()
     log.close()
     assert len(store.query_audit(kind="t", limit=1000)) == 400
+
+
+def test_events_close_together_share_a_commit(store):
+    """Sessions arriving back to back must not pay one commit (one fsync) per event."""
+    counting = _Flaky(store, fail_times=0)
+    log = AuditLog(counting, "n")
+    try:
+        for i in range(40):
+            log.record("burst", i=i)
+            time.sleep(0.0002)              # events 0.2 ms apart, as in a connection burst
+        assert log.flush(5.0)
+    finally:
+        log.close()
+    assert len(store.query_audit(kind="burst")) == 40
+    assert counting.calls <= 10, counting.calls

@@ -121,7 +121,9 @@ class Gateway:
             sock.close()  # no-op once the relay has detached it
 
     async def _on_client(self, sock: socket.socket, addr: tuple) -> None:
-        ip, port = normalize_ip(addr[0]), addr[1]
+        # an IPv4 listener's peer address is already canonical; IPv6 may be v4-mapped
+        ip = addr[0] if sock.family == socket.AF_INET else normalize_ip(addr[0])
+        port = addr[1]
         if self.config.proxy_protocol_from and ip_in_networks(ip, self.config.proxy_protocol_from):
             real = await read_proxy_header(sock, ip, port)
             if real is None:
