@@ -1,4 +1,5 @@
-"""Brute-force defence: ban addresses that keep failing to log in, longer each time.
+"""Brute-force defence: ban addresses that keep failing to log in, longer each time (an
+address with no ban for `forget_after` seconds starts over at the shortest ban).
 
 Failures and bans live in the store, so nodes sharing a PostgreSQL store count together and see
 each other's bans. `banned()` answers from a cache refreshed at most every `refresh` seconds,
@@ -25,15 +26,19 @@ Listener = Callable[[BanEntry], None]
 class Defender:
     def __init__(self, store: Store, *, threshold: int = 5, window: float = 300.0,
                  base_ban: float = 600.0, max_ban: float = 7 * 86400,
+                 forget_after: float = 30 * 86400,
                  on_ban: Listener | None = None, on_unban: Listener | None = None,
                  refresh: float = 1.0, clock: Callable[[], float] = time.time) -> None:
-        if threshold < 1 or window <= 0 or base_ban <= 0 or max_ban < base_ban:
-            raise ValueError("defender: need threshold >= 1, window > 0, 0 < base_ban <= max_ban")
+        if threshold < 1 or window <= 0 or base_ban <= 0 or max_ban < base_ban \
+                or forget_after < max_ban:
+            raise ValueError("defender: need threshold >= 1, window > 0, "
+                             "0 < base_ban <= max_ban <= forget_after")
         self.store = store
         self.threshold = threshold
         self.window = window
         self.base_ban = base_ban
         self.max_ban = max_ban
+        self.forget_after = forget_after    # an address not banned for this long starts over
         self.refresh_every = refresh
         self._clock = clock
         self._lock = threading.Lock()
@@ -72,9 +77,11 @@ class Defender:
             self._maybe_prune(now)
             if self.store.count_auth_failures(addr, now - self.window) < self.threshold:
                 return None
-            level = self.store.ban_level(addr) + 1
+            since = now - self.forget_after
+            level = self.store.ban_level(addr, since) + 1
             entry = self.store.add_ban(addr, now + self.ban_duration(level),
-                                       f"{self.threshold} failed logins in {self.window:g}s")
+                                       f"{self.threshold} failed logins in {self.window:g}s",
+                                       history_since=since, at=now)
             self.store.clear_auth_failures(ip=addr)
         except StoreError as exc:
             log.error("defender: store error while counting %s: %s", addr, exc)
@@ -104,7 +111,9 @@ class Defender:
         key = canonical_cidr(ip_or_cidr)
         if not duration > 0:
             raise ValueError(f"ban duration must be positive, not {duration!r}")
-        entry = self.store.add_ban(key, self._clock() + duration, reason)
+        now = self._clock()
+        entry = self.store.add_ban(key, now + duration, reason,
+                                   history_since=now - self.forget_after, at=now)
         self._remember(entry)
         return entry
 

@@ -47,6 +47,21 @@ def test_threshold_bans_and_grows(store, clock):
     assert durations == [200, 350, 350]
 
 
+def test_ban_levels_are_forgotten_after_a_quiet_period(store, clock):
+    d, _, _ = _defender(store, clock, forget_after=5000)
+    durations = []
+    for gap in (1000, 1000, 6000, 1000):                    # the third ban comes after a
+        for _ in range(3):                                  # quiet period: back to base_ban
+            entry = d.record_failure("192.0.2.1")
+        durations.append((entry.level, entry.until - clock.now))
+        clock.now += gap
+    assert durations == [(1, 100), (2, 200), (3, 350), (1, 100)]
+    manual = d.add_ban("192.0.2.1", 50, "by hand")         # manual bans count as history too
+    assert manual.level == 2
+    with pytest.raises(ValueError, match="forget_after"):
+        Defender(store, max_ban=100, forget_after=50)
+
+
 def test_window_forgets_old_failures(store, clock):
     d, _, _ = _defender(store, clock)
     d.record_failure("192.0.2.1")

@@ -66,6 +66,11 @@ def test_bans_levels_and_expiry(store):
     assert store.active_bans() == []
     assert store.ban_level("192.0.2.1") == 2   # history outlives the ban
     assert store.ban_level("203.0.113.9") == 0
+    assert store.ban_level("192.0.2.1", since=now + 3600) == 0   # ... unless it is too old
+    b3 = store.add_ban("192.0.2.1", now + 60, "much later", history_since=now + 3600,
+                       at=now + 7200)
+    assert b3.level == 1 and b3.created_at == now + 7200
+    assert store.ban_level("192.0.2.1", since=now + 3600) == 1
 
 
 def test_auth_failures(store):

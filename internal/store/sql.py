@@ -76,13 +76,17 @@ class SQLStore:
 
     # ---- bans --------------------------------------------------------------------------------
 
-    def add_ban(self, ip: str, until: float, reason: str) -> BanEntry:
-        """Ban (or re-ban) `ip`; each ban raises its level, kept after the ban ends."""
-        now = time.time()
+    def add_ban(self, ip: str, until: float, reason: str, *, history_since: float = 0.0,
+                at: float | None = None) -> BanEntry:
+        """Ban (or re-ban) `ip` at time `at` (default: now); each ban raises its level, kept
+        after the ban ends, unless the address's last ban is older than `history_since` (then
+        the level starts over)."""
+        now = time.time() if at is None else at
         with self._tx() as cur:
             self._exec(cur, "INSERT INTO ban_history (ip, level, last_at) VALUES (?, 1, ?) "
-                            "ON CONFLICT (ip) DO UPDATE SET level = ban_history.level + 1, "
-                            "last_at = excluded.last_at RETURNING level", (ip, now))
+                            "ON CONFLICT (ip) DO UPDATE SET level = CASE WHEN "
+                            "ban_history.last_at >= ? THEN ban_history.level + 1 ELSE 1 END, "
+                            "last_at = excluded.last_at RETURNING level", (ip, now, history_since))
             level = int(cur.fetchone()[0])
             self._exec(cur, f"INSERT INTO bans ({_BAN_COLS}) VALUES (?, ?, ?, ?, ?) "
                             "ON CONFLICT (ip) DO UPDATE SET until_ts = excluded.until_ts, "
@@ -101,8 +105,9 @@ class SQLStore:
         return [BanEntry(ip=r[0], until=float(r[1]), reason=r[2], created_at=float(r[3]),
                          level=int(r[4])) for r in rows]
 
-    def ban_level(self, ip: str) -> int:
-        rows = self._read("SELECT level FROM ban_history WHERE ip = ?", (ip,))
+    def ban_level(self, ip: str, since: float = 0.0) -> int:
+        rows = self._read("SELECT level FROM ban_history WHERE ip = ? AND last_at >= ?",
+                          (ip, since))
         return int(rows[0][0]) if rows else 0
 
     # ---- defender ----------------------------------------------------------------------------
