@@ -6,8 +6,9 @@ import subprocess
 from pathlib import Path
 
 from bench.peers import RelayPath
-from bench.procs import Proc, Skip, free_port, need, wait_port
+from bench.procs import Proc, Skip, need, wait_port
 from bench.report import PartResult
+from edgegw.sockio import free_port
 
 SOURCE = Path(__file__).with_name("netload.c")
 

@@ -12,8 +12,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.procs import Proc, Skip, free_port, need, wait_port
+from bench.procs import Proc, Skip, need, wait_port
 from bench.report import PartResult
+from edgegw.sockio import free_port
 
 HAPROXY_CFG = """\
 global

@@ -5,8 +5,9 @@ import json
 import subprocess
 
 from bench.peers import Ctx, alive, choose, relay_paths, start_all, stop_all
-from bench.procs import Proc, Skip, cpu_seconds, free_port, log, need, wait_port
+from bench.procs import Proc, Skip, cpu_seconds, log, need, wait_port
 from bench.report import Metric, PartResult, Results
+from edgegw.sockio import free_port
 
 METRICS = [
     Metric("gbps_1", "1 stream", "Gbit/s", "{:.2f}"),
