@@ -9,6 +9,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +64,9 @@ Subsystem sftp internal-sftp
 """
 
 
+_HOMES_LOCK = threading.Lock()
+
+
 @dataclass
 class Ctx:
     """Shared by every path of one run: where logs, configs and node homes go."""
@@ -71,7 +75,12 @@ class Ctx:
     homes: dict[str, Path] = field(default_factory=dict)
 
     def edgegw_home(self, key: str) -> Path:
-        """A node home per backend, created once per run (key generation takes a second)."""
+        """A node home per key, created once per run (key generation takes a second); paths
+        start in parallel threads, hence the lock."""
+        with _HOMES_LOCK:
+            return self._edgegw_home(key)
+
+    def _edgegw_home(self, key: str) -> Path:
         if key not in self.homes:
             home = self.workdir / f"node-{key}"
             files = Path("/dev/shm") / f"edgegw-bench-{os.getpid()}-{key}"
@@ -211,17 +220,20 @@ class EdgegwGateway(RelayPath):
 
     Two relay hops; the gateway's CPU (the DMZ relay) is reported apart from the node's."""
 
-    def __init__(self, backend: str, *, node_mode: str = "forward") -> None:
+    def __init__(self, backend: str, *, node_mode: str = "forward", procs: int = 0) -> None:
+        """`procs` > 0: the gateway relays in that many child processes (--relay-procs) and the
+        node runs as many workers, so that neither is bound by one process's fd limit."""
         super().__init__()
         self.backend = backend
         self.node_mode = node_mode
-        self.name = f"edgegw-{backend}"
+        self.relay_procs = procs
+        self.name = f"edgegw-{backend}" + (f"-{procs}procs" if procs else "")
         self.node_port = 0
 
     def start(self, ctx: Ctx, target: int) -> None:
         _edgegw_importable()
         _relay_backend_available(self.backend)
-        home = ctx.edgegw_home(self.backend if self.node_mode == "forward" else "sftp")
+        home = ctx.edgegw_home(self.name if self.node_mode == "forward" else "sftp")
         env = {"EDGEGW_RELAY_BACKEND": self.backend}
         ext, pnc, data = free_port(), free_port(), free_port()
         tag = f"{self.name}-{ext}"
@@ -229,12 +241,12 @@ class EdgegwGateway(RelayPath):
                   [sys.executable, "-m", "edgegw", "serve", "--external", f"127.0.0.1:{ext}",
                    "--pnc", f"127.0.0.1:{pnc}", "--data", f"127.0.0.1:{data}",
                    "--trust", str(home / "gateway-trust.pem"), "--relay-backend", self.backend,
-                   "--gateway-id", "bench"],
+                   "--gateway-id", "bench", "--relay-procs", str(self.relay_procs)],
                   ctx.workdir / f"{tag}-gateway.log", env=env).start()
         self.procs["gateway"] = gw
         gw.wait_log("listening: external=", timeout=30)
         node_args = [sys.executable, "-m", "edgegw", "internal", "serve", "--home", str(home),
-                     "--workers", "1", "--gateway", f"127.0.0.1:{pnc}"]
+                     "--workers", str(max(1, self.relay_procs)), "--gateway", f"127.0.0.1:{pnc}"]
         if self.node_mode == "forward":
             node_args += ["--forward", f"127.0.0.1:{target}"]
         else:

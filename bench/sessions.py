@@ -19,8 +19,8 @@ import struct
 import time
 
 from bench import netload
-from bench.peers import (Ctx, EdgegwSsh, HAProxy, RelayPath, Sshd, alive, choose, relay_paths,
-                         start_all, stop_all)
+from bench.peers import (Ctx, EdgegwGateway, EdgegwSsh, HAProxy, RelayPath, Sshd, alive, choose,
+                         relay_paths, start_all, stop_all)
 from bench.procs import (Skip, kernel_other_kib, slab_object_kib, log, meminfo_kib, memory_kib, pipe_fds,
                          process_tree, tcp_mem_pages)
 from bench.report import Metric, PartResult, Results
@@ -48,6 +48,17 @@ SETUP_METRICS = [
 ]
 
 FD_HEADROOM = 300
+
+
+def _fds_by_pid(pid: int) -> dict[int, int]:
+    """Descriptors of each process in the tree: the fd limit applies to each one alone."""
+    out = {}
+    for p in process_tree(pid):
+        try:
+            out[p] = len(os.listdir(f"/proc/{p}/fd"))
+        except OSError:
+            pass
+    return out
 
 
 def _fd_count(pid: int) -> int:
@@ -144,7 +155,8 @@ def _snapshot(path: RelayPath) -> dict:
             "tcp_pages": tcp_mem_pages(), "roles": {}}
     for role, pid in path.pids().items():
         mem = memory_kib(pid)
-        snap["roles"][role] = {**mem, "fds": _fd_count(pid), "pipes": pipe_fds(pid) / 2}
+        snap["roles"][role] = {**mem, "fds": _fd_count(pid), "pipes": pipe_fds(pid) / 2,
+                               "fds_by_pid": _fds_by_pid(pid)}
     return snap
 
 
@@ -166,14 +178,18 @@ def _cap_for(path: RelayPath, probe: Holder, base: dict, want: int) -> tuple[int
                                   f"{limit}, which cannot be raised here)")
     held = max(1, len(probe.socks))
     for role, pid in path.pids().items():
-        now = _fd_count(pid)
-        per = (now - base["roles"][role]["fds"]) / held
-        if per <= 0.5:
-            continue
-        room = int((limit - now - FD_HEADROOM) / per) + held
-        if room < cap:
-            cap, why = room, (f"{role} uses {per:.1f} fds per idle session; fd limit {limit} "
-                              f"(hard, cannot be raised here) fits {room}")
+        was = base["roles"][role]["fds_by_pid"]
+        # per: what each process gained per session of the whole path (a process holding
+        # half of them shows half its per-session cost), so its limit caps the path at:
+        for p, n in _fds_by_pid(pid).items():
+            per = (n - was.get(p, 0)) / held
+            if per <= 0.5 / held:
+                continue
+            room = int((limit - FD_HEADROOM - was.get(p, 0)) / per)
+            if room < cap:
+                cap, why = room, (f"a {role} process gains {per:.2f} fds per session; "
+                                  f"its fd limit {limit} (hard, cannot be raised here) "
+                                  f"fits {room}")
     return max(held, cap), why
 
 
@@ -261,7 +277,10 @@ def run(ctx: Ctx, results: Results, *, quick: bool, repeat: int, count: int | No
                             "MemTotal-MemFree minus every user/cache/slab/stack/page-table "
                             "line, noisy) and TCP buffer pages")
     part.notes["socat"] = "forks a process per connection: held at most 1000 sessions"
-    paths = choose(relay_paths(include_engine=True), only, quick)
+    # one gateway may relay in several processes (--relay-procs): 10,000 sessions need more
+    # descriptors than one process may hold here
+    paths = choose(relay_paths(include_engine=True) + [EdgegwGateway("splice", procs=2)],
+                   only, quick)
     started = netload.start_echo_or_skip(ctx.workdir, part, paths)
     if started is None:
         return part

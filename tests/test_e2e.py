@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -247,6 +248,29 @@ def test_other_relay_backends_end_to_end(tmp_path: Path, node_home: Path, procs:
     _ok(sftp_batch(gw.external, user, key, "put x.bin\nget x.bin y.bin\n", cwd=tmp_path))
     assert (tmp_path / "y.bin").read_bytes() == data
     gw.wait_log(rf"relay={backend}")
+
+
+def test_relay_processes_end_to_end(tmp_path: Path, node_home: Path, procs: list[Proc],
+                                    alice: tuple[str, Path]) -> None:
+    """--relay-procs: sessions relayed by child processes; none outlive the gateway."""
+    user, key = alice
+    gw = start_gateway(tmp_path, node_home / "gateway-trust.pem", "--relay-procs", "2",
+                       name="gw-procs")
+    procs.append(gw)
+    procs.append(start_node(tmp_path, node_home, [gw]))
+    data = os.urandom(3 << 20)
+    (tmp_path / "x.bin").write_bytes(data)
+    for _ in range(2):   # two sessions: one per relay process
+        _ok(sftp_batch(gw.external, user, key, "put x.bin\nget x.bin y.bin\n", cwd=tmp_path))
+        assert (tmp_path / "y.bin").read_bytes() == data
+    closed = gw.wait_log(r"session \w+: client \S+ closed \(eof\) up=(\d+) down=(\d+)")
+    assert int(closed.group(1)) > len(data) and int(closed.group(2)) > len(data)
+    pids = [int(p) for p in re.findall(r"relay process \d started \(pid (\d+)\)", gw.text())]
+    assert len(pids) == 2
+    assert gw.stop() == 0
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 def _fd_count(pid: int) -> int:

@@ -9,6 +9,7 @@ import click
 from edgegw.gateway.config import GatewayConfig
 from edgegw.gateway.server import run_gateway
 from edgegw.gateway.tls import TrustError, gateway_context
+from edgegw.limits import raise_fd_limit
 from edgegw.logsetup import LEVELS, setup_logging
 from edgegw.netaddr import HostPort, parse_hostport, parse_networks
 from edgegw.runner import run_until_signalled
@@ -42,6 +43,10 @@ def _hostport(ctx: click.Context, param: click.Parameter, value: str) -> HostPor
 @click.option("--relay-backend", type=click.Choice(["splice", "select", "python"]), default=None,
               help="Relay engine backend (default: $EDGEGW_RELAY_BACKEND or splice on Linux).")
 @click.option("--relay-threads", default=1, show_default=True, type=click.IntRange(1, 64))
+@click.option("--relay-procs", default=0, show_default=True, type=click.IntRange(0, 64),
+              help="Run the relay in this many child processes (each holds its own sessions' "
+                   "descriptors; for more sessions than one process's open-files limit); "
+                   "0: in the gateway process.")
 @click.option("--pipe-size", default=1 << 20, show_default=True, type=click.IntRange(4096),
               help="Bytes per splice pipe (F_SETPIPE_SZ).")
 @click.option("--idle-timeout", default=0.0, show_default=True, type=click.FloatRange(0),
@@ -52,10 +57,11 @@ def _hostport(ctx: click.Context, param: click.Parameter, value: str) -> HostPor
 def serve(external: HostPort, pnc: HostPort, data: HostPort, trust: Path, gateway_id: str,
           offer_timeout: float, grace_period: float, heartbeat_interval: float,
           heartbeat_timeout: float, relay_backend: str | None, relay_threads: int,
-          pipe_size: int, idle_timeout: float, proxy_protocol_from: tuple[str, ...],
-          log_level: str) -> None:
+          relay_procs: int, pipe_size: int, idle_timeout: float,
+          proxy_protocol_from: tuple[str, ...], log_level: str) -> None:
     """Run the gateway (DMZ): relay SFTP clients to internal nodes; holds no keys or files."""
     setup_logging(log_level)
+    raise_fd_limit()  # two descriptors per relayed session
     try:
         gateway_context(trust)  # fail fast, before binding anything
         nets = parse_networks(proxy_protocol_from)
@@ -65,8 +71,8 @@ def serve(external: HostPort, pnc: HostPort, data: HostPort, trust: Path, gatewa
         external=external, pnc=pnc, data=data, trust=trust, gateway_id=gateway_id,
         offer_timeout=offer_timeout, grace_period=grace_period,
         heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
-        relay_backend=relay_backend, relay_threads=relay_threads, pipe_size=pipe_size,
-        idle_timeout=idle_timeout, proxy_protocol_from=nets)
+        relay_backend=relay_backend, relay_threads=relay_threads, relay_procs=relay_procs,
+        pipe_size=pipe_size, idle_timeout=idle_timeout, proxy_protocol_from=nets)
     try:
         run_until_signalled(lambda stop: run_gateway(config, stop))
     except (OSError, ValueError) as exc:  # a port in use, a bad $EDGEGW_RELAY_BACKEND, ...

@@ -24,6 +24,7 @@ class GatewayConfig:
     tls_handshake_timeout: float = 10.0
     relay_backend: str | None = None  # None: EDGEGW_RELAY_BACKEND or the platform default
     relay_threads: int = 1
+    relay_procs: int = 0              # 0: the engine runs in the gateway process itself
     pipe_size: int = 1 << 20
     idle_timeout: float = 0.0         # 0: sessions may idle forever (SSH keepalives decide)
     max_pending: int = 1024           # clients waiting for a node at once; more are closed

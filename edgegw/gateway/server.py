@@ -44,7 +44,8 @@ class Gateway:
         self.offers = OfferTable()
         self.bans = BanTable()
         self.relay = create_relay(config.relay_backend, threads=config.relay_threads,
-                                  pipe_size=config.pipe_size, idle_timeout=config.idle_timeout)
+                                  pipe_size=config.pipe_size, idle_timeout=config.idle_timeout,
+                                  procs=config.relay_procs)
         self.sessions: dict[int, _Session] = {}
         self._listeners: dict[str, socket.socket] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -72,7 +73,9 @@ class Gateway:
                 self._accept_loop(name, self._listeners[name], handler)))
         log.info("gateway %s listening: external=%s pnc=%s data=%s relay=%s loop=%s",
                  cfg.gateway_id, _fmt(self.address("external")), _fmt(self.address("pnc")),
-                 _fmt(self.address("data")), self.relay.backend,
+                 _fmt(self.address("data")),
+                 self.relay.backend + (f" in {cfg.relay_procs} processes" if cfg.relay_procs
+                                       else ""),
                  type(asyncio.get_running_loop()).__module__.split(".")[0])
 
     async def close(self) -> None:
@@ -206,12 +209,21 @@ class Gateway:
             log.warning("node %s sent an unban for invalid address %r; ignored", peer.node_id, ip)
 
     def start_session(self, session_id: int, peer: Peer, client: socket.socket,
-                      data: socket.socket, ip: str, port: int) -> None:
+                      data: socket.socket, ip: str, port: int) -> bool:
+        """Hand the pair to the relay; False (both sockets closed, logged) if it refused."""
+        try:
+            self.relay.add(session_id, client, data)
+        except Exception as exc:  # engine out of memory, relay process gone, ...
+            log.error("session %016x: client %s:%d closed: the relay cannot take it: %s",
+                      session_id, ip, port, exc)
+            client.close()
+            data.close()   # the node sees its Data connection end
+            return False
         self.sessions[session_id] = _Session(peer, f"{ip}:{port}")
         peer.active += 1  # until the node's next Load report says otherwise
-        self.relay.add(session_id, client, data)
         log.debug("session %016x: client %s:%d paired with node %s", session_id, ip, port,
                   peer.node_id)
+        return True
 
     def _on_relay_finished(self, report: RelayReport) -> None:
         info = self.sessions.pop(report.session_id, None)

@@ -47,12 +47,13 @@ def default_backend() -> str:
 
 
 def create_relay(backend: str | None = None, *, threads: int = 1, pipe_size: int = 1 << 20,
-                 idle_timeout: float = 0.0) -> Relay:
+                 idle_timeout: float = 0.0, procs: int = 0) -> Relay:
     """A relay of the given backend; None means $EDGEGW_RELAY_BACKEND, else the platform's best.
 
     `threads` (C engine) spreads sessions over that many I/O threads; `pipe_size` is asked of
     the kernel for each splice pipe (smaller if refused); `idle_timeout` (seconds, 0 = never)
-    ends sessions that moved no byte either way for that long.
+    ends sessions that moved no byte either way for that long. `procs` > 0 runs the engine in
+    that many child processes instead of this one (edgegw.relay.procs).
     """
     name = backend or default_backend()
     if name not in BACKENDS:
@@ -74,6 +75,15 @@ def create_relay(backend: str | None = None, *, threads: int = 1, pipe_size: int
         elif name not in c_backends:
             raise ValueError(f"relay backend {name!r} is not available on this system; "
                              f"available: {', '.join(available_backends())}")
+    if procs < 0:
+        raise ValueError(f"relay processes must be >= 0, got {procs}")
+    if procs:
+        from edgegw.relay.procs import ProcRelay
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
+        return ProcRelay(name, procs=procs, threads=threads, pipe_size=pipe_size,
+                         idle_timeout=idle_timeout,
+                         log_level=level if level in ("debug", "info", "warning", "error")
+                         else "info")
     if name == "python":
         from edgegw.relay.pyrelay import PyRelay
         return PyRelay(idle_timeout=idle_timeout)

@@ -1,0 +1,194 @@
+"""The relay spread over child processes: `edgegw serve --relay-procs N`.
+
+Each session's two sockets go to one of N relay processes (edgegw.relay.worker, each running
+the chosen engine) as SCM_RIGHTS over a socket pair, and the gateway closes its own copies, so
+its descriptors stay few. Why:
+
+* a process holds at most RLIMIT_NOFILE descriptors, two per session; where the hard limit
+  cannot be raised (containers often fix it), N processes hold N times as many sessions;
+* a relay process that dies takes only its own sessions: they are reported as ERROR (the nodes
+  hear of it like any other end) and a new process takes its place.
+
+The handoff costs one message and one wake-up of the relay process per session; without
+`--relay-procs` the engine runs inside the gateway, which is the faster setup.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+from edgegw.relay import wire
+from edgegw.relay.base import FinishedCallback, FinishReason, RelayReport, RelayStats
+
+log = logging.getLogger("edgegw.relay")
+
+
+@dataclass(eq=False)
+class _Proc:
+    index: int
+    ctrl: socket.socket
+    popen: subprocess.Popen[bytes]
+    sessions: set[int] = field(default_factory=set)
+
+
+class ProcRelay:
+    """`Relay` whose sessions run in `procs` child processes of `backend` engines."""
+
+    def __init__(self, backend: str, *, procs: int, threads: int = 1, pipe_size: int = 1 << 20,
+                 idle_timeout: float = 0.0, log_level: str = "info") -> None:
+        if procs < 1:
+            raise ValueError(f"relay processes must be >= 1, got {procs}")
+        self.backend = backend
+        self._args = ["--backend", backend, "--threads", str(threads),
+                      "--pipe-size", str(pipe_size), "--idle-timeout", repr(idle_timeout),
+                      "--log-level", log_level]
+        self._count = procs
+        self._procs: list[_Proc] = []
+        self._owner: dict[int, _Proc] = {}
+        self._on_finished: FinishedCallback | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._total = 0
+        self._bytes = 0
+
+    # -- Relay -----------------------------------------------------------------------------
+    def start(self, on_finished: FinishedCallback) -> None:
+        if self._loop is not None:
+            raise RuntimeError("relay already started")
+        self._loop = asyncio.get_running_loop()
+        self._on_finished = on_finished
+        self._procs = [self._spawn(i) for i in range(self._count)]
+
+    def add(self, session_id: int, a: socket.socket, b: socket.socket) -> None:
+        if self._closed or not self._procs:
+            raise RuntimeError("relay is closed")
+        if not 0 <= session_id < 1 << 64:
+            raise ValueError(f"relay session id must be an unsigned 64-bit int, got {session_id}")
+        if session_id in self._owner:
+            raise FileExistsError(17, f"relay session {session_id} already exists; "
+                                      "ids must be unique")
+        proc = min(self._procs, key=lambda p: len(p.sessions))
+        try:   # never blocks: a full control socket fails this one session, not the gateway
+            socket.send_fds(proc.ctrl, [wire.command(wire.ADD, session_id)],
+                            [a.fileno(), b.fileno()], socket.MSG_DONTWAIT)
+        except OSError as exc:
+            raise RuntimeError(f"relay process {proc.index} cannot take a session: "
+                               f"{exc}") from None
+        a.close()   # the relay process has its own descriptors now
+        b.close()
+        proc.sessions.add(session_id)
+        self._owner[session_id] = proc
+        self._total += 1
+
+    def kill(self, session_id: int) -> bool:
+        proc = self._owner.get(session_id)
+        if proc is None or self._closed:
+            return False
+        try:
+            proc.ctrl.send(wire.command(wire.KILL, session_id), socket.MSG_DONTWAIT)
+        except OSError:
+            return False
+        return True
+
+    def stats(self) -> RelayStats:
+        """What the gateway side knows: sessions handed out and the bytes of finished ones."""
+        return RelayStats(backend=self.backend, active_sessions=len(self._owner),
+                          total_sessions=self._total, bytes_total=self._bytes)
+
+    async def close(self) -> None:
+        """Stop every relay process: each closes its sessions and reports them (SHUTDOWN)."""
+        if self._closed:
+            return
+        self._closed = True
+        for proc in self._procs:
+            try:
+                proc.ctrl.send(wire.command(wire.STOP), socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10.0
+        while any(p.popen.poll() is None for p in self._procs) and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for proc in list(self._procs):
+            self._on_readable(proc)          # the last reports
+            self._retire(proc, "the relay was closed")
+
+    # -- relay processes ---------------------------------------------------------------------
+    def _spawn(self, index: int) -> _Proc:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "edgegw.relay.worker", "--fd", str(theirs.fileno()),
+                 *self._args], pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        proc = _Proc(index, ours, popen)
+        assert self._loop is not None
+        self._loop.add_reader(ours.fileno(), self._on_readable, proc)
+        log.info("relay process %d started (pid %d)", index, popen.pid)
+        return proc
+
+    def _on_readable(self, proc: _Proc) -> None:
+        while True:
+            try:
+                msg = proc.ctrl.recv(wire.MAX_MESSAGE)
+            except BlockingIOError:
+                return
+            except OSError:
+                msg = b""
+            if not msg:
+                self._lost(proc)
+                return
+            try:
+                report = wire.parse_done(msg)
+            except ValueError as exc:
+                log.error("relay process %d sent garbage (%s); ignored", proc.index, exc)
+                continue
+            self._finish(report)
+
+    def _finish(self, report: RelayReport) -> None:
+        proc = self._owner.pop(report.session_id, None)
+        if proc is None:
+            return                       # reported already (its process was lost meanwhile)
+        proc.sessions.discard(report.session_id)
+        self._bytes += report.bytes_a_to_b + report.bytes_b_to_a
+        if self._on_finished is not None:
+            try:
+                self._on_finished(report)
+            except Exception:  # one bad callback must not lose the other reports
+                log.exception("relay on_finished callback failed for session %d",
+                              report.session_id)
+
+    def _lost(self, proc: _Proc) -> None:
+        """The control socket closed: the process exited (or is about to)."""
+        if proc not in self._procs:
+            return
+        code = proc.popen.poll()
+        if not self._closed:
+            log.error("relay process %d (pid %d) exited (%s) with %d sessions; they are lost, "
+                      "starting a new one", proc.index, proc.popen.pid,
+                      "still running" if code is None else f"status {code}", len(proc.sessions))
+        self._retire(proc, "relay process exited")
+        if not self._closed:
+            self._procs.append(self._spawn(proc.index))
+
+    def _retire(self, proc: _Proc, why: str) -> None:
+        if proc not in self._procs:
+            return
+        self._procs.remove(proc)
+        assert self._loop is not None
+        self._loop.remove_reader(proc.ctrl.fileno())
+        proc.ctrl.close()
+        for sid in list(proc.sessions):  # whatever was not reported is gone with the process
+            self._finish(RelayReport(sid, 0, 0, 0.0, FinishReason.ERROR, why))
+        if proc.popen.poll() is None:
+            proc.popen.kill()
+        proc.popen.wait()
