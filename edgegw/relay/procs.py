@@ -64,8 +64,10 @@ class ProcRelay:
         self._procs = [self._spawn(i) for i in range(self._count)]
 
     def add(self, session_id: int, a: socket.socket, b: socket.socket) -> None:
-        if self._closed or not self._procs:
+        if self._closed:
             raise RuntimeError("relay is closed")
+        if not self._procs:
+            raise RuntimeError("no relay process is running (see the errors above)")
         if not 0 <= session_id < 1 << 64:
             raise ValueError(f"relay session id must be an unsigned 64-bit int, got {session_id}")
         if session_id in self._owner:
@@ -178,7 +180,11 @@ class ProcRelay:
                       "still running" if code is None else f"status {code}", len(proc.sessions))
         self._retire(proc, "relay process exited")
         if not self._closed:
-            self._procs.append(self._spawn(proc.index))
+            try:
+                self._procs.append(self._spawn(proc.index))
+            except OSError as exc:   # out of descriptors or processes: run with fewer
+                log.error("cannot start a new relay process %d: %s; %d left", proc.index, exc,
+                          len(self._procs))
 
     def _retire(self, proc: _Proc, why: str) -> None:
         if proc not in self._procs:
