@@ -19,13 +19,15 @@ from edgegw.eventloop import run
 from edgegw.limits import raise_fd_limit
 from edgegw.logsetup import LEVELS, setup_logging
 from edgegw.relay import wire
-from edgegw.relay.base import FinishReason, RelayReport
+from edgegw.relay.base import FinishReason, Relay, RelayReport
 
 log = logging.getLogger("edgegw.relay.worker")
 
 
 class Worker:
-    def __init__(self, ctrl: socket.socket, relay) -> None:  # relay: edgegw.relay.Relay
+    """Serves the control socket: sessions in, reports out, never blocking on the gateway."""
+
+    def __init__(self, ctrl: socket.socket, relay: Relay) -> None:
         self.ctrl = ctrl
         self.relay = relay
         self.stopped = asyncio.Event()
