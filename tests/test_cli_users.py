@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from edgegw.cli import main
 from internal.home import NodeHome
 from internal.passwords import verify_password
-from internal.store import Perm, open_store
+from internal.store import Perm, StoreError, open_store
 
 
 @pytest.fixture
@@ -104,6 +104,30 @@ def test_bad_key_line_and_empty_password(home, tmp_path, pubkey):
 def test_duplicate_user(home):
     cli(home, "user", "add", "alice")
     assert "already exists" in cli(home, "user", "add", "alice", code=1).output
+
+
+def test_no_change_without_its_audit_event(home, monkeypatch):
+    """An admin change whose audit event cannot be stored is not made at all."""
+    from internal.store.sql import SQLStore
+
+    cli(home, "user", "add", "alice")
+    cli(home, "ban", "add", "192.0.2.9")
+
+    def audit_down(self, events):
+        raise StoreError("audit table unavailable")
+
+    monkeypatch.setattr(SQLStore, "append_audit", audit_down)
+    for args in (["user", "add", "bob"], ["user", "set", "alice", "--disable"],
+                 ["user", "remove", "alice"], ["ban", "add", "192.0.2.10"],
+                 ["ban", "remove", "192.0.2.9"]):
+        assert "audit table unavailable" in cli(home, *args, code=1).output
+    monkeypatch.undo()
+    s = open_store(NodeHome.load(home).db_url)
+    try:
+        assert [u.name for u in s.list_users()] == ["alice"] and not s.get_user("alice").disabled
+        assert [b.ip for b in s.active_bans()] == ["192.0.2.9"]
+    finally:
+        s.close()
 
 
 def test_set_changes_and_audits(home, pubkey, tmp_path):

@@ -191,6 +191,41 @@ def test_threads_share_one_store(store):
     assert len(store.list_users()) == 60
 
 
+def test_atomic_all_or_nothing(store):
+    with store.atomic():
+        store.add_user(_user("bob"))
+        assert store.get_user("bob") is not None          # reads see the block's writes
+        store.append_audit([AuditEvent(kind="user.add", node_id="n", username="bob")])
+    assert store.get_user("bob") is not None and len(store.query_audit(kind="user.add")) == 1
+    with pytest.raises(RuntimeError, match="audit down"):
+        with store.atomic():
+            store.add_user(_user("carol"))
+            store.append_audit([AuditEvent(kind="user.add", node_id="n", username="carol")])
+            with store.atomic():                          # nested: joins the outer one
+                store.remove_user("bob")
+            raise RuntimeError("audit down")
+    assert store.get_user("carol") is None and store.get_user("bob") is not None
+    assert [e.username for e in store.query_audit(kind="user.add")] == ["bob"]
+    with pytest.raises(AlreadyExists):                    # errors inside keep their type
+        with store.atomic():
+            store.add_user(_user("bob"))
+    store.add_user(_user("dave"))                         # the store is healthy afterwards
+
+
+def test_atomic_is_per_thread(store):
+    """Another thread's calls during a block are not part of it (and are not blocked on
+    PostgreSQL; SQLite serialises writers, so only a read is tried there)."""
+    seen: list[object] = []
+    with pytest.raises(RuntimeError):
+        with store.atomic():
+            store.add_user(_user("erin"))
+            t = threading.Thread(target=lambda: seen.append(store.get_user("erin")))
+            t.start()
+            t.join(10)
+            raise RuntimeError("roll back")
+    assert seen == [None] and store.get_user("erin") is None
+
+
 def test_closed_store_raises(store_url):
     s = open_store(store_url)
     s.close()

@@ -28,6 +28,14 @@ def home_store(home: NodeHome) -> Iterator[Store]:
         store.close()
 
 
+@contextmanager
+def admin_change(home: NodeHome) -> Iterator[Store]:
+    """The store for a command that changes something: the change and its audit event
+    (record_admin) are one transaction, so neither is stored without the other."""
+    with home_store(home) as store, store.atomic():
+        yield store
+
+
 def actor() -> str:
     """Who ran the command, for the audit trail (the sudo caller when there is one)."""
     try:
@@ -40,7 +48,8 @@ def actor() -> str:
 
 def record_admin(store: Store, home: NodeHome, kind: str, *, username: str = "",
                  client_ip: str = "", detail: dict[str, Any] | None = None) -> None:
-    """Write one admin audit event synchronously: the change is not done until it is logged."""
+    """Write one admin audit event synchronously: the change is not done until it is logged
+    (inside admin_change, in the change's own transaction)."""
     store.append_audit([AuditEvent(kind=kind, node_id=home.node_id, username=username,
                                    client_ip=client_ip,
                                    detail={"actor": actor(), **(detail or {})})])

@@ -6,7 +6,7 @@ import time
 
 import click
 
-from internal.cli.admin import home_store, record_admin
+from internal.cli.admin import admin_change, home_store, record_admin
 from internal.cli.common import home_option, load_home
 from internal.cli.parse import CIDR, DURATION, format_duration, format_time
 from internal.defender import Defender
@@ -47,7 +47,7 @@ def list_(home_dir: str, as_json: bool) -> None:
 def add(ip_or_cidr: str, home_dir: str, duration: float, reason: str) -> None:
     """Ban an address or network (e.g. 192.0.2.7 or 198.51.100.0/24)."""
     home = load_home(home_dir)
-    with home_store(home) as store:
+    with admin_change(home) as store:
         entry = Defender(store).add_ban(ip_or_cidr, duration, reason)
         record_admin(store, home, "ban.add", client_ip=entry.ip,
                      detail={"until": format_time(entry.until), "reason": reason,
@@ -61,7 +61,7 @@ def add(ip_or_cidr: str, home_dir: str, duration: float, reason: str) -> None:
 def remove(ip_or_cidr: str, home_dir: str) -> None:
     """Lift the ban on an address or network, written as it was banned."""
     home = load_home(home_dir)
-    with home_store(home) as store:
+    with admin_change(home) as store:
         if not Defender(store).remove_ban(ip_or_cidr):
             raise click.ClickException(f"{ip_or_cidr} is not banned; see `edgegw internal ban "
                                        "list`")

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import asyncssh
 import click
 
-from internal.cli.admin import home_store, record_admin
+from internal.cli.admin import admin_change, home_store, record_admin
 from internal.cli.common import home_option, load_home
 from internal.cli.parse import CIDR, OPTIONAL_COUNT, OPTIONAL_SIZE, OPTIONAL_TIME, format_time
 from internal.home import NodeHome
@@ -90,7 +90,7 @@ def add(name: str, home_dir: str, key_files: tuple[str, ...], password_stdin: bo
     password_hash = _read_password() if password_stdin else None
     perms = _perms(opts.pop("perms"), opts.pop("perm_preset")) or ALL_PERMS
     user_root = opts.pop("user_root")
-    with home_store(home) as store:
+    with admin_change(home) as store:
         if store.get_user(name) is not None:
             raise click.ClickException(f"user {name!r} already exists; change it with "
                                        f"`edgegw internal user set {name}`")
@@ -138,7 +138,7 @@ def set_(name: str, home_dir: str, **o: Any) -> None:
         raise click.UsageError("--password-stdin and --clear-password contradict each other")
     new_password = _read_password() if o["password_stdin"] else None
     add_keys = [k for f in o["add_keys"] for k in load_key_file(f)]
-    with home_store(home) as store:
+    with admin_change(home) as store:
         old = _get(store, name)
         u = dataclasses.replace(old, keys=list(old.keys), allow_cidrs=list(old.allow_cidrs),
                                 deny_cidrs=list(old.deny_cidrs))
@@ -214,7 +214,7 @@ def list_(home_dir: str, as_json: bool) -> None:
 def remove(name: str, home_dir: str) -> None:
     """Delete user NAME. Files in the user's home directory are kept."""
     home = load_home(home_dir)
-    with home_store(home) as store:
+    with admin_change(home) as store:
         try:
             store.remove_user(name)
         except NotFound:

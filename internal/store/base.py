@@ -7,6 +7,7 @@ calls them through `asyncio.to_thread` or the audit writer's queue.
 from __future__ import annotations
 
 import enum
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -111,5 +112,7 @@ class Store(Protocol):
     def query_audit(self, *, username: str | None = None, ip: str | None = None,
                     since: float | None = None, session_id: str | None = None,
                     kind: str | None = None, limit: int = 1000) -> list[AuditEvent]: ...
+
+    def atomic(self) -> AbstractContextManager[None]: ...  # calls inside: one transaction
 
     def close(self) -> None: ...

@@ -36,7 +36,22 @@ class SQLStore:
         self._lock = threading.Lock()
         self._closed = False
         self._sql_cache: dict[str, str] = {}
+        self._joined = threading.local()   # .cur: the cursor of this thread's atomic() block
         self._migrate()
+
+    @contextmanager
+    def atomic(self) -> Iterator[None]:
+        """Every call this thread makes on the store inside the block is one transaction: all
+        of them take effect, or (when the block raises) none. Nested blocks join the outer."""
+        if getattr(self._joined, "cur", None) is not None:
+            yield
+            return
+        with self._tx() as cur:
+            self._joined.cur = cur
+            try:
+                yield
+            finally:
+                self._joined.cur = None
 
     # ---- users -------------------------------------------------------------------------------
 
@@ -203,7 +218,16 @@ class SQLStore:
 
     @contextmanager
     def _tx(self, *, write: bool = True, schema: bool = False) -> Iterator[Any]:
-        """A cursor inside a transaction (writes) or autocommit (reads); DB errors → StoreError."""
+        """A cursor inside a transaction (writes) or autocommit (reads); DB errors → StoreError.
+        Inside atomic() it is that block's cursor, committed or rolled back with the block."""
+        joined = getattr(self._joined, "cur", None)
+        if joined is not None:
+            try:
+                yield joined
+            except self._db_errors() as exc:
+                raise StoreError(f"{self.dialect} store {_redact(self.url)}: "
+                                 f"{str(exc).strip()}") from exc
+            return
         conn = self._acquire()
         healthy = True
         began = False
