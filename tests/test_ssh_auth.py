@@ -12,7 +12,7 @@ import asyncssh
 import pytest
 
 from internal.session import SessionContext
-from tests.sshutil import NodeUnderTest
+from tests.sshutil import NodeUnderTest, start_node, stop_node
 
 
 def client(n: NodeUnderTest, user: str, **kw: Any) -> Any:
@@ -121,6 +121,43 @@ async def test_max_sessions(sshnode: NodeUnderTest) -> None:
     await sshnode.wait_idle()
     async with client(sshnode, "alice", client_keys=[str(key)]):
         pass
+
+
+async def test_max_sessions_counts_every_worker(sshnode: NodeUnderTest, tmp_path: Path) -> None:
+    """Two services on one home and store (two workers, or two nodes sharing PostgreSQL):
+    the cap holds across them, and a session's end frees its place."""
+    _, key = sshnode.add_user("alice", max_sessions=1)
+    keys = [str(key)]
+    await sshnode.service.refresh()
+    other = await start_node(tmp_path)
+    await other.service.refresh()
+    try:
+        async with client(sshnode, "alice", client_keys=keys) as first:
+            async with first.start_sftp_client() as sftp:
+                await sftp.listdir(".")
+            # where the client notices depends on timing: the handshake, the channel, SFTP
+            with pytest.raises((asyncssh.DisconnectError, asyncssh.ChannelOpenError,
+                                asyncssh.ConnectionLost, asyncssh.SFTPError)):
+                async with client(other, "alice", client_keys=keys) as second:
+                    async with second.start_sftp_client() as sftp2:
+                        await sftp2.listdir(".")
+        await sshnode.wait_idle()
+        await other.wait_idle()
+        for _ in range(100):      # the lease is dropped in the background
+            if not other.store.claim_session("probe", "alice", "t", 1, until=time.time() + 1):
+                await asyncio.sleep(0.05)
+                continue
+            other.store.release_session("probe")
+            break
+        async with client(other, "alice", client_keys=keys) as third:
+            async with third.start_sftp_client() as sftp3:
+                await sftp3.listdir(".")
+        other.audit.flush()
+    finally:
+        await stop_node(other)
+    refused = [e for e in sshnode.events("auth", username="alice")    # one shared trail
+               if e.detail.get("method") == "session-cap"]
+    assert len(refused) == 1 and refused[0].detail["reason"] == "too many sessions (limit 1)"
 
 
 async def test_failed_logins_get_the_address_banned(sshnode: NodeUnderTest) -> None:

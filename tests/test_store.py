@@ -16,6 +16,15 @@ def _user(name: str = "alice", **kw) -> User:
     return User(name=name, home=f"/srv/{name}", **kw)
 
 
+def _run_threads(work, n: int) -> None:
+    """work(0) .. work(n - 1), each in its own thread, all at once; returns when all ended."""
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def test_user_roundtrip(store):
     u = _user(password_hash="$argon2id$x", keys=["ssh-ed25519 AAAA a@b"],
               permissions=frozenset({Perm.LIST, Perm.DOWNLOAD}), allow_cidrs=["10.0.0.0/8"],
@@ -182,11 +191,7 @@ def test_threads_share_one_store(store):
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _run_threads(work, 6)
     assert not errors
     assert len(store.list_users()) == 60
 
@@ -224,6 +229,42 @@ def test_atomic_is_per_thread(store):
             t.join(10)
             raise RuntimeError("roll back")
     assert seen == [None] and store.get_user("erin") is None
+
+
+def test_session_leases_cap_renew_and_lapse(store):
+    store.add_user(_user("alice"))
+    now = 1000.0
+    assert store.claim_session("s1", "alice", "n1", 2, until=now + 60, now=now)
+    assert store.claim_session("s2", "alice", "n2", 2, until=now + 60, now=now)
+    assert not store.claim_session("s3", "alice", "n1", 2, until=now + 60, now=now)
+    assert store.claim_session("b1", "bob", "n1", 1, until=now + 60, now=now)  # per user
+    store.release_session("s1")
+    assert store.claim_session("s3", "alice", "n1", 2, until=now + 60, now=now)
+    store.renew_sessions(["s2"], now + 600)          # s2's node is alive, s3's died
+    assert store.claim_session("s4", "alice", "n1", 2, until=now + 200, now=now + 100)
+    assert not store.claim_session("s5", "alice", "n1", 2, until=now + 200, now=now + 100)
+
+
+def test_session_leases_concurrent_claims_respect_the_cap(store_url):
+    """Nodes claiming at once (threads with their own connections) never exceed the cap."""
+    stores = [open_store(store_url) for _ in range(6)]
+    try:
+        stores[0].add_user(_user("alice"))
+        got: list[bool] = []
+        lock = threading.Lock()
+
+        def claim(i: int) -> None:
+            for j in range(5):
+                ok = stores[i].claim_session(f"s{i}-{j}", "alice", f"n{i}", 3,
+                                             until=time.time() + 60)
+                with lock:
+                    got.append(ok)
+
+        _run_threads(claim, 6)
+        assert got.count(True) == 3 and len(got) == 30
+    finally:
+        for s in stores:
+            s.close()
 
 
 def test_closed_store_raises(store_url):

@@ -60,7 +60,8 @@ def _common_options(keep: Any) -> Callable[[Any], Any]:
         (("--quota-files",), dict(type=OPTIONAL_COUNT, default=keep, metavar="N|none",
                                   help="Maximum number of files.")),
         (("--max-sessions",), dict(type=OPTIONAL_COUNT, default=keep, metavar="N|none",
-                                   help="Maximum concurrent sessions.")),
+                                   help="Maximum concurrent sessions, counted across every "
+                                        "node and worker sharing the store.")),
     ])
 
 

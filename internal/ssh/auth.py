@@ -36,6 +36,7 @@ class Session:
         self.bytes_out = 0                  # file data downloaded
         self.started = time.monotonic()
         self.reason = ""                    # why it ended, once known
+        self.claimed: asyncio.Future[bool] | None = None   # the store's session-cap answer
         self._audit_log = audit_log
 
     @property

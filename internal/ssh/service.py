@@ -31,6 +31,7 @@ from internal.sftp.server import NodeSFTPServer
 from internal.sftp.uploads import sweep_temps
 from internal.ssh.algorithms import algorithm_options
 from internal.ssh.auth import NodeSSHServer, Session, SessionCounter
+from internal.ssh.leases import SessionLeases
 from internal.ssh.transport import run_server
 from internal.store.base import BanEntry, Store, User
 
@@ -112,7 +113,8 @@ class SSHService:
             window=CHANNEL_WINDOW, max_pktsize=CHANNEL_MAX_PKTSIZE,
             gss_host=None, gss_kex=False, gss_auth=False,  # no GSSAPI, no getfqdn() lookup
             **algorithm_options())
-        self._sessions = SessionCounter()
+        self._sessions = SessionCounter()   # this process's; the store counts across nodes
+        self._leases = SessionLeases(store, home.node_id)
         self._quotas = QuotaBook()
         self._active = 0
         self._conns: set[asyncssh.SSHServerConnection] = set()
@@ -185,6 +187,10 @@ class SSHService:
                 await self.refresh()
             except Exception as exc:
                 log.error("cannot refresh bans/users from the store (keeping the old): %s", exc)
+            try:
+                await self._leases.renew()
+            except Exception as exc:
+                log.error("cannot renew session leases in the store: %s", exc)
             await asyncio.sleep(REFRESH_INTERVAL)
 
     def _sweep(self) -> None:
@@ -223,6 +229,7 @@ class SSHService:
         try:
             conn = await run_server(sock, options)
             self._conns.add(conn)
+            await self._leases.claim(session, conn)
             await conn.wait_closed()
         except (asyncssh.Error, OSError, asyncio.TimeoutError, EOFError) as exc:
             session.reason = session.reason or _describe(exc)
@@ -236,6 +243,7 @@ class SSHService:
                 sock.close()
             else:
                 self._conns.discard(conn)
+            self._leases.release(session.ctx.session_id)
             self._active -= 1
             if session.user is not None:
                 self._sessions.release(session.user.name)
@@ -262,6 +270,13 @@ class SSHService:
         if user is None:    # asyncssh opens channels only after auth; belt and braces
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
                                             "not authenticated")
+        for _ in range(10_000):             # the client was quicker than serve_socket
+            if session.claimed is not None:
+                break
+            await asyncio.sleep(0.001)
+        if session.claimed is None or not await asyncio.shield(session.claimed):
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                            "too many sessions")
         await asyncio.to_thread(os.makedirs, user.home, 0o750, True)
         usage = await self._quotas.acquire(user)
         return NodeSFTPServer(chan, session, user, usage, durable=self.durable_uploads,
@@ -289,6 +304,7 @@ class SSHService:
             conn.disconnect(asyncssh.DISC_BY_APPLICATION, "server shutting down")
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5.0)
+        await self._leases.close()
 
 
 def _describe(exc: BaseException) -> str:

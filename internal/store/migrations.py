@@ -99,8 +99,22 @@ _PG_APPEND_ONLY = (
     "FOR EACH STATEMENT EXECUTE FUNCTION edgegw_audit_append_only()",
 )
 
+# Sessions of users with a session cap, shared by every node and worker on the store. A row is
+# a lease: its node renews it while the session lives, so a crashed node's sessions lapse.
+_V2_SESSIONS = (
+    """CREATE TABLE user_sessions (
+        session_id TEXT PRIMARY KEY,
+        username TEXT NOT NULL,
+        node_id TEXT NOT NULL,
+        started {real} NOT NULL,
+        expires {real} NOT NULL
+    )""",
+    "CREATE INDEX user_sessions_by_user ON user_sessions (username)",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, _V1_TABLES, {"sqlite": _SQLITE_APPEND_ONLY, "postgres": _PG_APPEND_ONLY}),
+    Migration(2, _V2_SESSIONS),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -19,6 +19,7 @@ SCHEMA_LOCK_KEY = 0x6564676577  # "edgew": one advisory lock id for every edgegw
 class PostgresStore(SQLStore):
     dialect = "postgres"
     paramstyle = "%s"
+    row_lock = " FOR UPDATE"
 
     def __init__(self, url: str, *, pool_size: int = 8) -> None:
         self._conninfo = url.replace("postgresql+psycopg://", "postgresql://", 1)

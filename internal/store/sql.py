@@ -28,6 +28,7 @@ class SQLStore:
 
     dialect: ClassVar[str]
     paramstyle: ClassVar[str] = "?"
+    row_lock: ClassVar[str] = ""        # appended to a SELECT to lock the rows it reads
 
     def __init__(self, url: str, *, pool_size: int = 8) -> None:
         self.url = url
@@ -124,6 +125,37 @@ class SQLStore:
         rows = self._read("SELECT level FROM ban_history WHERE ip = ? AND last_at >= ?",
                           (ip, since))
         return int(rows[0][0]) if rows else 0
+
+    # ---- session caps ------------------------------------------------------------------------
+
+    def claim_session(self, session_id: str, username: str, node_id: str, limit: int, *,
+                      until: float, now: float | None = None) -> bool:
+        """Count one session of `username` against `limit` across every node on the store;
+        False (nothing stored) when `limit` leases are live already."""
+        now = time.time() if now is None else now
+        with self._tx() as cur:
+            # one claim per user at a time (PostgreSQL row lock; SQLite writers are serial)
+            self._exec(cur, f"SELECT name FROM users WHERE name = ?{self.row_lock}", (username,))
+            self._exec(cur, "DELETE FROM user_sessions WHERE username = ? AND expires < ?",
+                       (username, now))
+            self._exec(cur, "SELECT COUNT(*) FROM user_sessions WHERE username = ?", (username,))
+            if int(cur.fetchone()[0]) >= limit:
+                return False
+            self._exec(cur, "INSERT INTO user_sessions (session_id, username, node_id, started, "
+                            "expires) VALUES (?, ?, ?, ?, ?)",
+                       (session_id, username, node_id, now, until))
+        return True
+
+    def renew_sessions(self, session_ids: list[str], until: float) -> None:
+        if session_ids:
+            with self._tx() as cur:
+                for sid in session_ids:
+                    self._exec(cur, "UPDATE user_sessions SET expires = ? WHERE session_id = ?",
+                               (until, sid))
+
+    def release_session(self, session_id: str) -> None:
+        with self._tx() as cur:
+            self._exec(cur, "DELETE FROM user_sessions WHERE session_id = ?", (session_id,))
 
     # ---- defender ----------------------------------------------------------------------------
 
