@@ -447,6 +447,24 @@ def test_unknown_backend_rejected() -> None:
         create_relay("nope")
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="splice() is Linux's")
+def test_default_backend_without_usable_splice(monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    import edgegw.relay as relay_mod
+    monkeypatch.delenv("EDGEGW_RELAY_BACKEND", raising=False)
+    assert relay_mod.splice_works()                    # this machine's kernel splices
+    assert default_backend() == "splice"
+
+    def refused(*args: object) -> int:
+        raise OSError(38, "Function not implemented")   # what a sandbox answers
+
+    monkeypatch.setattr(relay_mod.os, "splice", refused)
+    with caplog.at_level(logging.WARNING, logger="edgegw.relay"):
+        assert not relay_mod.splice_works()
+        assert default_backend() == "select"
+    assert "splice() is not usable here" in caplog.text
+
+
 def test_default_backend_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("EDGEGW_RELAY_BACKEND", raising=False)
     assert default_backend() == ("splice" if sys.platform.startswith("linux") else "select")

@@ -17,7 +17,7 @@ from edgegw.relay.base import FinishedCallback, FinishReason, Relay, RelayReport
 
 __all__ = [
     "FinishReason", "FinishedCallback", "Relay", "RelayReport", "RelayStats",
-    "available_backends", "create_relay", "default_backend",
+    "available_backends", "create_relay", "default_backend", "splice_works",
 ]
 
 log = logging.getLogger("edgegw.relay")
@@ -43,7 +43,33 @@ def default_backend() -> str:
     chosen = os.environ.get(ENV_BACKEND, "").strip()
     if chosen:
         return chosen
-    return "splice" if sys.platform.startswith("linux") else "select"
+    if not sys.platform.startswith("linux"):
+        return "select"
+    if not splice_works():
+        log.warning("splice() is not usable here (a sandbox or seccomp filter?); relaying with "
+                    "the poll() backend instead")
+        return "select"
+    return "splice"
+
+
+def splice_works() -> bool:
+    """Whether splice() moves bytes from a socket into a pipe here: sandboxes (gVisor, strict
+    seccomp profiles) may refuse it with ENOSYS, EINVAL or EPERM."""
+    if not hasattr(os, "splice"):
+        return False
+    import socket
+    a, b = socket.socketpair()
+    r, w = os.pipe()
+    try:
+        a.send(b"x")
+        return os.splice(b.fileno(), w, 1) == 1
+    except OSError:
+        return False
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        a.close()
+        b.close()
 
 
 def create_relay(backend: str | None = None, *, threads: int = 1, pipe_size: int = 1 << 20,
