@@ -32,7 +32,8 @@ class SessionLeases:
 
     async def claim(self, session: Session, conn: asyncssh.SSHServerConnection) -> None:
         """Answer `session.claimed` (True: go on); over the cap, audit and disconnect."""
-        session.claimed = claimed = asyncio.get_running_loop().create_future()
+        claimed = session.claimed
+        assert claimed is not None and not claimed.done()
         ok = False
         try:
             ok = await self._claim(session)

@@ -216,6 +216,7 @@ class SSHService:
         if not ctx.session_id:
             ctx = dataclasses.replace(ctx, session_id=secrets.token_hex(8))
         session = Session(ctx, self.audit)
+        session.claimed = asyncio.get_running_loop().create_future()
         server = NodeSSHServer(session, self.store, self.defender, self._sessions)
         # A copy of the options prepared once, not asyncssh's per-connection re-preparation
         # (which re-validates every algorithm list and reloads keys, twice per connection):
@@ -244,6 +245,8 @@ class SSHService:
             else:
                 self._conns.discard(conn)
             self._leases.release(session.ctx.session_id)
+            if not session.claimed.done():
+                session.claimed.set_result(False)
             self._active -= 1
             if session.user is not None:
                 self._sessions.release(session.user.name)
@@ -270,11 +273,8 @@ class SSHService:
         if user is None:    # asyncssh opens channels only after auth; belt and braces
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
                                             "not authenticated")
-        for _ in range(10_000):             # the client was quicker than serve_socket
-            if session.claimed is not None:
-                break
-            await asyncio.sleep(0.001)
-        if session.claimed is None or not await asyncio.shield(session.claimed):
+        assert session.claimed is not None  # made with the session, answered after auth
+        if not await asyncio.shield(session.claimed):
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
                                             "too many sessions")
         await asyncio.to_thread(os.makedirs, user.home, 0o750, True)
