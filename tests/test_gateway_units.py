@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import resource
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -41,6 +44,20 @@ def test_free_port_avoids_ephemeral_range() -> None:
         assert not low <= port <= high, port
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
+
+
+def test_raise_fd_limit_lifts_the_soft_limit_to_the_hard_one() -> None:
+    """Both processes start with this: two descriptors per relayed session."""
+    code = ("import resource as r\n"
+            "soft, hard = r.getrlimit(r.RLIMIT_NOFILE)\n"
+            "r.setrlimit(r.RLIMIT_NOFILE, (256, hard))\n"
+            "from edgegw.limits import raise_fd_limit\n"
+            "got = raise_fd_limit()\n"
+            "print(got, r.getrlimit(r.RLIMIT_NOFILE)[0], hard)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    got, soft, hard = (int(v) for v in out)
+    assert got == soft and (soft == hard or hard == resource.RLIM_INFINITY) and soft > 256
 
 
 def test_ban_table_expires() -> None:

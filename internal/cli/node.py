@@ -8,6 +8,7 @@ import time
 import click
 
 from edgegw import eventloop
+from edgegw.limits import raise_fd_limit
 from edgegw.logsetup import LEVELS, setup_logging
 from edgegw.netaddr import HostPort, parse_hostport
 from internal.cli.common import default_workers, home_option, load_home
@@ -86,6 +87,7 @@ def serve(home_dir: str, gateways: list[HostPort], listen: HostPort | None,
     from internal.runtime import ServeOptions, serve as run_node
 
     setup_logging(log_level)
+    raise_fd_limit()  # a descriptor per session (two in --forward mode), plus open files
     home = load_home(home_dir)
     workers = workers or default_workers()
     if not gateways and listen is None:
