@@ -6,9 +6,12 @@ are done, then reports what happened. Callers never touch a socket after handing
 from __future__ import annotations
 
 import enum
+import logging
 import socket
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Container, Protocol
+
+log = logging.getLogger("edgegw.relay")
 
 
 class FinishReason(str, enum.Enum):
@@ -47,6 +50,26 @@ class RelayStats:
 
 
 FinishedCallback = Callable[[RelayReport], None]
+
+
+def check_new_id(session_id: int, running: Container[int]) -> None:
+    """The checks add() makes on an id before taking any socket (ValueError, FileExistsError)."""
+    if not 0 <= session_id < 1 << 64:
+        raise ValueError(f"relay session id must be an unsigned 64-bit int, got {session_id}")
+    if session_id in running:
+        raise FileExistsError(17, f"relay session {session_id} already exists; "
+                                  "ids must be unique")
+
+
+def deliver(on_finished: FinishedCallback | None, report: RelayReport) -> None:
+    """Hand one report to the caller's callback; a failing callback is logged, so that it
+    cannot lose the reports after it."""
+    if on_finished is None:
+        return
+    try:
+        on_finished(report)
+    except Exception:
+        log.exception("relay on_finished callback failed for session %d", report.session_id)
 
 
 class Relay(Protocol):

@@ -6,13 +6,10 @@ The engine's threads move the bytes; this side only watches the engine's notify 
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 
 from edgegw import _relay
-from edgegw.relay.base import FinishedCallback, FinishReason, RelayReport, RelayStats
-
-log = logging.getLogger("edgegw.relay")
+from edgegw.relay.base import FinishedCallback, FinishReason, RelayReport, RelayStats, deliver
 
 
 class CRelay:
@@ -75,10 +72,5 @@ class CRelay:
             if not batch:
                 return
             for sid, a_to_b, b_to_a, duration, reason, error in batch:
-                report = RelayReport(sid, a_to_b, b_to_a, duration, FinishReason(reason), error)
-                if self._on_finished is None:
-                    continue
-                try:
-                    self._on_finished(report)
-                except Exception:  # one bad callback must not lose the other reports
-                    log.exception("relay on_finished callback failed for session %d", sid)
+                deliver(self._on_finished, RelayReport(sid, a_to_b, b_to_a, duration,
+                                                       FinishReason(reason), error))

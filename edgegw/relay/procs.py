@@ -22,7 +22,8 @@ import sys
 from dataclasses import dataclass, field
 
 from edgegw.relay import wire
-from edgegw.relay.base import FinishedCallback, FinishReason, RelayReport, RelayStats
+from edgegw.relay.base import (FinishedCallback, FinishReason, RelayReport, RelayStats,
+                               check_new_id, deliver)
 
 log = logging.getLogger("edgegw.relay")
 
@@ -68,11 +69,7 @@ class ProcRelay:
             raise RuntimeError("relay is closed")
         if not self._procs:
             raise RuntimeError("no relay process is running (see the errors above)")
-        if not 0 <= session_id < 1 << 64:
-            raise ValueError(f"relay session id must be an unsigned 64-bit int, got {session_id}")
-        if session_id in self._owner:
-            raise FileExistsError(17, f"relay session {session_id} already exists; "
-                                      "ids must be unique")
+        check_new_id(session_id, self._owner)
         proc = min(self._procs, key=lambda p: len(p.sessions))
         try:   # never blocks: a full control socket fails this one session, not the gateway
             socket.send_fds(proc.ctrl, [wire.command(wire.ADD, session_id)],
@@ -162,12 +159,7 @@ class ProcRelay:
             return                       # reported already (its process was lost meanwhile)
         proc.sessions.discard(report.session_id)
         self._bytes += report.bytes_a_to_b + report.bytes_b_to_a
-        if self._on_finished is not None:
-            try:
-                self._on_finished(report)
-            except Exception:  # one bad callback must not lose the other reports
-                log.exception("relay on_finished callback failed for session %d",
-                              report.session_id)
+        deliver(self._on_finished, report)
 
     def _lost(self, proc: _Proc) -> None:
         """The control socket closed: the process exited (or is about to)."""

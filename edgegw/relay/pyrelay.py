@@ -4,13 +4,11 @@ data before it is written, resets propagate, idle timeout, kill, byte counters."
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 from typing import Optional, cast
 
-from edgegw.relay.base import FinishedCallback, FinishReason, RelayReport, RelayStats
-
-log = logging.getLogger("edgegw.relay")
+from edgegw.relay.base import (FinishedCallback, FinishReason, RelayReport, RelayStats,
+                               check_new_id, deliver)
 
 _HIGH_WATER = 256 * 1024  # stop reading a side while its peer has this much unsent
 
@@ -169,11 +167,7 @@ class PyRelay:
             raise RuntimeError("relay is closed")
         if self._loop is None:
             raise RuntimeError("relay not started: call start() first")
-        if not 0 <= session_id < 1 << 64:
-            raise ValueError(f"relay session id must be an unsigned 64-bit int, got {session_id}")
-        if session_id in self._sessions:
-            raise FileExistsError(17, f"relay session {session_id} already exists; "
-                                      "ids must be unique")
+        check_new_id(session_id, self._sessions)
         # New socket objects own the fds; the caller's objects are detached and inert.
         sa = socket.socket(fileno=a.detach())
         sb = socket.socket(fileno=b.detach())
@@ -242,11 +236,7 @@ class PyRelay:
         report = RelayReport(session.id, session.bytes[0], session.bytes[1],
                              self._loop.time() - session.start,
                              session.reason or FinishReason.ERROR, session.error)
-        if self._on_finished is not None:
-            try:
-                self._on_finished(report)
-            except Exception:
-                log.exception("relay on_finished callback failed for session %d", session.id)
+        deliver(self._on_finished, report)
         if self._drained is not None and not self._sessions:
             self._drained.set()
 
