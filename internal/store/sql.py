@@ -257,8 +257,7 @@ class SQLStore:
             try:
                 yield joined
             except self._db_errors() as exc:
-                raise StoreError(f"{self.dialect} store {_redact(self.url)}: "
-                                 f"{str(exc).strip()}") from exc
+                raise self._store_error(exc) from exc
             return
         conn = self._acquire()
         healthy = True
@@ -282,11 +281,13 @@ class SQLStore:
                     healthy = False
             if isinstance(exc, self._db_errors()):
                 healthy = healthy and self._healthy(conn)
-                raise StoreError(f"{self.dialect} store {_redact(self.url)}: "
-                                 f"{str(exc).strip()}") from exc
+                raise self._store_error(exc) from exc
             raise
         finally:
             self._release(conn, healthy)
+
+    def _store_error(self, exc: BaseException) -> StoreError:
+        return StoreError(f"{self.dialect} store {_redact(self.url)}: {str(exc).strip()}")
 
     def _acquire(self) -> Any:
         with self._lock:
