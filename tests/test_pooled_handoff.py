@@ -102,15 +102,30 @@ async def test_last_dead_pooled_connection_falls_back_to_an_offer() -> None:
     assert peer.pending == 0 and len(gw.offers) == 0
 
 
-async def test_gateway_gives_up_on_a_silent_node() -> None:
-    gw = _gateway(offer_timeout=0.2)
-    peer, node_end = _pooled_peer()
-    gw_end = peer.pool[0].sock
+async def test_silent_pooled_connection_drops_the_pool_and_offers_over_the_pnc() -> None:
+    """A firewall that lost its state leaves every pooled connection silent, not reset: the
+    first silence drops them all and the client is offered on the PNC, at once, instead of
+    waiting out each connection in turn."""
+    gw = _gateway(offer_timeout=0.3)
+    sent: list[Event] = []
+    peer, silent = _pooled_peer(sent)
+    others = [_add_pooled(peer) for _ in range(3)]
+    gw_ends = [p.sock for p in peer.pool]
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
     try:
+        # The node never answers the offer either: the gateway gives up on it for another.
         assert await _assign_pooled(gw, peer, "::1", 1, "c") is None  # type: ignore[arg-type]
-        assert gw_end.fileno() == -1 and peer.pending == 0
+        elapsed = loop.time() - t0
+        assert [(o.client_ip, o.client_port) for o in sent if isinstance(o, Offer)] == [("::1", 1)]
+        assert not peer.pool and peer.pending == 0 and len(gw.offers) == 0
+        assert all(s.fileno() == -1 for s in gw_ends)        # none leaked
+        for node_end in others:                              # the node sees them closed
+            assert await asyncio.wait_for(loop.sock_recv(node_end, 1), 1) == b""
+        assert elapsed < 0.3 * 2 + 0.3                       # one silence, not four
     finally:
-        node_end.close()
+        for s in [silent, *others]:
+            s.close()
 
 
 class _FakeLink:

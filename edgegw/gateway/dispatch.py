@@ -2,7 +2,8 @@
 
 A node with a pre-opened Data connection gets the client at once: the assignment written on that
 connection carries the client's address, and the node answers with one byte on it (no PNC round
-trip). Otherwise the client is offered over the PNC and the node dials a Data connection for it.
+trip). Otherwise, or when a pooled connection stays silent, the client is offered over the PNC
+and the node dials a Data connection for it.
 The client's bytes are never read here; its SSH banner waits in the kernel until the relay
 engine starts moving it.
 """
@@ -118,17 +119,38 @@ async def _assign_pooled(gw: "Gateway", peer: Peer, ip: str, port: int,
     it) is skipped for the peer's next one, and after the last, the client is offered."""
     while peer.pool:
         result = await _assign_on(gw, peer, peer.pool.popleft(), ip, port, who)
+        if result is _SILENT:
+            # Silence, not a reset, is what a stateful firewall that lost its state table (a
+            # restart, a failover) leaves behind, and every pooled connection of this node went
+            # through it: drop them all rather than wait on each in turn. The node's PNC is
+            # heartbeated, so offer the client there; the node dials a fresh connection.
+            _flush_pool(peer)
+            break
         if result is not _STALE:
             return result
     return await _offer_to(gw, peer, ip, port, who)
 
 
-_STALE = object()   # _assign_on: that connection was dead before the node could answer
+_STALE = object()    # _assign_on: that connection was dead before the node could answer
+_SILENT = object()   # _assign_on: no answer on that connection in time
+
+# A node answers an assignment from its event loop as soon as it reads it; a pooled connection
+# silent for this long is taken as dead (at most the offer timeout).
+POOL_ANSWER_TIMEOUT = 1.0
+
+
+def _flush_pool(peer: Peer) -> None:
+    dropped = len(peer.pool)
+    while peer.pool:
+        peer.pool.popleft().sock.close()
+    log.warning("node %s: a pooled data connection went silent; dropped it and the %d others, "
+                "offering over the PNC until the node opens new ones", peer.node_id, dropped)
 
 
 async def _assign_on(gw: "Gateway", peer: Peer, pooled: PooledData, ip: str, port: int,
                      who: str) -> tuple[int, socket.socket] | None | bool | object:
     loop = asyncio.get_running_loop()
+    timeout = min(POOL_ANSWER_TIMEOUT, gw.config.offer_timeout)
     session_id = gw.offers.new_id(gw.sessions)
     paired = False
     peer.pending += 1
@@ -137,7 +159,7 @@ async def _assign_on(gw: "Gateway", peer: Peer, pooled: PooledData, ip: str, por
         assignment = dataauth.Assignment(session_id, ip, port)
         await loop.sock_sendall(pooled.sock, dataauth.encode_assignment(
             assignment, peer.pool_key, pooled.nonce, pooled.ident))
-        raw = await asyncio.wait_for(loop.sock_recv(pooled.sock, 1), gw.config.offer_timeout)
+        raw = await asyncio.wait_for(loop.sock_recv(pooled.sock, 1), timeout)
         if not raw:
             raise ConnectionError("closed by the node")
         answer = dataauth.parse_answer(raw)
@@ -152,10 +174,9 @@ async def _assign_on(gw: "Gateway", peer: Peer, pooled: PooledData, ip: str, por
         log.info("client %s: refused by node %s (its log says why); closed", who, peer.node_id)
         return False
     except asyncio.TimeoutError:
-        log.warning("client %s: node %s did not answer assignment %016x within %.1fs; "
-                    "trying another node", who, peer.node_id, session_id,
-                    gw.config.offer_timeout)
-        return None
+        log.warning("client %s: node %s did not answer assignment %016x on a pooled data "
+                    "connection within %.1fs", who, peer.node_id, session_id, timeout)
+        return _SILENT
     except RemoteProtocolError as exc:
         log.warning("client %s: node %s answered the assignment with garbage (%s); trying "
                     "another node", who, peer.node_id, exc)
