@@ -39,6 +39,7 @@ struct relay_dir {
     uint8_t paused;          /* splice: EAGAIN with data in the pipe, wait for it to drain */
     uint8_t can_read;        /* source not known to be empty */
     uint8_t can_write;       /* destination not known to be full */
+    uint8_t bulk;            /* splice: the last read filled the copy buffer, so splice */
 };
 
 struct relay_worker;

@@ -76,6 +76,76 @@ static int sync_events(struct relay_worker *w, struct relay_session *s, int side
     return 0;
 }
 
+/* Small messages (interactive SSH, SFTP requests) cost less copied than spliced: splice turns
+ * a few bytes into a page for the pipe and page references in the destination's skb. So a
+ * direction reads with recv() into a stack buffer while what it reads is small, and switches to
+ * splice() once a read fills the buffer (bulk), back again when a splice read comes up short.
+ * With the pipe empty, copy_small() reads once and sends what it read; what the destination
+ * will not take now goes into the pipe, where the splice path drains it. Returns 0 when all was
+ * sent or at EOF (go on), 1 when the source is empty or the destination full, -1 on an error
+ * (*err set). */
+#define COPY_MAX 8192u
+
+static int copy_small(struct relay_worker *w, struct relay_dir *x, int src, int dst,
+                      uint64_t *moved, int *err)
+{
+    char buf[COPY_MAX];
+    ssize_t n;
+    do
+        n = recv(src, buf, sizeof buf, MSG_DONTWAIT);
+    while (n < 0 && errno == EINTR);
+    if (n == 0) {
+        x->eof = 1;
+        return 0; /* the caller's loop forwards it */
+    }
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            x->can_read = 0;
+            return 1;
+        }
+        *err = errno;
+        return -1;
+    }
+    size_t sent = 0;
+    while (sent < (size_t)n && x->can_write) {
+        ssize_t m = send(dst, buf + sent, (size_t)n - sent, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (m > 0)
+            sent += (size_t)m;
+        else if (m < 0 && errno == EINTR)
+            continue;
+        else if (m < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            x->can_write = 0;
+        else {
+            *err = m < 0 ? errno : EPIPE;
+            return -1;
+        }
+    }
+    *moved += sent;
+    if ((size_t)n == COPY_MAX)
+        x->bulk = 1;
+    if (sent == (size_t)n)
+        return 0; /* read on until EAGAIN: a hung-up source is no longer watched by epoll */
+    /* The rest waits in the (empty) pipe: at most COPY_MAX bytes, far below its capacity. */
+    if (x->pipe.rfd < 0) {
+        int rc = relay_pipe_get(&w->pipes, &x->pipe);
+        if (rc < 0) {
+            *err = -rc;
+            return -1;
+        }
+    }
+    size_t rest = (size_t)n - sent;
+    ssize_t m;
+    do
+        m = write(x->pipe.wfd, buf + sent, rest);
+    while (m < 0 && errno == EINTR);
+    if (m != (ssize_t)rest) {
+        *err = m < 0 ? errno : EIO;
+        return -1;
+    }
+    x->len += (uint32_t)rest;
+    return 1;
+}
+
 /* Move what can be moved in direction d without blocking. Returns 0, or a reason with *err
  * set. Pipe first (drain to the destination), then source into the pipe, until neither end
  * makes progress. */
@@ -115,6 +185,16 @@ static int pump(struct relay_worker *w, struct relay_session *s, int d, int *err
         }
         if (!x->can_read)
             break;
+        if (!x->bulk) {
+            int rc = copy_small(w, x, src, dst, &moved, err);
+            if (rc < 0) {
+                reason = RELAY_RESET;
+                goto out;
+            }
+            if (rc > 0)
+                break; /* source empty, or destination full with the rest in the pipe */
+            continue;
+        }
         if (x->pipe.rfd < 0) {
             int rc = relay_pipe_get(&w->pipes, &x->pipe);
             if (rc < 0) {
@@ -129,6 +209,8 @@ static int pump(struct relay_worker *w, struct relay_session *s, int d, int *err
         while (n < 0 && errno == EINTR);
         if (n > 0) {
             x->len += (uint32_t)n;
+            if ((size_t)n < COPY_MAX)
+                x->bulk = 0; /* a trickle again: copy it, as small reads are cheaper so */
         } else if (n == 0) {
             x->eof = 1;
         } else if (errno == EAGAIN) {

@@ -120,6 +120,24 @@ class RelayContract:
         client.close()
         node.close()
 
+    async def test_short_answer_and_fin_after_half_close(self, relay, listener) -> None:
+        """The node's short answer and its FIN arrive together after the client half-closed:
+        that socket is then hung up and no longer watched, so whatever read it must read on
+        to the end of stream (a copy path that stopped after one short read stalled here)."""
+        r, reports = relay
+        loop = asyncio.get_running_loop()
+        for sid in range(900, 920):
+            client, node = self.session(r, listener, sid)
+            await loop.sock_sendall(client, b"bye")
+            client.shutdown(socket.SHUT_WR)
+            assert await asyncio.wait_for(recv_until_eof(node), 5) == (3, sha(b"bye"))
+            node.send(b"x" * 100)             # answer and FIN back to back
+            node.shutdown(socket.SHUT_WR)
+            assert await asyncio.wait_for(recv_until_eof(client), 5) == (100, sha(b"x" * 100))
+            assert (await reports.wait(sid)).reason is FinishReason.EOF
+            client.close()
+            node.close()
+
     async def test_half_close_node_first(self, relay, listener) -> None:
         r, reports = relay
         client, node = self.session(r, listener, 3)
