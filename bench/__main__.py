@@ -13,7 +13,7 @@ from bench import procs
 from bench.peers import Ctx
 from bench.report import Results, print_tables
 
-PARTS = ("relay", "latency", "sessions", "sftp")
+PARTS = ("relay", "onehop", "latency", "sessions", "sftp")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 from bench import netload
-from bench.peers import Ctx, alive, choose, relay_paths, start_all, stop_all
+from bench.peers import (
+    Ctx, EdgegwGatewayOneHop, alive, choose, relay_paths, start_all, stop_all,
+)
 from bench.procs import log
 from bench.report import Metric, PartResult, Results
 
@@ -22,8 +24,8 @@ def run(ctx: Ctx, results: Results, *, quick: bool, repeat: int,
     rtts, cycles = (2000, 200) if quick else (20000, 2000)
     part.notes["samples"] = f"{rtts} round trips on one connection (after {rtts // 10 + 10} " \
                             f"warm-up), {cycles} connect+echo+close cycles, per path per rep"
-    paths = choose(relay_paths(), only, quick)
-    started = netload.start_echo_or_skip(ctx.workdir, part, paths)
+    paths = choose(relay_paths(one_hop=EdgegwGatewayOneHop()), only, quick)
+    started = netload.start_echo_or_skip(ctx, part, paths)
     if started is None:
         return part
     echo, port = started

@@ -12,8 +12,9 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
-from bench.procs import Proc, Skip, need, wait_port
+from bench.procs import Proc, Skip, log, need, wait_port
 from bench.report import PartResult
 from edgegw.sockio import free_port
 
@@ -73,6 +74,8 @@ class Ctx:
 
     workdir: Path
     homes: dict[str, Path] = field(default_factory=dict)
+    # target port -> the Unix socket on which the C server behind it takes descriptors
+    fdsocks: dict[int, Path] = field(default_factory=dict)
 
     def edgegw_home(self, key: str) -> Path:
         """A node home per key, created once per run (key generation takes a second); paths
@@ -259,6 +262,39 @@ class EdgegwGateway(RelayPath):
         self.port = ext
 
 
+class EdgegwGatewayOneHop(RelayPath):
+    """client -> `edgegw serve` -> C end (netload), one hop like HAProxy's: the node
+    (bench/handoff_node.py) hands each Data connection to the C server behind `target`
+    instead of relaying it again. Needs a target started with a descriptor socket."""
+
+    name = "edgegw-splice-1hop"
+
+    def start(self, ctx: Ctx, target: int) -> None:
+        _edgegw_importable()
+        _relay_backend_available("splice")
+        fdsock = ctx.fdsocks.get(target)
+        if fdsock is None:
+            raise Skip("needs a C far end that takes descriptors (netload); iperf3 cannot")
+        home = ctx.edgegw_home(self.name)
+        ext, pnc, data = free_port(), free_port(), free_port()
+        tag = f"{self.name}-{ext}"
+        gw = Proc(f"{self.name} gateway",
+                  [sys.executable, "-m", "edgegw", "serve", "--external", f"127.0.0.1:{ext}",
+                   "--pnc", f"127.0.0.1:{pnc}", "--data", f"127.0.0.1:{data}",
+                   "--trust", str(home / "gateway-trust.pem"), "--relay-backend", "splice",
+                   "--gateway-id", "bench"],
+                  ctx.workdir / f"{tag}-gateway.log").start()
+        self.procs["gateway"] = gw
+        gw.wait_log("listening: external=", timeout=30)
+        node = Proc(f"{self.name} node",
+                    [sys.executable, "-m", "bench.handoff_node", "--home", str(home),
+                     "--gateway", f"127.0.0.1:{pnc}", "--fdsock", str(fdsock)],
+                    ctx.workdir / f"{tag}-node.log").start()
+        self.procs["node"] = node
+        node.wait_log("attached to gateway", timeout=30)
+        self.port = ext
+
+
 class EdgegwNodeDirect(RelayPath):
     """`edgegw internal serve --listen`: the node's SSH/SFTP server without the gateway."""
 
@@ -276,7 +312,8 @@ class EdgegwNodeDirect(RelayPath):
         wait_port(self.port, proc=node, timeout=30)
 
 
-QUICK_PATHS = {"direct", "edgegw-splice", "haproxy-splice", "haproxy", "socat"}
+QUICK_PATHS = {"direct", "edgegw-splice", "edgegw-splice-1hop", "haproxy-splice", "haproxy",
+               "socat"}
 
 
 def choose(paths: list[RelayPath], only: set[str] | None, quick: bool) -> list[RelayPath]:
@@ -288,10 +325,14 @@ def choose(paths: list[RelayPath], only: set[str] | None, quick: bool) -> list[R
     return paths
 
 
-def relay_paths(include_engine: bool = True) -> list[RelayPath]:
-    """Every TCP relay the relay/latency/sessions parts compare, ceiling first."""
+def relay_paths(include_engine: bool = True,
+                one_hop: RelayPath | None = None) -> list[RelayPath]:
+    """Every TCP relay the relay/latency/sessions parts compare, ceiling first; `one_hop`
+    (EdgegwGatewayOneHop, for parts whose far end is netload) follows edgegw-splice."""
     paths: list[RelayPath] = [Direct()]
     paths += [EdgegwGateway(b) for b in ("splice", "select", "python")]
+    if one_hop is not None:
+        paths.insert(2, one_hop)
     if include_engine:
         paths.append(EdgegwEngine("splice"))
     paths += [HAProxy(splice=True), HAProxy(splice=False), Socat()]
@@ -343,6 +384,20 @@ def alive(part: "PartResult", path: RelayPath) -> bool:
         part.fail(path.name, str(exc))
         return False
     return True
+
+
+def stream_rounds(part: "PartResult", running: list[RelayPath], repeat: int,
+                  label: str) -> Iterator[tuple[int, int, RelayPath]]:
+    """(rep, streams, path) for the throughput parts, interleaved: every path at 1 stream,
+    then at 4, per round; paths that died are skipped (and marked failed)."""
+    total, step = repeat * 2 * len(running), 0
+    for rep in range(repeat):
+        for streams in (1, 4):
+            for path in running:
+                step += 1
+                log(f"{label} [{step}/{total}] rep {rep + 1} {path.name} {streams} stream(s)")
+                if alive(part, path):
+                    yield rep, streams, path
 
 
 def start_all(paths: list[RelayPath], ctx: Ctx, target: int,

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 import subprocess
 
-from bench.peers import Ctx, alive, choose, relay_paths, start_all, stop_all
-from bench.procs import Proc, Skip, cpu_seconds, log, need, wait_port
+from bench.peers import Ctx, choose, relay_paths, start_all, stop_all, stream_rounds
+from bench.procs import Proc, Skip, cpu_seconds, need, wait_port
 from bench.report import Metric, PartResult, Results
 from edgegw.sockio import free_port
 
@@ -63,34 +63,26 @@ def run(ctx: Ctx, results: Results, *, quick: bool, repeat: int,
     try:
         wait_port(server_port, proc=server)
         running = start_all(paths, ctx, server_port, part.skip)
-        total = repeat * 2 * len(running)
-        step = 0
-        for rep in range(repeat):
-            for streams in (1, 4):
-                for path in running:
-                    step += 1
-                    log(f"relay [{step}/{total}] rep {rep + 1} {path.name} {streams} stream(s)")
-                    if not alive(part, path):
-                        continue
-                    pids = path.pids()
-                    before = {r: cpu_seconds(pid) for r, pid in pids.items()}
-                    data = iperf3(path.port, seconds, streams, grace=5 if quick else 15)
-                    after = {r: cpu_seconds(pid) for r, pid in pids.items()}
-                    if "error" in data:
-                        part.fail(path.name, f"iperf3 {streams} stream(s): {data['error']}")
-                        if data.get("hung"):
-                            path.mark_broken(f"iperf3 hung through {path.name}")
-                        continue
-                    recv = data["end"]["sum_received"]
-                    gb = recv["bytes"] / 1e9
-                    part.add(path.name, f"gbps_{streams}", rep, recv["bits_per_second"] / 1e9)
-                    role = "gateway" if "gateway" in pids else "relay"
-                    if role in pids and gb > 0:
-                        part.add(path.name, f"cpu_gb_{streams}", rep,
-                                 (after[role] - before[role]) / gb)
-                    if "node" in pids and gb > 0:
-                        part.add(path.name, f"node_cpu_gb_{streams}", rep,
-                                 (after["node"] - before["node"]) / gb)
+        for rep, streams, path in stream_rounds(part, running, repeat, "relay"):
+            pids = path.pids()
+            before = {r: cpu_seconds(pid) for r, pid in pids.items()}
+            data = iperf3(path.port, seconds, streams, grace=5 if quick else 15)
+            after = {r: cpu_seconds(pid) for r, pid in pids.items()}
+            if "error" in data:
+                part.fail(path.name, f"iperf3 {streams} stream(s): {data['error']}")
+                if data.get("hung"):
+                    path.mark_broken(f"iperf3 hung through {path.name}")
+                continue
+            recv = data["end"]["sum_received"]
+            gb = recv["bytes"] / 1e9
+            part.add(path.name, f"gbps_{streams}", rep, recv["bits_per_second"] / 1e9)
+            role = "gateway" if "gateway" in pids else "relay"
+            if role in pids and gb > 0:
+                part.add(path.name, f"cpu_gb_{streams}", rep,
+                         (after[role] - before[role]) / gb)
+            if "node" in pids and gb > 0:
+                part.add(path.name, f"node_cpu_gb_{streams}", rep,
+                         (after["node"] - before["node"]) / gb)
     finally:
         stop_all(running)
         server.stop()

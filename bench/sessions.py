@@ -275,7 +275,7 @@ def run(ctx: Ctx, results: Results, *, quick: bool, repeat: int, count: int | No
     # descriptors than one process may hold here
     paths = choose(relay_paths(include_engine=True) + [EdgegwGateway("splice", procs=2)],
                    only, quick)
-    started = netload.start_echo_or_skip(ctx.workdir, part, paths)
+    started = netload.start_echo_or_skip(ctx, part, paths)
     if started is None:
         return part
     echo, port = started

@@ -11,14 +11,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PARTS = {"relay", "latency", "sessions", "session_setup", "sftp"}
+PARTS = {"relay", "onehop", "latency", "sessions", "session_setup", "sftp"}
 
 
 @pytest.mark.timeout(150)
 def test_bench_quick_writes_results(tmp_path: Path) -> None:
     cp = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path),
-         "--paths", "direct,haproxy-splice,edgegw-splice,openssh,edgegw-node,edgegw-gateway",
+         "--paths", "direct,haproxy-splice,edgegw-splice,edgegw-splice-1hop,openssh,edgegw-node,"
+                    "edgegw-gateway",
          "--sessions", "200", "--sftp-mib", "8"],
         cwd=REPO, capture_output=True, text=True, timeout=140)
     assert cp.returncode == 0, cp.stderr[-3000:]
@@ -40,6 +41,10 @@ def test_bench_quick_writes_results(tmp_path: Path) -> None:
                 assert len(m["values"]) == m["n"] >= 1
     # the ceiling path needs only iperf3 and gcc, which the suite documents as required
     assert data["parts"]["latency"]["paths"]["direct"]["status"] == "ok"
+    # edgegw's own paths need nothing but the suite: the gateway as one hop (its node hands
+    # Data connections to netload) carried bytes and echoes
+    for part in ("onehop", "latency"):
+        assert data["parts"][part]["paths"]["edgegw-splice-1hop"]["status"] == "ok", part
     svg = (tmp_path / "latest.svg").read_text()
     assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
     assert "== relay" in cp.stdout
