@@ -26,6 +26,12 @@ log = logging.getLogger("edgegw.node.pool")
 # ends would otherwise compete with the new sessions' SSH setup for the loop.
 QUIET = 0.02
 
+# The gateway assigns a client to a pooled connection whenever it holds one, and offers it over
+# the PNC only when it holds none. So an offer while one of ours has been proven for this long
+# means the gateway no longer has that connection (it found the pool silent and dropped it, or a
+# firewall lost its state), though our end has not noticed yet: dial fresh ones.
+STALE_AFTER = 1.0
+
 # Must not block: answer on the socket and spawn the session (or close it).
 Assigned = Callable[[dataauth.Assignment, socket.socket], None]
 
@@ -36,6 +42,7 @@ class DataPool:
         self.size = size
         self.on_assigned = on_assigned
         self._waiting: set[asyncio.Task[None]] = set()
+        self._proven: dict[asyncio.Task[None], float] = {}   # loop time each was proven at
         self._next_ident = 1
         self._failures = 0
         self._last_use = 0.0
@@ -52,6 +59,22 @@ class DataPool:
             self._waiting.add(task)
             task.add_done_callback(self._done)
 
+    def offered(self) -> None:
+        """The gateway offered a client over the PNC: replace the connections it must have
+        lost (see STALE_AFTER)."""
+        now = asyncio.get_running_loop().time()
+        stale = [t for t, at in self._proven.items() if now - at >= STALE_AFTER]
+        if not stale:
+            return
+        log.warning("gateway %s offered over the PNC while %d pooled data connection(s) sat "
+                    "idle: it no longer has them; replacing them", self.link.target, len(stale))
+        for task in stale:
+            self._waiting.discard(task)
+            self._proven.pop(task, None)
+            task.cancel()
+        if self.link.connected:
+            self.fill()
+
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -61,6 +84,7 @@ class DataPool:
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._waiting.discard(task)
+        self._proven.pop(task, None)
         if task.cancelled() or not self.link.connected:
             return
         if len(self._waiting) <= self.low_water:
@@ -93,6 +117,9 @@ class DataPool:
             await asyncio.sleep(0.5)
             return
         self._failures = 0
+        me = asyncio.current_task()
+        if me is not None:
+            self._proven[me] = asyncio.get_running_loop().time()
         try:
             wire = await recv_exact(sock, dataauth.ASSIGN_LEN)
             assignment = dataauth.parse_assignment(wire, gateway.pool_key, nonce, ident)
@@ -106,7 +133,7 @@ class DataPool:
             log.debug("pooled data connection to %s closed: %s", link.target, exc)
             sock.close()
             return
-        except asyncio.CancelledError:   # the pool is closing (link down, node stopping)
+        except asyncio.CancelledError:   # pool closing (link down, node stopping), or stale
             sock.close()
             raise
         self._last_use = asyncio.get_running_loop().time()

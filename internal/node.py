@@ -125,6 +125,9 @@ class Node:
         sid = f"{offer.session_id:016x}"
         log.debug("session %s: client %s:%d offered by %s", sid, offer.client_ip,
                   offer.client_port, link.gateway_id)
+        pool = self._pools.get(link)
+        if pool is not None:
+            pool.offered()
         reason = self._admit(link, sid, offer.client_ip, offer.client_port)
         if reason is not None:
             link.send(Reject(offer.session_id, reason, retry_elsewhere=reason in RETRYABLE))

@@ -185,3 +185,43 @@ async def test_node_pool_checks_the_assignment(forge: bool, caplog) -> None:  # 
         pool.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_node_replaces_pooled_connections_the_gateway_lost(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """An offer over the PNC while a pooled connection sat idle means the gateway no longer has
+    it (dropped as silent, or lost behind a firewall): the node closes it and dials a new one,
+    instead of waiting minutes for keepalive to notice."""
+    import internal.data_pool as data_pool
+    monkeypatch.setattr(data_pool, "STALE_AFTER", 0.3)
+    proven: asyncio.Queue[int] = asyncio.Queue()
+    closed: asyncio.Queue[int] = asyncio.Queue()
+
+    async def gateway(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonce, challenge = dataauth.make_challenge()
+        writer.write(challenge)
+        proof = dataauth.parse_proof(await reader.readexactly(dataauth.PROOF_LEN))
+        assert dataauth.verify_pool_proof(proof, KEY, nonce)
+        await proven.put(proof.ident)
+        if await reader.read(1) == b"":      # never assigned: wait for the node to let go
+            await closed.put(proof.ident)
+        writer.close()
+
+    server, port = await _data_port(gateway)
+    link = _FakeLink(port)
+    link.connected = True
+    pool = DataPool(link, 1, lambda a, s: s.close())  # type: ignore[arg-type]
+    try:
+        pool.fill()
+        first = await asyncio.wait_for(proven.get(), 5)
+        pool.offered()                       # too soon: it may still be in the gateway's pool
+        await asyncio.sleep(0.4)
+        assert proven.empty() and closed.empty()
+        pool.offered()
+        assert await asyncio.wait_for(closed.get(), 5) == first
+        second = await asyncio.wait_for(proven.get(), 5)
+        assert second != first
+    finally:
+        link.connected = False
+        pool.close()
+        server.close()
+        await server.wait_closed()
