@@ -15,7 +15,7 @@ import asyncssh
 import pytest
 from asyncssh.encryption import ChachaEncryption, get_encryption
 
-from internal.ssh import transport
+from internal.ssh import libcrypto, transport
 from internal.ssh.transport import _CHACHA_BLOCK0, _FastChaCha, _wrap
 from tests import sshutil
 from tests.procs import SSH_OPTS
@@ -26,11 +26,27 @@ sshnode = sshutil.sshnode   # the fixture
 CHACHA = "chacha20-poly1305@openssh.com"
 
 
+@pytest.fixture(autouse=True, params=["libcrypto", "cryptography"])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs on both implementations under _FastChaCha: the system's libcrypto
+    (internal.ssh.libcrypto, one context per key) and the cryptography package."""
+    if request.param == "cryptography":
+        monkeypatch.setattr(transport.ChaChaPoly, "load", classmethod(lambda cls, *a: None))
+    elif libcrypto._library() is None:
+        pytest.skip(f"system libcrypto not usable here: {libcrypto._load_error}")
+    return request.param
+
+
 def _pair(key: bytes) -> tuple[Any, _FastChaCha]:
     ref = get_encryption(CHACHA.encode(), key, b"")
     fast = _wrap(ref)
     assert type(ref) is ChachaEncryption and type(fast) is _FastChaCha
     return ref, fast
+
+
+def test_libcrypto_is_used_where_the_system_has_it(backend: str) -> None:
+    fast = _pair(os.urandom(64))[1]
+    assert (fast._evp is not None) == (backend == "libcrypto")
 
 
 def _packet(rng: random.Random, payload_len: int) -> tuple[bytes, bytes]:

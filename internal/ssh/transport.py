@@ -44,6 +44,8 @@ try:
 except ImportError:   # pragma: no cover
     ChachaEncryption = None  # type: ignore[assignment,misc]
 
+from internal.ssh.libcrypto import ChaChaPoly
+
 _MSG_USERAUTH_LAST = 79
 _GCM_TAG = 16
 _U64 = 0xFFFFFFFFFFFFFFFF
@@ -115,6 +117,8 @@ class _FastChaCha:
     def __init__(self, key: bytes) -> None:
         self._main = key[:32]
         self._len = key[32:]
+        # the system's libcrypto with one context per key, when it is there (see its module)
+        self._evp = ChaChaPoly.load(self._main, self._len)
 
     @classmethod
     def wrap(cls, enc: Any) -> Any:
@@ -133,6 +137,8 @@ class _FastChaCha:
         """`block0_packet` is `_CHACHA_BLOCK0` followed by the packet (the caller joins the
         packet anyway): one keystream call then gives the Poly1305 key and the ciphertext.
         Returns the encrypted length, the ciphertext (a memoryview) and the tag."""
+        if self._evp is not None:
+            return self._evp.seal(seq, header, block0_packet)
         enc_len = self._stream(self._len, seq).update(header)
         out = memoryview(self._stream(self._main, seq).update(block0_packet))
         body = out[64:]
@@ -151,6 +157,8 @@ class _FastChaCha:
         return enc_len + body, tag
 
     def decrypt_header(self, seq: int, first_block: Any, header_len: int) -> tuple[Any, Any]:
+        if self._evp is not None:
+            return first_block, self._evp.length(seq, first_block[:header_len])
         return first_block, self._stream(self._len, seq).update(first_block[:header_len])
 
     def decrypt_packet(self, seq: int, first: Any, rest: Any, header_len: int,
@@ -160,6 +168,8 @@ class _FastChaCha:
         already covers `rest`, the ciphertext is read from it without a join."""
         end = self.FIRST + len(rest)
         data = first[:end] if len(first) >= end else b"".join((first[:self.FIRST], rest))
+        if self._evp is not None:
+            return self._evp.open(seq, data, header_len, mac)
         stream = self._stream(self._main, seq)
         check = Poly1305(stream.update(_CHACHA_BLOCK0)[:32])
         check.update(data)
