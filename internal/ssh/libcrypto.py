@@ -113,6 +113,8 @@ class ChaChaPoly:
         self._mac = lib.mac()
         self._outl = self._ffi.new("int *")
         self._tagl = self._ffi.new("size_t *")
+        self._tagbuf = self._ffi.new("unsigned char[16]")
+        self._polykey = self._ffi.new("unsigned char[64]")
 
     @classmethod
     def load(cls, main_key: bytes, len_key: bytes) -> Optional["ChaChaPoly"]:
@@ -130,7 +132,7 @@ class ChaChaPoly:
     def _tag(self, key: Any, *chunks: tuple[Any, int]) -> bytes:
         """Poly1305 under the 32-byte one-time `key` over the (pointer, length) chunks."""
         c, ffi = self._c, self._ffi
-        tag = ffi.new("unsigned char[16]")
+        tag = self._tagbuf
         ok = c.EVP_MAC_init(self._mac, key, 32, ffi.NULL)
         for ptr, n in chunks:
             ok = ok and c.EVP_MAC_update(self._mac, ptr, n)
@@ -141,15 +143,18 @@ class ChaChaPoly:
     def seal(self, seq: int, header: bytes, block0_packet: bytes) -> tuple[bytes, Any, bytes]:
         """Same contract as the cryptography path: `block0_packet` is 64 zero bytes followed by
         the packet; returns the encrypted length, the ciphertext (a memoryview), the tag."""
-        ffi = self._ffi
-        enc_len = bytearray(len(header))
-        self._stream(self._len, seq, header, ffi.from_buffer("unsigned char[]", enc_len))
         out = bytearray(len(block0_packet))
-        c_out = ffi.from_buffer("unsigned char[]", out)
+        c_out = self._ffi.from_buffer("unsigned char[]", out)
         self._stream(self._main, seq, block0_packet, c_out)
-        n = len(out) - 64
-        tag = self._tag(c_out, (ffi.from_buffer("unsigned char[]", enc_len), len(enc_len)), (c_out + 64, n))
-        return bytes(enc_len), memoryview(out)[64:], tag
+        # Keystream bytes 32..63 of block 0 are not used: the encrypted length goes there, just
+        # before the ciphertext, so the tag is one update over both.
+        hlen = len(header)   # 4; anything up to 32 would leave the Poly1305 key intact
+        if hlen > 32:
+            raise CryptoError(f"length field of {hlen} bytes")
+        self._stream(self._len, seq, header, c_out + (64 - hlen))
+        tag = self._tag(c_out, (c_out + (64 - hlen), len(out) - 64 + hlen))
+        view = memoryview(out)
+        return bytes(view[64 - hlen:64]), view[64:], tag
 
     def length(self, seq: int, first: Any) -> bytes:
         """Decrypt the length field (`first`, 4 bytes)."""
@@ -163,7 +168,7 @@ class ChaChaPoly:
         """Check the tag over `data` (encrypted length, then ciphertext) and return the
         decrypted packet, or None if the tag is wrong."""
         ffi, c = self._ffi, self._c
-        polykey = ffi.new("unsigned char[64]")
+        polykey = self._polykey
         if not c.EVP_EncryptInit_ex(self._main, ffi.NULL, ffi.NULL, ffi.NULL,
                                     _CTR0 + seq.to_bytes(8, "big")) or \
                 not c.EVP_EncryptUpdate(self._main, polykey, self._outl, _BLOCK0, 64):
