@@ -15,7 +15,11 @@ the cipher, and this subclass removes what the node does not need:
   header+data joins, and on receive the packet authenticated and decrypted straight out of the
   read buffer (`_FastChaCha`; asyncssh makes three ChaCha20 contexts and joins header and
   data twice per packet);
-* packet logging only when asyncssh's packet-level debug is on.
+* packet logging only when asyncssh's packet-level debug is on, sent and received: asyncssh
+  names and sizes every packet for a debug line that its logger then drops. The received side
+  is asyncssh's own `_recv_packet`, which calls the logger of whichever handler (connection or
+  channel) takes the packet, so that check is installed on asyncssh's `SSHPacketLogger` for the
+  whole process; it only skips work whose output would have been discarded.
 
 Everything else (key exchange, rekeying, auth, channels) is asyncssh's own code; packets before
 authentication completes, during key exchange, or with compression go through it unchanged.
@@ -29,6 +33,7 @@ from typing import Any, Optional
 
 import asyncssh
 from asyncssh.connection import SSHServerConnection
+from asyncssh.packet import SSHPacketLogger
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -47,6 +52,23 @@ except ImportError:   # pragma: no cover
 from internal.ssh.libcrypto import ChaChaPoly
 
 _MSG_USERAUTH_LAST = 79
+
+
+def _skip_received_packet_log() -> None:
+    original = SSHPacketLogger.log_received_packet
+    if getattr(original, "_edgegw", False):
+        return
+
+    def log_received_packet(self: Any, pkttype: int, pktid: Optional[int], packet: Any,
+                            note: str = "") -> None:
+        if getattr(self.logger, "_debug_level", 3) >= 3:   # SSHLogger.packet's own test
+            original(self, pkttype, pktid, packet, note)
+
+    log_received_packet._edgegw = True   # type: ignore[attr-defined]
+    SSHPacketLogger.log_received_packet = log_received_packet  # type: ignore[method-assign]
+
+
+_skip_received_packet_log()
 _GCM_TAG = 16
 _U64 = 0xFFFFFFFFFFFFFFFF
 _CHACHA_BLOCK0 = bytes(64)   # encrypted at counter 0, it yields the packet's Poly1305 key
