@@ -250,3 +250,18 @@ async def test_asyncssh_client_chacha(sshnode: NodeUnderTest, tmp_path: Path,
     assert (home / "a.bin").read_bytes() == data == (tmp_path / "b.bin").read_bytes()
     await sshnode.wait_idle()
     assert len(chacha_keys) >= 6   # the first key exchange and at least two rekeys
+
+
+def test_a_libcrypto_that_refuses_the_key_leaves_the_cryptography_path(
+        backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if backend != "libcrypto":
+        pytest.skip("libcrypto variant only")
+
+    def refuse(self: Any, key: bytes) -> Any:
+        raise OSError("EVP_EncryptInit_ex(chacha20) failed")
+
+    monkeypatch.setattr(libcrypto._Lib, "cipher", refuse)
+    ref, fast = _pair(os.urandom(64))
+    assert fast._evp is None
+    hdr, packet = _packet(random.Random(9), 100)
+    assert fast.encrypt_packet(5, hdr, packet) == ref.encrypt_packet(5, hdr, packet)

@@ -119,7 +119,14 @@ class ChaChaPoly:
     @classmethod
     def load(cls, main_key: bytes, len_key: bytes) -> Optional["ChaChaPoly"]:
         lib = _library()
-        return cls(lib, main_key, len_key) if lib is not None else None
+        if lib is None:
+            return None
+        try:
+            return cls(lib, main_key, len_key)
+        except OSError as exc:   # e.g. a policy that refuses ChaCha20 in libcrypto
+            log.warning("libcrypto refused chacha20-poly1305 (%s); using the cryptography "
+                        "package for this connection", exc)
+            return None
 
     def _stream(self, ctx: Any, seq: int, data: Any, out: Any) -> None:
         """Encrypt (or decrypt) `data` into `out` from block 0 of the keystream for `seq`."""
