@@ -20,7 +20,7 @@ import socket
 from edgegw import eventloop
 from edgegw.logsetup import setup_logging
 from edgegw.netaddr import parse_hostport
-from internal.home import NodeHome
+from internal.home import HomeError, NodeHome
 from internal.node import Node, NodeSettings
 from internal.session import SessionContext, SessionResult
 
@@ -57,9 +57,15 @@ class HandoffService:
 
 
 async def _main(args: argparse.Namespace) -> None:
-    home = NodeHome.load(args.home)
+    try:
+        home = NodeHome.load(args.home)
+    except HomeError as exc:
+        raise SystemExit(f"handoff node: {exc}")
     service = HandoffService(args.fdsock)
-    await service.start()
+    try:
+        await service.start()
+    except OSError as exc:
+        raise SystemExit(f"handoff node: cannot reach the C far end at {args.fdsock}: {exc}")
     node = Node(home, service, NodeSettings([parse_hostport(args.gateway)],
                                             pool_size=args.pool_size))
     stop = asyncio.Event()
