@@ -124,7 +124,9 @@ async def _assign_pooled(gw: "Gateway", peer: Peer, ip: str, port: int,
             # restart, a failover) leaves behind, and every pooled connection of this node went
             # through it: drop them all rather than wait on each in turn. The node's PNC is
             # heartbeated, so offer the client there; the node dials a fresh connection.
-            _flush_pool(peer)
+            log.warning("node %s: a pooled data connection went silent; dropped it and the "
+                        "%d others, offering over the PNC until the node opens new ones",
+                        peer.node_id, peer.drop_pool())
             break
         if result is not _STALE:
             return result
@@ -138,13 +140,6 @@ _SILENT = object()   # _assign_on: no answer on that connection in time
 # silent for this long is taken as dead (at most the offer timeout).
 POOL_ANSWER_TIMEOUT = 1.0
 
-
-def _flush_pool(peer: Peer) -> None:
-    dropped = len(peer.pool)
-    while peer.pool:
-        peer.pool.popleft().sock.close()
-    log.warning("node %s: a pooled data connection went silent; dropped it and the %d others, "
-                "offering over the PNC until the node opens new ones", peer.node_id, dropped)
 
 
 async def _assign_on(gw: "Gateway", peer: Peer, pooled: PooledData, ip: str, port: int,

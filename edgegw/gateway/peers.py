@@ -46,6 +46,13 @@ class Peer:
             return False
         return self.capacity <= 0 or self.active + self.pending < self.capacity
 
+    def drop_pool(self) -> int:
+        """Close every pre-opened Data connection held for this node; returns how many."""
+        dropped = len(self.pool)
+        while self.pool:
+            self.pool.popleft().sock.close()
+        return dropped
+
     def describe(self) -> str:
         return f"{self.node_id}@{self.address}"
 

@@ -189,8 +189,7 @@ class Gateway:
         if peer.alive or peer in self.peers.peers:
             self.peers.remove(peer)
             self.offers.fail_peer(peer)
-        while peer.pool:
-            peer.pool.popleft().sock.close()
+        peer.drop_pool()
 
     def ban(self, ip: str, until: float, reason: str, peer: Peer) -> None:
         try:
