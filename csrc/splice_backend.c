@@ -86,6 +86,12 @@ static int sync_events(struct relay_worker *w, struct relay_session *s, int side
  * (*err set). */
 #define COPY_MAX 8192u
 
+/* The direction's pipe, from the thread's pool if it holds none: 0 or an errno. */
+static int hold_pipe(struct relay_worker *w, struct relay_dir *x)
+{
+    return x->pipe.rfd < 0 ? -relay_pipe_get(&w->pipes, &x->pipe) : 0;
+}
+
 static int copy_small(struct relay_worker *w, struct relay_dir *x, int src, int dst,
                       uint64_t *moved, int *err)
 {
@@ -126,13 +132,8 @@ static int copy_small(struct relay_worker *w, struct relay_dir *x, int src, int 
     if (sent == (size_t)n)
         return 0; /* read on until EAGAIN: a hung-up source is no longer watched by epoll */
     /* The rest waits in the (empty) pipe: at most COPY_MAX bytes, far below its capacity. */
-    if (x->pipe.rfd < 0) {
-        int rc = relay_pipe_get(&w->pipes, &x->pipe);
-        if (rc < 0) {
-            *err = -rc;
-            return -1;
-        }
-    }
+    if ((*err = hold_pipe(w, x)) != 0)
+        return -1;
     size_t rest = (size_t)n - sent;
     ssize_t m;
     do
@@ -195,13 +196,9 @@ static int pump(struct relay_worker *w, struct relay_session *s, int d, int *err
                 break; /* source empty, or destination full with the rest in the pipe */
             continue;
         }
-        if (x->pipe.rfd < 0) {
-            int rc = relay_pipe_get(&w->pipes, &x->pipe);
-            if (rc < 0) {
-                *err = -rc;
-                reason = RELAY_ERROR;
-                goto out;
-            }
+        if ((*err = hold_pipe(w, x)) != 0) {
+            reason = RELAY_ERROR;
+            goto out;
         }
         ssize_t n;
         do

@@ -105,7 +105,6 @@ class ChaChaPoly:
     Not thread-safe (one per connection direction, used from its event loop)."""
 
     def __init__(self, lib: _Lib, main_key: bytes, len_key: bytes) -> None:
-        self._lib = lib
         self._ffi = lib.ffi
         self._c = lib.c
         self._main = lib.cipher(main_key)
@@ -176,10 +175,7 @@ class ChaChaPoly:
         decrypted packet, or None if the tag is wrong."""
         ffi, c = self._ffi, self._c
         polykey = self._polykey
-        if not c.EVP_EncryptInit_ex(self._main, ffi.NULL, ffi.NULL, ffi.NULL,
-                                    _CTR0 + seq.to_bytes(8, "big")) or \
-                not c.EVP_EncryptUpdate(self._main, polykey, self._outl, _BLOCK0, 64):
-            raise CryptoError("EVP chacha20 failed")
+        self._stream(self._main, seq, _BLOCK0, polykey)   # block 0; the packet follows from 1
         c_data = ffi.from_buffer("unsigned char[]", data)
         if not hmac.compare_digest(self._tag(polykey, (c_data, len(data))), bytes(mac)):
             return None
