@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import socket
 
-from edgegw import eventloop
 from edgegw.logsetup import setup_logging
 from edgegw.netaddr import parse_hostport
+from edgegw.runner import run_until_signalled
 from internal.home import HomeError, NodeHome
 from internal.node import Node, NodeSettings
 from internal.session import SessionContext, SessionResult
@@ -56,7 +55,7 @@ class HandoffService:
             self._sock.close()
 
 
-async def _main(args: argparse.Namespace) -> None:
+async def _main(args: argparse.Namespace, stop: asyncio.Event) -> None:
     try:
         home = NodeHome.load(args.home)
     except HomeError as exc:
@@ -68,10 +67,6 @@ async def _main(args: argparse.Namespace) -> None:
         raise SystemExit(f"handoff node: cannot reach the C far end at {args.fdsock}: {exc}")
     node = Node(home, service, NodeSettings([parse_hostport(args.gateway)],
                                             pool_size=args.pool_size))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     node.start()
     try:
         await stop.wait()
@@ -88,7 +83,7 @@ def main() -> None:
     ap.add_argument("--pool-size", type=int, default=8)
     args = ap.parse_args()
     setup_logging("info")
-    eventloop.run(_main(args))
+    run_until_signalled(lambda stop: _main(args, stop))
 
 
 if __name__ == "__main__":

@@ -218,6 +218,23 @@ class EdgegwEngine(RelayPath):
         wait_port(self.port, proc=p)
 
 
+def _start_gateway(path: RelayPath, ctx: Ctx, home: Path, backend: str, label: str,
+                   procs: int = 0) -> tuple[int, int]:
+    """`edgegw serve` on free ports trusting `home`'s node, registered as path's "gateway" and
+    ready; returns (external port, PNC port)."""
+    ext, pnc, data = free_port(), free_port(), free_port()
+    gw = Proc(f"{label} gateway",
+              [sys.executable, "-m", "edgegw", "serve", "--external", f"127.0.0.1:{ext}",
+               "--pnc", f"127.0.0.1:{pnc}", "--data", f"127.0.0.1:{data}",
+               "--trust", str(home / "gateway-trust.pem"), "--relay-backend", backend,
+               "--gateway-id", "bench", "--relay-procs", str(procs)],
+              ctx.workdir / f"{label}-{ext}-gateway.log",
+              env={"EDGEGW_RELAY_BACKEND": backend}).start()
+    path.procs["gateway"] = gw
+    gw.wait_log("listening: external=", timeout=30)
+    return ext, pnc
+
+
 class EdgegwGateway(RelayPath):
     """client -> `edgegw serve` -> `edgegw internal serve --forward` -> target.
 
@@ -238,16 +255,7 @@ class EdgegwGateway(RelayPath):
         _relay_backend_available(self.backend)
         home = ctx.edgegw_home(self.name if self.node_mode == "forward" else "sftp")
         env = {"EDGEGW_RELAY_BACKEND": self.backend}
-        ext, pnc, data = free_port(), free_port(), free_port()
-        tag = f"{self.name}-{ext}"
-        gw = Proc(f"{self.name} gateway",
-                  [sys.executable, "-m", "edgegw", "serve", "--external", f"127.0.0.1:{ext}",
-                   "--pnc", f"127.0.0.1:{pnc}", "--data", f"127.0.0.1:{data}",
-                   "--trust", str(home / "gateway-trust.pem"), "--relay-backend", self.backend,
-                   "--gateway-id", "bench", "--relay-procs", str(self.relay_procs)],
-                  ctx.workdir / f"{tag}-gateway.log", env=env).start()
-        self.procs["gateway"] = gw
-        gw.wait_log("listening: external=", timeout=30)
+        ext, pnc = _start_gateway(self, ctx, home, self.backend, self.name, self.relay_procs)
         node_args = [sys.executable, "-m", "edgegw", "internal", "serve", "--home", str(home),
                      "--workers", str(max(1, self.relay_procs)), "--gateway", f"127.0.0.1:{pnc}"]
         if self.node_mode == "forward":
@@ -255,7 +263,7 @@ class EdgegwGateway(RelayPath):
         else:
             self.node_port = target
             node_args += ["--listen", f"127.0.0.1:{target}"]
-        node = Proc(f"{self.name} node", node_args, ctx.workdir / f"{tag}-node.log",
+        node = Proc(f"{self.name} node", node_args, ctx.workdir / f"{self.name}-{ext}-node.log",
                     env=env).start()
         self.procs["node"] = node
         node.wait_log("attached to gateway", timeout=30)
@@ -276,20 +284,11 @@ class EdgegwGatewayOneHop(RelayPath):
         if fdsock is None:
             raise Skip("needs a C far end that takes descriptors (netload); iperf3 cannot")
         home = ctx.edgegw_home(self.name)
-        ext, pnc, data = free_port(), free_port(), free_port()
-        tag = f"{self.name}-{ext}"
-        gw = Proc(f"{self.name} gateway",
-                  [sys.executable, "-m", "edgegw", "serve", "--external", f"127.0.0.1:{ext}",
-                   "--pnc", f"127.0.0.1:{pnc}", "--data", f"127.0.0.1:{data}",
-                   "--trust", str(home / "gateway-trust.pem"), "--relay-backend", "splice",
-                   "--gateway-id", "bench"],
-                  ctx.workdir / f"{tag}-gateway.log").start()
-        self.procs["gateway"] = gw
-        gw.wait_log("listening: external=", timeout=30)
+        ext, pnc = _start_gateway(self, ctx, home, "splice", self.name)
         node = Proc(f"{self.name} node",
                     [sys.executable, "-m", "bench.handoff_node", "--home", str(home),
                      "--gateway", f"127.0.0.1:{pnc}", "--fdsock", str(fdsock)],
-                    ctx.workdir / f"{tag}-node.log").start()
+                    ctx.workdir / f"{self.name}-{ext}-node.log").start()
         self.procs["node"] = node
         node.wait_log("attached to gateway", timeout=30)
         self.port = ext
@@ -486,15 +485,9 @@ class EdgegwSsh(RelayPath):
                 raise Skip(f"edgegw internal user add failed: "
                            f"{(cp.stderr or cp.stdout).strip()[-300:]}")
             (home / ".bench-user").write_text(self.user)
-        ext, pnc, data, listen = free_port(), free_port(), free_port(), free_port()
         env = {"EDGEGW_RELAY_BACKEND": self.backend}
-        gw = Proc("edgegw gateway (ssh)",
-                  [sys.executable, "-m", "edgegw", "serve", "--external", f"127.0.0.1:{ext}",
-                   "--pnc", f"127.0.0.1:{pnc}", "--data", f"127.0.0.1:{data}",
-                   "--trust", str(home / "gateway-trust.pem"), "--gateway-id", "bench"],
-                  ctx.workdir / f"ssh-gateway-{ext}.log", env=env).start()
-        self.procs["gateway"] = gw
-        gw.wait_log("listening: external=", timeout=30)
+        ext, pnc = _start_gateway(self, ctx, home, self.backend, "ssh")
+        listen = free_port()
         node = Proc("edgegw node (ssh)",
                     [sys.executable, "-m", "edgegw", "internal", "serve", "--home", str(home),
                      "--workers", "1", "--gateway", f"127.0.0.1:{pnc}",
