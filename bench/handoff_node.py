@@ -19,6 +19,7 @@ import socket
 from edgegw.logsetup import setup_logging
 from edgegw.netaddr import parse_hostport
 from edgegw.runner import run_until_signalled
+from internal.data_pool import DEFAULT_SIZE as DEFAULT_POOL_SIZE
 from internal.home import HomeError, NodeHome
 from internal.node import Node, NodeSettings
 from internal.session import SessionContext, SessionResult
@@ -80,7 +81,7 @@ def main() -> None:
     ap.add_argument("--home", required=True)
     ap.add_argument("--gateway", required=True, metavar="HOST:PORT")
     ap.add_argument("--fdsock", required=True, metavar="PATH")
-    ap.add_argument("--pool-size", type=int, default=8)
+    ap.add_argument("--pool-size", type=int, default=DEFAULT_POOL_SIZE)
     args = ap.parse_args()
     setup_logging("info")
     run_until_signalled(lambda stop: _main(args, stop))

@@ -5,7 +5,8 @@
  *   netload sink PORT [FDSOCK]             epoll server that reads and discards (128 KiB reads)
  *   netload pingpong PORT COUNT SIZE       one connection, COUNT round trips of SIZE bytes
  *   netload cycle PORT COUNT SIZE          COUNT x (connect, send SIZE, read SIZE, close)
- *   netload banner PORT COUNT              COUNT x (connect, read one line, close)
+ *   netload banner PORT COUNT [PAUSE_US]   COUNT x (connect, read one line, close), pausing
+ *                                          PAUSE_US between connections
  *   netload stream PORT SECONDS STREAMS    STREAMS connections writing 128 KiB blocks
  *
  * With FDSOCK the servers also take connections made elsewhere: each message on a Unix
@@ -303,7 +304,11 @@ int main(int argc, char **argv) {
             s[n++] = now_us() - t0;
         }
     } else if (!strcmp(mode, "banner")) {
+        /* For banner the fourth argument is a pause between connections (µs), so the last
+         * session's teardown is not charged to the next one's setup. */
+        int pause_us = argc > 4 ? atoi(argv[4]) : 0;
         for (int i = 0; i < count; i++) {
+            if (pause_us > 0 && i > 0) usleep(pause_us);
             double t0 = now_us();
             int fd = dial(port), ok = 0, got = 0;
             while (fd >= 0 && got < 511) {

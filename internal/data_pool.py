@@ -21,6 +21,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edgegw.node.pool")
 
+# Per gateway link, by default. Used ones are replaced in batches of three quarters of the pool
+# (see QUIET); under a steady stream of new sessions a larger pool means fewer, larger refills,
+# which cost the sessions set up meanwhile less than many small ones (back-to-back connections,
+# setup p50 through the gateway over the direct node's: about 290 µs at 8, 205 µs at 32).
+DEFAULT_SIZE = 32
+
 # Used connections are replaced in a batch once sessions have stopped arriving for QUIET
 # seconds, or at once when only LOW_WATER of them are left: dialing and proving them on both
 # ends would otherwise compete with the new sessions' SSH setup for the loop.

@@ -19,7 +19,7 @@ from edgegw.pnc.events import (
 )
 from internal.audit import AuditLog
 from internal.data_dial import dial_session
-from internal.data_pool import DataPool
+from internal.data_pool import DEFAULT_SIZE as DEFAULT_POOL_SIZE, DataPool
 from internal.gateway_link import GatewayLink, node_tls_context
 from internal.home import NodeHome
 from internal.ipmatch import ip_in
@@ -40,7 +40,7 @@ class NodeSettings:
     drain_timeout: float = 60.0
     backoff_max: float = 5.0
     node_id: str | None = None
-    pool_size: int = 8     # pre-opened Data connections per gateway (0: dial per session)
+    pool_size: int = DEFAULT_POOL_SIZE   # pre-opened Data connections per gateway (0: dial)
 
 
 class Node:

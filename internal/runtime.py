@@ -10,6 +10,7 @@ from pathlib import Path
 
 from edgegw.netaddr import HostPort
 from internal.audit import AuditLog
+from internal.data_pool import DEFAULT_SIZE as DEFAULT_POOL_SIZE
 from internal.defender import Defender
 from internal.forward import ForwardService
 from internal.home import NodeHome
@@ -32,7 +33,7 @@ class ServeOptions:
     weight: int = 100
     drain_timeout: float = 60.0
     node_id: str | None = None
-    pool_size: int = 8
+    pool_size: int = DEFAULT_POOL_SIZE
     reuse_port: bool = False
 
 

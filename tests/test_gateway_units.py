@@ -1,4 +1,5 @@
-"""Gateway pieces without sockets: addresses, bans, least-loaded choice, offers."""
+"""Gateway pieces without sockets: addresses, bans, least-loaded choice, offers, PNC report
+batching."""
 from __future__ import annotations
 
 import asyncio
@@ -10,11 +11,15 @@ import time
 
 import pytest
 
+from edgegw.gateway import node_link
 from edgegw.gateway.bans import BanTable
 from edgegw.gateway.offers import OfferTable, PeerLost
 from edgegw.gateway.peers import Peer, PeerRegistry
 from edgegw.netaddr import HostPort, normalize_ip, parse_hostport, parse_networks
-from edgegw.pnc.events import Accept
+from edgegw.pnc import Connection, Role
+from edgegw.pnc.events import (
+    PROTOCOL_VERSION, Accept, Closed, GatewayHello, NodeHello, Offer, Ping,
+)
 from edgegw.sockio import free_port
 
 
@@ -112,3 +117,54 @@ async def test_offer_table_single_use_and_peer_loss() -> None:
     assert table.claim(expired.session_id) is None
     table.discard(expired)
     await asyncio.sleep(0)
+
+
+class _Writer:
+    """What NodeLink writes, one entry per write."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def _link_with_node() -> tuple[node_link.NodeLink, _Writer, Connection]:
+    """A NodeLink past the hellos, writing into a _Writer; and the node's end of the PNC."""
+    link = node_link.NodeLink(None, None, ("127.0.0.1", 1))  # type: ignore[arg-type]
+    node = Connection(Role.NODE)
+    node.receive_data(link.conn.send(GatewayHello(PROTOCOL_VERSION, "gw", 1, 1000, bytes(32))))
+    link.conn.receive_data(node.send(NodeHello(PROTOCOL_VERSION, "n", 10, 1, 0, False)))
+    writer = _Writer()
+    link.writer = writer  # type: ignore[assignment]
+    return link, writer, node
+
+
+async def test_session_reports_go_out_in_one_write_after_the_delay(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(node_link, "REPORT_DELAY", 0.05)
+    link, writer, node = _link_with_node()
+    reports = [Closed(i, 10 * i, i, 5, "eof") for i in range(1, 4)]
+    for report in reports:
+        link.send(report)
+    assert writer.writes == []                  # held back
+    await asyncio.sleep(0.15)
+    assert len(writer.writes) == 1              # one write (one TLS record) for the batch
+    assert node.receive_data(writer.writes[0]) == reports
+    await asyncio.sleep(0.1)
+    assert len(writer.writes) == 1              # the timer fired once
+
+
+async def test_anything_else_goes_out_at_once_after_held_reports() -> None:
+    link, writer, node = _link_with_node()
+    link.send(Ping(1))
+    assert node.receive_data(b"".join(writer.writes)) == [Ping(1)]
+    link.send(Closed(7, 1, 2, 3, "eof"))
+    offer = Offer(8, bytes(32), "192.0.2.1", 4000, 1000)
+    link.send(offer)
+    assert len(writer.writes) == 2
+    assert node.receive_data(writer.writes[1]) == [Closed(7, 1, 2, 3, "eof"), offer]
+    await asyncio.sleep(node_link.REPORT_DELAY * 2)
+    assert len(writer.writes) == 2              # nothing left behind to flush

@@ -260,3 +260,29 @@ async def test_disk_full_is_reported_and_leaves_no_file(node_home: Path, gateway
         assert os.listdir(small / "full") == []   # neither the file nor its temporary
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_gateway_reports_every_session_to_the_audit_trail(
+        node_home: Path, gateway: GatewayProc, node: Proc, alice: tuple[str, Path],
+        tmp_path: Path) -> None:
+    """The gateway's own view of each session (bytes relayed, how it ended) reaches the node's
+    audit trail, joined to the node's records by session id, even when several sessions end
+    within one report batch."""
+    user, key = alice
+    (tmp_path / "up.bin").write_bytes(os.urandom(100_000))
+    for _ in range(3):
+        res = sftp_batch(gateway.external, user, key, "put up.bin\n", bind="127.0.0.7",
+                         cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+    deadline = time.monotonic() + 10
+    while True:
+        ours = {e["session"] for e in _audit(node_home, "--ip", "127.0.0.7",
+                                               "--kind", "session.connect")}
+        closed = {e["session"]: e for e in _audit(node_home, "--kind", "session.closed")
+                  if e["session"] in ours}
+        if len(ours) == 3 and set(closed) == ours or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert len(ours) == 3 and set(closed) == ours, (ours, closed)
+    for event in closed.values():
+        assert event["detail"]["bytes_up"] > 100_000 and event["detail"]["bytes_down"] > 0

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Callable
 from edgegw.gateway.peers import Peer
 from edgegw.pnc import Connection, RemoteProtocolError, Role
 from edgegw.pnc.events import (
-    PROTOCOL_VERSION, Accept, Ban, Event, GatewayHello, Goodbye, Load, NodeHello, Ping, Pong,
-    Reject, Unban,
+    PROTOCOL_VERSION, Accept, Ban, Closed, Event, GatewayHello, Goodbye, Load, NodeHello, Ping,
+    Pong, Reject, Unban,
 )
 
 if TYPE_CHECKING:
@@ -27,6 +27,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgegw.gateway.pnc")
 
 READ_SIZE = 65536
+
+# Session reports (Closed) only feed the node's audit trail, so they wait up to this long and
+# go out together: a busy gateway then sends one TLS record per batch, and the node wakes once
+# for it, instead of both doing so between every two sessions' setups. Anything else sent
+# meanwhile goes out at once, after them (frames stay in order).
+REPORT_DELAY = 0.05
 
 
 class NodeLink:
@@ -39,11 +45,36 @@ class NodeLink:
         self.writer: asyncio.StreamWriter | None = None
         self._ping_seq = 0
         self._counted = False
+        self._reports: list[bytes] = []
+        self._report_timer: asyncio.TimerHandle | None = None
 
     def send(self, event: Event) -> None:
         if self.writer is None or self.writer.is_closing():
             return
-        self.writer.write(self.conn.send(event))
+        data = self.conn.send(event)
+        if isinstance(event, Closed):
+            self._reports.append(data)
+            if self._report_timer is None:
+                self._report_timer = asyncio.get_running_loop().call_later(
+                    REPORT_DELAY, self._flush_reports)
+            return
+        if self._reports:
+            data = self._take_reports() + data
+        self.writer.write(data)
+
+    def _take_reports(self) -> bytes:
+        if self._report_timer is not None:
+            self._report_timer.cancel()
+            self._report_timer = None
+        data = b"".join(self._reports)
+        self._reports.clear()
+        return data
+
+    def _flush_reports(self) -> None:
+        self._report_timer = None
+        data = self._take_reports()
+        if data and self.writer is not None and not self.writer.is_closing():
+            self.writer.write(data)
 
     async def run(self, on_authenticated: Callable[[], None]) -> None:
         """Serve the link until it closes; `on_authenticated` runs once, when the TLS
@@ -169,6 +200,7 @@ class NodeLink:
             self.gw.detach(self.peer)
             log.info("node %s detached", self.peer.describe())
         if self.writer is not None:
+            self._flush_reports()   # sessions that ended before the link did
             self.writer.close()
             try:
                 await asyncio.wait_for(self.writer.wait_closed(), 1.0)

@@ -6,12 +6,14 @@ bytes are the relay engine's.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
+from edgegw.acceptor import Acceptor
 from edgegw.gateway.bans import BanTable
 from edgegw.gateway.config import GatewayConfig
 from edgegw.gateway.data_listener import handle_data_connection
@@ -49,7 +51,7 @@ class Gateway:
         self.sessions: dict[int, _Session] = {}
         self._listeners: dict[str, socket.socket] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._accept_tasks: list[asyncio.Task[None]] = []
+        self._acceptors: list[Acceptor] = []
         self._pending_clients = 0
         self._handshaking = {"pnc": 0, "data": 0}   # connections not yet authenticated
 
@@ -69,8 +71,10 @@ class Gateway:
         handlers: dict[str, Callable[[socket.socket, tuple], Awaitable[None]]] = {
             "external": self._on_client, "pnc": self._on_node, "data": self._on_data}
         for name, handler in handlers.items():
-            self._accept_tasks.append(asyncio.create_task(
-                self._accept_loop(name, self._listeners[name], handler)))
+            acceptor = Acceptor(name, self._listeners[name], functools.partial(
+                self._spawn_handler, name, handler))
+            acceptor.start()
+            self._acceptors.append(acceptor)
         log.info("gateway %s listening: external=%s pnc=%s data=%s relay=%s loop=%s",
                  cfg.gateway_id, _fmt(self.address("external")), _fmt(self.address("pnc")),
                  _fmt(self.address("data")),
@@ -79,36 +83,26 @@ class Gateway:
                  type(asyncio.get_running_loop()).__module__.split(".")[0])
 
     async def close(self) -> None:
-        for task in self._accept_tasks:
-            task.cancel()
+        for acceptor in self._acceptors:
+            acceptor.close()
         for sock in self._listeners.values():
             sock.close()
         for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._accept_tasks, *self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for peer in self.peers.peers:
             self.detach(peer)
         await self.relay.close()
         log.info("gateway %s stopped", self.config.gateway_id)
 
-    # -- accept loops --------------------------------------------------------------------
+    # -- accepted connections ------------------------------------------------------------
 
-    async def _accept_loop(self, name: str, lsock: socket.socket,
-                           handler: Callable[[socket.socket, tuple], Awaitable[None]]) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                sock, addr = await loop.sock_accept(lsock)
-            except asyncio.CancelledError:
-                raise
-            except OSError as exc:  # EMFILE and friends: back off instead of spinning
-                log.error("%s listener: accept failed: %s", name, exc)
-                await asyncio.sleep(0.1)
-                continue
-            sock.setblocking(False)
-            task = asyncio.create_task(self._guarded(name, handler, sock, addr))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    def _spawn_handler(self, name: str,
+                       handler: Callable[[socket.socket, tuple], Awaitable[None]],
+                       sock: socket.socket, addr: tuple) -> None:
+        task = asyncio.create_task(self._guarded(name, handler, sock, addr))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _guarded(self, name: str,
                        handler: Callable[[socket.socket, tuple], Awaitable[None]],

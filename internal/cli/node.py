@@ -12,6 +12,7 @@ from edgegw.limits import raise_fd_limit
 from edgegw.logsetup import LEVELS, setup_logging
 from edgegw.netaddr import HostPort, parse_hostport
 from internal.cli.common import default_workers, home_option, load_home
+from internal.data_pool import DEFAULT_SIZE as DEFAULT_POOL_SIZE
 from internal.home import HomeError, NodeHome
 from internal.store.base import StoreError
 
@@ -74,7 +75,8 @@ def init(home_dir: str, db_url: str | None, node_id: str | None, files_root: str
               help="Node processes to run [default: 0 = one per CPU]; each attaches to every "
                    "gateway as its own peer (node id suffixed -wN), so SFTP work spreads over "
                    "the cores.")
-@click.option("--pool-size", default=8, show_default=True, type=click.IntRange(0, 64),
+@click.option("--pool-size", default=DEFAULT_POOL_SIZE, show_default=True,
+              type=click.IntRange(0, 256),
               help="Pre-opened Data connections per gateway (0: dial one per session).")
 @click.option("--reuse-port", is_flag=True, hidden=True,
               help="Share --listen with sibling worker processes (set by --workers).")

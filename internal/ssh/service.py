@@ -19,6 +19,7 @@ from typing import Callable
 
 import asyncssh
 
+from edgegw.acceptor import Acceptor
 from edgegw.netaddr import HostPort
 from edgegw.sockio import listen_socket
 from internal.audit import AuditLog
@@ -56,34 +57,21 @@ class Listener:
         self._sock = sock
         self._service = service
         self.port: int = sock.getsockname()[1]
-        self._task = asyncio.create_task(self._accept_loop(), name=f"ssh-listen-{self.port}")
+        self._acceptor = Acceptor(f"ssh port {self.port}", sock, self._accepted)
+        self._acceptor.start()
 
-    async def _accept_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                conn, peer = await loop.sock_accept(self._sock)
-            except OSError as exc:     # EMFILE and friends: back off instead of spinning
-                log.error("accept on port %d failed: %s", self.port, exc)
-                await asyncio.sleep(0.5)
-                continue
-            ip, port = str(peer[0]), int(peer[1])
-            reason = self._service.admit(ip)
-            if reason is not None:
-                log.info("refused direct connection from %s:%d: %s", ip, port, reason)
-                conn.close()
-                continue
-            self._service.spawn(conn, SessionContext("", ip, port, ""))
+    def _accepted(self, conn: socket.socket, peer: tuple) -> None:
+        ip, port = str(peer[0]), int(peer[1])
+        reason = self._service.admit(ip)
+        if reason is not None:
+            log.info("refused direct connection from %s:%d: %s", ip, port, reason)
+            conn.close()
+            return
+        self._service.spawn(conn, SessionContext("", ip, port, ""))
 
     def close(self) -> None:
-        self._task.cancel()
+        self._acceptor.close()
         self._sock.close()
-
-    async def wait_closed(self) -> None:
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
 
 
 class SSHService:
