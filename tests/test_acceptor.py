@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+from typing import Iterator, Protocol
+
+import pytest
 
 from edgegw import acceptor
 from edgegw.acceptor import Acceptor
@@ -12,9 +15,35 @@ from edgegw.netaddr import HostPort
 from edgegw.sockio import listen_socket
 
 
-def _listener() -> tuple[socket.socket, int]:
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+@pytest.fixture
+def closing() -> Iterator[list[_Closable]]:
+    """Acceptors and sockets a test opened, closed after it in reverse order."""
+    opened: list[_Closable] = []
+    yield opened
+    for thing in reversed(opened):
+        thing.close()
+
+
+def _listener(closing: list[_Closable]) -> tuple[socket.socket, int]:
     lsock = listen_socket(HostPort("127.0.0.1", 0))
+    closing.append(lsock)
     return lsock, lsock.getsockname()[1]
+
+
+def _connect(closing: list[_Closable], port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port))
+    closing.append(sock)
+    return sock
+
+
+def _start(closing: list[_Closable], acc: Acceptor) -> Acceptor:
+    acc.start()
+    closing.append(acc)
+    return acc
 
 
 async def _until(cond, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
@@ -24,26 +53,19 @@ async def _until(cond, timeout: float = 5.0) -> None:  # type: ignore[no-untyped
         await asyncio.sleep(0.01)
 
 
-async def test_takes_every_queued_connection_non_blocking() -> None:
-    lsock, port = _listener()
+async def test_takes_every_queued_connection_non_blocking(closing) -> None:  # type: ignore[no-untyped-def]
+    lsock, port = _listener(closing)
     got: list[socket.socket] = []
-    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
-    acc = Acceptor("test", lsock, lambda sock, addr: got.append(sock))
-    acc.start()
-    try:
-        await _until(lambda: len(got) == 5)
-        assert all(not s.getblocking() for s in got)
-        assert sorted(s.getpeername()[1] for s in got) == \
-            sorted(c.getsockname()[1] for c in clients)
-    finally:
-        acc.close()
-        for s in got + clients:
-            s.close()
-        lsock.close()
+    clients = [_connect(closing, port) for _ in range(5)]
+    _start(closing, Acceptor("test", lsock, lambda sock, addr: (got.append(sock),
+                                                                closing.append(sock))))
+    await _until(lambda: len(got) == 5)
+    assert all(not s.getblocking() for s in got)
+    assert sorted(s.getpeername()[1] for s in got) == sorted(c.getsockname()[1] for c in clients)
 
 
-async def test_a_failing_handler_closes_its_connection_only(caplog) -> None:  # type: ignore[no-untyped-def]
-    lsock, port = _listener()
+async def test_a_failing_handler_closes_its_connection_only(closing, caplog) -> None:  # type: ignore[no-untyped-def]
+    lsock, port = _listener(closing)
     kept: list[socket.socket] = []
     calls = 0
 
@@ -53,23 +75,15 @@ async def test_a_failing_handler_closes_its_connection_only(caplog) -> None:  # 
         if calls == 1:
             raise RuntimeError("handler bug")
         kept.append(sock)
+        closing.append(sock)
 
-    acc = Acceptor("test", lsock, on_accept)
-    acc.start()
-    first = socket.create_connection(("127.0.0.1", port))
-    try:
-        first.settimeout(5)
-        assert await asyncio.to_thread(first.recv, 1) == b""   # closed, not leaked
-        second = socket.create_connection(("127.0.0.1", port))
-        await _until(lambda: len(kept) == 1)                   # the listener goes on
-        second.close()
-        assert "internal error; closed it" in caplog.text
-    finally:
-        acc.close()
-        first.close()
-        for s in kept:
-            s.close()
-        lsock.close()
+    _start(closing, Acceptor("test", lsock, on_accept))
+    first = _connect(closing, port)
+    first.settimeout(5)
+    assert await asyncio.to_thread(first.recv, 1) == b""   # closed, not leaked
+    _connect(closing, port)
+    await _until(lambda: len(kept) == 1)                   # the listener goes on
+    assert "internal error; closed it" in caplog.text
 
 
 class _FailingOnce:
@@ -89,22 +103,15 @@ class _FailingOnce:
         return self.sock.accept()
 
 
-async def test_accept_error_pauses_the_listener_then_resumes(monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+async def test_accept_error_pauses_the_listener_then_resumes(closing, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(acceptor, "BACKOFF", 0.3)
-    lsock, port = _listener()
+    lsock, port = _listener(closing)
     failing = _FailingOnce(lsock)
     got: list[socket.socket] = []
-    acc = Acceptor("test", failing, lambda sock, addr: got.append(sock))  # type: ignore[arg-type]
-    acc.start()
-    client = socket.create_connection(("127.0.0.1", port))
-    try:
-        await asyncio.sleep(0.15)
-        assert failing.attempts == 1 and not got      # resting, not spinning on the error
-        await _until(lambda: len(got) == 1)
-        assert "accept failed" in caplog.text
-    finally:
-        acc.close()
-        client.close()
-        for s in got:
-            s.close()
-        lsock.close()
+    _start(closing, Acceptor("test", failing,  # type: ignore[arg-type]
+                             lambda sock, addr: (got.append(sock), closing.append(sock))))
+    _connect(closing, port)
+    await asyncio.sleep(0.15)
+    assert failing.attempts == 1 and not got      # resting, not spinning on the error
+    await _until(lambda: len(got) == 1)
+    assert "accept failed" in caplog.text
