@@ -40,7 +40,15 @@ typedef struct relay_config {
     size_t pool_max;      /* idle pipes (splice) or buffers (select) kept per thread */
     size_t buffer_size;   /* select: bytes buffered per direction while in flight */
     double idle_timeout;  /* seconds without a byte either way before IDLE; 0 = never */
+    unsigned coalesce_us; /* pause after a bulk wakeup (see RELAY_COALESCE_MIN); 0 = never */
 } relay_config;
+
+/* A thread that moved at least this many bytes in one wakeup pauses coalesce_us before it
+ * polls again, so a bulk transfer is moved in fewer, larger splices and wakeups. Interactive
+ * traffic (keystrokes, round trips of small messages) never reaches it and is never delayed
+ * unless it shares a thread with a bulk transfer. */
+#define RELAY_COALESCE_MIN 32768u
+#define RELAY_COALESCE_MAX_US 100000u
 
 typedef struct relay_report {
     uint64_t session_id;

@@ -93,7 +93,7 @@ static int hold_pipe(struct relay_worker *w, struct relay_dir *x)
 }
 
 static int copy_small(struct relay_worker *w, struct relay_dir *x, int src, int dst,
-                      uint64_t *moved, int *err)
+                      int hung_up, uint64_t *moved, int *err)
 {
     char buf[COPY_MAX];
     ssize_t n;
@@ -129,8 +129,11 @@ static int copy_small(struct relay_worker *w, struct relay_dir *x, int src, int 
     *moved += sent;
     if ((size_t)n == COPY_MAX)
         x->bulk = 1;
+    else if (!hung_up)
+        x->can_read = 0; /* a short read emptied the socket: level-triggered epoll reports more,
+                            so the recv() that would only say EAGAIN is skipped */
     if (sent == (size_t)n)
-        return 0; /* read on until EAGAIN: a hung-up source is no longer watched by epoll */
+        return 0; /* else read on until EAGAIN: a hung-up source is no longer watched by epoll */
     /* The rest waits in the (empty) pipe: at most COPY_MAX bytes, far below its capacity. */
     if ((*err = hold_pipe(w, x)) != 0)
         return -1;
@@ -154,6 +157,7 @@ static int pump(struct relay_worker *w, struct relay_session *s, int d, int *err
 {
     struct relay_dir *x = &s->dir[d];
     int src = s->fd[d], dst = s->fd[!d];
+    int hung_up = (s->hup >> d) & 1;
     uint64_t moved = 0;
     int reason = 0;
     *err = 0;
@@ -187,7 +191,7 @@ static int pump(struct relay_worker *w, struct relay_session *s, int d, int *err
         if (!x->can_read)
             break;
         if (!x->bulk) {
-            int rc = copy_small(w, x, src, dst, &moved, err);
+            int rc = copy_small(w, x, src, dst, hung_up, &moved, err);
             if (rc < 0) {
                 reason = RELAY_RESET;
                 goto out;
@@ -208,6 +212,8 @@ static int pump(struct relay_worker *w, struct relay_session *s, int d, int *err
             x->len += (uint32_t)n;
             if ((size_t)n < COPY_MAX)
                 x->bulk = 0; /* a trickle again: copy it, as small reads are cheaper so */
+            if ((size_t)n < x->pipe.cap && !hung_up)
+                x->can_read = 0; /* short: the socket is empty (as in copy_small) */
         } else if (n == 0) {
             x->eof = 1;
         } else if (errno == EAGAIN) {

@@ -12,6 +12,7 @@ cdef extern from "relay.h" nogil:
         size_t pool_max
         size_t buffer_size
         double idle_timeout
+        unsigned coalesce_us
 
     ctypedef struct relay_report:
         uint64_t session_id

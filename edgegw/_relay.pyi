@@ -16,6 +16,7 @@ class Engine:
         idle_timeout: float = 0.0,
         pool_max: int = 64,
         buffer_size: int = 64 * 1024,
+        coalesce_us: int = 200,
     ) -> None: ...
     @property
     def notify_fd(self) -> int: ...

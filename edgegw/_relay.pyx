@@ -31,7 +31,8 @@ cdef class Engine:
     """Relay threads owned by this object; see csrc/relay.h for the semantics."""
 
     def __cinit__(self, str backend="splice", *, int threads=1, size_t pipe_size=1 << 20,
-                  double idle_timeout=0.0, size_t pool_max=64, size_t buffer_size=64 * 1024):
+                  double idle_timeout=0.0, size_t pool_max=64, size_t buffer_size=64 * 1024,
+                  unsigned coalesce_us=200):
         cdef relay_config cfg
         cdef relay_engine *e = NULL
         cdef int rc
@@ -45,13 +46,15 @@ cdef class Engine:
         cfg.idle_timeout = idle_timeout
         cfg.pool_max = pool_max
         cfg.buffer_size = buffer_size
+        cfg.coalesce_us = coalesce_us
         with nogil:
             rc = relay_engine_create(cname, &cfg, &e)
         if rc == -_errno.ENOSYS:
             _raise(-rc, f"relay backend {backend!r} is not available on this system")
         if rc == -_errno.EINVAL:
             _raise(-rc, f"bad relay settings: backend={backend!r} threads={threads} "
-                        f"idle_timeout={idle_timeout} buffer_size={buffer_size}")
+                        f"idle_timeout={idle_timeout} buffer_size={buffer_size} "
+                        f"coalesce_us={coalesce_us}")
         _check(rc, f"starting the {backend} relay engine")
         self._e = e
         self._closed = False

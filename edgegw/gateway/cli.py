@@ -12,6 +12,7 @@ from edgegw.gateway.tls import TrustError, gateway_context
 from edgegw.limits import raise_fd_limit
 from edgegw.logsetup import LEVELS, setup_logging
 from edgegw.netaddr import HostPort, parse_hostport, parse_networks
+from edgegw.relay.base import DEFAULT_COALESCE_US, MAX_COALESCE_US
 from edgegw.runner import run_until_signalled
 
 
@@ -51,13 +52,18 @@ def _hostport(ctx: click.Context, param: click.Parameter, value: str) -> HostPor
               help="Bytes per splice pipe (F_SETPIPE_SZ).")
 @click.option("--idle-timeout", default=0.0, show_default=True, type=click.FloatRange(0),
               help="Close a relayed session idle this many seconds (0: never).")
+@click.option("--relay-coalesce-us", default=DEFAULT_COALESCE_US, show_default=True,
+              type=click.IntRange(0, MAX_COALESCE_US),
+              help="Microseconds a relay thread that just moved bulk (32 KiB or more in one "
+                   "wakeup) lets data gather before it polls again: fewer wakeups per GB for "
+                   "uploads. Small messages never trigger it. 0: off.")
 @click.option("--proxy-protocol-from", multiple=True, metavar="CIDR",
               help="Accept PROXY protocol v1/v2 headers from these load balancers (repeatable).")
 @click.option("--log-level", type=click.Choice(LEVELS), default="info", show_default=True)
 def serve(external: HostPort, pnc: HostPort, data: HostPort, trust: Path, gateway_id: str,
           offer_timeout: float, grace_period: float, heartbeat_interval: float,
           heartbeat_timeout: float, relay_backend: str | None, relay_threads: int,
-          relay_procs: int, pipe_size: int, idle_timeout: float,
+          relay_procs: int, pipe_size: int, idle_timeout: float, relay_coalesce_us: int,
           proxy_protocol_from: tuple[str, ...], log_level: str) -> None:
     """Run the gateway (DMZ): relay SFTP clients to internal nodes; holds no keys or files."""
     setup_logging(log_level)
@@ -72,7 +78,8 @@ def serve(external: HostPort, pnc: HostPort, data: HostPort, trust: Path, gatewa
         offer_timeout=offer_timeout, grace_period=grace_period,
         heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
         relay_backend=relay_backend, relay_threads=relay_threads, relay_procs=relay_procs,
-        pipe_size=pipe_size, idle_timeout=idle_timeout, proxy_protocol_from=nets)
+        pipe_size=pipe_size, idle_timeout=idle_timeout, relay_coalesce_us=relay_coalesce_us,
+        proxy_protocol_from=nets)
     try:
         run_until_signalled(lambda stop: run_gateway(config, stop))
     except (OSError, ValueError) as exc:  # a port in use, a bad $EDGEGW_RELAY_BACKEND, ...

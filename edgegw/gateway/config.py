@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgegw.netaddr import HostPort
+from edgegw.relay.base import DEFAULT_COALESCE_US
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class GatewayConfig:
     relay_procs: int = 0              # 0: the engine runs in the gateway process itself
     pipe_size: int = 1 << 20
     idle_timeout: float = 0.0         # 0: sessions may idle forever (SSH keepalives decide)
+    relay_coalesce_us: int = DEFAULT_COALESCE_US   # pause after a bulk wakeup; 0: never
     max_pending: int = 1024           # clients waiting for a node at once; more are closed
     max_handshaking: int = 256        # unauthenticated PNC or Data connections at once, each
     proxy_protocol_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(

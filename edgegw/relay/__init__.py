@@ -13,9 +13,11 @@ import logging
 import os
 import sys
 
-from edgegw.relay.base import FinishedCallback, FinishReason, Relay, RelayReport, RelayStats
+from edgegw.relay.base import (DEFAULT_COALESCE_US, MAX_COALESCE_US, FinishedCallback,
+                               FinishReason, Relay, RelayReport, RelayStats)
 
 __all__ = [
+    "DEFAULT_COALESCE_US", "MAX_COALESCE_US",
     "FinishReason", "FinishedCallback", "Relay", "RelayReport", "RelayStats",
     "available_backends", "create_relay", "default_backend", "splice_works",
 ]
@@ -73,13 +75,16 @@ def splice_works() -> bool:
 
 
 def create_relay(backend: str | None = None, *, threads: int = 1, pipe_size: int = 1 << 20,
-                 idle_timeout: float = 0.0, procs: int = 0) -> Relay:
+                 idle_timeout: float = 0.0, procs: int = 0,
+                 coalesce_us: int = DEFAULT_COALESCE_US) -> Relay:
     """A relay of the given backend; None means $EDGEGW_RELAY_BACKEND, else the platform's best.
 
     `threads` (C engine) spreads sessions over that many I/O threads; `pipe_size` is asked of
     the kernel for each splice pipe (smaller if refused); `idle_timeout` (seconds, 0 = never)
     ends sessions that moved no byte either way for that long. `procs` > 0 runs the engine in
-    that many child processes instead of this one (edgegw.relay.procs).
+    that many child processes instead of this one (edgegw.relay.procs). `coalesce_us` (C
+    engine) is how long a thread that just moved bulk waits before it polls again, so bulk is
+    moved in fewer wakeups (csrc/relay.h, RELAY_COALESCE_MIN); 0 turns it off.
     """
     name = backend or default_backend()
     if name not in BACKENDS:
@@ -88,6 +93,8 @@ def create_relay(backend: str | None = None, *, threads: int = 1, pipe_size: int
         raise ValueError(f"relay threads must be >= 1, got {threads}")
     if idle_timeout < 0:
         raise ValueError(f"relay idle_timeout must be >= 0 seconds, got {idle_timeout}")
+    if not 0 <= coalesce_us <= MAX_COALESCE_US:
+        raise ValueError(f"relay coalesce_us must be 0..{MAX_COALESCE_US}, got {coalesce_us}")
     if name != "python":
         c_backends = _c_backends()
         if c_backends is None:
@@ -107,11 +114,12 @@ def create_relay(backend: str | None = None, *, threads: int = 1, pipe_size: int
         from edgegw.relay.procs import ProcRelay
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
         return ProcRelay(name, procs=procs, threads=threads, pipe_size=pipe_size,
-                         idle_timeout=idle_timeout,
+                         idle_timeout=idle_timeout, coalesce_us=coalesce_us,
                          log_level=level if level in ("debug", "info", "warning", "error")
                          else "info")
     if name == "python":
         from edgegw.relay.pyrelay import PyRelay
         return PyRelay(idle_timeout=idle_timeout)
     from edgegw.relay.cengine import CRelay
-    return CRelay(name, threads=threads, pipe_size=pipe_size, idle_timeout=idle_timeout)
+    return CRelay(name, threads=threads, pipe_size=pipe_size, idle_timeout=idle_timeout,
+                  coalesce_us=coalesce_us)

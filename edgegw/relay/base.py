@@ -13,6 +13,10 @@ from typing import Callable, Container, Protocol
 
 log = logging.getLogger("edgegw.relay")
 
+# C engine: microseconds a thread that just moved bulk waits before polling again (relay.h).
+DEFAULT_COALESCE_US = 200
+MAX_COALESCE_US = 100_000
+
 
 class FinishReason(str, enum.Enum):
     """Why a relayed session ended; the value travels in PNC `closed` and the audit trail."""

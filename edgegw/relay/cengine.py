@@ -9,7 +9,8 @@ import asyncio
 import socket
 
 from edgegw import _relay
-from edgegw.relay.base import FinishedCallback, FinishReason, RelayReport, RelayStats, deliver
+from edgegw.relay.base import (DEFAULT_COALESCE_US, FinishedCallback, FinishReason, RelayReport,
+                               RelayStats, deliver)
 
 
 class CRelay:
@@ -17,11 +18,11 @@ class CRelay:
 
     def __init__(self, backend: str, *, threads: int = 1, pipe_size: int = 1 << 20,
                  idle_timeout: float = 0.0, pool_max: int = 64,
-                 buffer_size: int = 64 * 1024) -> None:
+                 buffer_size: int = 64 * 1024, coalesce_us: int = DEFAULT_COALESCE_US) -> None:
         self.backend = backend
         self._engine = _relay.Engine(backend, threads=threads, pipe_size=pipe_size,
                                      idle_timeout=idle_timeout, pool_max=pool_max,
-                                     buffer_size=buffer_size)
+                                     buffer_size=buffer_size, coalesce_us=coalesce_us)
         self._on_finished: FinishedCallback | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fd = -1

@@ -22,8 +22,8 @@ import sys
 from dataclasses import dataclass, field
 
 from edgegw.relay import wire
-from edgegw.relay.base import (FinishedCallback, FinishReason, RelayReport, RelayStats,
-                               check_new_id, deliver)
+from edgegw.relay.base import (DEFAULT_COALESCE_US, FinishedCallback, FinishReason, RelayReport,
+                               RelayStats, check_new_id, deliver)
 
 log = logging.getLogger("edgegw.relay")
 
@@ -40,13 +40,14 @@ class ProcRelay:
     """`Relay` whose sessions run in `procs` child processes of `backend` engines."""
 
     def __init__(self, backend: str, *, procs: int, threads: int = 1, pipe_size: int = 1 << 20,
-                 idle_timeout: float = 0.0, log_level: str = "info") -> None:
+                 idle_timeout: float = 0.0, coalesce_us: int = DEFAULT_COALESCE_US,
+                 log_level: str = "info") -> None:
         if procs < 1:
             raise ValueError(f"relay processes must be >= 1, got {procs}")
         self.backend = backend
         self._args = ["--backend", backend, "--threads", str(threads),
                       "--pipe-size", str(pipe_size), "--idle-timeout", repr(idle_timeout),
-                      "--log-level", log_level]
+                      "--coalesce-us", str(coalesce_us), "--log-level", log_level]
         self._count = procs
         self._procs: list[_Proc] = []
         self._owner: dict[int, _Proc] = {}

@@ -19,7 +19,7 @@ from edgegw.eventloop import run
 from edgegw.limits import raise_fd_limit
 from edgegw.logsetup import LEVELS, setup_logging
 from edgegw.relay import wire
-from edgegw.relay.base import FinishReason, Relay, RelayReport
+from edgegw.relay.base import DEFAULT_COALESCE_US, FinishReason, Relay, RelayReport
 
 log = logging.getLogger("edgegw.relay.worker")
 
@@ -116,7 +116,7 @@ async def _main(args: argparse.Namespace) -> None:
     from edgegw.relay import create_relay
     ctrl = socket.socket(fileno=args.fd)
     relay = create_relay(args.backend, threads=args.threads, pipe_size=args.pipe_size,
-                         idle_timeout=args.idle_timeout)
+                         idle_timeout=args.idle_timeout, coalesce_us=args.coalesce_us)
     worker = Worker(ctrl, relay)
     worker.start()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, worker.stop)
@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--pipe-size", type=int, default=1 << 20)
     ap.add_argument("--idle-timeout", type=float, default=0.0)
+    ap.add_argument("--coalesce-us", type=int, default=DEFAULT_COALESCE_US)
     ap.add_argument("--log-level", choices=LEVELS, default="info")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -1,0 +1,128 @@
+"""Bulk coalescing in the C engine (csrc/relay.h, RELAY_COALESCE_MIN): a thread that just moved
+bulk pauses `coalesce_us` before it polls again; small messages never make it pause.
+
+The pause is set to 100 ms (the maximum) so that its effect is far above any scheduling noise:
+these tests check that it happens and what it applies to, not how fast anything is.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import time
+from typing import Any, AsyncIterator, Callable
+
+import pytest
+
+from edgegw.relay import MAX_COALESCE_US, Relay, available_backends, create_relay
+from tests.relay_helpers import Listener, Reports, recv_exactly, send_all
+
+PAUSE_US = MAX_COALESCE_US
+PAUSE_S = PAUSE_US / 1e6
+BULK = 256 << 10   # one send, one wakeup's worth: well above RELAY_COALESCE_MIN (32 KiB)
+
+C_ENGINES = [pytest.param(b, {}, id=b) for b in ("splice", "select") if b in available_backends()]
+C_ENGINES.append(pytest.param("splice", {"procs": 1}, id="splice-procs",
+                              marks=pytest.mark.skipif("splice" not in available_backends(),
+                                                       reason="no splice on this system")))
+
+
+@pytest.fixture
+def listener() -> Any:
+    lst = Listener()
+    yield lst
+    lst.close()
+
+
+@pytest.fixture
+async def make() -> AsyncIterator[Callable[..., Relay]]:
+    made: list[Relay] = []
+
+    def make(backend: str, **kw: Any) -> Relay:
+        relay = create_relay(backend, **kw)
+        relay.start(Reports())
+        made.append(relay)
+        return relay
+
+    yield make
+    for relay in made:
+        await relay.close()
+
+
+def _session(relay: Relay, listener: Listener) -> tuple[socket.socket, socket.socket]:
+    client, a = listener.pair()
+    node, b = listener.pair()
+    relay.add(1, a, b)
+    return client, node
+
+
+async def _ping(src: socket.socket, dst: socket.socket, msg: bytes = b"ping") -> float:
+    """Seconds from sending `msg` on src to receiving it on dst."""
+    start = time.monotonic()
+    await asyncio.get_running_loop().sock_sendall(src, msg)
+    assert await asyncio.wait_for(recv_exactly(dst, len(msg)), 30) == msg
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("backend,kw", C_ENGINES)
+async def test_a_message_right_after_bulk_waits_for_the_pause(make, listener, backend: str,
+                                                             kw: dict[str, Any]) -> None:
+    relay = make(backend, coalesce_us=PAUSE_US, **kw)
+    client, node = _session(relay, listener)
+    try:
+        payload = bytes(range(256)) * (BULK // 256)
+        await send_all(client, payload)
+        assert await asyncio.wait_for(recv_exactly(node, BULK), 30) == payload
+        # The thread moved the bulk in one wakeup and is now pausing: the next bytes, either
+        # way, wait for the pause to end.
+        assert await _ping(node, client) >= PAUSE_S / 2
+    finally:
+        client.close()
+        node.close()
+
+
+@pytest.mark.parametrize("backend,kw", C_ENGINES)
+async def test_small_messages_are_never_held(make, listener, backend: str,
+                                             kw: dict[str, Any]) -> None:
+    relay = make(backend, coalesce_us=PAUSE_US, **kw)
+    client, node = _session(relay, listener)
+    try:
+        start = time.monotonic()
+        for i in range(20):   # 64-byte messages, 20 round trips: no wakeup moves 32 KiB
+            await _ping(client, node, bytes([i]) * 64)
+            await _ping(node, client, bytes([i]) * 64)
+        # Held once per round trip, they would take 20 pauses; they took less than 10.
+        assert time.monotonic() - start < 10 * PAUSE_S
+    finally:
+        client.close()
+        node.close()
+
+
+@pytest.mark.parametrize("backend", [b for b in ("splice", "select") if b in available_backends()])
+async def test_zero_turns_it_off(make, listener, backend: str) -> None:
+    relay = make(backend, coalesce_us=0)
+    client, node = _session(relay, listener)
+    try:
+        held = []
+        for _ in range(5):
+            await send_all(client, b"x" * BULK)
+            await asyncio.wait_for(recv_exactly(node, BULK), 30)
+            held.append(await _ping(node, client))
+        assert sorted(held)[2] < PAUSE_S / 2   # median: no pause after the bulk
+    finally:
+        client.close()
+        node.close()
+
+
+@pytest.mark.parametrize("value", [-1, MAX_COALESCE_US + 1])
+def test_out_of_range_is_refused(value: int) -> None:
+    with pytest.raises(ValueError, match="coalesce_us"):
+        create_relay("python", coalesce_us=value)
+
+
+@pytest.mark.skipif("splice" not in available_backends(), reason="no splice on this system")
+def test_engine_refuses_what_the_wrapper_would_not_pass() -> None:
+    from edgegw import _relay
+    with pytest.raises(OSError) as info:
+        _relay.Engine("splice", coalesce_us=MAX_COALESCE_US + 1)
+    assert info.value.errno == errno.EINVAL and "coalesce_us" in str(info.value)
