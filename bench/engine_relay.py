@@ -14,12 +14,15 @@ import itertools
 import signal
 import socket
 
+from edgegw.relay.base import DEFAULT_COALESCE_US
+
 
 async def main(listen: int, target: int, backend: str | None, threads: int,
-               pipe_size: int) -> None:
+               pipe_size: int, coalesce_us: int, sched_batch: bool) -> None:
     from edgegw.relay import create_relay
 
-    relay = create_relay(backend, threads=threads, pipe_size=pipe_size)
+    relay = create_relay(backend, threads=threads, pipe_size=pipe_size, coalesce_us=coalesce_us,
+                         sched_batch=sched_batch)
     relay.start(lambda report: None)
     loop = asyncio.get_running_loop()
     ids = itertools.count(1)
@@ -67,5 +70,8 @@ if __name__ == "__main__":
     ap.add_argument("--backend", default=None)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--pipe-size", type=int, default=1 << 20)
+    ap.add_argument("--coalesce-us", type=int, default=DEFAULT_COALESCE_US)
+    ap.add_argument("--normal-sched", action="store_true", help="relay threads not SCHED_BATCH")
     a = ap.parse_args()
-    asyncio.run(main(a.listen, a.target, a.backend, a.threads, a.pipe_size))
+    asyncio.run(main(a.listen, a.target, a.backend, a.threads, a.pipe_size, a.coalesce_us,
+                     not a.normal_sched))

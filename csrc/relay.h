@@ -41,6 +41,7 @@ typedef struct relay_config {
     size_t buffer_size;   /* select: bytes buffered per direction while in flight */
     double idle_timeout;  /* seconds without a byte either way before IDLE; 0 = never */
     unsigned coalesce_us; /* pause after a bulk wakeup (see RELAY_COALESCE_MIN); 0 = never */
+    int sched_batch;      /* Linux: I/O threads run SCHED_BATCH, woken without preempting */
 } relay_config;
 
 /* A thread that moved at least this many bytes in one wakeup pauses coalesce_us before it

@@ -13,6 +13,7 @@ cdef extern from "relay.h" nogil:
         size_t buffer_size
         double idle_timeout
         unsigned coalesce_us
+        int sched_batch
 
     ctypedef struct relay_report:
         uint64_t session_id

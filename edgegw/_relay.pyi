@@ -17,6 +17,7 @@ class Engine:
         pool_max: int = 64,
         buffer_size: int = 64 * 1024,
         coalesce_us: int = 200,
+        sched_batch: bool = True,
     ) -> None: ...
     @property
     def notify_fd(self) -> int: ...

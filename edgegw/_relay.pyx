@@ -32,7 +32,7 @@ cdef class Engine:
 
     def __cinit__(self, str backend="splice", *, int threads=1, size_t pipe_size=1 << 20,
                   double idle_timeout=0.0, size_t pool_max=64, size_t buffer_size=64 * 1024,
-                  unsigned coalesce_us=200):
+                  unsigned coalesce_us=200, bint sched_batch=True):
         cdef relay_config cfg
         cdef relay_engine *e = NULL
         cdef int rc
@@ -47,6 +47,7 @@ cdef class Engine:
         cfg.pool_max = pool_max
         cfg.buffer_size = buffer_size
         cfg.coalesce_us = coalesce_us
+        cfg.sched_batch = sched_batch
         with nogil:
             rc = relay_engine_create(cname, &cfg, &e)
         if rc == -_errno.ENOSYS:

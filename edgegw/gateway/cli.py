@@ -57,6 +57,11 @@ def _hostport(ctx: click.Context, param: click.Parameter, value: str) -> HostPor
               help="Microseconds a relay thread that just moved bulk (32 KiB or more in one "
                    "wakeup) lets data gather before it polls again: fewer wakeups per GB for "
                    "uploads. Small messages never trigger it. 0: off.")
+@click.option("--relay-sched", type=click.Choice(["batch", "normal"]), default="batch",
+              show_default=True,
+              help="Linux scheduling policy of the relay threads: batch (SCHED_BATCH) takes an "
+                   "idle CPU at once but does not preempt a busy one on every wakeup; normal "
+                   "preempts as any thread does.")
 @click.option("--proxy-protocol-from", multiple=True, metavar="CIDR",
               help="Accept PROXY protocol v1/v2 headers from these load balancers (repeatable).")
 @click.option("--log-level", type=click.Choice(LEVELS), default="info", show_default=True)
@@ -64,7 +69,7 @@ def serve(external: HostPort, pnc: HostPort, data: HostPort, trust: Path, gatewa
           offer_timeout: float, grace_period: float, heartbeat_interval: float,
           heartbeat_timeout: float, relay_backend: str | None, relay_threads: int,
           relay_procs: int, pipe_size: int, idle_timeout: float, relay_coalesce_us: int,
-          proxy_protocol_from: tuple[str, ...], log_level: str) -> None:
+          relay_sched: str, proxy_protocol_from: tuple[str, ...], log_level: str) -> None:
     """Run the gateway (DMZ): relay SFTP clients to internal nodes; holds no keys or files."""
     setup_logging(log_level)
     raise_fd_limit()  # two descriptors per relayed session
@@ -79,7 +84,7 @@ def serve(external: HostPort, pnc: HostPort, data: HostPort, trust: Path, gatewa
         heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
         relay_backend=relay_backend, relay_threads=relay_threads, relay_procs=relay_procs,
         pipe_size=pipe_size, idle_timeout=idle_timeout, relay_coalesce_us=relay_coalesce_us,
-        proxy_protocol_from=nets)
+        relay_sched_batch=relay_sched == "batch", proxy_protocol_from=nets)
     try:
         run_until_signalled(lambda stop: run_gateway(config, stop))
     except (OSError, ValueError) as exc:  # a port in use, a bad $EDGEGW_RELAY_BACKEND, ...

@@ -29,6 +29,7 @@ class GatewayConfig:
     pipe_size: int = 1 << 20
     idle_timeout: float = 0.0         # 0: sessions may idle forever (SSH keepalives decide)
     relay_coalesce_us: int = DEFAULT_COALESCE_US   # pause after a bulk wakeup; 0: never
+    relay_sched_batch: bool = True    # relay threads SCHED_BATCH: their wakeups do not preempt
     max_pending: int = 1024           # clients waiting for a node at once; more are closed
     max_handshaking: int = 256        # unauthenticated PNC or Data connections at once, each
     proxy_protocol_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(

@@ -48,7 +48,8 @@ class Gateway:
         self.relay = create_relay(config.relay_backend, threads=config.relay_threads,
                                   pipe_size=config.pipe_size, idle_timeout=config.idle_timeout,
                                   procs=config.relay_procs,
-                                  coalesce_us=config.relay_coalesce_us)
+                                  coalesce_us=config.relay_coalesce_us,
+                                  sched_batch=config.relay_sched_batch)
         self.sessions: dict[int, _Session] = {}
         self._listeners: dict[str, socket.socket] = {}
         self._tasks: set[asyncio.Task[None]] = set()

@@ -76,7 +76,7 @@ def splice_works() -> bool:
 
 def create_relay(backend: str | None = None, *, threads: int = 1, pipe_size: int = 1 << 20,
                  idle_timeout: float = 0.0, procs: int = 0,
-                 coalesce_us: int = DEFAULT_COALESCE_US) -> Relay:
+                 coalesce_us: int = DEFAULT_COALESCE_US, sched_batch: bool = True) -> Relay:
     """A relay of the given backend; None means $EDGEGW_RELAY_BACKEND, else the platform's best.
 
     `threads` (C engine) spreads sessions over that many I/O threads; `pipe_size` is asked of
@@ -84,7 +84,8 @@ def create_relay(backend: str | None = None, *, threads: int = 1, pipe_size: int
     ends sessions that moved no byte either way for that long. `procs` > 0 runs the engine in
     that many child processes instead of this one (edgegw.relay.procs). `coalesce_us` (C
     engine) is how long a thread that just moved bulk waits before it polls again, so bulk is
-    moved in fewer wakeups (csrc/relay.h, RELAY_COALESCE_MIN); 0 turns it off.
+    moved in fewer wakeups (csrc/relay.h, RELAY_COALESCE_MIN); 0 turns it off. `sched_batch`
+    (C engine, Linux) runs its threads SCHED_BATCH, so their wakeups do not preempt busy CPUs.
     """
     name = backend or default_backend()
     if name not in BACKENDS:
@@ -115,6 +116,7 @@ def create_relay(backend: str | None = None, *, threads: int = 1, pipe_size: int
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
         return ProcRelay(name, procs=procs, threads=threads, pipe_size=pipe_size,
                          idle_timeout=idle_timeout, coalesce_us=coalesce_us,
+                         sched_batch=sched_batch,
                          log_level=level if level in ("debug", "info", "warning", "error")
                          else "info")
     if name == "python":
@@ -122,4 +124,4 @@ def create_relay(backend: str | None = None, *, threads: int = 1, pipe_size: int
         return PyRelay(idle_timeout=idle_timeout)
     from edgegw.relay.cengine import CRelay
     return CRelay(name, threads=threads, pipe_size=pipe_size, idle_timeout=idle_timeout,
-                  coalesce_us=coalesce_us)
+                  coalesce_us=coalesce_us, sched_batch=sched_batch)

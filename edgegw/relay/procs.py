@@ -41,13 +41,14 @@ class ProcRelay:
 
     def __init__(self, backend: str, *, procs: int, threads: int = 1, pipe_size: int = 1 << 20,
                  idle_timeout: float = 0.0, coalesce_us: int = DEFAULT_COALESCE_US,
-                 log_level: str = "info") -> None:
+                 sched_batch: bool = True, log_level: str = "info") -> None:
         if procs < 1:
             raise ValueError(f"relay processes must be >= 1, got {procs}")
         self.backend = backend
         self._args = ["--backend", backend, "--threads", str(threads),
                       "--pipe-size", str(pipe_size), "--idle-timeout", repr(idle_timeout),
-                      "--coalesce-us", str(coalesce_us), "--log-level", log_level]
+                      "--coalesce-us", str(coalesce_us), "--log-level", log_level,
+                      *([] if sched_batch else ["--normal-sched"])]
         self._count = procs
         self._procs: list[_Proc] = []
         self._owner: dict[int, _Proc] = {}

@@ -1,14 +1,18 @@
-"""Bulk coalescing in the C engine (csrc/relay.h, RELAY_COALESCE_MIN): a thread that just moved
-bulk pauses `coalesce_us` before it polls again; small messages never make it pause.
+"""How the C engine's threads behave, beyond moving bytes right (tests/test_relay.py):
 
-The pause is set to 100 ms (the maximum) so that its effect is far above any scheduling noise:
-these tests check that it happens and what it applies to, not how fast anything is.
+* bulk coalescing (csrc/relay.h, RELAY_COALESCE_MIN): a thread that just moved bulk pauses
+  `coalesce_us` before it polls again; small messages never make it pause. The pause is set to
+  100 ms (the maximum) so that its effect is far above any scheduling noise: these tests check
+  that it happens and what it applies to, not how fast anything is;
+* scheduling: the threads run SCHED_BATCH unless asked not to (Linux).
 """
 from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import socket
+import sys
 import time
 from typing import Any, AsyncIterator, Callable
 
@@ -126,3 +130,50 @@ def test_engine_refuses_what_the_wrapper_would_not_pass() -> None:
     with pytest.raises(OSError) as info:
         _relay.Engine("splice", coalesce_us=MAX_COALESCE_US + 1)
     assert info.value.errno == errno.EINVAL and "coalesce_us" in str(info.value)
+
+
+SCHED_BATCH = 3   # Linux's policy number, field 41 of /proc/PID/task/TID/stat
+
+
+def _policies(pid: int | str = "self") -> dict[int, int]:
+    """Scheduling policy of each thread of a process."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                out[int(tid)] = int(f.read().rsplit(")", 1)[1].split()[38])
+        except OSError:   # the thread ended meanwhile
+            pass
+    return out
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux policies")
+
+
+@linux_only
+@pytest.mark.parametrize("backend", [b for b in ("splice", "select") if b in available_backends()])
+@pytest.mark.parametrize("batch", [True, False])
+async def test_engine_threads_scheduling_policy(make, backend: str, batch: bool) -> None:
+    before = _policies()
+    make(backend, threads=3, sched_batch=batch)
+    new = {tid: pol for tid, pol in _policies().items() if tid not in before}
+    assert len(new) == 3, new                 # set by the time the engine is returned
+    assert all((pol == SCHED_BATCH) == batch for pol in new.values()), new
+    assert _policies()[os.getpid()] != SCHED_BATCH   # the caller's own thread is left alone
+
+
+@linux_only
+@pytest.mark.skipif("splice" not in available_backends(), reason="no splice on this system")
+@pytest.mark.parametrize("batch", [True, False])
+async def test_relay_processes_get_the_same_policy(make, listener, batch: bool) -> None:
+    relay = make("splice", procs=1, sched_batch=batch)
+    client, node = _session(relay, listener)
+    try:
+        await _ping(client, node)   # relayed: the child's engine is running
+    finally:
+        client.close()
+        node.close()
+    pid = relay._procs[0].popen.pid   # type: ignore[attr-defined]
+    policies = _policies(pid)
+    assert len(policies) >= 2, policies   # the child's main thread and its engine's
+    assert (SCHED_BATCH in policies.values()) == batch, policies
