@@ -45,7 +45,10 @@ class HandoffService:
     def admit(self, client_ip: str) -> str | None:
         return None
 
-    async def serve_socket(self, sock: socket.socket, ctx: SessionContext) -> SessionResult:
+    banner = b""   # the far end speaks first, whatever it says
+
+    async def serve_socket(self, sock: socket.socket, ctx: SessionContext, *,
+                           banner_sent: bool = False) -> SessionResult:
         assert self._sock is not None
         # One small datagram with one descriptor: the C end reads them as they come.
         socket.send_fds(self._sock, [b"s"], [sock.fileno()])

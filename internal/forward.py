@@ -48,7 +48,10 @@ class ForwardService:
             return "capacity"
         return None
 
-    async def serve_socket(self, sock: socket.socket, ctx: SessionContext) -> SessionResult:
+    banner = b""   # the far end speaks first, whatever it says
+
+    async def serve_socket(self, sock: socket.socket, ctx: SessionContext, *,
+                           banner_sent: bool = False) -> SessionResult:
         loop = asyncio.get_running_loop()
         if not self._relay_started:
             self._relay.start(self._finished)

@@ -180,8 +180,16 @@ class Node:
             answer = dataauth.ANSWER_ACCEPT
         else:
             answer = dataauth.ANSWER_RETRY if reason in RETRYABLE else dataauth.ANSWER_REFUSE
+        # Accepted: the SSH version line goes out with the answer, in the same segment. The
+        # gateway hands the client to its relay as soon as it reads the answer, and the banner
+        # is then already there to pass on, instead of following once the SSH connection is
+        # set up here (a few hundred µs that the client would wait on).
+        banner = self.service.banner if reason is None else b""
+        message = bytes((answer,)) + banner
         try:
-            sock.send(bytes((answer,)))  # one byte into an empty send buffer: never blocks
+            sent = sock.send(message)  # a few bytes into an empty send buffer: never blocks
+            if sent != len(message):
+                raise OSError(f"sent {sent} of {len(message)} bytes")
         except OSError as exc:
             log.warning("session %016x: pooled data connection to %s failed: %s", session_id,
                         link.gateway_id, exc)
@@ -189,7 +197,7 @@ class Node:
         if reason is not None:
             sock.close()
             return
-        self._spawn(self._serve(link, session_id, ip, port, sock))
+        self._spawn(self._serve(link, session_id, ip, port, sock, banner_sent=bool(banner)))
 
     async def _dial_and_serve(self, link: GatewayLink, offer: Offer) -> None:
         try:
@@ -201,13 +209,13 @@ class Node:
         await self._serve(link, offer.session_id, offer.client_ip, offer.client_port, sock)
 
     async def _serve(self, link: GatewayLink, session_id: int, ip: str, port: int,
-                     sock: socket.socket) -> None:
+                     sock: socket.socket, *, banner_sent: bool = False) -> None:
         sid = f"{session_id:016x}"
         ctx = SessionContext(sid, ip, port, link.gateway_id)
         self.idle.clear()
         self._send_load()
         try:
-            result = await self.service.serve_socket(sock, ctx)
+            result = await self.service.serve_socket(sock, ctx, banner_sent=banner_sent)
             log.debug("session %s ended: %s", sid, result.reason)
         finally:
             sock.close()

@@ -34,6 +34,13 @@ class SessionService(Protocol):
     def admit(self, client_ip: str) -> str | None:
         """Layer-7 decision at offer time, fast: a reason to reject, or None to accept."""
 
-    async def serve_socket(self, sock: socket.socket, ctx: SessionContext) -> SessionResult: ...
+    @property
+    def banner(self) -> bytes:
+        """What every connection of this service starts with, so the node may send it with
+        its answer to the gateway (see Node._assigned); b"" when that is not known up front."""
+
+    async def serve_socket(self, sock: socket.socket, ctx: SessionContext, *,
+                           banner_sent: bool = False) -> SessionResult:
+        """Serve one connection; `banner_sent`: `banner` was written on it already."""
 
     async def close(self) -> None: ...

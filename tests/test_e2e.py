@@ -70,6 +70,32 @@ def test_node_logs_real_client_ip(gateway: GatewayProc, node: Proc,
                                if "session" in line and "auth" in line]
 
 
+def _read_until(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, f"closed after {data!r}"
+        data += chunk
+    return data
+
+
+def test_one_banner_then_binary_packets_through_the_gateway(gateway: GatewayProc,
+                                                            node: Proc) -> None:
+    """The node writes its SSH version line together with its answer to the gateway (pooled
+    Data connections); the client must see that line once, then the key exchange."""
+    node.wait_log(r"attached to gateway")
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", gateway.external), timeout=10) as s:
+            line = b""
+            while not line.endswith(b"\r\n"):
+                line += _read_until(s, 1)
+            assert re.fullmatch(rb"SSH-2\.0-[!-~]+\r\n", line), line
+            s.sendall(b"SSH-2.0-edgegw_test\r\n")
+            head = _read_until(s, 6)   # packet length, padding length, message type
+            assert not head.startswith(b"SSH-"), head
+            assert head[5] == 20, head   # SSH_MSG_KEXINIT
+
+
 def test_untrusted_node_certificate_is_refused(tmp_path: Path, procs: list[Proc]) -> None:
     trusted = init_home(tmp_path / "trusted")
     stranger = init_home(tmp_path / "stranger")

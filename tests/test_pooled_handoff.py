@@ -77,6 +77,22 @@ async def test_gateway_acts_on_the_node_answer(answer: bytes | None, expect: obj
     node_end.close()
 
 
+async def test_bytes_after_the_accept_are_left_for_the_relay() -> None:
+    """The node sends its SSH version line with the answer: the gateway takes the one answer
+    byte and leaves the banner in the socket for the relay to pass on to the client."""
+    gw = _gateway()
+    peer, node_end = _pooled_peer()
+    gw_end = peer.pool[0].sock
+    banner = b"SSH-2.0-edgegw\r\n"
+    node = asyncio.create_task(_node_answers(node_end, bytes((dataauth.ANSWER_ACCEPT,)) + banner))
+    result = await _assign_pooled(gw, peer, "198.51.100.7", 40100, "c")  # type: ignore[arg-type]
+    await node
+    assert isinstance(result, tuple) and result[1] is gw_end
+    assert await recv_exact(gw_end, len(banner)) == banner
+    gw_end.close()
+    node_end.close()
+
+
 async def test_dead_pooled_connection_is_skipped_for_the_next() -> None:
     gw = _gateway()
     peer, dead = _pooled_peer()

@@ -197,9 +197,16 @@ class SSHService:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def serve_socket(self, sock: socket.socket, ctx: SessionContext) -> SessionResult:
+    @property
+    def banner(self) -> bytes:
+        """The SSH version line this server starts every connection with."""
+        return b"SSH-2.0-" + self._options.version + b"\r\n"
+
+    async def serve_socket(self, sock: socket.socket, ctx: SessionContext, *,
+                           banner_sent: bool = False) -> SessionResult:
         """Run SSH on a connected socket until the connection ends; never raises for the
-        client's misbehaviour, only reports it in the result."""
+        client's misbehaviour, only reports it in the result. `banner_sent`: the caller has
+        already written `banner` on the socket."""
         self._start_refresher()
         if not ctx.session_id:
             ctx = dataclasses.replace(ctx, session_id=secrets.token_hex(8))
@@ -216,7 +223,7 @@ class SSHService:
         session.audit("session.connect")
         conn: asyncssh.SSHServerConnection | None = None
         try:
-            conn = await run_server(sock, options)
+            conn = await run_server(sock, options, banner_sent=banner_sent)
             self._conns.add(conn)
             await self._leases.claim(session, conn)
             await conn.wait_closed()

@@ -274,6 +274,20 @@ class _CorkedTransport:
 class NodeServerConnection(SSHServerConnection):
     """asyncssh's SSHServerConnection with the per-packet fast path described above."""
 
+    banner_sent = False   # set on an instance whose version line the node wrote itself
+
+    def _send_version(self) -> None:
+        if not self.banner_sent:
+            super()._send_version()
+            return
+        # asyncssh records its version line for the key exchange hash as it sends it; the
+        # line is on the wire already (see NodeService.banner), so only the sending is skipped.
+        self._send = lambda data: None   # type: ignore[method-assign]
+        try:
+            super()._send_version()
+        finally:
+            del self._send
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._held: list[bytes] = []   # reads of a packet not yet complete (data_received)
         self._held_len = 0
@@ -393,16 +407,24 @@ class NodeServerConnection(SSHServerConnection):
             (handler or self).log_sent_packet(pkttype, seq, bytes((pkttype,)) + b"".join(args))
 
 
-async def run_server(sock: Any, options: asyncssh.SSHServerConnectionOptions
-                     ) -> SSHServerConnection:
+def _connection(loop: asyncio.AbstractEventLoop, options: asyncssh.SSHServerConnectionOptions,
+                banner_sent: bool) -> NodeServerConnection:
+    conn = NodeServerConnection(loop, options, wait="auth")
+    conn.banner_sent = banner_sent
+    return conn
+
+
+async def run_server(sock: Any, options: asyncssh.SSHServerConnectionOptions, *,
+                     banner_sent: bool = False) -> SSHServerConnection:
     """asyncssh.run_server on a connected socket, with `NodeServerConnection`. `options` are
-    this connection's own (prepared already); the handshake waiter is set on them."""
+    this connection's own (prepared already); the handshake waiter is set on them.
+    `banner_sent`: the SSH version line (options.version) was written on the socket already."""
     loop = asyncio.get_running_loop()
     opts = options
     waiter: asyncio.Future[None] = loop.create_future()
     opts.waiter = waiter
     _, conn = await loop.create_connection(
-        lambda: NodeServerConnection(loop, opts, wait="auth"), sock=sock)
+        lambda: _connection(loop, opts, banner_sent), sock=sock)
     try:
         await asyncio.wait_for(waiter, timeout=opts.connect_timeout)
     except BaseException:
