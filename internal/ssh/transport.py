@@ -281,7 +281,7 @@ class NodeServerConnection(SSHServerConnection):
             super()._send_version()
             return
         # asyncssh records its version line for the key exchange hash as it sends it; the
-        # line is on the wire already (see NodeService.banner), so only the sending is skipped.
+        # line is on the wire already (see SSHService.banner), so only the sending is skipped.
         self._send = lambda data: None   # type: ignore[method-assign]
         try:
             super()._send_version()
