@@ -14,7 +14,7 @@ import os
 import socket
 import sys
 import time
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import pytest
 
@@ -53,11 +53,25 @@ async def make() -> AsyncIterator[Callable[..., Relay]]:
         await relay.close()
 
 
-def _session(relay: Relay, listener: Listener) -> tuple[socket.socket, socket.socket]:
-    client, a = listener.pair()
-    node, b = listener.pair()
-    relay.add(1, a, b)
-    return client, node
+Pair = tuple[socket.socket, socket.socket]
+
+
+@pytest.fixture
+def session(listener: Listener) -> Iterator[Callable[[Relay], Pair]]:
+    """Start relaying a fresh client/node pair; returns our client end and our node end, which
+    are closed after the test."""
+    ours: list[socket.socket] = []
+
+    def start(relay: Relay) -> Pair:
+        client, a = listener.pair()
+        node, b = listener.pair()
+        relay.add(1, a, b)
+        ours.extend((client, node))
+        return client, node
+
+    yield start
+    for sock in ours:
+        sock.close()
 
 
 async def _ping(src: socket.socket, dst: socket.socket, msg: bytes = b"ping") -> float:
@@ -69,53 +83,41 @@ async def _ping(src: socket.socket, dst: socket.socket, msg: bytes = b"ping") ->
 
 
 @pytest.mark.parametrize("backend,kw", C_ENGINES)
-async def test_a_message_right_after_bulk_waits_for_the_pause(make, listener, backend: str,
+async def test_a_message_right_after_bulk_waits_for_the_pause(make, session, backend: str,
                                                              kw: dict[str, Any]) -> None:
     relay = make(backend, coalesce_us=PAUSE_US, **kw)
-    client, node = _session(relay, listener)
-    try:
-        payload = bytes(range(256)) * (BULK // 256)
-        await send_all(client, payload)
-        assert await asyncio.wait_for(recv_exactly(node, BULK), 30) == payload
-        # The thread moved the bulk in one wakeup and is now pausing: the next bytes, either
-        # way, wait for the pause to end.
-        assert await _ping(node, client) >= PAUSE_S / 2
-    finally:
-        client.close()
-        node.close()
+    client, node = session(relay)
+    payload = bytes(range(256)) * (BULK // 256)
+    await send_all(client, payload)
+    assert await asyncio.wait_for(recv_exactly(node, BULK), 30) == payload
+    # The thread moved the bulk in one wakeup and is now pausing: the next bytes, either
+    # way, wait for the pause to end.
+    assert await _ping(node, client) >= PAUSE_S / 2
 
 
 @pytest.mark.parametrize("backend,kw", C_ENGINES)
-async def test_small_messages_are_never_held(make, listener, backend: str,
+async def test_small_messages_are_never_held(make, session, backend: str,
                                              kw: dict[str, Any]) -> None:
     relay = make(backend, coalesce_us=PAUSE_US, **kw)
-    client, node = _session(relay, listener)
-    try:
-        start = time.monotonic()
-        for i in range(20):   # 64-byte messages, 20 round trips: no wakeup moves 32 KiB
-            await _ping(client, node, bytes([i]) * 64)
-            await _ping(node, client, bytes([i]) * 64)
-        # Held once per round trip, they would take 20 pauses; they took less than 10.
-        assert time.monotonic() - start < 10 * PAUSE_S
-    finally:
-        client.close()
-        node.close()
+    client, node = session(relay)
+    start = time.monotonic()
+    for i in range(20):   # 64-byte messages, 20 round trips: no wakeup moves 32 KiB
+        await _ping(client, node, bytes([i]) * 64)
+        await _ping(node, client, bytes([i]) * 64)
+    # Held once per round trip, they would take 20 pauses; they took less than 10.
+    assert time.monotonic() - start < 10 * PAUSE_S
 
 
 @pytest.mark.parametrize("backend", [b for b in ("splice", "select") if b in available_backends()])
-async def test_zero_turns_it_off(make, listener, backend: str) -> None:
+async def test_zero_turns_it_off(make, session, backend: str) -> None:
     relay = make(backend, coalesce_us=0)
-    client, node = _session(relay, listener)
-    try:
-        held = []
-        for _ in range(5):
-            await send_all(client, b"x" * BULK)
-            await asyncio.wait_for(recv_exactly(node, BULK), 30)
-            held.append(await _ping(node, client))
-        assert sorted(held)[2] < PAUSE_S / 2   # median: no pause after the bulk
-    finally:
-        client.close()
-        node.close()
+    client, node = session(relay)
+    held = []
+    for _ in range(5):
+        await send_all(client, b"x" * BULK)
+        await asyncio.wait_for(recv_exactly(node, BULK), 30)
+        held.append(await _ping(node, client))
+    assert sorted(held)[2] < PAUSE_S / 2   # median: no pause after the bulk
 
 
 @pytest.mark.parametrize("value", [-1, MAX_COALESCE_US + 1])
@@ -165,14 +167,10 @@ async def test_engine_threads_scheduling_policy(make, backend: str, batch: bool)
 @linux_only
 @pytest.mark.skipif("splice" not in available_backends(), reason="no splice on this system")
 @pytest.mark.parametrize("batch", [True, False])
-async def test_relay_processes_get_the_same_policy(make, listener, batch: bool) -> None:
+async def test_relay_processes_get_the_same_policy(make, session, batch: bool) -> None:
     relay = make("splice", procs=1, sched_batch=batch)
-    client, node = _session(relay, listener)
-    try:
-        await _ping(client, node)   # relayed: the child's engine is running
-    finally:
-        client.close()
-        node.close()
+    client, node = session(relay)
+    await _ping(client, node)   # relayed: the child's engine is running
     pid = relay._procs[0].popen.pid   # type: ignore[attr-defined]
     policies = _policies(pid)
     assert len(policies) >= 2, policies   # the child's main thread and its engine's
