@@ -76,7 +76,7 @@ def run(ctx: Ctx, results: Results, *, quick: bool, repeat: int, mib: int | None
     size = mib << 20
     part = results.part(PartResult(
         "sftp", f"sftp: {mib} MiB tmpfs->tmpfs, OpenSSH sftp -b client", _metrics(),
-        baselines=["openssh"],
+        baselines=["openssh", "edgegw-node"],
         ratio_metrics=[f"{d}_{c}" for c in CIPHERS for d in ("up", "down")]))
     part.notes["units"] = "MB = 1e6 bytes; CPU s/GiB; relay CPU = HAProxy or edgegw gateway"
     try:
@@ -123,8 +123,11 @@ def run(ctx: Ctx, results: Results, *, quick: bool, repeat: int, mib: int | None
         limit = 120 + size / 5e6   # even 5 MB/s finishes
         total, step = repeat * len(CIPHERS) * len(targets), 0
         for rep in range(repeat):
+            # every other repetition runs the paths in reverse, so no path always follows
+            # the same neighbour (a drift over the round would favour one end of it)
+            order = targets if rep % 2 == 0 else targets[::-1]
             for c, cipher in CIPHERS.items():
-                for t in targets:
+                for t in order:
                     step += 1
                     log(f"sftp [{step}/{total}] rep {rep + 1} {t.name} {c}: up+down {mib} MiB")
                     try:
