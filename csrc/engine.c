@@ -42,7 +42,7 @@ void relay_config_default(relay_config *cfg)
     cfg->pool_max = 64;
     cfg->buffer_size = 64u * 1024u;
     cfg->idle_timeout = 0.0;
-    cfg->coalesce_us = 200;
+    cfg->coalesce_us = RELAY_COALESCE_DEFAULT_US;
     cfg->sched_batch = 1;
 }
 

@@ -49,6 +49,7 @@ typedef struct relay_config {
  * traffic (keystrokes, round trips of small messages) never reaches it and is never delayed
  * unless it shares a thread with a bulk transfer. */
 #define RELAY_COALESCE_MIN 32768u
+#define RELAY_COALESCE_DEFAULT_US 200u
 #define RELAY_COALESCE_MAX_US 100000u
 
 typedef struct relay_report {

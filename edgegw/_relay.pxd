@@ -6,6 +6,10 @@ cdef extern from "relay.h" nogil:
     ctypedef struct relay_engine:
         pass
 
+    enum:
+        RELAY_COALESCE_DEFAULT_US
+        RELAY_COALESCE_MAX_US
+
     ctypedef struct relay_config:
         int threads
         size_t pipe_size

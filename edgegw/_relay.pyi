@@ -2,6 +2,8 @@
 from typing import Final
 
 BACKENDS: Final[tuple[str, ...]]
+COALESCE_DEFAULT_US: Final[int]
+COALESCE_MAX_US: Final[int]
 
 ReportTuple = tuple[int, int, int, float, str, str]
 

@@ -11,6 +11,10 @@ from libc.stdlib cimport free, malloc
 
 from edgegw._relay cimport *
 
+# The coalescing pause's default and bound, for edgegw.relay.base to be checked against.
+COALESCE_DEFAULT_US = RELAY_COALESCE_DEFAULT_US
+COALESCE_MAX_US = RELAY_COALESCE_MAX_US
+
 BACKENDS = tuple(name for name in ("splice", "select") if relay_backend_available(name.encode()))
 
 
@@ -32,7 +36,7 @@ cdef class Engine:
 
     def __cinit__(self, str backend="splice", *, int threads=1, size_t pipe_size=1 << 20,
                   double idle_timeout=0.0, size_t pool_max=64, size_t buffer_size=64 * 1024,
-                  unsigned coalesce_us=200, bint sched_batch=True):
+                  unsigned coalesce_us=RELAY_COALESCE_DEFAULT_US, bint sched_batch=True):
         cdef relay_config cfg
         cdef relay_engine *e = NULL
         cdef int rc

@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 import pytest
 
-from edgegw.relay import MAX_COALESCE_US, Relay, available_backends, create_relay
+from edgegw.relay import DEFAULT_COALESCE_US, MAX_COALESCE_US, Relay, available_backends, create_relay
 from tests.relay_helpers import Listener, Reports, recv_exactly, send_all
 
 PAUSE_US = MAX_COALESCE_US
@@ -132,6 +132,12 @@ def test_engine_refuses_what_the_wrapper_would_not_pass() -> None:
     with pytest.raises(OSError) as info:
         _relay.Engine("splice", coalesce_us=MAX_COALESCE_US + 1)
     assert info.value.errno == errno.EINVAL and "coalesce_us" in str(info.value)
+
+
+def test_python_knows_the_engines_default_and_bound() -> None:
+    _relay = pytest.importorskip("edgegw._relay", reason="the C engine is not built")
+    assert (DEFAULT_COALESCE_US, MAX_COALESCE_US) == (_relay.COALESCE_DEFAULT_US,
+                                                      _relay.COALESCE_MAX_US)
 
 
 SCHED_BATCH = 3   # Linux's policy number, field 41 of /proc/PID/task/TID/stat

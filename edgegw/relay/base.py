@@ -13,7 +13,9 @@ from typing import Callable, Container, Protocol
 
 log = logging.getLogger("edgegw.relay")
 
-# C engine: microseconds a thread that just moved bulk waits before polling again (relay.h).
+# C engine: microseconds a thread that just moved bulk waits before polling again. The same
+# values as csrc/relay.h's RELAY_COALESCE_*_US (tests/test_relay_tuning.py holds them equal);
+# here too so that they are known where the C engine is not built.
 DEFAULT_COALESCE_US = 200
 MAX_COALESCE_US = 100_000
 
