@@ -74,7 +74,8 @@ def test_wrong_secret_nonce_ident_or_kind_rejected() -> None:
     assert not verify_session_proof(proof, OTHER, nonce)
     assert not verify_session_proof(proof, SECRET, other_nonce)
     assert not verify_session_proof(proof._replace(ident=SID + 1), SECRET, nonce)
-    assert not verify_session_proof(proof._replace(mac=proof.mac[:-1] + b"\0"), SECRET, nonce)
+    flipped = proof.mac[:-1] + bytes((proof.mac[-1] ^ 1,))   # always a different MAC
+    assert not verify_session_proof(proof._replace(mac=flipped), SECRET, nonce)
     assert not verify_session_proof(proof._replace(mac=proof.mac[:31]), SECRET, nonce)
     # same key, same ident: a pool proof never passes as a session proof, nor the reverse
     pooled = parse_proof(pool_proof(SECRET, SID, nonce))
