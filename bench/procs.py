@@ -324,6 +324,39 @@ def _first_line(args: list[str], containing: str = "") -> str:
     return text[0] if text else "unknown"
 
 
+VIRTIO_ID_BALLOON = 5
+VIRTIO_BALLOON_F_REPORTING = 5
+
+
+VIRTIO_DEVICES = Path("/sys/bus/virtio/devices")
+
+
+def free_page_reporting(root: Path = VIRTIO_DEVICES) -> str | None:
+    """The virtio device through which this VM hands memory it frees back to its host, or None.
+
+    With free page reporting on, the guest reports free memory to the host a couple of seconds
+    after it is freed, and the host drops it; the next page the guest takes from it is faulted
+    in again by the host. A 1 GiB file written to tmpfs then costs anything from 1x to 3.5x the
+    CPU, depending on how many of its pages were reported since they were last used
+    (bench/README.md, "Memory that the VM hands back")."""
+    try:
+        devices = sorted(root.iterdir())
+    except OSError:
+        return None
+    for dev in devices:
+        try:
+            if int((dev / "device").read_text(), 16) != VIRTIO_ID_BALLOON:
+                continue
+            bound = (dev / "driver").exists()
+            features = (dev / "features").read_text().strip()   # one digit per bit, bit 0 first
+        except (OSError, ValueError):
+            continue
+        if bound and len(features) > VIRTIO_BALLOON_F_REPORTING \
+                and features[VIRTIO_BALLOON_F_REPORTING] == "1":
+            return dev.name
+    return None
+
+
 def machine_facts() -> dict[str, object]:
     cpu = "unknown"
     try:
@@ -353,6 +386,7 @@ def machine_facts() -> dict[str, object]:
         "cores": os.cpu_count(),
         "memory_gib": round(mem_gib, 1),
         "kernel": os.uname().release,
+        "free_page_reporting": free_page_reporting() or "off",
         "python": sys.version.split()[0],
         "haproxy": _first_line(["haproxy", "-v"]) if which("haproxy") else "missing",
         "iperf3": _first_line(["iperf3", "-v"]) if which("iperf3") else "missing",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bench.peers import (Ctx, EdgegwGateway, EdgegwSsh, HAProxy, RelayPath, Sshd, start_all,
                          stop_all)
-from bench.procs import Skip, cpu_seconds, log, need
+from bench.procs import Skip, cpu_seconds, free_page_reporting, log, need
 from bench.report import Metric, PartResult, Results
 from bench.sessions import ssh_keys
 
@@ -79,6 +79,12 @@ def run(ctx: Ctx, results: Results, *, quick: bool, repeat: int, mib: int | None
         baselines=["openssh", "edgegw-node"],
         ratio_metrics=[f"{d}_{c}" for c in CIPHERS for d in ("up", "down")]))
     part.notes["units"] = "MB = 1e6 bytes; CPU s/GiB; relay CPU = HAProxy or edgegw gateway"
+    reporting = free_page_reporting()
+    if reporting:
+        part.notes["memory"] = (f"this VM hands freed memory back to its host ({reporting}), "
+                                "so one tmpfs transfer can cost up to 3.5x the CPU of the next; "
+                                "see bench/README.md, 'Memory that the VM hands back'")
+        log(f"sftp: warning: {part.notes['memory']}")
     try:
         need("sftp")
     except Skip as exc:

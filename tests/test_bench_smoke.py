@@ -25,8 +25,8 @@ def test_bench_quick_writes_results(tmp_path: Path) -> None:
     assert cp.returncode == 0, cp.stderr[-3000:]
     data = json.loads((tmp_path / "latest.json").read_text())
     assert data["schema"] == "edgegw-bench/1"
-    for key in ("cpu_model", "cores", "kernel", "python", "haproxy", "iperf3", "openssh",
-                "edgegw"):
+    for key in ("cpu_model", "cores", "kernel", "free_page_reporting", "python", "haproxy",
+                "iperf3", "openssh", "edgegw"):
         assert key in data["machine"]
     assert PARTS <= set(data["parts"])
     for name, part in data["parts"].items():
@@ -48,3 +48,26 @@ def test_bench_quick_writes_results(tmp_path: Path) -> None:
     svg = (tmp_path / "latest.svg").read_text()
     assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
     assert "== relay" in cp.stdout
+
+
+def _virtio_device(root: Path, name: str, device_id: int, features: str, bound: bool) -> None:
+    dev = root / name
+    dev.mkdir()
+    (dev / "device").write_text(f"0x{device_id:04x}\n")
+    (dev / "features").write_text(features + "\n")
+    if bound:
+        (dev / "driver").mkdir()
+
+
+def test_free_page_reporting_is_read_from_the_balloon_device(tmp_path: Path) -> None:
+    from bench.procs import free_page_reporting
+    bit5 = "0000010" + "0" * 57          # features: one digit per bit, bit 0 first
+    _virtio_device(tmp_path, "virtio0", 0x0002, bit5, bound=True)      # a block device
+    assert free_page_reporting(tmp_path) is None
+    _virtio_device(tmp_path, "virtio1", 0x0005, "0110000" + "0" * 57, bound=True)
+    assert free_page_reporting(tmp_path) is None                        # balloon, no reporting
+    _virtio_device(tmp_path, "virtio2", 0x0005, bit5, bound=False)
+    assert free_page_reporting(tmp_path) is None                        # driver unbound
+    _virtio_device(tmp_path, "virtio3", 0x0005, bit5, bound=True)
+    assert free_page_reporting(tmp_path) == "virtio3"
+    assert free_page_reporting(tmp_path / "absent") is None
