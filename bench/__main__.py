@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="idle sessions to hold (default 10000, --quick 1000)")
     ap.add_argument("--sftp-mib", type=int, default=None,
                     help="SFTP file size in MiB (default 1024, --quick 64)")
+    ap.add_argument("--sftp-own-cpu", action="store_true",
+                    help="sftp: run the SSH server alone on the last CPU and the client and "
+                         "relays on the others, as if each had its own host")
     ap.add_argument("--spread", action="store_true", help="show (min-max) in the table")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs)")
     args = ap.parse_args(argv)
@@ -44,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     procs.install_signal_handlers()
     nofile = procs.raise_nofile()
     options = {"parts": parts, "quick": args.quick, "repeat": repeat,
-               "paths": sorted(only) if only else "all", "nofile": nofile}
+               "paths": sorted(only) if only else "all", "nofile": nofile,
+               "sftp_own_cpu": args.sftp_own_cpu}
     results = Results(["python", "-m", "bench", *argv], options, procs.machine_facts())
     workdir = Path(tempfile.mkdtemp(prefix="edgegw-bench-"))
     ctx = Ctx(workdir)
@@ -60,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                 kw["count"] = args.sessions
             if name == "sftp":
                 kw["mib"] = args.sftp_mib
+                kw["own_cpu"] = args.sftp_own_cpu
             try:
                 mod.run(ctx, results, quick=args.quick, repeat=repeat, only=only, **kw)
             except KeyboardInterrupt:

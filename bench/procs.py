@@ -234,6 +234,21 @@ def cpu_seconds(pid: int, tree: bool = True) -> float:
     return total / CLK_TCK
 
 
+def pin_tree(pid: int, cpus: set[int]) -> None:
+    """Every thread of the process tree at `pid` onto `cpus`; threads and children it starts
+    later inherit the setting from whoever starts them."""
+    for p in process_tree(pid):
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{p}/task")]
+        except OSError:
+            continue   # exited meanwhile
+        for tid in tids:
+            try:
+                os.sched_setaffinity(tid, cpus)
+            except OSError:
+                pass
+
+
 def memory_kib(pid: int, tree: bool = True) -> dict[str, int]:
     """RSS and PSS (KiB) of the process (tree) from smaps_rollup."""
     rss = pss = 0

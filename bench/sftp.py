@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bench.peers import (Ctx, EdgegwGateway, EdgegwSsh, HAProxy, RelayPath, Sshd, start_all,
                          stop_all)
-from bench.procs import Skip, cpu_seconds, free_page_reporting, log, need
+from bench.procs import Skip, cpu_seconds, free_page_reporting, log, need, pin_tree
 from bench.report import Metric, PartResult, Results
 from bench.sessions import ssh_keys
 
@@ -55,11 +55,14 @@ class Target:
 
 
 def sftp_batch(port: int, user: str, key: Path, cipher: str, commands: str,
-               timeout: float) -> tuple[float, subprocess.CompletedProcess]:
+               timeout: float, cpus: set[int] | None = None
+               ) -> tuple[float, subprocess.CompletedProcess]:
     args = ["sftp", "-b", "-", "-P", str(port), "-i", str(key), *SSH_OPTS,
             "-o", f"Ciphers={cipher}", f"{user}@127.0.0.1"]
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     t0 = time.monotonic()
-    cp = subprocess.run(args, input=commands, capture_output=True, text=True, timeout=timeout)
+    cp = subprocess.run(args, input=commands, capture_output=True, text=True, timeout=timeout,
+                        preexec_fn=pin)
     return time.monotonic() - t0, cp
 
 
@@ -70,8 +73,26 @@ def make_source(path: Path, size: int) -> None:
             f.write(block)
 
 
+def own_cpu_layout(part: PartResult, targets: list[Target]) -> set[int] | None:
+    """--sftp-own-cpu: each SSH server (sshd with its session processes, the edgegw node)
+    alone on the last CPU, everything else (client, HAProxy, gateway, forwarding node) on the
+    others, so that a relay's CPU time no longer comes out of the server's share, as it would
+    not with the relay on a host of its own. Returns the client's CPUs."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        part.notes["cpus"] = "--sftp-own-cpu needs 2 CPUs or more: not applied"
+        return None
+    server, rest = {cpus[-1]}, set(cpus[:-1])
+    for t in targets:
+        for role, pid in t.roles.items():
+            pin_tree(pid, server if role == "server" else rest)
+    part.notes["cpus"] = (f"SSH servers alone on CPU {cpus[-1]}; client and relays on "
+                          f"{','.join(map(str, sorted(rest)))} (--sftp-own-cpu)")
+    return rest
+
+
 def run(ctx: Ctx, results: Results, *, quick: bool, repeat: int, mib: int | None = None,
-        only: set[str] | None = None) -> PartResult:
+        only: set[str] | None = None, own_cpu: bool = False) -> PartResult:
     mib = mib or (32 if quick else 1024)
     size = mib << 20
     part = results.part(PartResult(
@@ -126,6 +147,7 @@ def run(ctx: Ctx, results: Results, *, quick: bool, repeat: int, mib: int | None
                                    "relay": edge.pids()["gateway"]}))
         if only is not None and "all" not in only:
             targets = [t for t in targets if t.name in only]
+        client_cpus = own_cpu_layout(part, targets) if own_cpu else None
         limit = 120 + size / 5e6   # even 5 MB/s finishes
         total, step = repeat * len(CIPHERS) * len(targets), 0
         for rep in range(repeat):
@@ -138,7 +160,8 @@ def run(ctx: Ctx, results: Results, *, quick: bool, repeat: int, mib: int | None
                     log(f"sftp [{step}/{total}] rep {rep + 1} {t.name} {c}: up+down {mib} MiB")
                     try:
                         t.path.check_alive()
-                        transfer(part, t, rep, c, cipher, key, src, dl, size, limit)
+                        transfer(part, t, rep, c, cipher, key, src, dl, size, limit,
+                                 client_cpus)
                     except Skip as exc:
                         part.fail(t.name, str(exc))
                     except subprocess.TimeoutExpired:
@@ -152,11 +175,11 @@ def run(ctx: Ctx, results: Results, *, quick: bool, repeat: int, mib: int | None
 
 
 def transfer(part: PartResult, t: Target, rep: int, c: str, cipher: str, key: Path,
-             src: Path, dl: Path, size: int, limit: float) -> None:
+             src: Path, dl: Path, size: int, limit: float, cpus: set[int] | None) -> None:
     remote = f"{t.remote_dir}/upload.bin"
     hs = []
     for _ in range(3):
-        el, cp = sftp_batch(t.path.port, t.user, key, cipher, "pwd\n", 60)
+        el, cp = sftp_batch(t.path.port, t.user, key, cipher, "pwd\n", 60, cpus)
         if cp.returncode != 0:
             raise Skip(f"sftp login failed ({c}): {(cp.stderr or cp.stdout).strip()[-300:]}")
         hs.append(el)
@@ -165,7 +188,7 @@ def transfer(part: PartResult, t: Target, rep: int, c: str, cipher: str, key: Pa
     gib = size / 2**30
     for d, cmd in (("up", f"put {src} {remote}\n"), ("down", f"get {remote} {dl}\n")):
         before = {r: cpu_seconds(pid) for r, pid in t.roles.items()}
-        el, cp = sftp_batch(t.path.port, t.user, key, cipher, cmd, limit)
+        el, cp = sftp_batch(t.path.port, t.user, key, cipher, cmd, limit, cpus)
         time.sleep(0.1)  # let sshd reap its session child into cutime/cstime
         after = {r: cpu_seconds(pid) for r, pid in t.roles.items()}
         if cp.returncode != 0:
