@@ -314,14 +314,17 @@ static void expire_idle(struct relay_worker *w)
         relay_session_finish(w, w->lru_head, RELAY_IDLE, 0);
 }
 
-/* Interrupt moderation, as a NIC does it: after a wakeup that moved bulk, let the sockets fill
- * for coalesce_us instead of waking for each segment the sender writes. An SFTP upload's client
- * writes one 32 KiB SSH packet at a time; woken for each, the thread spent more CPU per GB on
- * wakeups than on moving bytes. The bytes wait in the kernel's socket buffers meanwhile. */
+/* Interrupt moderation, as a NIC does it: after a wakeup that moved a segment or two of bulk,
+ * let the sockets fill for coalesce_us instead of waking for each segment the sender writes. An
+ * SFTP upload's client writes one 32 KiB SSH packet at a time; woken for each, the thread spent
+ * more CPU per GB on wakeups than on moving bytes. The bytes wait in the kernel's socket buffers
+ * meanwhile. A wakeup that found a batch already (RELAY_COALESCE_BATCH) does not pause: on a
+ * machine busy enough that the thread wakes late, pausing as well made each wakeup's burst
+ * larger and cost both the relay and the receiver more CPU per GB, not less. */
 static void coalesce(const struct relay_worker *w, uint64_t moved)
 {
     unsigned us = w->engine->cfg.coalesce_us;
-    if (us == 0 || moved < RELAY_COALESCE_MIN || w->stop)
+    if (us == 0 || moved < RELAY_COALESCE_MIN || moved >= RELAY_COALESCE_BATCH || w->stop)
         return;
     struct timespec ts = {.tv_sec = 0, .tv_nsec = (long)us * 1000L};
     (void)nanosleep(&ts, NULL);

@@ -44,11 +44,15 @@ typedef struct relay_config {
     int sched_batch;      /* Linux: I/O threads run SCHED_BATCH, woken without preempting */
 } relay_config;
 
-/* A thread that moved at least this many bytes in one wakeup pauses coalesce_us before it
- * polls again, so a bulk transfer is moved in fewer, larger splices and wakeups. Interactive
- * traffic (keystrokes, round trips of small messages) never reaches it and is never delayed
- * unless it shares a thread with a bulk transfer. */
+/* A thread that moved at least RELAY_COALESCE_MIN bytes, but less than RELAY_COALESCE_BATCH,
+ * in one wakeup pauses coalesce_us before it polls again: it is waking for each segment or two
+ * that a bulk sender writes, and the pause lets them gather into fewer, larger splices and
+ * wakeups. A wakeup that found RELAY_COALESCE_BATCH or more already had its batch (the thread
+ * is behind the sender, not woken by each of its segments), and pausing after it would only
+ * hold the next bytes. Interactive traffic (keystrokes, round trips of small messages) never
+ * reaches the lower bound and is never delayed unless it shares a thread with a bulk transfer. */
 #define RELAY_COALESCE_MIN 32768u
+#define RELAY_COALESCE_BATCH 131072u
 #define RELAY_COALESCE_DEFAULT_US 200u
 #define RELAY_COALESCE_MAX_US 100000u
 

@@ -13,8 +13,10 @@ from edgegw.relay import RelayReport
 class Listener:
     """One listening socket; pair() returns (our end, relay's end) of a fresh connection."""
 
-    def __init__(self) -> None:
+    def __init__(self, rcvbuf: int = 0) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf:   # before listen(), so that accepted sockets advertise a window this large
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(1024)
         self.addr = self.sock.getsockname()

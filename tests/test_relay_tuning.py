@@ -1,7 +1,8 @@
 """How the C engine's threads behave, beyond moving bytes right (tests/test_relay.py):
 
-* bulk coalescing (csrc/relay.h, RELAY_COALESCE_MIN): a thread that just moved bulk pauses
-  `coalesce_us` before it polls again; small messages never make it pause. The pause is set to
+* bulk coalescing (csrc/relay.h, RELAY_COALESCE_MIN and _BATCH): a thread that just moved a
+  segment or two of bulk pauses `coalesce_us` before it polls again; small messages never make
+  it pause, and neither does a wakeup that found a whole batch waiting. The pause is set to
   100 ms (the maximum) so that its effect is far above any scheduling noise: these tests check
   that it happens and what it applies to, not how fast anything is;
 * scheduling: the threads run SCHED_BATCH unless asked not to (Linux).
@@ -10,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import os
 import socket
+import struct
 import sys
+import termios
 import time
 from typing import Any, AsyncIterator, Callable, Iterator
 
@@ -23,7 +27,10 @@ from tests.relay_helpers import Listener, Reports, recv_exactly, send_all
 
 PAUSE_US = MAX_COALESCE_US
 PAUSE_S = PAUSE_US / 1e6
-BULK = 256 << 10   # one send, one wakeup's worth: well above RELAY_COALESCE_MIN (32 KiB)
+# One send, one wakeup's worth, between RELAY_COALESCE_MIN (32 KiB) and RELAY_COALESCE_BATCH
+# (128 KiB), and under loopback's MSS so that it arrives as one segment.
+BULK = 48 << 10
+BATCH = 160 << 10   # over RELAY_COALESCE_BATCH
 
 C_ENGINES = [pytest.param(b, {}, id=b) for b in ("splice", "select") if b in available_backends()]
 C_ENGINES.append(pytest.param("splice", {"procs": 1}, id="splice-procs",
@@ -93,6 +100,37 @@ async def test_a_message_right_after_bulk_waits_for_the_pause(make, session, bac
     # The thread moved the bulk in one wakeup and is now pausing: the next bytes, either
     # way, wait for the pause to end.
     assert await _ping(node, client) >= PAUSE_S / 2
+
+
+async def _queued(sock: socket.socket, n: int) -> None:
+    """Wait until n bytes wait in the socket's receive queue."""
+    for _ in range(500):
+        if struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0" * 4))[0] >= n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{n} bytes never arrived in the receive queue")
+
+
+@pytest.mark.parametrize("backend,kw", C_ENGINES)
+async def test_a_wakeup_that_found_a_batch_does_not_pause(make, backend: str,
+                                                          kw: dict[str, Any]) -> None:
+    # The whole batch waits in the relay's socket before the session starts, so the thread
+    # moves it in its first wakeup: it is behind the sender, not woken by each segment.
+    lst = Listener(rcvbuf=1 << 20)
+    client, a = lst.pair()
+    node, b = lst.pair()
+    try:
+        payload = bytes(range(256)) * (BATCH // 256)
+        await send_all(client, payload)
+        await _queued(a, BATCH)
+        relay = make(backend, coalesce_us=PAUSE_US, **kw)
+        relay.add(1, a, b)
+        assert await asyncio.wait_for(recv_exactly(node, BATCH), 30) == payload
+        assert await _ping(node, client) < PAUSE_S / 2
+    finally:
+        for sock in (client, node):
+            sock.close()
+        lst.close()
 
 
 @pytest.mark.parametrize("backend,kw", C_ENGINES)

@@ -54,9 +54,9 @@ def _hostport(ctx: click.Context, param: click.Parameter, value: str) -> HostPor
               help="Close a relayed session idle this many seconds (0: never).")
 @click.option("--relay-coalesce-us", default=DEFAULT_COALESCE_US, show_default=True,
               type=click.IntRange(0, MAX_COALESCE_US),
-              help="Microseconds a relay thread that just moved bulk (32 KiB or more in one "
-                   "wakeup) lets data gather before it polls again: fewer wakeups per GB for "
-                   "uploads. Small messages never trigger it. 0: off.")
+              help="Microseconds a relay thread that just moved a little bulk (32 to 128 KiB "
+                   "in one wakeup) lets data gather before it polls again: fewer wakeups per GB "
+                   "for uploads. Small messages and larger batches never trigger it. 0: off.")
 @click.option("--relay-sched", type=click.Choice(["batch", "normal"]), default="batch",
               show_default=True,
               help="Linux scheduling policy of the relay threads: batch (SCHED_BATCH) takes an "
