@@ -339,11 +339,9 @@ def _first_line(args: list[str], containing: str = "") -> str:
     return text[0] if text else "unknown"
 
 
-VIRTIO_ID_BALLOON = 5
-VIRTIO_BALLOON_F_REPORTING = 5
-
-
 VIRTIO_DEVICES = Path("/sys/bus/virtio/devices")
+VIRTIO_ID_BALLOON = 5
+VIRTIO_BALLOON_F_REPORTING = 5   # feature bit: the guest reports free pages to the host
 
 
 def free_page_reporting(root: Path = VIRTIO_DEVICES) -> str | None:
