@@ -18,7 +18,7 @@ import struct
 import sys
 import termios
 import time
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
@@ -40,7 +40,7 @@ C_ENGINES.append(pytest.param("splice", {"procs": 1}, id="splice-procs",
 
 @pytest.fixture
 def listener() -> Any:
-    lst = Listener()
+    lst = Listener(rcvbuf=1 << 20)   # room to queue a whole batch before the relay starts
     yield lst
     lst.close()
 
@@ -63,17 +63,30 @@ async def make() -> AsyncIterator[Callable[..., Relay]]:
 Pair = tuple[socket.socket, socket.socket]
 
 
+async def _queued(sock: socket.socket, n: int) -> None:
+    """Wait until n bytes wait in the socket's receive queue."""
+    for _ in range(500):
+        if struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0" * 4))[0] >= n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{n} bytes never arrived in the receive queue")
+
+
 @pytest.fixture
-def session(listener: Listener) -> Iterator[Callable[[Relay], Pair]]:
+def session(listener: Listener) -> Iterator[Callable[..., Awaitable[Pair]]]:
     """Start relaying a fresh client/node pair; returns our client end and our node end, which
-    are closed after the test."""
+    are closed after the test. `queued` is sent from the client first and waits in the relay's
+    socket when the session starts, so that the thread's first wakeup moves all of it."""
     ours: list[socket.socket] = []
 
-    def start(relay: Relay) -> Pair:
+    async def start(relay: Relay, queued: bytes = b"") -> Pair:
         client, a = listener.pair()
         node, b = listener.pair()
-        relay.add(1, a, b)
         ours.extend((client, node))
+        if queued:
+            await send_all(client, queued)
+            await _queued(a, len(queued))
+        relay.add(1, a, b)
         return client, node
 
     yield start
@@ -93,51 +106,34 @@ async def _ping(src: socket.socket, dst: socket.socket, msg: bytes = b"ping") ->
 async def test_a_message_right_after_bulk_waits_for_the_pause(make, session, backend: str,
                                                              kw: dict[str, Any]) -> None:
     relay = make(backend, coalesce_us=PAUSE_US, **kw)
-    client, node = session(relay)
     payload = bytes(range(256)) * (BULK // 256)
-    await send_all(client, payload)
+    start = time.monotonic()
+    client, node = await session(relay, queued=payload)
     assert await asyncio.wait_for(recv_exactly(node, BULK), 30) == payload
-    # The thread moved the bulk in one wakeup and is now pausing: the next bytes, either
-    # way, wait for the pause to end.
-    assert await _ping(node, client) >= PAUSE_S / 2
-
-
-async def _queued(sock: socket.socket, n: int) -> None:
-    """Wait until n bytes wait in the socket's receive queue."""
-    for _ in range(500):
-        if struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0" * 4))[0] >= n:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{n} bytes never arrived in the receive queue")
+    # The thread moved the bulk in one wakeup and paused: the next bytes, either way, got
+    # through only once the pause was over. Timed from before the session started, so that
+    # time this test spends waiting for a CPU cannot hide the pause.
+    await _ping(node, client)
+    assert time.monotonic() - start >= PAUSE_S * 0.9
 
 
 @pytest.mark.parametrize("backend,kw", C_ENGINES)
-async def test_a_wakeup_that_found_a_batch_does_not_pause(make, backend: str,
+async def test_a_wakeup_that_found_a_batch_does_not_pause(make, session, backend: str,
                                                           kw: dict[str, Any]) -> None:
-    # The whole batch waits in the relay's socket before the session starts, so the thread
-    # moves it in its first wakeup: it is behind the sender, not woken by each segment.
-    lst = Listener(rcvbuf=1 << 20)
-    client, a = lst.pair()
-    node, b = lst.pair()
-    try:
-        payload = bytes(range(256)) * (BATCH // 256)
-        await send_all(client, payload)
-        await _queued(a, BATCH)
-        relay = make(backend, coalesce_us=PAUSE_US, **kw)
-        relay.add(1, a, b)
-        assert await asyncio.wait_for(recv_exactly(node, BATCH), 30) == payload
-        assert await _ping(node, client) < PAUSE_S / 2
-    finally:
-        for sock in (client, node):
-            sock.close()
-        lst.close()
+    # The whole batch waits in the relay's socket when the session starts, so the thread moves
+    # it in its first wakeup: it is behind the sender, not woken by each segment.
+    relay = make(backend, coalesce_us=PAUSE_US, **kw)
+    payload = bytes(range(256)) * (BATCH // 256)
+    client, node = await session(relay, queued=payload)
+    assert await asyncio.wait_for(recv_exactly(node, BATCH), 30) == payload
+    assert await _ping(node, client) < PAUSE_S / 2
 
 
 @pytest.mark.parametrize("backend,kw", C_ENGINES)
 async def test_small_messages_are_never_held(make, session, backend: str,
                                              kw: dict[str, Any]) -> None:
     relay = make(backend, coalesce_us=PAUSE_US, **kw)
-    client, node = session(relay)
+    client, node = await session(relay)
     start = time.monotonic()
     for i in range(20):   # 64-byte messages, 20 round trips: no wakeup moves 32 KiB
         await _ping(client, node, bytes([i]) * 64)
@@ -149,7 +145,7 @@ async def test_small_messages_are_never_held(make, session, backend: str,
 @pytest.mark.parametrize("backend", [b for b in ("splice", "select") if b in available_backends()])
 async def test_zero_turns_it_off(make, session, backend: str) -> None:
     relay = make(backend, coalesce_us=0)
-    client, node = session(relay)
+    client, node = await session(relay)
     held = []
     for _ in range(5):
         await send_all(client, b"x" * BULK)
@@ -213,7 +209,7 @@ async def test_engine_threads_scheduling_policy(make, backend: str, batch: bool)
 @pytest.mark.parametrize("batch", [True, False])
 async def test_relay_processes_get_the_same_policy(make, session, batch: bool) -> None:
     relay = make("splice", procs=1, sched_batch=batch)
-    client, node = session(relay)
+    client, node = await session(relay)
     await _ping(client, node)   # relayed: the child's engine is running
     pid = relay._procs[0].popen.pid   # type: ignore[attr-defined]
     policies = _policies(pid)
