@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import os
 import shutil
 import sys
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sftp-own-cpu", action="store_true",
                     help="sftp: run the SSH server alone on the last CPU and the client and "
                          "relays on the others, as if each had its own host")
+    ap.add_argument("--gateway-args", default="", metavar="ARGS",
+                    help="extra options for every `edgegw serve` the run starts, e.g. "
+                         "\"--sndbuf-client 131072 --sndbuf-node 131072\"")
     ap.add_argument("--spread", action="store_true", help="show (min-max) in the table")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs)")
     args = ap.parse_args(argv)
@@ -48,10 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     nofile = procs.raise_nofile()
     options = {"parts": parts, "quick": args.quick, "repeat": repeat,
                "paths": sorted(only) if only else "all", "nofile": nofile,
-               "sftp_own_cpu": args.sftp_own_cpu}
+               "sftp_own_cpu": args.sftp_own_cpu, "gateway_args": args.gateway_args}
     results = Results(["python", "-m", "bench", *argv], options, procs.machine_facts())
     workdir = Path(tempfile.mkdtemp(prefix="edgegw-bench-"))
-    ctx = Ctx(workdir)
+    ctx = Ctx(workdir, gateway_args=shlex.split(args.gateway_args))
     t0 = time.monotonic()
     procs.log(f"parts {', '.join(parts)}; repeat {repeat}; quick={args.quick}; logs in {workdir}")
     interrupted = False

@@ -73,6 +73,7 @@ class Ctx:
     """Shared by every path of one run: where logs, configs and node homes go."""
 
     workdir: Path
+    gateway_args: list[str] = field(default_factory=list)   # appended to every `edgegw serve`
     homes: dict[str, Path] = field(default_factory=dict)
     # target port -> the Unix socket on which the C server behind it takes descriptors
     fdsocks: dict[int, Path] = field(default_factory=dict)
@@ -227,7 +228,7 @@ def _start_gateway(path: RelayPath, ctx: Ctx, home: Path, backend: str, label: s
               [sys.executable, "-m", "edgegw", "serve", "--external", f"127.0.0.1:{ext}",
                "--pnc", f"127.0.0.1:{pnc}", "--data", f"127.0.0.1:{data}",
                "--trust", str(home / "gateway-trust.pem"), "--relay-backend", backend,
-               "--gateway-id", "bench", "--relay-procs", str(procs)],
+               "--gateway-id", "bench", "--relay-procs", str(procs), *ctx.gateway_args],
               ctx.workdir / f"{label}-{ext}-gateway.log",
               env={"EDGEGW_RELAY_BACKEND": backend}).start()
     path.procs["gateway"] = gw

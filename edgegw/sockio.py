@@ -110,6 +110,14 @@ def set_nodelay(sock: socket.socket) -> None:
         pass
 
 
+def set_sndbuf(sock: socket.socket, size: int) -> None:
+    """A fixed send buffer of `size` bytes (the kernel doubles it for its bookkeeping); 0
+    leaves the kernel's autotuning on. A fixed buffer also bounds what is in flight, so a
+    connection moves at most about size / RTT."""
+    if size > 0:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
 KEEPALIVE_IDLE = 60       # seconds idle before the first probe: under common firewall timeouts
 KEEPALIVE_INTERVAL = 15
 KEEPALIVE_COUNT = 4       # a dead peer is noticed ~2 minutes after it went quiet

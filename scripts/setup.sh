@@ -15,6 +15,7 @@ command -v haproxy >/dev/null || need_apt+=(haproxy)
 command -v iperf3 >/dev/null || need_apt+=(iperf3)
 command -v socat >/dev/null || need_apt+=(socat)
 command -v psql >/dev/null || need_apt+=(postgresql-client)
+command -v ss >/dev/null || need_apt+=(iproute2)
 "$PY" -c "import ensurepip, venv" 2>/dev/null || need_apt+=(python3-venv python3-dev)
 if ((${#need_apt[@]})); then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -35,6 +35,7 @@ def test_gateway_bad_inputs(tmp_path: Path, node_home: Path) -> None:
         ([*_serve(trust), "--proxy-protocol-from", "10.0.0.0/33"], "not an IP address"),
         ([*_serve(trust), "--relay-coalesce-us", "100001"], "not in the range 0<=x<=100000"),
         ([*_serve(trust), "--relay-sched", "fifo"], "'fifo' is not one of 'batch', 'normal'"),
+        ([*_serve(trust), "--sndbuf-node", "-1"], "not in the range 0<=x<=67108864"),
     ]
     try:
         for args, message in cases:

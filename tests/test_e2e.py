@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.procs import (
-    GatewayProc, Proc, add_user, free_port, init_home, make_key, sftp_batch, start_gateway,
-    start_node,
+    SSH_OPTS, GatewayProc, Proc, add_user, free_port, init_home, make_key, sftp_batch,
+    start_gateway, start_node,
 )
 
 
@@ -343,3 +343,41 @@ def test_garbage_on_every_port_is_closed_and_leaks_nothing(gateway: GatewayProc,
         time.sleep(0.2)
     assert _fd_count(gateway.pid) <= before
     assert gateway.popen is not None and gateway.popen.poll() is None
+
+
+def _send_buffers(port: int) -> list[int]:
+    """sk_sndbuf (ss's skmem tb) of every established socket whose local port is `port`."""
+    out = subprocess.run(["ss", "-tmnH", "state", "established", f"sport = :{port}"],
+                         capture_output=True, text=True, check=True).stdout
+    return [int(tb) for tb in re.findall(r"\btb(\d+)", out)]
+
+
+def test_fixed_send_buffers_end_to_end(tmp_path: Path, node_home: Path, procs: list[Proc],
+                                       alice: tuple[str, Path]) -> None:
+    """--sndbuf-client / --sndbuf-node: the gateway's sockets towards clients and nodes get
+    the fixed buffers (the kernel doubles the figure), and files still arrive intact."""
+    user, key = alice
+    gw = start_gateway(tmp_path, node_home / "gateway-trust.pem", "--sndbuf-client", "65536",
+                       "--sndbuf-node", "98304", name="gw-sndbuf")
+    procs.append(gw)
+    procs.append(start_node(tmp_path, node_home, [gw]))
+    data = os.urandom(8 << 20)
+    (tmp_path / "x.bin").write_bytes(data)
+    _ok(sftp_batch(gw.external, user, key, "put x.bin\nget x.bin y.bin\n", cwd=tmp_path))
+    assert (tmp_path / "y.bin").read_bytes() == data
+    # one session held open while the gateway's sockets are read
+    held = subprocess.Popen(["sftp", "-P", str(gw.external), "-i", str(key), *SSH_OPTS,
+                             f"{user}@127.0.0.1"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert held.stdin is not None and held.stdout is not None
+        held.stdin.write("pwd\n")
+        held.stdin.flush()
+        while "Remote working directory" not in held.stdout.readline():
+            pass
+        assert _send_buffers(gw.external) == [2 * 65536]
+        data_conns = _send_buffers(gw.data)   # the session's, and pooled ones
+        assert data_conns and set(data_conns) == {2 * 98304}
+    finally:
+        held.kill()
+        held.wait()

@@ -30,6 +30,8 @@ class GatewayConfig:
     idle_timeout: float = 0.0         # 0: sessions may idle forever (SSH keepalives decide)
     relay_coalesce_us: int = DEFAULT_COALESCE_US   # pause after a bulk wakeup; 0: never
     relay_sched_batch: bool = True    # relay threads SCHED_BATCH: their wakeups do not preempt
+    sndbuf_client: int = 0            # SO_SNDBUF towards clients (downloads); 0: autotuned
+    sndbuf_node: int = 0              # SO_SNDBUF of Data connections (uploads); 0: autotuned
     max_pending: int = 1024           # clients waiting for a node at once; more are closed
     max_handshaking: int = 256        # unauthenticated PNC or Data connections at once, each
     proxy_protocol_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(

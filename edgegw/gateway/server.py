@@ -26,7 +26,7 @@ from edgegw.gateway.tls import NODE_TLS_NAME, gateway_context
 from edgegw.netaddr import ip_in_networks, normalize_ip
 from edgegw.pnc.events import Closed
 from edgegw.relay import RelayReport, create_relay
-from edgegw.sockio import listen_socket, set_keepalive, set_nodelay
+from edgegw.sockio import listen_socket, set_keepalive, set_nodelay, set_sndbuf
 
 log = logging.getLogger("edgegw.gateway")
 
@@ -139,6 +139,7 @@ class Gateway:
             sock.close()
             return
         set_nodelay(sock)
+        set_sndbuf(sock, self.config.sndbuf_client)
         self._pending_clients += 1
         try:
             await dispatch_client(self, sock, ip, port)
@@ -158,6 +159,7 @@ class Gateway:
             sock.close()
             return
         set_nodelay(sock)
+        set_sndbuf(sock, self.config.sndbuf_node)
         set_keepalive(sock)  # pooled ones idle between sessions
         try:
             await handle_data_connection(self, sock, addr)
