@@ -27,8 +27,9 @@ from tests.relay_helpers import Listener, Reports, recv_exactly, send_all
 
 PAUSE_US = MAX_COALESCE_US
 PAUSE_S = PAUSE_US / 1e6
-# One send, one wakeup's worth, between RELAY_COALESCE_MIN (32 KiB) and RELAY_COALESCE_BATCH
-# (128 KiB), and under loopback's MSS so that it arrives as one segment.
+# Queued in the relay's socket before its session starts (the `session` fixture's `queued`),
+# so that one wakeup moves all of it: between RELAY_COALESCE_MIN (32 KiB) and
+# RELAY_COALESCE_BATCH (128 KiB).
 BULK = 48 << 10
 BATCH = 160 << 10   # over RELAY_COALESCE_BATCH
 

@@ -84,8 +84,9 @@ def create_relay(backend: str | None = None, *, threads: int = 1, pipe_size: int
     ends sessions that moved no byte either way for that long. `procs` > 0 runs the engine in
     that many child processes instead of this one (edgegw.relay.procs). `coalesce_us` (C
     engine) is how long a thread that just moved a little bulk waits before it polls again, so
-    bulk is moved in fewer wakeups (csrc/relay.h, RELAY_COALESCE_MIN); 0 turns it off. `sched_batch`
-    (C engine, Linux) runs its threads SCHED_BATCH, so their wakeups do not preempt busy CPUs.
+    bulk is moved in fewer wakeups (csrc/relay.h, RELAY_COALESCE_MIN); 0 turns it off.
+    `sched_batch` (C engine, Linux) runs its threads SCHED_BATCH, so their wakeups do not
+    preempt busy CPUs.
     """
     name = backend or default_backend()
     if name not in BACKENDS:
