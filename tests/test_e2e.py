@@ -31,6 +31,13 @@ def _ok(res: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[st
     return res
 
 
+def _roundtrip(port: int, user: str, key: Path, tmp: Path, data: bytes) -> None:
+    """One SFTP session puts `data` as a file and gets it back; the copy must be identical."""
+    (tmp / "x.bin").write_bytes(data)
+    _ok(sftp_batch(port, user, key, "put x.bin\nget x.bin y.bin\n", cwd=tmp))
+    assert (tmp / "y.bin").read_bytes() == data
+
+
 def test_sftp_roundtrip_through_gateway(tmp_path: Path, node_home: Path, gateway: GatewayProc,
                                         node: Proc, alice: tuple[str, Path]) -> None:
     user, key = alice
@@ -269,10 +276,7 @@ def test_other_relay_backends_end_to_end(tmp_path: Path, node_home: Path, procs:
                        name=f"gw-{backend}")
     procs.append(gw)
     procs.append(start_node(tmp_path, node_home, [gw]))
-    data = os.urandom(3 << 20)
-    (tmp_path / "x.bin").write_bytes(data)
-    _ok(sftp_batch(gw.external, user, key, "put x.bin\nget x.bin y.bin\n", cwd=tmp_path))
-    assert (tmp_path / "y.bin").read_bytes() == data
+    _roundtrip(gw.external, user, key, tmp_path, os.urandom(3 << 20))
     gw.wait_log(rf"relay={backend}")
 
 
@@ -285,10 +289,8 @@ def test_relay_processes_end_to_end(tmp_path: Path, node_home: Path, procs: list
     procs.append(gw)
     procs.append(start_node(tmp_path, node_home, [gw]))
     data = os.urandom(3 << 20)
-    (tmp_path / "x.bin").write_bytes(data)
     for _ in range(2):   # two sessions: one per relay process
-        _ok(sftp_batch(gw.external, user, key, "put x.bin\nget x.bin y.bin\n", cwd=tmp_path))
-        assert (tmp_path / "y.bin").read_bytes() == data
+        _roundtrip(gw.external, user, key, tmp_path, data)
     closed = gw.wait_log(r"session \w+: client \S+ closed \(eof\) up=(\d+) down=(\d+)")
     assert int(closed.group(1)) > len(data) and int(closed.group(2)) > len(data)
     pids = [int(p) for p in re.findall(r"relay process \d started \(pid (\d+)\)", gw.text())]
@@ -361,10 +363,7 @@ def test_fixed_send_buffers_end_to_end(tmp_path: Path, node_home: Path, procs: l
                        "--sndbuf-node", "98304", name="gw-sndbuf")
     procs.append(gw)
     procs.append(start_node(tmp_path, node_home, [gw]))
-    data = os.urandom(8 << 20)
-    (tmp_path / "x.bin").write_bytes(data)
-    _ok(sftp_batch(gw.external, user, key, "put x.bin\nget x.bin y.bin\n", cwd=tmp_path))
-    assert (tmp_path / "y.bin").read_bytes() == data
+    _roundtrip(gw.external, user, key, tmp_path, os.urandom(8 << 20))
     # one session held open while the gateway's sockets are read
     held = subprocess.Popen(["sftp", "-P", str(gw.external), "-i", str(key), *SSH_OPTS,
                              f"{user}@127.0.0.1"], stdin=subprocess.PIPE,
