@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gateway-args", default="", metavar="ARGS",
                     help="extra options for every `edgegw serve` the run starts, e.g. "
                          "\"--sndbuf-client 131072 --sndbuf-node 131072\"")
+    ap.add_argument("--node-args", default="", metavar="ARGS",
+                    help="extra options for every `edgegw internal serve` that dials a gateway, "
+                         "e.g. \"--congestion-gateway cubic\"")
     ap.add_argument("--spread", action="store_true", help="show (min-max) in the table")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs)")
     args = ap.parse_args(argv)
@@ -52,10 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     nofile = procs.raise_nofile()
     options = {"parts": parts, "quick": args.quick, "repeat": repeat,
                "paths": sorted(only) if only else "all", "nofile": nofile,
-               "sftp_own_cpu": args.sftp_own_cpu, "gateway_args": args.gateway_args}
+               "sftp_own_cpu": args.sftp_own_cpu, "gateway_args": args.gateway_args,
+               "node_args": args.node_args}
     results = Results(["python", "-m", "bench", *argv], options, procs.machine_facts())
     workdir = Path(tempfile.mkdtemp(prefix="edgegw-bench-"))
-    ctx = Ctx(workdir, gateway_args=shlex.split(args.gateway_args))
+    ctx = Ctx(workdir, gateway_args=shlex.split(args.gateway_args),
+              node_args=shlex.split(args.node_args))
     t0 = time.monotonic()
     procs.log(f"parts {', '.join(parts)}; repeat {repeat}; quick={args.quick}; logs in {workdir}")
     interrupted = False

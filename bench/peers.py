@@ -74,6 +74,7 @@ class Ctx:
 
     workdir: Path
     gateway_args: list[str] = field(default_factory=list)   # appended to every `edgegw serve`
+    node_args: list[str] = field(default_factory=list)      # and to every node dialing one
     homes: dict[str, Path] = field(default_factory=dict)
     # target port -> the Unix socket on which the C server behind it takes descriptors
     fdsocks: dict[int, Path] = field(default_factory=dict)
@@ -258,7 +259,8 @@ class EdgegwGateway(RelayPath):
         env = {"EDGEGW_RELAY_BACKEND": self.backend}
         ext, pnc = _start_gateway(self, ctx, home, self.backend, self.name, self.relay_procs)
         node_args = [sys.executable, "-m", "edgegw", "internal", "serve", "--home", str(home),
-                     "--workers", str(max(1, self.relay_procs)), "--gateway", f"127.0.0.1:{pnc}"]
+                     "--workers", str(max(1, self.relay_procs)), "--gateway", f"127.0.0.1:{pnc}",
+                     *ctx.node_args]
         if self.node_mode == "forward":
             node_args += ["--forward", f"127.0.0.1:{target}"]
         else:
@@ -492,7 +494,7 @@ class EdgegwSsh(RelayPath):
         node = Proc("edgegw node (ssh)",
                     [sys.executable, "-m", "edgegw", "internal", "serve", "--home", str(home),
                      "--workers", "1", "--gateway", f"127.0.0.1:{pnc}",
-                     "--listen", f"127.0.0.1:{listen}"],
+                     "--listen", f"127.0.0.1:{listen}", *ctx.node_args],
                     ctx.workdir / f"ssh-node-{listen}.log", env=env).start()
         self.procs["node"] = node
         node.wait_log("attached to gateway", timeout=30)

@@ -370,6 +370,21 @@ def free_page_reporting(root: Path = VIRTIO_DEVICES) -> str | None:
     return None
 
 
+def _sysctl(name: str) -> str:
+    try:
+        return Path("/proc/sys", name).read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def _uptime() -> int | None:
+    """Seconds since boot: a VM's first minutes may still fault in its memory from the host."""
+    try:
+        return int(float(Path("/proc/uptime").read_text().split()[0]))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def machine_facts() -> dict[str, object]:
     cpu = "unknown"
     try:
@@ -400,6 +415,9 @@ def machine_facts() -> dict[str, object]:
         "memory_gib": round(mem_gib, 1),
         "kernel": os.uname().release,
         "free_page_reporting": free_page_reporting() or "off",
+        "tcp_congestion_control": _sysctl("net/ipv4/tcp_congestion_control"),
+        "default_qdisc": _sysctl("net/core/default_qdisc"),
+        "uptime_s": _uptime(),
         "python": sys.version.split()[0],
         "haproxy": _first_line(["haproxy", "-v"]) if which("haproxy") else "missing",
         "iperf3": _first_line(["iperf3", "-v"]) if which("iperf3") else "missing",

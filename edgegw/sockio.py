@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import random
 import socket
@@ -116,6 +117,40 @@ def set_sndbuf(sock: socket.socket, size: int) -> None:
     connection moves at most about size / RTT."""
     if size > 0:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
+_CC_AVAILABLE = "/proc/sys/net/ipv4/tcp_available_congestion_control"
+
+
+def check_congestion(name: str) -> None:
+    """ValueError unless this process may give a TCP socket congestion control `name`
+    (the kernel has it, and it is allowed for processes without CAP_NET_ADMIN or this one has
+    it). "" means the kernel's default and always passes."""
+    if not name:
+        return
+    if not hasattr(socket, "TCP_CONGESTION"):
+        raise ValueError(f"congestion control {name!r}: this system cannot choose one per socket")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name.encode())
+        except OSError as exc:
+            try:
+                with open(_CC_AVAILABLE) as f:
+                    have = f.read().strip()
+            except OSError:
+                have = "unknown"
+            why = {errno.ENOENT: "the kernel does not have it",
+                   errno.EPERM: "not in net.ipv4.tcp_allowed_congestion_control"}.get(
+                       exc.errno or 0, exc.strerror)
+            raise ValueError(f"congestion control {name!r} cannot be used: {why} "
+                             f"(available here: {have})") from None
+
+
+def set_congestion(sock: socket.socket, name: str) -> None:
+    """TCP congestion control `name` for this connection ("" keeps the kernel's default).
+    Checked at startup by check_congestion, so a failure here is only logged by the caller."""
+    if name:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name.encode())
 
 
 KEEPALIVE_IDLE = 60       # seconds idle before the first probe: under common firewall timeouts

@@ -7,17 +7,18 @@ from typing import Callable
 
 from edgegw.netaddr import HostPort
 from edgegw.pnc import dataauth
-from edgegw.sockio import connect_tcp, recv_exact, set_keepalive
+from edgegw.sockio import connect_tcp, recv_exact, set_congestion, set_keepalive
 
 DIAL_TIMEOUT = 5.0
 
 
-async def _dial_proven(addr: HostPort,
-                       proof: Callable[[bytes], bytes]) -> tuple[socket.socket, bytes]:
+async def _dial_proven(addr: HostPort, proof: Callable[[bytes], bytes],
+                       congestion: str) -> tuple[socket.socket, bytes]:
     """Dial the Data port, read the gateway's challenge, answer with proof(nonce)."""
     sock = await connect_tcp(addr, DIAL_TIMEOUT)
     set_keepalive(sock)  # pooled ones idle between sessions, maybe through a firewall
     try:
+        set_congestion(sock, congestion)  # checked at startup
         nonce = dataauth.parse_challenge(
             await asyncio.wait_for(recv_exact(sock, dataauth.CHALLENGE_LEN), DIAL_TIMEOUT))
         await asyncio.get_running_loop().sock_sendall(sock, proof(nonce))
@@ -27,15 +28,18 @@ async def _dial_proven(addr: HostPort,
         raise
 
 
-async def dial_session(addr: HostPort, session_id: int, secret: bytes) -> socket.socket:
-    """A Data connection proven for one offer; the SSH stream starts right after the proof."""
+async def dial_session(addr: HostPort, session_id: int, secret: bytes,
+                       congestion: str = "") -> socket.socket:
+    """A Data connection proven for one offer; the SSH stream starts right after the proof.
+    `congestion`: its TCP congestion control ("" keeps the kernel's default)."""
     sock, _ = await _dial_proven(
-        addr, lambda nonce: dataauth.session_proof(secret, session_id, nonce))
+        addr, lambda nonce: dataauth.session_proof(secret, session_id, nonce), congestion)
     return sock
 
 
-async def dial_pooled(addr: HostPort, pool_key: bytes,
-                      ident: int) -> tuple[socket.socket, bytes]:
+async def dial_pooled(addr: HostPort, pool_key: bytes, ident: int,
+                      congestion: str = "") -> tuple[socket.socket, bytes]:
     """A pre-opened Data connection proven with the link's pool key, and the challenge nonce
     its assignment will be bound to; it waits for that assignment."""
-    return await _dial_proven(addr, lambda nonce: dataauth.pool_proof(pool_key, ident, nonce))
+    return await _dial_proven(
+        addr, lambda nonce: dataauth.pool_proof(pool_key, ident, nonce), congestion)

@@ -43,10 +43,12 @@ Assigned = Callable[[dataauth.Assignment, socket.socket], None]
 
 
 class DataPool:
-    def __init__(self, link: "GatewayLink", size: int, on_assigned: Assigned) -> None:
+    def __init__(self, link: "GatewayLink", size: int, on_assigned: Assigned, *,
+                 congestion: str = "") -> None:
         self.link = link
         self.size = size
         self.on_assigned = on_assigned
+        self.congestion = congestion
         self._waiting: set[asyncio.Task[None]] = set()
         self._proven: dict[asyncio.Task[None], float] = {}   # loop time each was proven at
         self._next_ident = 1
@@ -116,7 +118,8 @@ class DataPool:
         ident = self._next_ident
         self._next_ident += 1
         try:
-            sock, nonce = await dial_pooled(link.data_addr, gateway.pool_key, ident)
+            sock, nonce = await dial_pooled(link.data_addr, gateway.pool_key, ident,
+                                            self.congestion)
         except (OSError, asyncio.TimeoutError, ConnectionError, RemoteProtocolError) as exc:
             self._failures += 1
             log.debug("pooled data connection to %s failed: %s", link.target, exc)

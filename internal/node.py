@@ -41,6 +41,7 @@ class NodeSettings:
     backoff_max: float = 5.0
     node_id: str | None = None
     pool_size: int = DEFAULT_POOL_SIZE   # pre-opened Data connections per gateway (0: dial)
+    data_congestion: str = ""            # TCP congestion control of Data connections ("": default)
 
 
 class Node:
@@ -107,7 +108,8 @@ class Node:
     def on_attached(self, link: GatewayLink) -> None:
         if self.settings.pool_size > 0:
             pool = DataPool(link, self.settings.pool_size,
-                            lambda assignment, sock: self._assigned(link, assignment, sock))
+                            lambda assignment, sock: self._assigned(link, assignment, sock),
+                            congestion=self.settings.data_congestion)
             self._pools[link] = pool
             pool.fill()
         now = time.time()
@@ -201,7 +203,8 @@ class Node:
 
     async def _dial_and_serve(self, link: GatewayLink, offer: Offer) -> None:
         try:
-            sock = await dial_session(link.data_addr, offer.session_id, offer.secret)
+            sock = await dial_session(link.data_addr, offer.session_id, offer.secret,
+                                      self.settings.data_congestion)
         except (OSError, asyncio.TimeoutError, ConnectionError, RemoteProtocolError) as exc:
             log.warning("session %016x: could not open the Data connection to %s: %s",
                         offer.session_id, link.gateway_id, exc or "timeout")

@@ -35,6 +35,7 @@ class ServeOptions:
     node_id: str | None = None
     pool_size: int = DEFAULT_POOL_SIZE
     reuse_port: bool = False
+    data_congestion: str = ""
 
 
 def run_dir(home: NodeHome) -> Path:
@@ -63,7 +64,8 @@ async def serve(home: NodeHome, opts: ServeOptions) -> None:
                              banned=lambda ip: node.banned(ip))
     node = Node(home, service, NodeSettings(opts.gateways, capacity=opts.capacity,
                                             weight=opts.weight, drain_timeout=opts.drain_timeout,
-                                            node_id=node_id, pool_size=opts.pool_size),
+                                            node_id=node_id, pool_size=opts.pool_size,
+                                            data_congestion=opts.data_congestion),
                 audit=audit)
     listener = None
     pid_file = run_dir(home) / f"node-{os.getpid()}.pid"

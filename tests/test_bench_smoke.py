@@ -20,13 +20,14 @@ def test_bench_quick_writes_results(tmp_path: Path) -> None:
         [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path),
          "--paths", "direct,haproxy-splice,edgegw-splice,edgegw-splice-1hop,openssh,edgegw-node,"
                     "edgegw-gateway",
-         "--sessions", "200", "--sftp-mib", "8"],
+         "--sessions", "200", "--sftp-mib", "8",
+         "--gateway-args", "--congestion-node reno", "--node-args", "--congestion-gateway reno"],
         cwd=REPO, capture_output=True, text=True, timeout=140)
     assert cp.returncode == 0, cp.stderr[-3000:]
     data = json.loads((tmp_path / "latest.json").read_text())
     assert data["schema"] == "edgegw-bench/1"
-    for key in ("cpu_model", "cores", "kernel", "free_page_reporting", "python", "haproxy",
-                "iperf3", "openssh", "edgegw"):
+    for key in ("cpu_model", "cores", "kernel", "free_page_reporting", "tcp_congestion_control",
+                "default_qdisc", "uptime_s", "python", "haproxy", "iperf3", "openssh", "edgegw"):
         assert key in data["machine"]
     assert PARTS <= set(data["parts"])
     for name, part in data["parts"].items():
@@ -43,8 +44,10 @@ def test_bench_quick_writes_results(tmp_path: Path) -> None:
     assert data["parts"]["latency"]["paths"]["direct"]["status"] == "ok"
     # edgegw's own paths need nothing but the suite: the gateway as one hop (its node hands
     # Data connections to netload) carried bytes and echoes
+    # (with the options given to every gateway and to every node dialing one)
     for part in ("onehop", "latency"):
         assert data["parts"][part]["paths"]["edgegw-splice-1hop"]["status"] == "ok", part
+    assert data["options"]["node_args"] == "--congestion-gateway reno"
     svg = (tmp_path / "latest.svg").read_text()
     assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
     assert "== relay" in cp.stdout

@@ -36,6 +36,9 @@ def test_gateway_bad_inputs(tmp_path: Path, node_home: Path) -> None:
         ([*_serve(trust), "--relay-coalesce-us", "100001"], "not in the range 0<=x<=100000"),
         ([*_serve(trust), "--relay-sched", "fifo"], "'fifo' is not one of 'batch', 'normal'"),
         ([*_serve(trust), "--sndbuf-node", "-1"], "not in the range 0<=x<=67108864"),
+        ([*_serve(trust), "--congestion-node", "nosuchalgo"],
+         "congestion control 'nosuchalgo' cannot be used"),
+        ([*_serve(trust), "--congestion-client", "x" * 40], "cannot be used"),
     ]
     try:
         for args, message in cases:
@@ -68,6 +71,10 @@ def test_node_serve_needs_a_gateway_or_listen(node_home: Path) -> None:
     res = _run("internal", "serve", "--home", str(node_home), "--listen", "127.0.0.1:1",
                "--forward", "127.0.0.1:2")
     assert res.returncode != 0 and "cannot be combined" in res.stderr
+    res = _run("internal", "serve", "--home", str(node_home), "--gateway", "127.0.0.1:1",
+               "--congestion-gateway", "nosuchalgo")
+    assert res.returncode != 0 and "--congestion-gateway" in res.stderr
+    assert "'nosuchalgo' cannot be used" in res.stderr and "available here" in res.stderr
     corrupt = node_home / "node.json"
     corrupt.write_text("{not json")
     res = _run("internal", "serve", "--home", str(node_home), "--gateway", "127.0.0.1:1")

@@ -347,22 +347,39 @@ def test_garbage_on_every_port_is_closed_and_leaks_nothing(gateway: GatewayProc,
     assert gateway.popen is not None and gateway.popen.poll() is None
 
 
-def _send_buffers(port: int) -> list[int]:
-    """sk_sndbuf (ss's skmem tb) of every established socket whose local port is `port`."""
-    out = subprocess.run(["ss", "-tmnH", "state", "established", f"sport = :{port}"],
+def _sockets(filter_: str) -> list[tuple[int, str]]:
+    """(sk_sndbuf, congestion control) of every established TCP socket `filter_` selects,
+    as ss reports them (skmem's tb, and the algorithm's name)."""
+    out = subprocess.run(["ss", "-tmniH", "state", "established", filter_],
                          capture_output=True, text=True, check=True).stdout
-    return [int(tb) for tb in re.findall(r"\btb(\d+)", out)]
+    socks = re.split(r"\n(?=\S)", out.strip())   # a socket's lines: the first, then indented
+    found = []
+    for text in filter(None, socks):
+        tb = re.search(r"\btb(\d+)", text)
+        algo = re.search(r"\s(reno|cubic|bbr\d?|dctcp|htcp|vegas|westwood|bic)\b", text)
+        assert tb and algo, text
+        found.append((int(tb.group(1)), algo.group(1)))
+    return found
 
 
-def test_fixed_send_buffers_end_to_end(tmp_path: Path, node_home: Path, procs: list[Proc],
-                                       alice: tuple[str, Path]) -> None:
-    """--sndbuf-client / --sndbuf-node: the gateway's sockets towards clients and nodes get
-    the fixed buffers (the kernel doubles the figure), and files still arrive intact."""
+def _other_congestion_control() -> str:
+    """An algorithm that is not the kernel's default, so the test sees it was chosen."""
+    default = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    return "reno" if default != "reno" else "cubic"
+
+
+def test_send_buffers_and_congestion_control_end_to_end(
+        tmp_path: Path, node_home: Path, procs: list[Proc], alice: tuple[str, Path]) -> None:
+    """--sndbuf-client / --sndbuf-node / --congestion-client / --congestion-node on the
+    gateway and --congestion-gateway on the node: each socket of the relay gets what was asked
+    (the kernel doubles a send buffer's figure), and files still arrive intact."""
     user, key = alice
+    cc = _other_congestion_control()
     gw = start_gateway(tmp_path, node_home / "gateway-trust.pem", "--sndbuf-client", "65536",
-                       "--sndbuf-node", "98304", name="gw-sndbuf")
+                       "--sndbuf-node", "98304", "--congestion-client", cc,
+                       "--congestion-node", cc, name="gw-tcp")
     procs.append(gw)
-    procs.append(start_node(tmp_path, node_home, [gw]))
+    procs.append(start_node(tmp_path, node_home, [gw], "--congestion-gateway", cc))
     _roundtrip(gw.external, user, key, tmp_path, os.urandom(8 << 20))
     # one session held open while the gateway's sockets are read
     held = subprocess.Popen(["sftp", "-P", str(gw.external), "-i", str(key), *SSH_OPTS,
@@ -374,9 +391,12 @@ def test_fixed_send_buffers_end_to_end(tmp_path: Path, node_home: Path, procs: l
         held.stdin.flush()
         while "Remote working directory" not in held.stdout.readline():
             pass
-        assert _send_buffers(gw.external) == [2 * 65536]
-        data_conns = _send_buffers(gw.data)   # the session's, and pooled ones
-        assert data_conns and set(data_conns) == {2 * 98304}
+        assert _sockets(f"sport = :{gw.external}") == [(2 * 65536, cc)]
+        gateway_ends = _sockets(f"sport = :{gw.data}")   # the session's, and pooled ones
+        assert gateway_ends and set(gateway_ends) == {(2 * 98304, cc)}
+        node_ends = _sockets(f"dport = :{gw.data}")
+        assert len(node_ends) == len(gateway_ends)
+        assert {algo for _, algo in node_ends} == {cc}
     finally:
         held.kill()
         held.wait()

@@ -32,6 +32,8 @@ class GatewayConfig:
     relay_sched_batch: bool = True    # relay threads SCHED_BATCH: their wakeups do not preempt
     sndbuf_client: int = 0            # SO_SNDBUF towards clients (downloads); 0: autotuned
     sndbuf_node: int = 0              # SO_SNDBUF of Data connections (uploads); 0: autotuned
+    congestion_client: str = ""       # TCP_CONGESTION towards clients; "": the kernel's default
+    congestion_node: str = ""         # TCP_CONGESTION of Data connections; "": the default
     max_pending: int = 1024           # clients waiting for a node at once; more are closed
     max_handshaking: int = 256        # unauthenticated PNC or Data connections at once, each
     proxy_protocol_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(

@@ -26,7 +26,8 @@ from edgegw.gateway.tls import NODE_TLS_NAME, gateway_context
 from edgegw.netaddr import ip_in_networks, normalize_ip
 from edgegw.pnc.events import Closed
 from edgegw.relay import RelayReport, create_relay
-from edgegw.sockio import listen_socket, set_keepalive, set_nodelay, set_sndbuf
+from edgegw.sockio import (listen_socket, set_congestion, set_keepalive, set_nodelay,
+                           set_sndbuf)
 
 log = logging.getLogger("edgegw.gateway")
 
@@ -139,7 +140,7 @@ class Gateway:
             sock.close()
             return
         set_nodelay(sock)
-        set_sndbuf(sock, self.config.sndbuf_client)
+        _tune(sock, self.config.sndbuf_client, self.config.congestion_client)
         self._pending_clients += 1
         try:
             await dispatch_client(self, sock, ip, port)
@@ -159,7 +160,7 @@ class Gateway:
             sock.close()
             return
         set_nodelay(sock)
-        set_sndbuf(sock, self.config.sndbuf_node)
+        _tune(sock, self.config.sndbuf_node, self.config.congestion_node)
         set_keepalive(sock)  # pooled ones idle between sessions
         try:
             await handle_data_connection(self, sock, addr)
@@ -231,6 +232,15 @@ class Gateway:
         if info is not None and info.peer.alive:
             info.peer.send(Closed(report.session_id, report.bytes_a_to_b, report.bytes_b_to_a,
                                   int(report.duration * 1000), report.reason.value))
+
+
+def _tune(sock: socket.socket, sndbuf: int, congestion: str) -> None:
+    """The per-connection TCP settings an operator chose for one side of the relay."""
+    set_sndbuf(sock, sndbuf)
+    try:
+        set_congestion(sock, congestion)
+    except OSError as exc:  # checked at startup; a module unloaded since: keep the default
+        log.warning("congestion control %s not set: %s", congestion, exc.strerror)
 
 
 def _fmt(addr: tuple[str, int]) -> str:

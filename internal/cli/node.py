@@ -11,6 +11,7 @@ from edgegw import eventloop
 from edgegw.limits import raise_fd_limit
 from edgegw.logsetup import LEVELS, setup_logging
 from edgegw.netaddr import HostPort, parse_hostport
+from edgegw.sockio import check_congestion
 from internal.cli.common import default_workers, home_option, load_home
 from internal.data_pool import DEFAULT_SIZE as DEFAULT_POOL_SIZE
 from internal.home import HomeError, NodeHome
@@ -78,13 +79,17 @@ def init(home_dir: str, db_url: str | None, node_id: str | None, files_root: str
 @click.option("--pool-size", default=DEFAULT_POOL_SIZE, show_default=True,
               type=click.IntRange(0, 256),
               help="Pre-opened Data connections per gateway (0: dial one per session).")
+@click.option("--congestion-gateway", default="", metavar="NAME",
+              help="TCP congestion control of the Data connections to the gateways (what "
+                   "downloads are sent on), e.g. cubic; default: the kernel's. See the "
+                   "gateway's --congestion-node.")
 @click.option("--reuse-port", is_flag=True, hidden=True,
               help="Share --listen with sibling worker processes (set by --workers).")
 @click.option("--log-level", type=click.Choice(LEVELS), default="info", show_default=True)
 def serve(home_dir: str, gateways: list[HostPort], listen: HostPort | None,
           forward: HostPort | None, forward_proxy_protocol: str | None, capacity: int,
           weight: int, drain_timeout: float, node_id: str | None, workers: int,
-          pool_size: int, reuse_port: bool, log_level: str) -> None:
+          pool_size: int, congestion_gateway: str, reuse_port: bool, log_level: str) -> None:
     """Run the internal node: dial the gateways and serve the sessions they offer."""
     from internal.runtime import ServeOptions, serve as run_node
 
@@ -98,6 +103,10 @@ def serve(home_dir: str, gateways: list[HostPort], listen: HostPort | None,
         raise click.UsageError("--listen and --forward cannot be combined")
     if forward_proxy_protocol and forward is None:
         raise click.UsageError("--forward-proxy-protocol needs --forward")
+    try:
+        check_congestion(congestion_gateway)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--congestion-gateway") from None
     if workers > 1:
         import sys
 
@@ -106,7 +115,8 @@ def serve(home_dir: str, gateways: list[HostPort], listen: HostPort | None,
     opts = ServeOptions(list(gateways), listen=listen, forward=forward,
                         forward_proxy_protocol=forward_proxy_protocol, capacity=capacity,
                         weight=weight, drain_timeout=drain_timeout, node_id=node_id,
-                        pool_size=pool_size, reuse_port=reuse_port)
+                        pool_size=pool_size, reuse_port=reuse_port,
+                        data_congestion=congestion_gateway)
     try:
         eventloop.run(run_node(home, opts))
     except (StoreError, OSError) as exc:
