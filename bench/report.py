@@ -188,6 +188,7 @@ def format_table(part: PartResult, spread: bool = False) -> str:
 def print_tables(results: Results, spread: bool = False, file=sys.stdout) -> None:
     m = results.machine
     print(f"edgegw bench - {m.get('cpu_model')} x{m.get('cores')}, kernel {m.get('kernel')}, "
+          f"tcp {m.get('tcp_congestion_control')}/{m.get('default_qdisc')}, "
           f"python {m.get('python')}; {results.options}", file=file)
     for part in results.parts.values():
         print(file=file)

@@ -51,6 +51,7 @@ def test_bench_quick_writes_results(tmp_path: Path) -> None:
     svg = (tmp_path / "latest.svg").read_text()
     assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
     assert "== relay" in cp.stdout
+    assert f"tcp {data['machine']['tcp_congestion_control']}/" in cp.stdout
 
 
 def _virtio_device(root: Path, name: str, device_id: int, features: str, bound: bool) -> None:
