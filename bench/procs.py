@@ -377,7 +377,7 @@ def _sysctl(name: str) -> str:
         return "unknown"
 
 
-def _uptime() -> int | None:
+def uptime_seconds() -> int | None:
     """Seconds since boot: a VM's first minutes may still fault in its memory from the host."""
     try:
         return int(float(Path("/proc/uptime").read_text().split()[0]))
@@ -417,7 +417,7 @@ def machine_facts() -> dict[str, object]:
         "free_page_reporting": free_page_reporting() or "off",
         "tcp_congestion_control": _sysctl("net/ipv4/tcp_congestion_control"),
         "default_qdisc": _sysctl("net/core/default_qdisc"),
-        "uptime_s": _uptime(),
+        "uptime_s": uptime_seconds(),
         "python": sys.version.split()[0],
         "haproxy": _first_line(["haproxy", "-v"]) if which("haproxy") else "missing",
         "iperf3": _first_line(["iperf3", "-v"]) if which("iperf3") else "missing",

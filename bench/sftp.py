@@ -17,7 +17,8 @@ from pathlib import Path
 
 from bench.peers import (Ctx, EdgegwGateway, EdgegwSsh, HAProxy, RelayPath, Sshd, start_all,
                          stop_all)
-from bench.procs import Skip, cpu_seconds, free_page_reporting, log, need, pin_tree
+from bench.procs import (Skip, cpu_seconds, free_page_reporting, log, need, pin_tree,
+                         uptime_seconds)
 from bench.report import Metric, PartResult, Results
 from bench.sessions import ssh_keys
 
@@ -73,6 +74,23 @@ def make_source(path: Path, size: int) -> None:
             f.write(block)
 
 
+FRESH_BOOT_S = 600   # a VM booted this recently may not have all its memory backed yet
+
+
+def memory_warnings(reporting: str | None, uptime: int | None) -> dict[str, str]:
+    """Notes on what makes tmpfs transfers on this machine slow by turns, not by design."""
+    notes = {}
+    if reporting:
+        notes["memory"] = (f"this VM hands freed memory back to its host ({reporting}), "
+                           "so one tmpfs transfer can cost up to 3.5x the CPU of the next; "
+                           "see bench/README.md, 'Memory that the VM hands back'")
+    if uptime is not None and uptime < FRESH_BOOT_S:
+        notes["boot"] = (f"the machine booted {uptime} s ago: a VM's host may still be backing "
+                         "its memory at first touch, which slows every new tmpfs file; see "
+                         "bench/README.md, 'A VM's first minutes'")
+    return notes
+
+
 def own_cpu_layout(part: PartResult, targets: list[Target]) -> set[int] | None:
     """--sftp-own-cpu: each SSH server (sshd with its session processes, the edgegw node)
     alone on the last CPU, everything else (client, HAProxy, gateway, forwarding node) on the
@@ -100,12 +118,9 @@ def run(ctx: Ctx, results: Results, *, quick: bool, repeat: int, mib: int | None
         baselines=["openssh", "edgegw-node"],
         ratio_metrics=[f"{d}_{c}" for c in CIPHERS for d in ("up", "down")]))
     part.notes["units"] = "MB = 1e6 bytes; CPU s/GiB; relay CPU = HAProxy or edgegw gateway"
-    reporting = free_page_reporting()
-    if reporting:
-        part.notes["memory"] = (f"this VM hands freed memory back to its host ({reporting}), "
-                                "so one tmpfs transfer can cost up to 3.5x the CPU of the next; "
-                                "see bench/README.md, 'Memory that the VM hands back'")
-        log(f"sftp: warning: {part.notes['memory']}")
+    for name, text in memory_warnings(free_page_reporting(), uptime_seconds()).items():
+        part.notes[name] = text
+        log(f"sftp: warning: {text}")
     try:
         need("sftp")
     except Skip as exc:

@@ -75,3 +75,13 @@ def test_free_page_reporting_is_read_from_the_balloon_device(tmp_path: Path) -> 
     _virtio_device(tmp_path, "virtio3", 0x0005, bit5, bound=True)
     assert free_page_reporting(tmp_path) == "virtio3"
     assert free_page_reporting(tmp_path / "absent") is None
+
+
+def test_sftp_warns_of_what_makes_tmpfs_transfers_slow_by_turns() -> None:
+    from bench.sftp import FRESH_BOOT_S, memory_warnings
+    assert memory_warnings(None, None) == {}
+    assert memory_warnings(None, FRESH_BOOT_S) == {}                      # booted long enough ago
+    fresh = memory_warnings(None, 120)
+    assert list(fresh) == ["boot"] and "booted 120 s ago" in fresh["boot"]
+    both = memory_warnings("virtio0", 30)
+    assert set(both) == {"memory", "boot"} and "(virtio0)" in both["memory"]
