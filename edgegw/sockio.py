@@ -148,7 +148,8 @@ def check_congestion(name: str) -> None:
 
 def set_congestion(sock: socket.socket, name: str) -> None:
     """TCP congestion control `name` for this connection ("" keeps the kernel's default).
-    Checked at startup by check_congestion, so a failure here is only logged by the caller."""
+    OSError if the kernel refuses it, which check_congestion has ruled out at startup unless
+    the algorithm's module was unloaded since."""
     if name:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name.encode())
 

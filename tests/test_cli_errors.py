@@ -39,6 +39,7 @@ def test_gateway_bad_inputs(tmp_path: Path, node_home: Path) -> None:
         ([*_serve(trust), "--congestion-node", "nosuchalgo"],
          "congestion control 'nosuchalgo' cannot be used"),
         ([*_serve(trust), "--congestion-client", "x" * 40], "cannot be used"),
+        ([*_serve(trust), "--congestion-client", "nosuchalgo"], "'--congestion-client'"),
     ]
     try:
         for args, message in cases:

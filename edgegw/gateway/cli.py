@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from edgegw.cliparams import congestion
 from edgegw.gateway.config import GatewayConfig
 from edgegw.gateway.server import run_gateway
 from edgegw.gateway.tls import TrustError, gateway_context
@@ -14,7 +15,6 @@ from edgegw.logsetup import LEVELS, setup_logging
 from edgegw.netaddr import HostPort, parse_hostport, parse_networks
 from edgegw.relay.base import DEFAULT_COALESCE_US, MAX_COALESCE_US
 from edgegw.runner import run_until_signalled
-from edgegw.sockio import check_congestion
 
 MAX_SNDBUF = 64 << 20
 
@@ -73,10 +73,10 @@ def _hostport(ctx: click.Context, param: click.Parameter, value: str) -> HostPor
 @click.option("--sndbuf-node", default=0, show_default=True, metavar="BYTES",
               type=click.IntRange(0, MAX_SNDBUF),
               help="The same for Data connections to nodes (what uploads are written to).")
-@click.option("--congestion-client", default="", metavar="NAME",
+@click.option("--congestion-client", default="", metavar="NAME", callback=congestion,
               help="TCP congestion control of client connections (e.g. cubic, bbr); default: "
                    "the kernel's (net.ipv4.tcp_congestion_control).")
-@click.option("--congestion-node", default="", metavar="NAME",
+@click.option("--congestion-node", default="", metavar="NAME", callback=congestion,
               help="The same for Data connections to nodes (what uploads are sent on). bbr "
                    "paces every burst with a timer unless the interface has the fq qdisc; on "
                    "the short hop to the nodes cubic does the same work for less CPU.")
@@ -95,8 +95,6 @@ def serve(external: HostPort, pnc: HostPort, data: HostPort, trust: Path, gatewa
     try:
         gateway_context(trust)  # fail fast, before binding anything
         nets = parse_networks(proxy_protocol_from)
-        for name in (congestion_client, congestion_node):
-            check_congestion(name)
     except (TrustError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     config = GatewayConfig(

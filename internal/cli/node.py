@@ -8,10 +8,10 @@ import time
 import click
 
 from edgegw import eventloop
+from edgegw.cliparams import congestion
 from edgegw.limits import raise_fd_limit
 from edgegw.logsetup import LEVELS, setup_logging
 from edgegw.netaddr import HostPort, parse_hostport
-from edgegw.sockio import check_congestion
 from internal.cli.common import default_workers, home_option, load_home
 from internal.data_pool import DEFAULT_SIZE as DEFAULT_POOL_SIZE
 from internal.home import HomeError, NodeHome
@@ -79,7 +79,7 @@ def init(home_dir: str, db_url: str | None, node_id: str | None, files_root: str
 @click.option("--pool-size", default=DEFAULT_POOL_SIZE, show_default=True,
               type=click.IntRange(0, 256),
               help="Pre-opened Data connections per gateway (0: dial one per session).")
-@click.option("--congestion-gateway", default="", metavar="NAME",
+@click.option("--congestion-gateway", default="", metavar="NAME", callback=congestion,
               help="TCP congestion control of the Data connections to the gateways (what "
                    "downloads are sent on), e.g. cubic; default: the kernel's. See the "
                    "gateway's --congestion-node.")
@@ -103,10 +103,6 @@ def serve(home_dir: str, gateways: list[HostPort], listen: HostPort | None,
         raise click.UsageError("--listen and --forward cannot be combined")
     if forward_proxy_protocol and forward is None:
         raise click.UsageError("--forward-proxy-protocol needs --forward")
-    try:
-        check_congestion(congestion_gateway)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--congestion-gateway") from None
     if workers > 1:
         import sys
 
