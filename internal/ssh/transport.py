@@ -9,8 +9,12 @@ the cipher, and this subclass removes what the node does not need:
 * no SSH_MSG_IGNORE before every packet: asyncssh sends one as the old countermeasure against
   CBC plaintext recovery, and the node offers no CBC cipher (`internal.ssh.algorithms`);
 * a receive buffer consumed through a memoryview, so each packet no longer copies everything
-  queued behind it, and a packet that arrives in many reads is joined once, not once per read;
-* AES-GCM with one AESGCM object per key and a single copy per packet each way;
+  queued behind it; a packet that arrives in many reads is joined once, not once per read,
+  and a read that completes a packet has only that packet's head joined, not all of it;
+* AES-GCM with one AESGCM object per key, received packets decrypted where they lie in the
+  read buffer, and a single copy per sent packet;
+* channel data kept as memoryviews under the SFTP server (`_ViewStreamSession`), so the
+  stream reads that cut SFTP requests out of it copy only once;
 * chacha20-poly1305 with one keystream call for the Poly1305 key and the payload together, no
   header+data joins, and on receive the packet authenticated and decrypted straight out of the
   read buffer (`_FastChaCha`; asyncssh makes three ChaCha20 contexts and joins header and
@@ -34,6 +38,7 @@ from typing import Any, Optional
 import asyncssh
 from asyncssh.connection import SSHServerConnection
 from asyncssh.packet import SSHPacketLogger
+from asyncssh.stream import SSHServerStreamSession
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -79,6 +84,10 @@ class _FastGCM:
     """aes*-gcm@openssh.com (RFC 5647) for one direction: same nonce sequence as asyncssh's
     GCMCipher, one AESGCM key schedule per key instead of per packet."""
 
+    # asyncssh reads the first cipher block (AES: 16 bytes) before it takes the length;
+    # decrypt_packet relies on it
+    FIRST = 16
+
     def __init__(self, key: bytes, iv: bytes) -> None:
         self._aead = AESGCM(key)
         self._fixed = iv[:4]
@@ -116,10 +125,17 @@ class _FastGCM:
 
     def decrypt_packet(self, seq: int, first: Any, rest: Any, header_len: int,
                        mac: Any) -> Optional[bytes]:
+        """`first` is asyncssh's first block, or (from the node's receive path) a view from
+        the packet's start over whatever was buffered with it: when that covers the whole
+        packet, ciphertext and tag are decrypted in place, without a join."""
         nonce = self._nonce()
+        end = self.FIRST + len(rest) + len(mac)
+        if len(first) >= end:
+            data = first[header_len:end]
+        else:
+            data = b"".join((first[header_len:self.FIRST], rest, mac))
         try:
-            return self._aead.decrypt(nonce, b"".join((first[header_len:], rest, mac)),
-                                      bytes(first[:header_len]))
+            return self._aead.decrypt(nonce, data, first[:header_len])
         except InvalidTag:
             return None
 
@@ -271,6 +287,18 @@ class _CorkedTransport:
         return getattr(self._transport, name)
 
 
+class _ViewStreamSession(SSHServerStreamSession):
+    """asyncssh's stream session under the SFTP server, holding received channel data as
+    memoryviews. Its read() slices the first buffered chunk on every read that ends inside
+    it and keeps the rest: over bytes both halves are copies, so each SFTP request (a 4-byte
+    length, then a body that spans two 32 KiB channel packets) copied most of its bytes two
+    or three times before the one join that makes the request. Over views only that join
+    copies."""
+
+    def data_received(self, data: Any, datatype: Any) -> None:
+        super().data_received(memoryview(data) if type(data) is bytes else data, datatype)
+
+
 class NodeServerConnection(SSHServerConnection):
     """asyncssh's SSHServerConnection with the per-packet fast path described above."""
 
@@ -294,6 +322,13 @@ class NodeServerConnection(SSHServerConnection):
         super().connection_made(
             _CorkedTransport(transport, self._loop))  # type: ignore[arg-type]
 
+    def _process_session_open(self, packet: Any) -> tuple[Any, Any]:
+        chan, session = super()._process_session_open(packet)
+        if type(session) is SSHServerStreamSession:
+            # asyncssh builds the session itself; the subclass only changes data_received
+            session.__class__ = _ViewStreamSession
+        return chan, session
+
     # Both directions' encryption objects are swapped for the fast GCM one when they are set
     # (after each key exchange); anything else is kept as asyncssh made it.
     @property
@@ -315,23 +350,37 @@ class NodeServerConnection(SSHServerConnection):
     # -- receive ---------------------------------------------------------------------------
     def data_received(self, data: bytes, datatype: Any = None) -> None:
         buf = self._inpbuf
-        if self._recv_handler == self._recv_packet:
-            # A large packet often arrives in many reads (always so through a relay). Joining
-            # each read onto what is buffered would copy the packet over and over: keep the
-            # reads aside until the whole packet is there, then join once.
-            rem = 4 + self._pktlen + self._recv_macsize - self._recv_blocksize
-            if len(buf) + self._held_len + len(data) < rem:
+        handler = self._recv_handler
+        if handler == self._recv_packet:
+            need = (4 + self._pktlen + self._recv_macsize - self._recv_blocksize - len(buf) -
+                    self._held_len)
+            if need > len(data):
+                # A large packet often arrives in many reads (always so through a relay).
+                # Joining each read onto what is buffered would copy the packet over and over:
+                # keep the reads aside until the whole packet is there, then join once.
                 self._held.append(data)
                 self._held_len += len(data)
                 self._reset_keepalive_timer()
                 return
-        if self._held:
-            self._inpbuf = b"".join((buf, *self._held, data))
+        elif handler == self._recv_pkthdr:
+            need = self._recv_blocksize - len(buf)
+        else:   # the version line
+            need = 0
+        if need > 0 and (buf or self._held) and need <= len(data):
+            # Most reads end inside a packet. Joining the next read whole onto that leftover
+            # would copy every byte received once more: join only the head that completes
+            # the pending header or packet, and parse the rest of the read in place.
+            view = memoryview(data)
+            self._inpbuf = b"".join((buf, *self._held, view[:need]))
             self._held = []
             self._held_len = 0
-        elif not buf:
+            self._recv_data()
+            if self._transport is None or need == len(data):   # closed by it, or all parsed
+                return
+            buf, data = self._inpbuf, view[need:]
+        if not buf:
             self._inpbuf = data
-        elif isinstance(buf, memoryview):   # the partial packet left from the last read
+        elif isinstance(buf, memoryview) or isinstance(data, memoryview):
             self._inpbuf = b"".join((buf, data))
         else:
             self._inpbuf = buf + data
@@ -348,7 +397,8 @@ class NodeServerConnection(SSHServerConnection):
             buf = memoryview(buf)
         self._inpbuf = buf[bs:]
         enc = self._recv_encryption
-        if type(enc) is _FastChaCha and bs == _FastChaCha.FIRST:
+        if (type(enc) is _FastChaCha and bs == _FastChaCha.FIRST) or \
+                (type(enc) is _FastGCM and bs == _FastGCM.FIRST):
             # the whole view: if the packet is already buffered, it is decrypted from here
             self._packet, pktlen = enc.decrypt_header(self._recv_seq, buf, 4)
         else:

@@ -1,0 +1,143 @@
+"""The node's SSH receive path (`internal.ssh.transport.NodeServerConnection.data_received`)
+with reads cut anywhere: inside a packet's first block, exactly where a packet ends, a byte
+past it, mid-packet, one byte at a time, and whole. Real OpenSSH sftp traffic for both fast
+ciphers must arrive intact, and the paths that spare copies (a packet decrypted in place in
+the read that holds it, channel data kept as views) must be the ones taken."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from internal.ssh.transport import (NodeServerConnection, _FastChaCha, _FastGCM,
+                                    _ViewStreamSession)
+from tests import sshutil
+from tests.procs import SSH_OPTS
+from tests.sshutil import NodeUnderTest
+
+sshnode = sshutil.sshnode   # the fixture
+
+CIPHERS = ["aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com"]
+
+
+def _pending(conn: Any) -> int:
+    """Bytes that complete what the connection is waiting for (header or packet); 0 before
+    the version line is done."""
+    if conn._recv_handler == conn._recv_packet:
+        return (4 + conn._pktlen + conn._recv_macsize - conn._recv_blocksize -
+                len(conn._inpbuf) - conn._held_len)
+    if conn._recv_handler == conn._recv_pkthdr:
+        return conn._recv_blocksize - len(conn._inpbuf)
+    return 0
+
+
+@pytest.fixture
+def cut_reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Every read the node's connections get is handed on in pieces: a quarter cut exactly
+    where the pending header or packet ends (or one byte either side of it), the rest at
+    random sizes from 1 byte to 3 packets. Counts what was fed."""
+    rng = random.Random(20261125)
+    real = NodeServerConnection.data_received
+    fed = {"reads": 0, "pieces": 0, "exact": 0}
+
+    def data_received(self: Any, data: bytes, datatype: Any = None) -> None:
+        fed["reads"] += 1
+        pos = 0
+        while pos < len(data) and self._transport is not None:
+            pending = _pending(self)
+            pick = rng.random()
+            if pick < 0.25 and pending > 0:
+                n = pending + rng.choice((-1, 0, 0, 1))
+                fed["exact"] += 1
+            elif pick < 0.45:
+                n = rng.randint(1, 20)
+            else:
+                n = rng.randint(1, 100_000)
+            n = max(1, min(n, len(data) - pos))
+            fed["pieces"] += 1
+            real(self, data[pos:pos + n])
+            pos += n
+
+    monkeypatch.setattr(NodeServerConnection, "data_received", data_received)
+    return fed
+
+
+@pytest.fixture
+def decrypts(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """How many packets each fast cipher opened in place (the view from the packet's start
+    held all of it) and how many it had to join."""
+    seen = {"in_place": 0, "joined": 0}
+    for cls in (_FastGCM, _FastChaCha):
+        real = cls.decrypt_packet
+
+        def decrypt_packet(self: Any, seq: int, first: Any, rest: Any, header_len: int,
+                           mac: Any, _real: Any = real, _cls: Any = cls) -> Any:
+            whole = len(first) >= _cls.FIRST + len(rest) + (len(mac) if _cls is _FastGCM
+                                                             else 0)
+            seen["in_place" if whole else "joined"] += 1
+            return _real(self, seq, first, rest, header_len, mac)
+
+        monkeypatch.setattr(cls, "decrypt_packet", decrypt_packet)
+    return seen
+
+
+async def _sftp(node: NodeUnderTest, cipher: str, key: Path, commands: str) -> str:
+    args = ["sftp", "-b", "-", "-c", cipher, "-P", str(node.port), "-i", str(key),
+            "-o", "IdentitiesOnly=yes", *SSH_OPTS, "alice@127.0.0.1"]
+    proc = await asyncio.create_subprocess_exec(*args, stdin=asyncio.subprocess.PIPE,
+                                                stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(commands.encode()), 180)
+    assert proc.returncode == 0, out.decode(errors="replace")
+    return out.decode(errors="replace")
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("cipher", CIPHERS)
+async def test_reads_cut_anywhere(sshnode: NodeUnderTest, tmp_path: Path, cipher: str,
+                                  cut_reads: dict[str, int], decrypts: dict[str, int]) -> None:
+    home, key = sshnode.keyed_user("alice")
+    src = tmp_path / "up.bin"
+    src.write_bytes(os.urandom((4 << 20) + 4321))
+    await _sftp(sshnode, cipher, key, f"put {src} up.bin\nget up.bin {tmp_path / 'down.bin'}\n"
+                                      f"put {src} again.bin\n")
+    assert _digest(home / "up.bin") == _digest(src) == _digest(tmp_path / "down.bin")
+    assert _digest(home / "again.bin") == _digest(src)
+    await sshnode.wait_idle()
+    # the cuts landed where they should: many reads were split, many exactly at a boundary
+    assert cut_reads["pieces"] > 2 * cut_reads["reads"]
+    assert cut_reads["exact"] > 50
+    # ~260 bulk packets came in: both ways of opening them were taken
+    assert decrypts["in_place"] > 20 and decrypts["joined"] > 20, decrypts
+
+
+@pytest.mark.parametrize("cipher", CIPHERS)
+async def test_whole_reads_open_packets_in_place(
+        sshnode: NodeUnderTest, tmp_path: Path, cipher: str, decrypts: dict[str, int],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Uncut loopback reads (up to 256 KiB) hold several packets each: most are opened
+    where they lie, and the SFTP server reads channel data as views."""
+    sessions: list[Any] = []
+    real_received = _ViewStreamSession.data_received
+
+    def data_received(self: Any, data: Any, datatype: Any) -> None:
+        sessions.append(self)
+        real_received(self, data, datatype)
+
+    monkeypatch.setattr(_ViewStreamSession, "data_received", data_received)
+    home, key = sshnode.keyed_user("alice")
+    src = tmp_path / "up.bin"
+    src.write_bytes(os.urandom(8 << 20))
+    await _sftp(sshnode, cipher, key, f"put {src} up.bin\n")
+    assert _digest(home / "up.bin") == _digest(src)
+    await sshnode.wait_idle()
+    assert decrypts["in_place"] > decrypts["joined"], decrypts
+    assert len(set(map(id, sessions))) == 1 and len(sessions) > 200
