@@ -1,4 +1,4 @@
-"""The node's chacha20-poly1305@openssh.com fast path (`internal.ssh.transport._FastChaCha`):
+"""The node's chacha20-poly1305@openssh.com fast path (`internal.ssh.ciphers.FastChaCha`):
 byte for byte asyncssh's own ChachaEncryption, and real OpenSSH and asyncssh clients moving
 files through it, across rekeys."""
 from __future__ import annotations
@@ -15,8 +15,8 @@ import asyncssh
 import pytest
 from asyncssh.encryption import ChachaEncryption, get_encryption
 
-from internal.ssh import libcrypto, transport
-from internal.ssh.transport import _CHACHA_BLOCK0, _FastChaCha, _wrap
+from internal.ssh import ciphers, libcrypto
+from internal.ssh.ciphers import CHACHA_BLOCK0, FastChaCha, wrap_cipher
 from tests import sshutil
 from tests.procs import SSH_OPTS
 from tests.sshutil import NodeUnderTest
@@ -28,19 +28,19 @@ CHACHA = "chacha20-poly1305@openssh.com"
 
 @pytest.fixture(autouse=True, params=["libcrypto", "cryptography"])
 def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test runs on both implementations under _FastChaCha: the system's libcrypto
+    """Every test runs on both implementations under FastChaCha: the system's libcrypto
     (internal.ssh.libcrypto, one context per key) and the cryptography package."""
     if request.param == "cryptography":
-        monkeypatch.setattr(transport.ChaChaPoly, "load", classmethod(lambda cls, *a: None))
+        monkeypatch.setattr(ciphers.ChaChaPoly, "load", classmethod(lambda cls, *a: None))
     elif libcrypto._library() is None:
         pytest.skip(f"system libcrypto not usable here: {libcrypto._load_error}")
     return request.param
 
 
-def _pair(key: bytes) -> tuple[Any, _FastChaCha]:
+def _pair(key: bytes) -> tuple[Any, FastChaCha]:
     ref = get_encryption(CHACHA.encode(), key, b"")
-    fast = _wrap(ref)
-    assert type(ref) is ChachaEncryption and type(fast) is _FastChaCha
+    fast = wrap_cipher(ref)
+    assert type(ref) is ChachaEncryption and type(fast) is FastChaCha
     return ref, fast
 
 
@@ -79,7 +79,7 @@ def test_encrypt_matches_asyncssh() -> None:
     for _rng, ref, fast, seq, hdr, packet in _cases(1):
         want = ref.encrypt_packet(seq, hdr, packet)
         assert fast.encrypt_packet(seq, hdr, packet) == want
-        enc_len, body, tag = fast.seal(seq, hdr, _CHACHA_BLOCK0 + packet)
+        enc_len, body, tag = fast.seal(seq, hdr, CHACHA_BLOCK0 + packet)
         assert (enc_len + bytes(body), tag) == want
         assert len(tag) == 16 and body.nbytes == len(packet)
 
@@ -142,24 +142,24 @@ def test_other_ciphers_are_not_taken() -> None:
     gcm = get_encryption(b"aes128-gcm@openssh.com", os.urandom(16), os.urandom(12))
     ctr = get_encryption(b"aes128-ctr", os.urandom(16), os.urandom(16),
                          b"hmac-sha2-256-etm@openssh.com", os.urandom(32), True)
-    assert _FastChaCha.wrap(gcm) is gcm and _FastChaCha.wrap(ctr) is ctr
-    assert type(_wrap(gcm)) is transport._FastGCM
-    assert type(_wrap(ctr)) is transport._BytesIn
+    assert FastChaCha.wrap(gcm) is gcm and FastChaCha.wrap(ctr) is ctr
+    assert type(wrap_cipher(gcm)) is ciphers.FastGCM
+    assert type(wrap_cipher(ctr)) is ciphers.BytesIn
 
 
 # -- real clients against a node ----------------------------------------------------------
 
 @pytest.fixture
-def chacha_keys(monkeypatch: pytest.MonkeyPatch) -> list[_FastChaCha]:
-    """Every _FastChaCha the node makes (one per direction per key exchange), each counting
+def chacha_keys(monkeypatch: pytest.MonkeyPatch) -> list[FastChaCha]:
+    """Every FastChaCha the node makes (one per direction per key exchange), each counting
     the packets it sealed and opened."""
-    made: list[_FastChaCha] = []
-    real_wrap, real_seal, real_open = _FastChaCha.wrap.__func__, _FastChaCha.seal, \
-        _FastChaCha.decrypt_packet
+    made: list[FastChaCha] = []
+    real_wrap, real_seal, real_open = FastChaCha.wrap.__func__, FastChaCha.seal, \
+        FastChaCha.decrypt_packet
 
-    def wrap(cls: type[_FastChaCha], enc: Any) -> Any:
+    def wrap(cls: type[FastChaCha], enc: Any) -> Any:
         fast = real_wrap(cls, enc)
-        if type(fast) is _FastChaCha:
+        if type(fast) is FastChaCha:
             fast.sealed = fast.opened = 0  # type: ignore[attr-defined]
             made.append(fast)
         return fast
@@ -173,9 +173,9 @@ def chacha_keys(monkeypatch: pytest.MonkeyPatch) -> list[_FastChaCha]:
         self.opened += out is not None
         return out
 
-    monkeypatch.setattr(_FastChaCha, "wrap", classmethod(wrap))
-    monkeypatch.setattr(_FastChaCha, "seal", seal)
-    monkeypatch.setattr(_FastChaCha, "decrypt_packet", decrypt_packet)
+    monkeypatch.setattr(FastChaCha, "wrap", classmethod(wrap))
+    monkeypatch.setattr(FastChaCha, "seal", seal)
+    monkeypatch.setattr(FastChaCha, "decrypt_packet", decrypt_packet)
     return made
 
 
@@ -196,7 +196,7 @@ def _digest(path: Path) -> str:
 
 
 async def test_openssh_sftp_chacha_round_trip(sshnode: NodeUnderTest, tmp_path: Path,
-                                              chacha_keys: list[_FastChaCha]) -> None:
+                                              chacha_keys: list[FastChaCha]) -> None:
     home, key = sshnode.keyed_user("alice")
     src = tmp_path / "up.bin"
     src.write_bytes(os.urandom(3 << 20) + os.urandom(12345))   # not a multiple of anything
@@ -214,7 +214,7 @@ async def test_openssh_sftp_chacha_round_trip(sshnode: NodeUnderTest, tmp_path: 
 
 
 async def test_openssh_sftp_chacha_across_rekeys(sshnode: NodeUnderTest, tmp_path: Path,
-                                                 chacha_keys: list[_FastChaCha]) -> None:
+                                                 chacha_keys: list[FastChaCha]) -> None:
     home, key = sshnode.keyed_user("alice")
     src = tmp_path / "big.bin"
     block = os.urandom(1 << 20)
@@ -234,7 +234,7 @@ async def test_openssh_sftp_chacha_across_rekeys(sshnode: NodeUnderTest, tmp_pat
 
 
 async def test_asyncssh_client_chacha(sshnode: NodeUnderTest, tmp_path: Path,
-                                      chacha_keys: list[_FastChaCha]) -> None:
+                                      chacha_keys: list[FastChaCha]) -> None:
     """asyncssh as the client: its own ChachaEncryption on the other end, and a rekey by
     byte count from the client side."""
     home, key = sshnode.keyed_user("bob")

@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from internal.ssh.transport import (NodeServerConnection, _FastChaCha, _FastGCM,
-                                    _ViewStreamSession)
+from internal.ssh.ciphers import FastChaCha, FastGCM
+from internal.ssh.streams import ViewChannel, ViewStreamSession
+from internal.ssh.transport import NodeServerConnection
 from tests import sshutil
 from tests.procs import SSH_OPTS
 from tests.sshutil import NodeUnderTest
@@ -72,12 +73,12 @@ def decrypts(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """How many packets each fast cipher opened in place (the view from the packet's start
     held all of it) and how many it had to join."""
     seen = {"in_place": 0, "joined": 0}
-    for cls in (_FastGCM, _FastChaCha):
+    for cls in (FastGCM, FastChaCha):
         real = cls.decrypt_packet
 
         def decrypt_packet(self: Any, seq: int, first: Any, rest: Any, header_len: int,
                            mac: Any, _real: Any = real, _cls: Any = cls) -> Any:
-            whole = len(first) >= _cls.FIRST + len(rest) + (len(mac) if _cls is _FastGCM
+            whole = len(first) >= _cls.FIRST + len(rest) + (len(mac) if _cls is FastGCM
                                                              else 0)
             seen["in_place" if whole else "joined"] += 1
             return _real(self, seq, first, rest, header_len, mac)
@@ -124,20 +125,32 @@ async def test_whole_reads_open_packets_in_place(
         sshnode: NodeUnderTest, tmp_path: Path, cipher: str, decrypts: dict[str, int],
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Uncut loopback reads (up to 256 KiB) hold several packets each: most are opened
-    where they lie, and the SFTP server reads channel data as views."""
-    sessions: list[Any] = []
-    real_received = _ViewStreamSession.data_received
+    where they lie. The SFTP server reads channel data as views, and its replies are queued
+    as views of the bytes it wrote."""
+    received: list[Any] = []
+    writes: list[int] = []
+    queued: list[Any] = []
+    real_received, real_write = ViewStreamSession.data_received, ViewChannel.write
 
     def data_received(self: Any, data: Any, datatype: Any) -> None:
-        sessions.append(self)
+        received.append(self)
         real_received(self, data, datatype)
 
-    monkeypatch.setattr(_ViewStreamSession, "data_received", data_received)
+    def write(self: Any, data: Any, datatype: Any = None) -> None:
+        writes.append(len(data))
+        real_write(self, data, datatype)
+        queued.extend(type(buf) for buf, _ in self._send_buf)
+
+    monkeypatch.setattr(ViewStreamSession, "data_received", data_received)
+    monkeypatch.setattr(ViewChannel, "write", write)
     home, key = sshnode.keyed_user("alice")
     src = tmp_path / "up.bin"
     src.write_bytes(os.urandom(8 << 20))
-    await _sftp(sshnode, cipher, key, f"put {src} up.bin\n")
-    assert _digest(home / "up.bin") == _digest(src)
+    await _sftp(sshnode, cipher, key, f"put {src} up.bin\nget up.bin {tmp_path / 'down.bin'}\n")
+    assert _digest(home / "up.bin") == _digest(src) == _digest(tmp_path / "down.bin")
     await sshnode.wait_idle()
     assert decrypts["in_place"] > decrypts["joined"], decrypts
-    assert len(set(map(id, sessions))) == 1 and len(sessions) > 200
+    assert len(set(map(id, received))) == 1 and len(received) > 200
+    # 8 MiB went back in replies (of up to 256 KiB); what waited for window was not copied
+    assert len(writes) > 30 and sum(writes) > 8 << 20
+    assert queued and set(queued) == {memoryview}

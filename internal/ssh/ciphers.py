@@ -1,0 +1,203 @@
+"""The two ciphers bulk SFTP runs on, for the node's packet layer (`internal.ssh.transport`):
+aes*-gcm@openssh.com and chacha20-poly1305@openssh.com, byte for byte what asyncssh's own
+encryption objects do, with less work per packet:
+
+* AES-GCM with one AESGCM object per key (asyncssh makes one per packet), received packets
+  decrypted where they lie in the read buffer, and a single copy per sent packet;
+* chacha20-poly1305 with one keystream call for the Poly1305 key and the payload together, no
+  header+data joins, and on receive the packet authenticated and decrypted straight out of the
+  read buffer (asyncssh makes three ChaCha20 contexts and joins header and data twice per
+  packet).
+
+`wrap_cipher` swaps one of asyncssh's encryption objects for its fast twin, or wraps any other
+cipher so that it is handed bytes as asyncssh expects.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.ciphers.algorithms import ChaCha20
+from cryptography.hazmat.primitives.poly1305 import Poly1305
+
+try:   # asyncssh's GCM and ChaCha shims; if their layout ever changes the generic path is used
+    from asyncssh.encryption import GCMEncryption
+except ImportError:   # pragma: no cover
+    GCMEncryption = None  # type: ignore[assignment,misc]
+try:
+    from asyncssh.encryption import ChachaEncryption
+except ImportError:   # pragma: no cover
+    ChachaEncryption = None  # type: ignore[assignment,misc]
+
+from internal.ssh.libcrypto import ChaChaPoly
+
+_GCM_TAG = 16
+_U64 = 0xFFFFFFFFFFFFFFFF
+CHACHA_BLOCK0 = bytes(64)   # encrypted at counter 0, it yields the packet's Poly1305 key
+_CHACHA_CTR0 = bytes(8)      # ChaCha20's 64-bit block counter, little-endian, before the nonce
+
+
+class FastGCM:
+    """aes*-gcm@openssh.com (RFC 5647) for one direction: same nonce sequence as asyncssh's
+    GCMCipher, one AESGCM key schedule per key instead of per packet."""
+
+    # asyncssh reads the first cipher block (AES: 16 bytes) before it takes the length;
+    # decrypt_packet relies on it
+    FIRST = 16
+
+    def __init__(self, key: bytes, iv: bytes) -> None:
+        self._aead = AESGCM(key)
+        self._fixed = iv[:4]
+        self._counter = int.from_bytes(iv[4:], "big")
+
+    @classmethod
+    def wrap(cls, enc: Any) -> Any:
+        cipher = getattr(enc, "_cipher", None)
+        key, iv = getattr(cipher, "_key", None), getattr(cipher, "_iv", None)
+        if type(enc) is not GCMEncryption or not isinstance(key, bytes) or \
+                not isinstance(iv, bytes) or len(iv) != 12:
+            return enc
+        return cls(key, iv)
+
+    def _nonce(self) -> bytes:
+        nonce = self._fixed + self._counter.to_bytes(8, "big")
+        self._counter = (self._counter + 1) & _U64
+        return nonce
+
+    def seal(self, header: bytes, packet: bytes) -> bytes:
+        """Ciphertext followed by the tag."""
+        return self._aead.encrypt(self._nonce(), packet, header)
+
+    # -- asyncssh's Encryption interface ---------------------------------------------------
+    @classmethod
+    def needs_mac(cls) -> bool:
+        return False
+
+    def encrypt_packet(self, seq: int, header: bytes, packet: bytes) -> tuple[bytes, bytes]:
+        data = self.seal(header, packet)
+        return header + data[:-_GCM_TAG], data[-_GCM_TAG:]
+
+    def decrypt_header(self, seq: int, first_block: Any, header_len: int) -> tuple[Any, Any]:
+        return first_block, first_block[:header_len]
+
+    def decrypt_packet(self, seq: int, first: Any, rest: Any, header_len: int,
+                       mac: Any) -> Optional[bytes]:
+        """`first` is asyncssh's first block, or (from the node's receive path) a view from
+        the packet's start over whatever was buffered with it: when that covers the whole
+        packet, ciphertext and tag are decrypted in place, without a join."""
+        nonce = self._nonce()
+        end = self.FIRST + len(rest) + len(mac)
+        if len(first) >= end:
+            data = first[header_len:end]
+        else:
+            data = b"".join((first[header_len:self.FIRST], rest, mac))
+        try:
+            return self._aead.decrypt(nonce, data, first[:header_len])
+        except InvalidTag:
+            return None
+
+
+class FastChaCha:
+    """chacha20-poly1305@openssh.com (OpenSSH's PROTOCOL.chacha20poly1305) for one direction,
+    byte for byte what asyncssh's ChachaCipher does: the second half of the 64-byte key
+    encrypts the 4-byte length, the first half the rest; both use the packet's sequence
+    number, 64-bit big-endian, as nonce; the Poly1305 key is the first 32 bytes of block 0 and
+    the payload is encrypted from block 1. Per packet: two ChaCha20 contexts, one Poly1305,
+    and the payload goes through each of them once."""
+
+    # asyncssh reads a chacha packet's first 8 bytes before its length is known
+    # (max(8, cipher block size 1)); decrypt_packet relies on it
+    FIRST = 8
+
+    def __init__(self, key: bytes) -> None:
+        self._main = key[:32]
+        self._len = key[32:]
+        # the system's libcrypto with one context per key, when it is there (see its module)
+        self._evp = ChaChaPoly.load(self._main, self._len)
+
+    @classmethod
+    def wrap(cls, enc: Any) -> Any:
+        cipher = getattr(enc, "_cipher", None)
+        main, len_key = getattr(cipher, "_key", None), getattr(cipher, "_adkey", None)
+        if type(enc) is not ChachaEncryption or not isinstance(main, bytes) or \
+                not isinstance(len_key, bytes) or len(main) != 32 or len(len_key) != 32:
+            return enc
+        return cls(main + len_key)
+
+    @staticmethod
+    def _stream(key: bytes, seq: int) -> Any:
+        return Cipher(ChaCha20(key, _CHACHA_CTR0 + seq.to_bytes(8, "big")), None).encryptor()
+
+    def seal(self, seq: int, header: bytes, block0_packet: bytes) -> tuple[bytes, Any, bytes]:
+        """`block0_packet` is `CHACHA_BLOCK0` followed by the packet (the caller joins the
+        packet anyway): one keystream call then gives the Poly1305 key and the ciphertext.
+        Returns the encrypted length, the ciphertext (a memoryview) and the tag."""
+        if self._evp is not None:
+            return self._evp.seal(seq, header, block0_packet)
+        enc_len = self._stream(self._len, seq).update(header)
+        out = memoryview(self._stream(self._main, seq).update(block0_packet))
+        body = out[64:]
+        mac = Poly1305(out[:32])
+        mac.update(enc_len)
+        mac.update(body)
+        return enc_len, body, mac.finalize()
+
+    # -- asyncssh's Encryption interface ---------------------------------------------------
+    @classmethod
+    def needs_mac(cls) -> bool:
+        return False
+
+    def encrypt_packet(self, seq: int, header: bytes, packet: bytes) -> tuple[bytes, bytes]:
+        enc_len, body, tag = self.seal(seq, header, CHACHA_BLOCK0 + packet)
+        return enc_len + body, tag
+
+    def decrypt_header(self, seq: int, first_block: Any, header_len: int) -> tuple[Any, Any]:
+        if self._evp is not None:
+            return first_block, self._evp.length(seq, first_block[:header_len])
+        return first_block, self._stream(self._len, seq).update(first_block[:header_len])
+
+    def decrypt_packet(self, seq: int, first: Any, rest: Any, header_len: int,
+                       mac: Any) -> Optional[bytes]:
+        """`first` is asyncssh's first 8 bytes of the packet, or (from the node's receive
+        path) a view from the packet's start over whatever was buffered with it: when that
+        already covers `rest`, the ciphertext is read from it without a join."""
+        end = self.FIRST + len(rest)
+        data = first[:end] if len(first) >= end else b"".join((first[:self.FIRST], rest))
+        if self._evp is not None:
+            return self._evp.open(seq, data, header_len, mac)
+        stream = self._stream(self._main, seq)
+        check = Poly1305(stream.update(CHACHA_BLOCK0)[:32])
+        check.update(data)
+        try:
+            check.verify(bytes(mac))
+        except InvalidSignature:
+            return None
+        return stream.update(data[header_len:])
+
+
+class BytesIn:
+    """Any other cipher: asyncssh's own, handed bytes as it expects (the receive buffer is a
+    memoryview here)."""
+
+    def __init__(self, enc: Any) -> None:
+        self._enc = enc
+
+    def decrypt_packet(self, seq: int, first: Any, rest: Any, header_len: int,
+                       mac: Any) -> Optional[bytes]:
+        return self._enc.decrypt_packet(seq, first, bytes(rest), header_len, bytes(mac))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._enc, name)
+
+
+def wrap_cipher(enc: Any) -> Any:
+    """The fast twin of asyncssh's encryption object `enc`, or `enc` behind `BytesIn`."""
+    if enc is None:
+        return None
+    for fast_type in (FastGCM, FastChaCha):
+        fast = fast_type.wrap(enc)
+        if fast is not enc:
+            return fast
+    return BytesIn(enc)
