@@ -160,6 +160,14 @@ def run(ctx: Ctx, results: Results, *, quick: bool, repeat: int, mib: int | None
             targets.append(Target("edgegw-gateway", edge, "bench", ".",
                                   {"server": edge.pids()["server"],
                                    "relay": edge.pids()["gateway"]}))
+            # the same node behind the peer relay: what a relay on this machine costs the node
+            hn = HAProxy(splice=True)
+            hn.name = "edgegw-node-via-haproxy-splice"
+            for p in start_all([hn], ctx, edge.direct.port, part.skip):
+                running.append(p)
+                targets.append(Target(p.name, p, "bench", ".",
+                                      {"server": edge.pids()["server"],
+                                       "relay": p.pids()["relay"]}))
         if only is not None and "all" not in only:
             targets = [t for t in targets if t.name in only]
         client_cpus = own_cpu_layout(part, targets) if own_cpu else None

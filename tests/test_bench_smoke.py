@@ -19,7 +19,7 @@ def test_bench_quick_writes_results(tmp_path: Path) -> None:
     cp = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path),
          "--paths", "direct,haproxy-splice,edgegw-splice,edgegw-splice-1hop,openssh,edgegw-node,"
-                    "edgegw-gateway",
+                    "edgegw-gateway,edgegw-node-via-haproxy-splice",
          "--sessions", "200", "--sftp-mib", "8",
          "--gateway-args", "--congestion-node reno", "--node-args", "--congestion-gateway reno"],
         cwd=REPO, capture_output=True, text=True, timeout=140)
@@ -48,6 +48,13 @@ def test_bench_quick_writes_results(tmp_path: Path) -> None:
     for part in ("onehop", "latency"):
         assert data["parts"][part]["paths"]["edgegw-splice-1hop"]["status"] == "ok", part
     assert data["options"]["node_args"] == "--congestion-gateway reno"
+    # the node moved files directly, through its gateway, and behind the peer relay
+    sftp = data["parts"]["sftp"]["paths"]
+    behind = ["edgegw-node", "edgegw-gateway"] + (
+        ["edgegw-node-via-haproxy-splice"] if data["machine"]["haproxy"] != "missing" else [])
+    for path in behind:
+        assert sftp[path]["status"] == "ok", (path, sftp[path]["reason"])
+        assert sftp[path]["metrics"]["up_aes"]["median"] > 0
     svg = (tmp_path / "latest.svg").read_text()
     assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
     assert "== relay" in cp.stdout
