@@ -130,19 +130,19 @@ async def test_whole_reads_open_packets_in_place(
     received: list[Any] = []
     writes: list[int] = []
     queued: list[Any] = []
-    real_received, real_write = ViewStreamSession.data_received, ViewChannel.write
+    real_received, real_queue = ViewStreamSession.data_received, ViewChannel._queue
 
     def data_received(self: Any, data: Any, datatype: Any) -> None:
         received.append(self)
         real_received(self, data, datatype)
 
-    def write(self: Any, data: Any, datatype: Any = None) -> None:
-        writes.append(len(data))
-        real_write(self, data, datatype)
+    def queue(self: Any, parts: Any, datatype: Any) -> None:
+        writes.append(sum(map(len, parts)))
+        real_queue(self, parts, datatype)
         queued.extend(type(buf) for buf, _ in self._send_buf)
 
     monkeypatch.setattr(ViewStreamSession, "data_received", data_received)
-    monkeypatch.setattr(ViewChannel, "write", write)
+    monkeypatch.setattr(ViewChannel, "_queue", queue)
     home, key = sshnode.keyed_user("alice")
     src = tmp_path / "up.bin"
     src.write_bytes(os.urandom(8 << 20))

@@ -5,18 +5,21 @@ server with fewer copies (`internal.ssh.transport` installs these):
   turn's packets handed over as a list that uvloop writes with one writev();
 * `ViewStreamSession`: channel data kept as memoryviews under the SFTP server, so the stream
   reads that cut SFTP requests out of it copy only once;
-* `ViewChannel`: the SFTP server's replies queued as views, and packets cut from them without
-  copying (asyncssh copies a reply into a bytearray and moves what is left after every
-  32 KiB packet: several copies of every byte of a 256 KiB read reply).
+* `ViewSFTPHandler` and `ViewChannel`: the SFTP server's replies handed to the channel as
+  parts, queued as views, and packets gathered from them without copying (asyncssh joins a
+  reply's parts twice, copies it into a bytearray and moves what is left after every 32 KiB
+  packet: several copies of every byte of a 256 KiB read reply).
 """
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import inspect
+from typing import Any, Optional
 
 from asyncssh.channel import SSHServerChannel
 from asyncssh.constants import MSG_CHANNEL_DATA, MSG_CHANNEL_EOF, MSG_CHANNEL_EXTENDED_DATA
-from asyncssh.stream import SSHServerStreamSession
+from asyncssh.sftp import SFTPNoConnection, SFTPServerHandler
+from asyncssh.stream import SSHReader, SSHServerStreamSession, SSHWriter
 
 
 class CorkedTransport:
@@ -65,64 +68,121 @@ class CorkedTransport:
         return getattr(self._transport, name)
 
 
+class ViewSFTPHandler(SFTPServerHandler):
+    """asyncssh's SFTP server handler, sending each reply as parts. asyncssh builds a reply
+    as `UInt32(len) + Byte(type) + b"".join(args)`: three copies of a 256 KiB read reply
+    before the channel sees it. Here the parts go to the channel as they are."""
+
+    def send_packet(self, pkttype: int, pktid: Optional[int], *args: bytes) -> None:
+        writer = self._writer
+        if not writer:
+            raise SFTPNoConnection("Connection not open")
+        if writer.channel.is_closing():
+            return
+        size = 1 + sum(map(len, args))
+        writer.writelines((size.to_bytes(4, "big"), bytes((pkttype,)), *args))
+        if getattr(self.logger, "_debug_level", 3) >= 3:   # asyncssh logs packets at 3
+            self.log_sent_packet(pkttype, pktid, bytes((pkttype,)) + b"".join(args))
+
+
+async def _run_sftp(server: Any, reader: SSHReader, writer: SSHWriter, version: int) -> None:
+    # asyncssh.sftp.run_sftp_server, with the handler above
+    if inspect.isawaitable(server):
+        server = await server
+    await ViewSFTPHandler(server, reader, writer, version).run()
+
+
 class ViewStreamSession(SSHServerStreamSession):
     """asyncssh's stream session under the SFTP server, holding received channel data as
     memoryviews. Its read() slices the first buffered chunk on every read that ends inside
     it and keeps the rest: over bytes both halves are copies, so each SFTP request (a 4-byte
     length, then a body that spans two 32 KiB channel packets) copied most of its bytes two
     or three times before the one join that makes the request. Over views only that join
-    copies."""
+    copies. An SFTP subsystem runs `ViewSFTPHandler`."""
 
     def data_received(self, data: Any, datatype: Any) -> None:
         super().data_received(memoryview(data) if type(data) is bytes else data, datatype)
 
+    def session_started(self) -> None:
+        chan = self._chan
+        if chan is None or chan.get_subsystem() != "sftp":
+            super().session_started()
+            return
+        reader: SSHReader = SSHReader(self, chan)
+        writer: SSHWriter = SSHWriter(self, chan)
+        reader.logger.info("Starting SFTP server")
+        assert self._conn is not None
+        self._conn.create_task(_run_sftp(self._init_sftp_server(), reader, writer,
+                                         self._sftp_version), reader.logger)
+
 
 class ViewChannel(SSHServerChannel):
     """asyncssh's server channel with its send queue holding views. asyncssh copies every
-    write into a bytearray, cuts each channel packet out of it (a copy, and a move of all
-    that is left), then prefixes the packet with its length (a third copy). Here a write of
-    bytes is queued as it is, packets are views of it, and the length goes to send_packet
-    as a part of its own: the packet's bytes are first copied where they are sealed."""
+    write into a bytearray (writelines() joins first), cuts each channel packet out of it (a
+    copy, and a move of all that is left), then prefixes the packet with its length (a third
+    copy). Here bytes are queued as they are, a packet is gathered from views of them, and
+    the length goes to send_packet as a part of its own: the packet's bytes are first copied
+    where they are sealed."""
 
     def write(self, data: Any, datatype: Any = None) -> None:
         if self._encoding or type(data) is not bytes:   # str, or a buffer its owner may reuse
             super().write(data, datatype)
             return
+        self._queue((data,), datatype)
+
+    def writelines(self, list_of_data: Any, datatype: Any = None) -> None:
+        parts = tuple(list_of_data)
+        if self._encoding or any(type(part) is not bytes for part in parts):
+            super().writelines(parts, datatype)
+            return
+        self._queue(parts, datatype)
+
+    def _queue(self, parts: tuple[bytes, ...], datatype: Any) -> None:
+        # asyncssh's write() checks, then the parts as views
         if self._send_state != "open":
             raise BrokenPipeError("Channel not open for sending")
         if datatype is not None and datatype not in self._write_datatypes:
             raise OSError("Invalid extended data type")
-        if not data:
+        size = sum(map(len, parts))
+        if not size:
             return
-        self.logger.debug2("Sending %d data byte%s", len(data), "s" if len(data) > 1 else "")
-        self._send_buf.append((memoryview(data), datatype))
-        self._send_buf_len += len(data)
+        self.logger.debug2("Sending %d data byte%s", size, "s" if size > 1 else "")
+        self._send_buf.extend((memoryview(part), datatype) for part in parts if part)
+        self._send_buf_len += size
         self._flush_send_buf()
 
     def _flush_send_buf(self) -> None:
-        # asyncssh's own loop, but for the slicing and the separate length
-        while self._send_buf and self._send_window:
-            pktsize = min(self._send_window, self._send_pktsize)
-            buf, datatype = self._send_buf[0]
-            if len(buf) > pktsize:
-                data = buf[:pktsize]
-                if isinstance(buf, memoryview):
-                    self._send_buf[0] = (buf[pktsize:], datatype)
-                else:   # a bytearray queued by asyncssh's write()
-                    del buf[:pktsize]
-            else:
-                data = buf
-                del self._send_buf[0]
-            self._send_buf_len -= len(data)
-            self._send_window -= len(data)
-            size = len(data).to_bytes(4, "big")
+        # asyncssh's own loop, but a packet gathers views from as many queued writes as fit
+        queue = self._send_buf
+        while queue and self._send_window:
+            room = min(self._send_window, self._send_pktsize)
+            datatype = queue[0][1]
+            parts: list[Any] = []
+            size = 0
+            while queue and size < room and queue[0][1] == datatype:
+                buf = queue[0][0]
+                if len(buf) > room - size:
+                    take = room - size
+                    parts.append(buf[:take])
+                    if isinstance(buf, memoryview):
+                        queue[0] = (buf[take:], datatype)
+                    else:   # a bytearray queued by asyncssh's write()
+                        del buf[:take]
+                    size = room
+                else:
+                    parts.append(buf)
+                    del queue[0]
+                    size += len(buf)
+            self._send_buf_len -= size
+            self._send_window -= size
+            length = size.to_bytes(4, "big")
             if datatype is None:
-                self.send_packet(MSG_CHANNEL_DATA, size, data)
+                self.send_packet(MSG_CHANNEL_DATA, length, *parts)
             else:
-                self.send_packet(MSG_CHANNEL_EXTENDED_DATA, datatype.to_bytes(4, "big"), size,
-                                 data)
+                self.send_packet(MSG_CHANNEL_EXTENDED_DATA, datatype.to_bytes(4, "big"), length,
+                                 *parts)
         self._pause_resume_writing()
-        if not self._send_buf:
+        if not queue:
             if self._send_state == "eof_pending":
                 self.send_packet(MSG_CHANNEL_EOF)
                 self._send_state = "eof"
