@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 import os
+import shlex
 import shutil
 import sys
 import tempfile

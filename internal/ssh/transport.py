@@ -159,8 +159,7 @@ class NodeServerConnection(SSHServerConnection):
             buf = memoryview(buf)
         self._inpbuf = buf[bs:]
         enc = self._recv_encryption
-        if (type(enc) is FastChaCha and bs == FastChaCha.FIRST) or \
-                (type(enc) is FastGCM and bs == FastGCM.FIRST):
+        if type(enc) in (FastChaCha, FastGCM) and bs == enc.FIRST:
             # the whole view: if the packet is already buffered, it is decrypted from here
             self._packet, pktlen = enc.decrypt_header(self._recv_seq, buf, 4)
         else:
