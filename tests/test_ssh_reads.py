@@ -16,7 +16,8 @@ import pytest
 
 from internal.ssh.ciphers import FastChaCha, FastGCM
 from internal.ssh.streams import ViewChannel, ViewStreamSession
-from internal.ssh.transport import NodeServerConnection
+from internal.sftp.uploads import Upload
+from internal.ssh.transport import READ_KEEP_MIN, NodeServerConnection
 from tests import sshutil
 from tests.procs import SSH_OPTS
 from tests.sshutil import NodeUnderTest
@@ -125,16 +126,31 @@ async def test_whole_reads_open_packets_in_place(
         sshnode: NodeUnderTest, tmp_path: Path, cipher: str, decrypts: dict[str, int],
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Uncut loopback reads (up to 256 KiB) hold several packets each: most are opened
-    where they lie. The SFTP server reads channel data as views, and its replies are queued
-    as views of the bytes it wrote."""
+    where they lie. Large reads reach the connection as views of the buffer the socket was
+    read into; channel data reaches the SFTP session as views of the decrypted packet, and
+    the file's writes get views of the request; replies are queued as views of the bytes the
+    server wrote."""
     received: list[Any] = []
+    chunks: list[Any] = []
+    reads: list[tuple[type, type, int]] = []
+    stored: list[tuple[type, int]] = []
     writes: list[int] = []
     queued: list[Any] = []
     real_received, real_queue = ViewStreamSession.data_received, ViewChannel._queue
+    real_conn_received, real_write = NodeServerConnection.data_received, Upload.write
 
     def data_received(self: Any, data: Any, datatype: Any) -> None:
         received.append(self)
+        chunks.append(type(data))
         real_received(self, data, datatype)
+
+    def conn_received(self: Any, data: Any, datatype: Any = None) -> None:
+        reads.append((type(data), type(getattr(data, "obj", None)), len(data)))
+        real_conn_received(self, data, datatype)
+
+    def upload_write(self: Any, offset: int, data: Any) -> int:
+        stored.append((type(data), len(data)))
+        return real_write(self, offset, data)
 
     def queue(self: Any, parts: Any, datatype: Any) -> None:
         writes.append(sum(map(len, parts)))
@@ -143,6 +159,8 @@ async def test_whole_reads_open_packets_in_place(
 
     monkeypatch.setattr(ViewStreamSession, "data_received", data_received)
     monkeypatch.setattr(ViewChannel, "_queue", queue)
+    monkeypatch.setattr(NodeServerConnection, "data_received", conn_received)
+    monkeypatch.setattr(Upload, "write", upload_write)
     home, key = sshnode.keyed_user("alice")
     src = tmp_path / "up.bin"
     src.write_bytes(os.urandom(8 << 20))
@@ -150,7 +168,15 @@ async def test_whole_reads_open_packets_in_place(
     assert _digest(home / "up.bin") == _digest(src) == _digest(tmp_path / "down.bin")
     await sshnode.wait_idle()
     assert decrypts["in_place"] > decrypts["joined"], decrypts
+    # reads of READ_KEEP_MIN and more are views of the read buffer, smaller ones were copied
+    big = [r for r in reads if r[2] >= READ_KEEP_MIN]
+    assert len(big) > 20 and {r[:2] for r in big} == {(memoryview, bytearray)}
+    assert {r[:2] for r in reads if r[2] < READ_KEEP_MIN} <= {(bytes, type(None))}
     assert len(set(map(id, received))) == 1 and len(received) > 200
+    assert set(chunks) == {memoryview}
+    # the client writes up to 256 KiB per request
+    assert len(stored) > 20 and sum(n for _, n in stored) == 8 << 20
+    assert {t for t, _ in stored} == {memoryview}
     # 8 MiB went back in replies (of up to 256 KiB); what waited for window was not copied
     assert len(writes) > 30 and sum(writes) > 8 << 20
     assert queued and set(queued) == {memoryview}

@@ -9,6 +9,9 @@ encryption objects do, with less work per packet:
   read buffer (asyncssh makes three ChaCha20 contexts and joins header and data twice per
   packet).
 
+Both hand a decrypted channel-data packet back as a memoryview (`_plaintext`), so asyncssh's
+slicing of the payload and the channel data out of it copies nothing.
+
 `wrap_cipher` swaps one of asyncssh's encryption objects for its fast twin, or wraps any other
 cipher so that it is handed bytes as asyncssh expects.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from asyncssh.constants import MSG_CHANNEL_DATA
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -32,6 +36,18 @@ except ImportError:   # pragma: no cover
     ChachaEncryption = None  # type: ignore[assignment,misc]
 
 from internal.ssh.libcrypto import ChaChaPoly
+
+def _plaintext(packet: Any) -> Any:
+    """A decrypted packet as asyncssh takes it: padding length, type, payload, padding.
+    asyncssh slices the payload out of it and then a channel's data out of the payload; over
+    a memoryview neither slice copies, so channel data (nearly every byte of an upload) is
+    handed out as one and reaches the channel's session without a copy. Every other message
+    stays bytes: asyncssh decodes strings and names from those."""
+    view = memoryview(packet)
+    if len(view) > 1 and view[1] == MSG_CHANNEL_DATA:
+        return view
+    return packet if type(packet) is bytes else view.tobytes()
+
 
 _GCM_TAG = 16
 _U64 = 0xFFFFFFFFFFFFFFFF
@@ -83,7 +99,7 @@ class FastGCM:
         return first_block, first_block[:header_len]
 
     def decrypt_packet(self, seq: int, first: Any, rest: Any, header_len: int,
-                       mac: Any) -> Optional[bytes]:
+                       mac: Any) -> Optional[Any]:
         """`first` is asyncssh's first block, or (from the node's receive path) a view from
         the packet's start over whatever was buffered with it: when that covers the whole
         packet, ciphertext and tag are decrypted in place, without a join."""
@@ -94,7 +110,7 @@ class FastGCM:
         else:
             data = b"".join((first[header_len:self.FIRST], rest, mac))
         try:
-            return self._aead.decrypt(nonce, data, first[:header_len])
+            return _plaintext(self._aead.decrypt(nonce, data, first[:header_len]))
         except InvalidTag:
             return None
 
@@ -159,14 +175,15 @@ class FastChaCha:
         return first_block, self._stream(self._len, seq).update(first_block[:header_len])
 
     def decrypt_packet(self, seq: int, first: Any, rest: Any, header_len: int,
-                       mac: Any) -> Optional[bytes]:
+                       mac: Any) -> Optional[Any]:
         """`first` is asyncssh's first 8 bytes of the packet, or (from the node's receive
         path) a view from the packet's start over whatever was buffered with it: when that
         already covers `rest`, the ciphertext is read from it without a join."""
         end = self.FIRST + len(rest)
         data = first[:end] if len(first) >= end else b"".join((first[:self.FIRST], rest))
         if self._evp is not None:
-            return self._evp.open(seq, data, header_len, mac)
+            plain = self._evp.open(seq, data, header_len, mac)
+            return None if plain is None else _plaintext(plain)
         stream = self._stream(self._main, seq)
         check = Poly1305(stream.update(CHACHA_BLOCK0)[:32])
         check.update(data)
@@ -174,7 +191,7 @@ class FastChaCha:
             check.verify(bytes(mac))
         except InvalidSignature:
             return None
-        return stream.update(data[header_len:])
+        return _plaintext(stream.update(data[header_len:]))
 
 
 class BytesIn:

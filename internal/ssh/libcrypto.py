@@ -66,6 +66,8 @@ class _Lib:
         self.poly1305 = self.c.EVP_MAC_fetch(self.ffi.NULL, b"POLY1305", self.ffi.NULL)
         if self.chacha20 == self.ffi.NULL or self.poly1305 == self.ffi.NULL:
             raise OSError(f"{name} has no ChaCha20 or Poly1305")
+        # for decryption output, which is written over whole before it is read
+        self.new_uncleared = self.ffi.new_allocator(should_clear_after_alloc=False)
 
     def cipher(self, key: bytes) -> Any:
         ctx = self.ffi.gc(self.c.EVP_CIPHER_CTX_new(), self.c.EVP_CIPHER_CTX_free)
@@ -107,6 +109,7 @@ class ChaChaPoly:
     def __init__(self, lib: _Lib, main_key: bytes, len_key: bytes) -> None:
         self._ffi = lib.ffi
         self._c = lib.c
+        self._new_out = lib.new_uncleared
         self._main = lib.cipher(main_key)
         self._len = lib.cipher(len_key)
         self._mac = lib.mac()
@@ -170,9 +173,10 @@ class ChaChaPoly:
                      ffi.from_buffer("unsigned char[]", out))
         return bytes(out)
 
-    def open(self, seq: int, data: Any, header_len: int, mac: Any) -> Optional[bytes]:
+    def open(self, seq: int, data: Any, header_len: int, mac: Any) -> Optional[Any]:
         """Check the tag over `data` (encrypted length, then ciphertext) and return the
-        decrypted packet, or None if the tag is wrong."""
+        decrypted packet (a buffer: bytes() or memoryview() of it), or None if the tag is
+        wrong."""
         ffi, c = self._ffi, self._c
         polykey = self._polykey
         self._stream(self._main, seq, _BLOCK0, polykey)   # block 0; the packet follows from 1
@@ -182,7 +186,7 @@ class ChaChaPoly:
         n = len(data) - header_len
         if n <= 0:
             return b""
-        out = ffi.new("unsigned char[]", n)
+        out = self._new_out("unsigned char[]", n)
         if not c.EVP_EncryptUpdate(self._main, out, self._outl, c_data + header_len, n):
             raise CryptoError("EVP chacha20 failed")
-        return ffi.buffer(out, n)[:]
+        return ffi.buffer(out, n)   # keeps `out` alive

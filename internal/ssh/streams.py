@@ -4,7 +4,8 @@ server with fewer copies (`internal.ssh.transport` installs these):
 * `CorkedTransport`: one socket write per event-loop turn instead of one per packet, the
   turn's packets handed over as a list that uvloop writes with one writev();
 * `ViewStreamSession`: channel data kept as memoryviews under the SFTP server, so the stream
-  reads that cut SFTP requests out of it copy only once;
+  reads that cut SFTP requests out of it copy only once; a write request's data is then
+  sliced out of the request as a view (`_WritePacket`) and stored from it;
 * `ViewSFTPHandler` and `ViewChannel`: the SFTP server's replies handed to the channel as
   parts, queued as views, and packets gathered from them without copying (asyncssh joins a
   reply's parts twice, copies it into a bytearray and moves what is left after every 32 KiB
@@ -18,7 +19,9 @@ from typing import Any, Optional
 
 from asyncssh.channel import SSHServerChannel
 from asyncssh.constants import MSG_CHANNEL_DATA, MSG_CHANNEL_EOF, MSG_CHANNEL_EXTENDED_DATA
-from asyncssh.sftp import SFTPNoConnection, SFTPServerHandler
+from asyncssh.packet import SSHPacket
+from asyncssh.sftp import (FXP_WRITE, MAX_SFTP_PACKET_LEN, SFTPBadMessage, SFTPNoConnection,
+                           SFTPServerHandler)
 from asyncssh.stream import SSHReader, SSHServerStreamSession, SSHWriter
 
 
@@ -68,10 +71,37 @@ class CorkedTransport:
         return getattr(self._transport, name)
 
 
+_FXP_WRITE = bytes((FXP_WRITE,))
+
+
+class _WritePacket(SSHPacket):
+    """An SFTP write request parsed over a memoryview: the data comes out as a view, without
+    a copy. Short fields come out as bytes: the handle is looked up in a dict, and hashing a
+    memoryview hashes the whole object under it (the request) first."""
+
+    def __init__(self, packet: bytes) -> None:
+        super().__init__(memoryview(packet))  # type: ignore[arg-type]
+
+    def get_bytes(self, size: int) -> bytes:
+        value = super().get_bytes(size)
+        return bytes(value) if size <= 256 else value
+
+
 class ViewSFTPHandler(SFTPServerHandler):
     """asyncssh's SFTP server handler, sending each reply as parts. asyncssh builds a reply
     as `UInt32(len) + Byte(type) + b"".join(args)`: three copies of a 256 KiB read reply
     before the channel sees it. Here the parts go to the channel as they are."""
+
+    async def recv_packet(self) -> SSHPacket:
+        # asyncssh's, except for write requests (other requests carry names that asyncssh
+        # decodes: they stay bytes)
+        reader = self._reader
+        assert reader is not None
+        pktlen = int.from_bytes(await reader.readexactly(4), "big")
+        if pktlen > MAX_SFTP_PACKET_LEN:
+            raise SFTPBadMessage("Max packet size exceeded")
+        packet = await reader.readexactly(pktlen)
+        return _WritePacket(packet) if packet[:1] == _FXP_WRITE else SSHPacket(packet)
 
     def send_packet(self, pkttype: int, pktid: Optional[int], *args: bytes) -> None:
         writer = self._writer

@@ -6,7 +6,9 @@ the node (bench/sftp_profile.py) showed the time going into per-packet bookkeepi
 the cipher, and this subclass removes what the node does not need:
 
 * fewer copies between the socket, the channels and the SFTP server (`internal.ssh.streams`):
-  one socket write per event-loop turn, channel data kept as memoryviews both ways;
+  the socket read into a buffer of the node's own (`ReadInto`) rather than copied out of
+  uvloop's, received channel data handed on as views of the decrypted packet down to the
+  file's pwrite(), one socket write per event-loop turn, replies queued as views;
 * no SSH_MSG_IGNORE before every packet: asyncssh sends one as the old countermeasure against
   CBC plaintext recovery, and the node offers no CBC cipher (`internal.ssh.algorithms`);
 * a receive buffer consumed through a memoryview, so each packet no longer copies everything
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from typing import Any, Optional
 
@@ -40,6 +43,8 @@ from internal.ssh.ciphers import CHACHA_BLOCK0, FastChaCha, FastGCM, wrap_cipher
 from internal.ssh.streams import CorkedTransport, ViewChannel, ViewStreamSession
 
 _MSG_USERAUTH_LAST = 79
+READ_SIZE = 256 * 1024     # uvloop's own read buffer for plain protocols is 250 KB
+READ_KEEP_MIN = 16 * 1024  # smaller reads are copied out and their buffer reused
 
 
 def _skip_received_packet_log() -> None:
@@ -218,11 +223,63 @@ class NodeServerConnection(SSHServerConnection):
             (handler or self).log_sent_packet(pkttype, seq, bytes((pkttype,)) + b"".join(args))
 
 
-def _connection(loop: asyncio.AbstractEventLoop, options: asyncssh.SSHServerConnectionOptions,
-                banner_sent: bool) -> NodeServerConnection:
+class _SpareBuffer(threading.local):
+    buf: Optional[bytearray] = None
+
+
+# The buffer the next read goes into, shared by the thread's connections as uvloop shares its
+# own: a read's get_buffer() and buffer_updated() follow each other with nothing in between.
+_spare = _SpareBuffer()
+
+
+class ReadInto(asyncio.BufferedProtocol):
+    """The socket's protocol in front of a `NodeServerConnection`: uvloop reads each chunk
+    into a buffer of ours, and the connection gets a view of it. A plain Protocol is handed a
+    new bytes object that uvloop copied out of its own read buffer: one more copy of every
+    byte received. A large read hands its buffer over to the connection (the packets in it
+    are decrypted and sliced where they lie) and the next read gets a new one; a small read
+    is copied out and the buffer stays, so no connection holds one while it is idle."""
+
+    def __init__(self, conn: NodeServerConnection) -> None:
+        self.conn = conn
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        buf = _spare.buf
+        if buf is None:
+            buf = _spare.buf = bytearray(READ_SIZE)
+        return buf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        buf = _spare.buf
+        assert buf is not None
+        if nbytes < READ_KEEP_MIN:
+            data: Any = bytes(memoryview(buf)[:nbytes])
+        else:
+            data = memoryview(buf)[:nbytes]
+            _spare.buf = None
+        self.conn.data_received(data)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.conn.connection_made(transport)
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.conn.connection_lost(exc)
+
+    def eof_received(self) -> Optional[bool]:
+        return self.conn.eof_received()   # type: ignore[func-returns-value]
+
+    def pause_writing(self) -> None:
+        self.conn.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.conn.resume_writing()
+
+
+def _read_into(loop: asyncio.AbstractEventLoop, options: asyncssh.SSHServerConnectionOptions,
+               banner_sent: bool) -> ReadInto:
     conn = NodeServerConnection(loop, options, wait="auth")
     conn.banner_sent = banner_sent
-    return conn
+    return ReadInto(conn)
 
 
 async def run_server(sock: Any, options: asyncssh.SSHServerConnectionOptions, *,
@@ -234,8 +291,9 @@ async def run_server(sock: Any, options: asyncssh.SSHServerConnectionOptions, *,
     opts = options
     waiter: asyncio.Future[None] = loop.create_future()
     opts.waiter = waiter
-    _, conn = await loop.create_connection(
-        lambda: _connection(loop, opts, banner_sent), sock=sock)
+    _, reader = await loop.create_connection(
+        lambda: _read_into(loop, opts, banner_sent), sock=sock)
+    conn = reader.conn
     try:
         await asyncio.wait_for(waiter, timeout=opts.connect_timeout)
     except BaseException:
