@@ -16,7 +16,7 @@ import pytest
 
 from internal.ssh.ciphers import FastChaCha, FastGCM
 from internal.ssh.streams import ViewChannel, ViewStreamSession
-from internal.sftp.uploads import Upload
+from internal.sftp.uploads import OpenFile, Upload
 from internal.ssh.transport import READ_KEEP_MIN, NodeServerConnection
 from tests import sshutil
 from tests.procs import SSH_OPTS
@@ -138,6 +138,9 @@ async def test_whole_reads_open_packets_in_place(
     queued: list[Any] = []
     real_received, real_queue = ViewStreamSession.data_received, ViewChannel._queue
     real_conn_received, real_write = NodeServerConnection.data_received, Upload.write
+    real_read = OpenFile.read
+    read_back: list[bytes] = []
+    queued_ids: set[int] = set()
 
     def data_received(self: Any, data: Any, datatype: Any) -> None:
         received.append(self)
@@ -152,8 +155,15 @@ async def test_whole_reads_open_packets_in_place(
         stored.append((type(data), len(data)))
         return real_write(self, offset, data)
 
+    def file_read(self: Any, offset: int, size: int) -> bytes:
+        data = real_read(self, offset, size)
+        if len(data) > 1024:
+            read_back.append(data)   # kept alive, so that ids stay unique
+        return data
+
     def queue(self: Any, parts: Any, datatype: Any) -> None:
         writes.append(sum(map(len, parts)))
+        queued_ids.update(map(id, parts))
         real_queue(self, parts, datatype)
         queued.extend(type(buf) for buf, _ in self._send_buf)
 
@@ -161,6 +171,7 @@ async def test_whole_reads_open_packets_in_place(
     monkeypatch.setattr(ViewChannel, "_queue", queue)
     monkeypatch.setattr(NodeServerConnection, "data_received", conn_received)
     monkeypatch.setattr(Upload, "write", upload_write)
+    monkeypatch.setattr(OpenFile, "read", file_read)
     home, key = sshnode.keyed_user("alice")
     src = tmp_path / "up.bin"
     src.write_bytes(os.urandom(8 << 20))
@@ -180,3 +191,5 @@ async def test_whole_reads_open_packets_in_place(
     # 8 MiB went back in replies (of up to 256 KiB); what waited for window was not copied
     assert len(writes) > 30 and sum(writes) > 8 << 20
     assert queued and set(queued) == {memoryview}
+    # each read reply queued the very bytes the file read returned, not a copy of them
+    assert len(read_back) > 20 and all(id(data) in queued_ids for data in read_back)

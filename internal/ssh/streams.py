@@ -20,8 +20,8 @@ from typing import Any, Optional
 from asyncssh.channel import SSHServerChannel
 from asyncssh.constants import MSG_CHANNEL_DATA, MSG_CHANNEL_EOF, MSG_CHANNEL_EXTENDED_DATA
 from asyncssh.packet import SSHPacket
-from asyncssh.sftp import (FXP_WRITE, MAX_SFTP_PACKET_LEN, SFTPBadMessage, SFTPNoConnection,
-                           SFTPServerHandler)
+from asyncssh.sftp import (FXP_DATA, FXP_READ, FXP_WRITE, MAX_SFTP_PACKET_LEN, SFTPBadMessage,
+                           SFTPNoConnection, SFTPServerHandler)
 from asyncssh.stream import SSHReader, SSHServerStreamSession, SSHWriter
 
 
@@ -87,10 +87,42 @@ class _WritePacket(SSHPacket):
         return bytes(value) if size <= 256 else value
 
 
+# A reply type of the node's own, never on the wire: an FXP_DATA reply whose body is parts
+_FXP_DATA_PARTS = 0x100 | FXP_DATA
+
+
+class _DataReply:
+    """A read request's reply body as parts (the data's length, the data as read) for
+    `ViewSFTPHandler.send_packet`. asyncssh makes it `String(data)`: a copy of the data.
+    asyncssh's request loop hands a result of a reply type it does not know to `encode()`
+    and sends what that returns, which is how this reaches send_packet whole."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, data: bytes, at_end: bool, version: int) -> None:
+        self.parts: tuple[bytes, ...] = (len(data).to_bytes(4, "big"), data)
+        if at_end and version >= 6:
+            self.parts += (b"\x01",)
+
+    def encode(self, version: int) -> "_DataReply":
+        return self
+
+    def __str__(self) -> str:
+        return f"{len(self.parts[1])} data bytes"
+
+
 class ViewSFTPHandler(SFTPServerHandler):
     """asyncssh's SFTP server handler, sending each reply as parts. asyncssh builds a reply
-    as `UInt32(len) + Byte(type) + b"".join(args)`: three copies of a 256 KiB read reply
-    before the channel sees it. Here the parts go to the channel as they are."""
+    as `UInt32(len) + Byte(type) + b"".join(args)`, and a read reply's body as
+    `String(data)`: four copies of a 256 KiB read reply before the channel sees it. Here the
+    parts go to the channel as they are."""
+
+    async def _process_read_parts(self, packet: SSHPacket) -> _DataReply:
+        data, at_end = await SFTPServerHandler._process_read(self, packet)
+        return _DataReply(data, at_end, self._version)
+
+    _packet_handlers = {**SFTPServerHandler._packet_handlers, FXP_READ: _process_read_parts}
+    _return_types = {**SFTPServerHandler._return_types, FXP_READ: _FXP_DATA_PARTS}
 
     async def recv_packet(self) -> SSHPacket:
         # asyncssh's, except for write requests (other requests carry names that asyncssh
@@ -109,6 +141,9 @@ class ViewSFTPHandler(SFTPServerHandler):
             raise SFTPNoConnection("Connection not open")
         if writer.channel.is_closing():
             return
+        if pkttype == _FXP_DATA_PARTS:   # (request id, _DataReply)
+            pkttype = FXP_DATA
+            args = (args[0], *args[1].parts)  # type: ignore[attr-defined]
         size = 1 + sum(map(len, args))
         writer.writelines((size.to_bytes(4, "big"), bytes((pkttype,)), *args))
         if getattr(self.logger, "_debug_level", 3) >= 3:   # asyncssh logs packets at 3
