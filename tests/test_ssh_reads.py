@@ -193,3 +193,16 @@ async def test_whole_reads_open_packets_in_place(
     assert queued and set(queued) == {memoryview}
     # each read reply queued the very bytes the file read returned, not a copy of them
     assert len(read_back) > 20 and all(id(data) in queued_ids for data in read_back)
+
+
+class TestOnUvloop:
+    """The node runs on uvloop, whose buffered-protocol reads differ from asyncio's."""
+
+    event_loop = "uvloop"
+
+    @pytest.mark.parametrize("cipher", CIPHERS)
+    async def test_whole_reads_open_packets_in_place(
+            self, sshnode: NodeUnderTest, tmp_path: Path, cipher: str,
+            decrypts: dict[str, int], monkeypatch: pytest.MonkeyPatch) -> None:
+        await test_whole_reads_open_packets_in_place(sshnode, tmp_path, cipher, decrypts,
+                                                     monkeypatch)
