@@ -220,7 +220,9 @@ class RelayContract:
         assert await recv_exactly(node, 5) == b"hello"
         rep = await reports.wait(7)  # nothing more moves
         assert rep.reason is FinishReason.IDLE
-        assert rep.bytes_a_to_b == 5 and rep.duration >= 0.3
+        # not ended early; the pure-Python relay's times are event-loop times, whose
+        # differences round (uvloop's clock ticks in ms: T - (T - 0.3) can be 0.29999999999995)
+        assert rep.bytes_a_to_b == 5 and rep.duration >= 0.3 - 1e-9
         assert await sees_end(client) and await sees_end(node)
         client.close()
         node.close()
