@@ -20,4 +20,5 @@ bench: setup
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf build dist *.egg-info edgegw/_relay.c edgegw/_relay*.so .pytest_cache
+	rm -rf build dist *.egg-info edgegw/_relay.c edgegw/_relay*.so internal/ssh/_aead.c \
+		internal/ssh/_aead*.so .pytest_cache

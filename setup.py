@@ -1,4 +1,6 @@
-"""Build the relay engine: C sources in csrc/ behind a Cython binding, edgegw._relay."""
+"""Build the relay engine (C sources in csrc/ behind a Cython binding, edgegw._relay) and the
+node's compiled chacha20-poly1305 on the system's libcrypto (internal.ssh._aead: optional, the
+node falls back to reaching libcrypto through cffi where it cannot be built)."""
 import glob
 import sys
 
@@ -21,6 +23,14 @@ if cythonize is not None:
         extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
         libraries=["pthread"] if sys.platform != "win32" else [],
     )
-    ext_modules = cythonize([ext], language_level=3, compiler_directives={"embedsignature": True})
+    aead = Extension(
+        "internal.ssh._aead",
+        sources=["internal/ssh/_aead.pyx"],
+        extra_compile_args=["-O2", "-Wall"],
+        libraries=["crypto"],   # OpenSSL 3 (Debian: libssl-dev to build, libssl3 to run)
+        optional=True,
+    )
+    ext_modules = cythonize([ext, aead], language_level=3,
+                            compiler_directives={"embedsignature": True})
 
 setup(ext_modules=ext_modules)

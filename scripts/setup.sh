@@ -16,6 +16,7 @@ command -v iperf3 >/dev/null || need_apt+=(iperf3)
 command -v socat >/dev/null || need_apt+=(socat)
 command -v psql >/dev/null || need_apt+=(postgresql-client)
 command -v ss >/dev/null || need_apt+=(iproute2)
+[ -f /usr/include/openssl/evp.h ] || need_apt+=(libssl-dev)   # the node's compiled chacha20
 "$PY" -c "import ensurepip, venv" 2>/dev/null || need_apt+=(python3-venv python3-dev)
 if ((${#need_apt[@]})); then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -35,4 +36,6 @@ fi
 "$VENV/bin/python" -m pip install -q -e ".[test]"
 "$VENV/bin/python" -c "import edgegw._relay" \
     || { echo "setup: the C relay engine did not build" >&2; exit 1; }
+"$VENV/bin/python" -c "import internal.ssh._aead" \
+    || { echo "setup: the node's compiled chacha20-poly1305 did not build (libssl-dev?)" >&2; exit 1; }
 echo "setup: ready ($VENV)" >&2

@@ -18,10 +18,24 @@ from internal.audit import AuditLog
 from internal.defender import Defender
 from internal.home import NodeHome
 from internal.passwords import hash_password
+from internal.ssh import ciphers, libcrypto
 from internal.ssh.service import Listener, SSHService
 from internal.store import Store, User, open_store
 from internal.store.base import AuditEvent
 from tests.procs import SSH_OPTS, make_key
+
+
+def set_chacha_backend(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What FastChaCha runs on for the rest of a test: "compiled" (internal.ssh._aead) or
+    "cffi" (internal.ssh.libcrypto) on the system's libcrypto, or "cryptography"."""
+    if name == "cryptography":
+        monkeypatch.setattr(ciphers, "load_chachapoly", lambda *keys: None)
+    elif name == "cffi":
+        monkeypatch.setattr(libcrypto, "_aead", None)
+        if libcrypto._library() is None:
+            pytest.skip(f"system libcrypto not usable here: {libcrypto._load_error}")
+    elif libcrypto._aead is None:
+        pytest.fail("internal.ssh._aead was not built (scripts/setup.sh builds it)")
 
 
 @dataclasses.dataclass

@@ -16,9 +16,10 @@ import pytest
 from asyncssh.encryption import ChachaEncryption, get_encryption
 
 from internal.ssh import ciphers, libcrypto
-from internal.ssh.ciphers import CHACHA_BLOCK0, FastChaCha, wrap_cipher
+from internal.ssh.ciphers import FastChaCha, wrap_cipher
 from tests import sshutil
 from tests.procs import SSH_OPTS
+from tests.sshutil import set_chacha_backend
 from tests.sshutil import NodeUnderTest
 
 sshnode = sshutil.sshnode   # the fixture
@@ -26,14 +27,12 @@ sshnode = sshutil.sshnode   # the fixture
 CHACHA = "chacha20-poly1305@openssh.com"
 
 
-@pytest.fixture(autouse=True, params=["libcrypto", "cryptography"])
+@pytest.fixture(autouse=True, params=["compiled", "cffi", "cryptography"])
 def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test runs on both implementations under FastChaCha: the system's libcrypto
-    (internal.ssh.libcrypto, one context per key) and the cryptography package."""
-    if request.param == "cryptography":
-        monkeypatch.setattr(ciphers.ChaChaPoly, "load", classmethod(lambda cls, *a: None))
-    elif libcrypto._library() is None:
-        pytest.skip(f"system libcrypto not usable here: {libcrypto._load_error}")
+    """Every test runs on each implementation under FastChaCha: the system's libcrypto,
+    compiled (internal.ssh._aead) or through cffi (internal.ssh.libcrypto), one context per
+    key, and the cryptography package."""
+    set_chacha_backend(request.param, monkeypatch)
     return request.param
 
 
@@ -46,7 +45,9 @@ def _pair(key: bytes) -> tuple[Any, FastChaCha]:
 
 def test_libcrypto_is_used_where_the_system_has_it(backend: str) -> None:
     fast = _pair(os.urandom(64))[1]
-    assert (fast._evp is not None) == (backend == "libcrypto")
+    want = {"compiled": "internal.ssh._aead", "cffi": "internal.ssh.libcrypto",
+            "cryptography": "NoneType"}[backend]
+    assert type(fast._evp).__module__ == want or type(fast._evp).__name__ == want
 
 
 def _packet(rng: random.Random, payload_len: int) -> tuple[bytes, bytes]:
@@ -75,13 +76,27 @@ def _cases(seed: int):
                 yield (rng, ref, fast, seq, *_packet(rng, size))
 
 
-def test_encrypt_matches_asyncssh() -> None:
-    for _rng, ref, fast, seq, hdr, packet in _cases(1):
+def _cut(rng: random.Random, packet: bytes) -> list[Any]:
+    """The packet in parts as the node's send path has them: bytes and memoryviews, runs of
+    short ones (header fields) and long ones, cut anywhere within a ChaCha20 block."""
+    parts: list[Any] = []
+    pos = 0
+    while pos < len(packet):
+        n = rng.choice((0, 1, 2, 4, 5, 63, 64, 65, 255, 256, 257, 4000, 40000))
+        part = packet[pos:pos + n]
+        parts.append(memoryview(part) if rng.random() < 0.5 else part)
+        pos += len(part)
+    return parts
+
+
+def test_encrypt_matches_asyncssh(backend: str) -> None:
+    for rng, ref, fast, seq, hdr, packet in _cases(1):
         want = ref.encrypt_packet(seq, hdr, packet)
         assert fast.encrypt_packet(seq, hdr, packet) == want
-        enc_len, body, tag = fast.seal(seq, hdr, CHACHA_BLOCK0 + packet)
-        assert (enc_len + bytes(body), tag) == want
-        assert len(tag) == 16 and body.nbytes == len(packet)
+        # sealed from its parts, the packet goes on the wire as asyncssh would send it
+        wire = fast.seal(seq, hdr, _cut(rng, packet))
+        assert b"".join(wire) == want[0] + want[1]
+        assert len(wire) == (3 if backend == "cryptography" else 1)
 
 
 def test_decrypt_matches_asyncssh_and_rejects_tampering() -> None:
@@ -254,8 +269,8 @@ async def test_asyncssh_client_chacha(sshnode: NodeUnderTest, tmp_path: Path,
 
 def test_a_libcrypto_that_refuses_the_key_leaves_the_cryptography_path(
         backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    if backend != "libcrypto":
-        pytest.skip("libcrypto variant only")
+    if backend != "cffi":
+        pytest.skip("cffi variant only")
 
     def refuse(self: Any, key: bytes) -> Any:
         raise OSError("EVP_EncryptInit_ex(chacha20) failed")
@@ -265,3 +280,29 @@ def test_a_libcrypto_that_refuses_the_key_leaves_the_cryptography_path(
     assert fast._evp is None
     hdr, packet = _packet(random.Random(9), 100)
     assert fast.encrypt_packet(5, hdr, packet) == ref.encrypt_packet(5, hdr, packet)
+
+
+def test_compiled_refuses_what_does_not_fit(backend: str) -> None:
+    """The compiled module writes into buffers it sized itself: anything that does not fit
+    them is an error, never a write past their end."""
+    if backend != "compiled":
+        pytest.skip("compiled variant only")
+    from internal.ssh._aead import ChaChaPoly
+    with pytest.raises(ValueError):
+        ChaChaPoly(bytes(31), bytes(32))
+    box = ChaChaPoly(os.urandom(32), os.urandom(32))
+    hdr, packet = _packet(random.Random(11), 100)
+    with pytest.raises(ValueError):
+        box.seal(1, b"\0\0\0\0\0", [packet])      # a length field is 4 bytes
+    # a part whose len() counts items, not bytes: its buffer is longer than the room made
+    with pytest.raises(ValueError):
+        box.seal(1, hdr, [memoryview(bytes(64)).cast("I")])
+    with pytest.raises(ValueError):
+        box.length(1, b"\0\0\0")
+    wire = box.seal(2, hdr, [packet])
+    assert box.open(2, wire[:-16], 4, wire[-16:]) == packet
+    assert box.open(2, wire[:-16], 4, wire[-15:]) is None     # a short tag never matches
+    with pytest.raises(ValueError):
+        box.open(2, wire[:3], 4, wire[-16:])
+    with pytest.raises(TypeError):
+        box.seal(1, hdr, [packet, "text"])

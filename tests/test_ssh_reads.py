@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from asyncssh.constants import MSG_CHANNEL_DATA
 
 from internal.ssh.ciphers import FastChaCha, FastGCM
 from internal.ssh.streams import ViewChannel, ViewStreamSession
@@ -141,6 +142,13 @@ async def test_whole_reads_open_packets_in_place(
     real_read = OpenFile.read
     read_back: list[bytes] = []
     queued_ids: set[int] = set()
+    sent_data: list[tuple[type, ...]] = []
+    real_send = NodeServerConnection.send_packet
+
+    def conn_send(self: Any, pkttype: int, *args: Any, handler: Any = None) -> None:
+        if pkttype == MSG_CHANNEL_DATA:   # recipient, length, then the data's parts
+            sent_data.append(tuple(map(type, args[2:])))
+        real_send(self, pkttype, *args, handler=handler)
 
     def data_received(self: Any, data: Any, datatype: Any) -> None:
         received.append(self)
@@ -172,6 +180,7 @@ async def test_whole_reads_open_packets_in_place(
     monkeypatch.setattr(NodeServerConnection, "data_received", conn_received)
     monkeypatch.setattr(Upload, "write", upload_write)
     monkeypatch.setattr(OpenFile, "read", file_read)
+    monkeypatch.setattr(NodeServerConnection, "send_packet", conn_send)
     home, key = sshnode.keyed_user("alice")
     src = tmp_path / "up.bin"
     src.write_bytes(os.urandom(8 << 20))
@@ -193,6 +202,9 @@ async def test_whole_reads_open_packets_in_place(
     assert queued and set(queued) == {memoryview}
     # each read reply queued the very bytes the file read returned, not a copy of them
     assert len(read_back) > 20 and all(id(data) in queued_ids for data in read_back)
+    # and channel packets reach the connection as views of them, not joined by the channel
+    assert len(sent_data) > 256 and all(parts and set(parts) == {memoryview}
+                                        for parts in sent_data)
 
 
 class TestOnUvloop:

@@ -10,12 +10,12 @@ from asyncssh.constants import MSG_CHANNEL_DATA, MSG_CHANNEL_REQUEST
 from asyncssh.encryption import get_encryption
 from asyncssh.packet import UInt32, UInt64
 
-from internal.ssh import ciphers, libcrypto
 from internal.ssh.ciphers import FastChaCha, FastGCM, wrap_cipher
 from internal.ssh.streams import _WritePacket
+from tests.sshutil import set_chacha_backend
 
 
-@pytest.fixture(params=["gcm", "chacha-libcrypto", "chacha-cryptography"])
+@pytest.fixture(params=["gcm", "chacha-compiled", "chacha-cffi", "chacha-cryptography"])
 def pair(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]:
     """(asyncssh's encryption object, the node's fast twin) for each fast implementation."""
     if request.param == "gcm":
@@ -24,10 +24,7 @@ def pair(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> tup
                                           ref._cipher._iv))
         assert type(fast) is FastGCM
         return ref, fast
-    if request.param == "chacha-cryptography":
-        monkeypatch.setattr(ciphers.ChaChaPoly, "load", classmethod(lambda cls, *a: None))
-    elif libcrypto._library() is None:
-        pytest.skip(f"system libcrypto not usable here: {libcrypto._load_error}")
+    set_chacha_backend(request.param.removeprefix("chacha-"), monkeypatch)
     key = os.urandom(64)
     ref = get_encryption(b"chacha20-poly1305@openssh.com", key, b"")
     fast = wrap_cipher(get_encryption(b"chacha20-poly1305@openssh.com", key, b""))

@@ -4,10 +4,10 @@ encryption objects do, with less work per packet:
 
 * AES-GCM with one AESGCM object per key (asyncssh makes one per packet), received packets
   decrypted where they lie in the read buffer, and a single copy per sent packet;
-* chacha20-poly1305 with one keystream call for the Poly1305 key and the payload together, no
-  header+data joins, and on receive the packet authenticated and decrypted straight out of the
-  read buffer (asyncssh makes three ChaCha20 contexts and joins header and data twice per
-  packet).
+* chacha20-poly1305 with one cipher context per key, a packet to send encrypted from its
+  parts where they lie, and on receive the packet authenticated and decrypted straight out
+  of the read buffer (asyncssh makes three ChaCha20 contexts and joins header and data twice
+  per packet).
 
 Both hand a decrypted channel-data packet back as a memoryview (`_plaintext`), so asyncssh's
 slicing of the payload and the channel data out of it copies nothing.
@@ -17,7 +17,7 @@ cipher so that it is handed bytes as asyncssh expects.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from asyncssh.constants import MSG_CHANNEL_DATA
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -35,7 +35,7 @@ try:
 except ImportError:   # pragma: no cover
     ChachaEncryption = None  # type: ignore[assignment,misc]
 
-from internal.ssh.libcrypto import ChaChaPoly
+from internal.ssh.libcrypto import load_chachapoly
 
 def _plaintext(packet: Any) -> Any:
     """A decrypted packet as asyncssh takes it: padding length, type, payload, padding.
@@ -131,7 +131,7 @@ class FastChaCha:
         self._main = key[:32]
         self._len = key[32:]
         # the system's libcrypto with one context per key, when it is there (see its module)
-        self._evp = ChaChaPoly.load(self._main, self._len)
+        self._evp = load_chachapoly(self._main, self._len)
 
     @classmethod
     def wrap(cls, enc: Any) -> Any:
@@ -146,14 +146,17 @@ class FastChaCha:
     def _stream(key: bytes, seq: int) -> Any:
         return Cipher(ChaCha20(key, _CHACHA_CTR0 + seq.to_bytes(8, "big")), None).encryptor()
 
-    def seal(self, seq: int, header: bytes, block0_packet: bytes) -> tuple[bytes, Any, bytes]:
-        """`block0_packet` is `CHACHA_BLOCK0` followed by the packet (the caller joins the
-        packet anyway): one keystream call then gives the Poly1305 key and the ciphertext.
-        Returns the encrypted length, the ciphertext (a memoryview) and the tag."""
+    def seal(self, seq: int, header: bytes, parts: Sequence[Any]) -> tuple[Any, ...]:
+        """The packet, given as `parts` (buffers, in order), sealed: the buffers that go on
+        the wire, in order (encrypted length, ciphertext, tag). On libcrypto that is one buffer
+        the parts were encrypted into where they lie; on `cryptography` the parts are joined
+        behind 64 zero bytes first, so that one keystream call gives the Poly1305 key and
+        the ciphertext."""
         if self._evp is not None:
-            return self._evp.seal(seq, header, block0_packet)
+            return (self._evp.seal(seq, header, parts),)
         enc_len = self._stream(self._len, seq).update(header)
-        out = memoryview(self._stream(self._main, seq).update(block0_packet))
+        out = memoryview(self._stream(self._main, seq).update(
+            b"".join((CHACHA_BLOCK0, *parts))))
         body = out[64:]
         mac = Poly1305(out[:32])
         mac.update(enc_len)
@@ -166,8 +169,8 @@ class FastChaCha:
         return False
 
     def encrypt_packet(self, seq: int, header: bytes, packet: bytes) -> tuple[bytes, bytes]:
-        enc_len, body, tag = self.seal(seq, header, CHACHA_BLOCK0 + packet)
-        return enc_len + body, tag
+        wire = b"".join(self.seal(seq, header, (packet,)))
+        return wire[:-16], wire[-16:]
 
     def decrypt_header(self, seq: int, first_block: Any, header_len: int) -> tuple[Any, Any]:
         if self._evp is not None:

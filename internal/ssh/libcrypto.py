@@ -1,13 +1,18 @@
-"""chacha20-poly1305@openssh.com on the system's libcrypto, through cffi, for the node's hot path.
+"""chacha20-poly1305@openssh.com on the system's libcrypto, for the node's hot path.
 
 Why not `cryptography`: it makes a new cipher context for every nonce, and SSH's chacha20 uses
 the packet's sequence number as the nonce, with two keys. That is two ChaCha20 contexts and a
 Poly1305 per packet each way, about 28 µs of setup per 32 KiB packet on the machine the
 benchmarks ran on: more than a second of CPU per GiB before a byte is encrypted. OpenSSH keeps
-one context per key and only resets its IV. This module does the same, with OpenSSL 3's EVP
-interface in ABI mode (no compiler, no headers). `ChaChaPoly.load()` returns None where that
-library is missing or too old, or when EDGEGW_LIBCRYPTO=0 (for comparison); the caller then
-keeps using `cryptography`.
+one context per key and only resets its IV, and so does the node, with OpenSSL 3's EVP
+interface, in one of two ways that `load_chachapoly()` chooses from:
+
+* `internal.ssh._aead`, compiled with Cython against OpenSSL's headers: one call per packet;
+* where that module was not built, `ChaChaPoly` below, through cffi in ABI mode (no compiler,
+  no headers), a dozen foreign calls per packet: about 7 µs more per 32 KiB packet sealed.
+
+It returns None where the library is missing or too old, or when EDGEGW_LIBCRYPTO=0 (for
+comparison); the caller then keeps using `cryptography`.
 
 Layout (OpenSSH's PROTOCOL.chacha20poly1305): the 64-byte key is the main key then the length
 key; both run with IV = 64-bit block counter 0, 64-bit big-endian sequence number; keystream
@@ -20,9 +25,14 @@ import ctypes.util
 import hmac
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 log = logging.getLogger("edgegw.node.crypto")
+
+try:
+    from internal.ssh import _aead
+except ImportError:   # not built here (no OpenSSL headers at install time): cffi below
+    _aead = None  # type: ignore[assignment]
 
 _CDEF = """
 typedef struct evp_cipher_ctx_st EVP_CIPHER_CTX;
@@ -47,6 +57,7 @@ int EVP_MAC_final(EVP_MAC_CTX *ctx, unsigned char *out, size_t *outl, size_t out
 _CTR0 = bytes(8)          # the 64-bit block counter, little-endian, before the nonce
 _BLOCK0 = bytes(64)
 _TAG = 16
+_SHORT = 256   # packet parts shorter than this are joined before they are encrypted
 
 
 class CryptoError(Exception):
@@ -138,32 +149,54 @@ class ChaChaPoly:
                 not c.EVP_EncryptUpdate(ctx, out, self._outl, data, len(data)):
             raise CryptoError("EVP chacha20 failed")
 
-    def _tag(self, key: Any, *chunks: tuple[Any, int]) -> bytes:
-        """Poly1305 under the 32-byte one-time `key` over the (pointer, length) chunks."""
+    def _tag(self, key: Any, chunk: Any, n: int, into: Any) -> None:
+        """Poly1305 under the 32-byte one-time `key` over `n` bytes at `chunk`, to `into`."""
         c, ffi = self._c, self._ffi
-        tag = self._tagbuf
-        ok = c.EVP_MAC_init(self._mac, key, 32, ffi.NULL)
-        for ptr, n in chunks:
-            ok = ok and c.EVP_MAC_update(self._mac, ptr, n)
-        if not ok or not c.EVP_MAC_final(self._mac, tag, self._tagl, _TAG):
+        if not (c.EVP_MAC_init(self._mac, key, 32, ffi.NULL) and
+                c.EVP_MAC_update(self._mac, chunk, n) and
+                c.EVP_MAC_final(self._mac, into, self._tagl, _TAG)):
             raise CryptoError("EVP poly1305 failed")
-        return ffi.buffer(tag, _TAG)[:]
 
-    def seal(self, seq: int, header: bytes, block0_packet: bytes) -> tuple[bytes, Any, bytes]:
-        """Same contract as the cryptography path: `block0_packet` is 64 zero bytes followed by
-        the packet; returns the encrypted length, the ciphertext (a memoryview), the tag."""
-        out = bytearray(len(block0_packet))
-        c_out = self._ffi.from_buffer("unsigned char[]", out)
-        self._stream(self._main, seq, block0_packet, c_out)
-        # Keystream bytes 32..63 of block 0 are not used: the encrypted length goes there, just
-        # before the ciphertext, so the tag is one update over both.
+    def seal(self, seq: int, header: bytes, parts: Sequence[Any]) -> Any:
+        """The packet, given as `parts` (buffers, in order), sealed into one new buffer as it
+        goes on the wire: encrypted length, ciphertext, tag. Each part is encrypted from where
+        it lies (ChaCha20 is a stream: an update may end mid-block); runs of short parts
+        (the packet's header fields) are joined first, one call for them all."""
+        ffi, c = self._ffi, self._c
         hlen = len(header)   # 4; anything up to 32 would leave the Poly1305 key intact
         if hlen > 32:
             raise CryptoError(f"length field of {hlen} bytes")
-        self._stream(self._len, seq, header, c_out + (64 - hlen))
-        tag = self._tag(c_out, (c_out + (64 - hlen), len(out) - 64 + hlen))
-        view = memoryview(out)
-        return bytes(view[64 - hlen:64]), view[64:], tag
+        n = sum(map(len, parts))
+        out = self._new_out("unsigned char[]", 64 + n + _TAG)
+        ctx, outl = self._main, self._outl
+        # block 0 of the keystream: the Poly1305 key, then the payload from block 1
+        ok = c.EVP_EncryptInit_ex(ctx, ffi.NULL, ffi.NULL, ffi.NULL,
+                                  _CTR0 + seq.to_bytes(8, "big")) and \
+            c.EVP_EncryptUpdate(ctx, out, outl, _BLOCK0, 64)
+        pos = 64
+        short: list[Any] = []
+        for part in (*parts, None):   # None: the end, where the last short parts go out
+            if part is not None and len(part) < _SHORT:
+                short.append(part)
+                continue
+            if short:
+                head, short = b"".join(short), []
+                ok = ok and c.EVP_EncryptUpdate(ctx, out + pos, outl, head, len(head))
+                pos += len(head)
+            if part is None:
+                break
+            m = len(part)
+            if type(part) is not bytes:
+                part = ffi.from_buffer("unsigned char[]", part)
+            ok = ok and c.EVP_EncryptUpdate(ctx, out + pos, outl, part, m)
+            pos += m
+        if not ok:
+            raise CryptoError("EVP chacha20 failed")
+        # Keystream bytes 32..63 of block 0 are not used: the encrypted length goes there, just
+        # before the ciphertext, so the tag is one update over both.
+        self._stream(self._len, seq, header, out + (64 - hlen))
+        self._tag(out, out + (64 - hlen), n + hlen, out + 64 + n)
+        return memoryview(ffi.buffer(out, 64 + n + _TAG))[64 - hlen:]   # keeps `out` alive
 
     def length(self, seq: int, first: Any) -> bytes:
         """Decrypt the length field (`first`, 4 bytes)."""
@@ -181,7 +214,8 @@ class ChaChaPoly:
         polykey = self._polykey
         self._stream(self._main, seq, _BLOCK0, polykey)   # block 0; the packet follows from 1
         c_data = ffi.from_buffer("unsigned char[]", data)
-        if not hmac.compare_digest(self._tag(polykey, (c_data, len(data))), bytes(mac)):
+        self._tag(polykey, c_data, len(data), self._tagbuf)
+        if not hmac.compare_digest(ffi.buffer(self._tagbuf, _TAG)[:], bytes(mac)):
             return None
         n = len(data) - header_len
         if n <= 0:
@@ -190,3 +224,19 @@ class ChaChaPoly:
         if not c.EVP_EncryptUpdate(self._main, out, self._outl, c_data + header_len, n):
             raise CryptoError("EVP chacha20 failed")
         return ffi.buffer(out, n)   # keeps `out` alive
+
+
+def load_chachapoly(main_key: bytes, len_key: bytes) -> Optional[Any]:
+    """One direction's chacha20-poly1305 on the system's libcrypto (compiled where it was
+    built, else through cffi), with `seal`, `length` and `open` as `ChaChaPoly` has them; None
+    where libcrypto cannot do it or EDGEGW_LIBCRYPTO=0."""
+    if os.environ.get("EDGEGW_LIBCRYPTO", "1") == "0":
+        return None
+    if _aead is None:
+        return ChaChaPoly.load(main_key, len_key)
+    try:
+        return _aead.ChaChaPoly(main_key, len_key)
+    except OSError as exc:   # e.g. a policy that refuses ChaCha20 in libcrypto
+        log.warning("libcrypto refused chacha20-poly1305 (%s); using the cryptography "
+                    "package for this connection", exc)
+        return None

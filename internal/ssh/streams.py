@@ -186,8 +186,15 @@ class ViewChannel(SSHServerChannel):
     write into a bytearray (writelines() joins first), cuts each channel packet out of it (a
     copy, and a move of all that is left), then prefixes the packet with its length (a third
     copy). Here bytes are queued as they are, a packet is gathered from views of them, and
-    the length goes to send_packet as a part of its own: the packet's bytes are first copied
-    where they are sealed."""
+    the length and the recipient channel go to the connection as parts of their own (asyncssh's
+    send_packet joins the parts and prepends the recipient: two more copies): the packet's
+    bytes are first copied where they are sealed."""
+
+    def send_packet(self, pkttype: int, *args: Any) -> None:
+        if self._send_chan is None:
+            return
+        self._conn.send_packet(pkttype, self._send_chan.to_bytes(4, "big"), *args,
+                               handler=self)
 
     def write(self, data: Any, datatype: Any = None) -> None:
         if self._encoding or type(data) is not bytes:   # str, or a buffer its owner may reuse

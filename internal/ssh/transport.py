@@ -39,7 +39,7 @@ from asyncssh.connection import SSHServerConnection
 from asyncssh.packet import SSHPacketLogger
 from asyncssh.stream import SSHServerStreamSession
 
-from internal.ssh.ciphers import CHACHA_BLOCK0, FastChaCha, FastGCM, wrap_cipher
+from internal.ssh.ciphers import FastChaCha, FastGCM, wrap_cipher
 from internal.ssh.streams import CorkedTransport, ViewChannel, ViewStreamSession
 
 _MSG_USERAUTH_LAST = 79
@@ -198,12 +198,9 @@ class NodeServerConnection(SSHServerConnection):
         seq = self._send_seq
         transport = self._transport
         if type(enc) is FastChaCha:
-            enc_len, body, tag = enc.seal(seq, hdr, b"".join(
-                (CHACHA_BLOCK0, bytes((padlen, pkttype)), *args, os.urandom(padlen))))
+            wire = enc.seal(seq, hdr, (bytes((padlen, pkttype)), *args, os.urandom(padlen)))
             if transport is not None:
-                transport.write(enc_len)
-                transport.write(body)
-                transport.write(tag)
+                transport.writelines(wire)
         elif isinstance(enc, FastGCM):
             data = enc.seal(hdr, b"".join((bytes((padlen, pkttype)), *args,
                                            os.urandom(padlen))))
