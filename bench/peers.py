@@ -24,7 +24,7 @@ global
     maxpipes {maxpipes}
     nbthread {threads}
     tune.maxaccept 256
-
+{sndbuf}
 defaults
     mode tcp
     timeout connect 5s
@@ -42,6 +42,12 @@ backend be
 # `option splice-auto` never spliced on this kind of machine (see /work/shared/ANCHORS.md):
 # zero-copy has to be forced for both directions.
 HAPROXY_SPLICE = "    option splice-request\n    option splice-response\n"
+
+# Fixed send buffers on both sides of a relay, for near peers: HAProxy's tune.sndbuf.* and
+# edgegw's --sndbuf-* (bench/README.md, "Send buffers and pacing").
+NEAR_SNDBUF = 131072
+HAPROXY_SNDBUF = "    tune.sndbuf.client {n}\n    tune.sndbuf.server {n}\n"
+EDGEGW_SNDBUF = ["--sndbuf-client", str(NEAR_SNDBUF), "--sndbuf-node", str(NEAR_SNDBUF)]
 
 SOCAT_ARGS = ["TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=4096,nodelay",
               "TCP:127.0.0.1:{target},nodelay"]
@@ -143,9 +149,11 @@ class Direct(RelayPath):
 class HAProxy(RelayPath):
     programs = ("haproxy",)
 
-    def __init__(self, splice: bool) -> None:
+    def __init__(self, splice: bool, sndbuf: int = 0) -> None:
+        """`sndbuf` > 0: fixed send buffers of that many bytes towards clients and servers."""
         super().__init__()
         self.splice = splice
+        self.sndbuf = sndbuf
         self.name = "haproxy-splice" if splice else "haproxy"
 
     def start(self, ctx: Ctx, target: int) -> None:
@@ -160,7 +168,9 @@ class HAProxy(RelayPath):
         cfg.write_text(HAPROXY_CFG.format(maxconn=maxconn, maxpipes=maxpipes,
                                           threads=os.cpu_count() or 1,
                                           port=self.port, target=target,
-                                          splice=HAPROXY_SPLICE if self.splice else ""))
+                                          splice=HAPROXY_SPLICE if self.splice else "",
+                                          sndbuf=HAPROXY_SNDBUF.format(n=self.sndbuf)
+                                          if self.sndbuf else ""))
         check = subprocess.run([exe, "-c", "-q", "-f", str(cfg)], capture_output=True, text=True)
         if check.returncode != 0:
             raise Skip(f"haproxy rejected its config: {check.stderr.strip()[-400:]}")
@@ -221,18 +231,20 @@ class EdgegwEngine(RelayPath):
 
 
 def _start_gateway(path: RelayPath, ctx: Ctx, home: Path, backend: str, label: str,
-                   procs: int = 0) -> tuple[int, int]:
-    """`edgegw serve` on free ports trusting `home`'s node, registered as path's "gateway" and
-    ready; returns (external port, PNC port)."""
+                   procs: int = 0, role: str = "gateway",
+                   extra: tuple[str, ...] = ()) -> tuple[int, int]:
+    """`edgegw serve` on free ports trusting `home`'s node, registered as path's `role` (also
+    its gateway id, which the node logs when attached) and ready, with `extra` options after
+    the run's --gateway-args; returns (external port, PNC port)."""
     ext, pnc, data = free_port(), free_port(), free_port()
-    gw = Proc(f"{label} gateway",
+    gw = Proc(f"{label} {role}",
               [sys.executable, "-m", "edgegw", "serve", "--external", f"127.0.0.1:{ext}",
                "--pnc", f"127.0.0.1:{pnc}", "--data", f"127.0.0.1:{data}",
                "--trust", str(home / "gateway-trust.pem"), "--relay-backend", backend,
-               "--gateway-id", "bench", "--relay-procs", str(procs), *ctx.gateway_args],
-              ctx.workdir / f"{label}-{ext}-gateway.log",
+               "--gateway-id", role, "--relay-procs", str(procs), *ctx.gateway_args, *extra],
+              ctx.workdir / f"{label}-{ext}-{role}.log",
               env={"EDGEGW_RELAY_BACKEND": backend}).start()
-    path.procs["gateway"] = gw
+    path.procs[role] = gw
     gw.wait_log("listening: external=", timeout=30)
     return ext, pnc
 
@@ -463,16 +475,23 @@ class _View(RelayPath):
 
 
 class EdgegwSsh(RelayPath):
-    """One node serving SSH/SFTP itself, reachable both directly (`--listen`, the view
-    `.direct`, named edgegw-node) and through a gateway (this path, edgegw-gateway)."""
+    """One node serving SSH/SFTP itself, reachable directly (`--listen`, the view `.direct`,
+    named edgegw-node), through a gateway (this path, edgegw-gateway) and, with `near=True`,
+    through a second gateway with fixed send buffers (the view `.near`,
+    edgegw-gateway-sndbuf): the node dials both."""
 
     name = "edgegw-gateway"
 
-    def __init__(self, user: str, pubkey: Path, backend: str = "splice") -> None:
+    def __init__(self, user: str, pubkey: Path, backend: str = "splice",
+                 near: bool = False) -> None:
         super().__init__()
         self.user, self.pubkey, self.backend = user, pubkey, backend
         self.direct = _View("edgegw-node", self)
         self.direct.roles = {"server": "node"}
+        self.near: _View | None = None
+        if near:
+            self.near = _View("edgegw-gateway-sndbuf", self)
+            self.near.roles = {"server": "node", "gateway": "gateway-sndbuf"}
 
     def pids(self) -> dict[str, int]:
         return {"server": self.procs["node"].pid, "gateway": self.procs["gateway"].pid}
@@ -489,18 +508,26 @@ class EdgegwSsh(RelayPath):
                            f"{(cp.stderr or cp.stdout).strip()[-300:]}")
             (home / ".bench-user").write_text(self.user)
         env = {"EDGEGW_RELAY_BACKEND": self.backend}
-        ext, pnc = _start_gateway(self, ctx, home, self.backend, "ssh")
+        gateways = {"gateway": _start_gateway(self, ctx, home, self.backend, "ssh")}
+        if self.near is not None:
+            gateways["gateway-sndbuf"] = _start_gateway(
+                self, ctx, home, self.backend, "ssh", role="gateway-sndbuf",
+                extra=tuple(EDGEGW_SNDBUF))
         listen = free_port()
+        dial = [arg for _, pnc in gateways.values() for arg in ("--gateway", f"127.0.0.1:{pnc}")]
         node = Proc("edgegw node (ssh)",
                     [sys.executable, "-m", "edgegw", "internal", "serve", "--home", str(home),
-                     "--workers", "1", "--gateway", f"127.0.0.1:{pnc}",
-                     "--listen", f"127.0.0.1:{listen}", *ctx.node_args],
+                     "--workers", "1", *dial, "--listen", f"127.0.0.1:{listen}",
+                     *ctx.node_args],
                     ctx.workdir / f"ssh-node-{listen}.log", env=env).start()
         self.procs["node"] = node
-        node.wait_log("attached to gateway", timeout=30)
+        for role in gateways:
+            node.wait_log(f"attached to gateway {role} at", timeout=30)
         wait_port(listen, proc=node, timeout=30)
-        self.port = ext
+        self.port = gateways["gateway"][0]
         self.direct.port = listen
+        if self.near is not None:
+            self.near.port = gateways["gateway-sndbuf"][0]
 
     def files_dir(self, ctx: Ctx) -> Path:
         """Where the bench user's uploads land (tmpfs, see Ctx.edgegw_home)."""

@@ -15,8 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.peers import (Ctx, EdgegwGateway, EdgegwSsh, HAProxy, RelayPath, Sshd, start_all,
-                         stop_all)
+from bench.peers import (NEAR_SNDBUF, Ctx, EdgegwGateway, EdgegwSsh, HAProxy, RelayPath, Sshd,
+                         start_all, stop_all)
 from bench.procs import (Skip, cpu_seconds, free_page_reporting, log, need, pin_tree,
                          uptime_seconds)
 from bench.report import Metric, PartResult, Results
@@ -136,8 +136,14 @@ def run(ctx: Ctx, results: Results, *, quick: bool, repeat: int, mib: int | None
     log(f"sftp: writing a {mib} MiB source file on tmpfs")
     make_source(src, size)
 
+    def wanted(name: str) -> bool:
+        return only is None or "all" in only or name in only
+
     sshd = Sshd(pub)
-    edge = EdgegwSsh("bench", pub)
+    # the same node through a second gateway with fixed send buffers (and behind HAProxy with
+    # the same): what the relay costs when its socket is not paced by timer (bench/README.md,
+    # "Send buffers and pacing")
+    edge = EdgegwSsh("bench", pub, near=wanted("edgegw-gateway-sndbuf"))
     running: list[RelayPath] = []
     targets: list[Target] = []
     try:
@@ -160,10 +166,17 @@ def run(ctx: Ctx, results: Results, *, quick: bool, repeat: int, mib: int | None
             targets.append(Target("edgegw-gateway", edge, "bench", ".",
                                   {"server": edge.pids()["server"],
                                    "relay": edge.pids()["gateway"]}))
+            if edge.near is not None:
+                targets.append(Target(edge.near.name, edge.near, "bench", ".",
+                                      {"server": edge.pids()["server"],
+                                       "relay": edge.near.pids()["gateway"]}))
             # the same node behind the peer relay: what a relay on this machine costs the node
-            hn = HAProxy(splice=True)
-            hn.name = "edgegw-node-via-haproxy-splice"
-            for p in start_all([hn], ctx, edge.direct.port, part.skip):
+            peers = [HAProxy(splice=True)]
+            peers[0].name = "edgegw-node-via-haproxy-splice"
+            if wanted("edgegw-node-via-haproxy-splice-sndbuf"):
+                peers.append(HAProxy(splice=True, sndbuf=NEAR_SNDBUF))
+                peers[1].name = "edgegw-node-via-haproxy-splice-sndbuf"
+            for p in start_all(peers, ctx, edge.direct.port, part.skip):
                 running.append(p)
                 targets.append(Target(p.name, p, "bench", ".",
                                       {"server": edge.pids()["server"],

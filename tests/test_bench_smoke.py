@@ -19,7 +19,8 @@ def test_bench_quick_writes_results(tmp_path: Path) -> None:
     cp = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path),
          "--paths", "direct,haproxy-splice,edgegw-splice,edgegw-splice-1hop,openssh,edgegw-node,"
-                    "edgegw-gateway,edgegw-node-via-haproxy-splice",
+                    "edgegw-gateway,edgegw-gateway-sndbuf,edgegw-node-via-haproxy-splice,"
+                    "edgegw-node-via-haproxy-splice-sndbuf",
          "--sessions", "200", "--sftp-mib", "8",
          "--gateway-args", "--congestion-node reno", "--node-args", "--congestion-gateway reno"],
         cwd=REPO, capture_output=True, text=True, timeout=140)
@@ -48,10 +49,12 @@ def test_bench_quick_writes_results(tmp_path: Path) -> None:
     for part in ("onehop", "latency"):
         assert data["parts"][part]["paths"]["edgegw-splice-1hop"]["status"] == "ok", part
     assert data["options"]["node_args"] == "--congestion-gateway reno"
-    # the node moved files directly, through its gateway, and behind the peer relay
+    # the node moved files directly, through its gateway (with the kernel's send buffers and
+    # with fixed ones), and behind the peer relay (likewise)
     sftp = data["parts"]["sftp"]["paths"]
-    behind = ["edgegw-node", "edgegw-gateway"] + (
-        ["edgegw-node-via-haproxy-splice"] if data["machine"]["haproxy"] != "missing" else [])
+    behind = ["edgegw-node", "edgegw-gateway", "edgegw-gateway-sndbuf"] + (
+        ["edgegw-node-via-haproxy-splice", "edgegw-node-via-haproxy-splice-sndbuf"]
+        if data["machine"]["haproxy"] != "missing" else [])
     for path in behind:
         assert sftp[path]["status"] == "ok", (path, sftp[path]["reason"])
         assert sftp[path]["metrics"]["up_aes"]["median"] > 0
