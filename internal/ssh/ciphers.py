@@ -57,7 +57,13 @@ _CHACHA_CTR0 = bytes(8)      # ChaCha20's 64-bit block counter, little-endian, b
 
 class FastGCM:
     """aes*-gcm@openssh.com (RFC 5647) for one direction: same nonce sequence as asyncssh's
-    GCMCipher, one AESGCM key schedule per key instead of per packet."""
+    GCMCipher, one AESGCM key schedule per key instead of per packet.
+
+    It stays on the `cryptography` package, not the system's libcrypto as chacha20 does: the
+    package brings its own, newer libcrypto, whose AES-GCM uses VAES and AVX-512 where the CPU
+    has them. On a 2-vCPU AMD EPYC VM (Debian 12: OpenSSL 3.0.19; cryptography 48: 4.0.3) a
+    32 KiB packet took 3.75 µs to seal there and 7.43 µs on the system's, even though sealing
+    from the packet's parts on the system's library would have saved their join (0.76 µs)."""
 
     # asyncssh reads the first cipher block (AES: 16 bytes) before it takes the length;
     # decrypt_packet relies on it
@@ -82,9 +88,11 @@ class FastGCM:
         self._counter = (self._counter + 1) & _U64
         return nonce
 
-    def seal(self, header: bytes, packet: bytes) -> bytes:
-        """Ciphertext followed by the tag."""
-        return self._aead.encrypt(self._nonce(), packet, header)
+    def seal(self, seq: int, header: bytes, parts: Sequence[Any]) -> tuple[Any, ...]:
+        """The packet, given as `parts` (buffers, in order), sealed: the buffers that go on
+        the wire, in order (the length in the clear, then ciphertext and tag). `seq` is not
+        used (the nonce has its own counter); it is there to match FastChaCha.seal."""
+        return header, self._aead.encrypt(self._nonce(), b"".join(parts), header)
 
     # -- asyncssh's Encryption interface ---------------------------------------------------
     @classmethod
@@ -92,8 +100,8 @@ class FastGCM:
         return False
 
     def encrypt_packet(self, seq: int, header: bytes, packet: bytes) -> tuple[bytes, bytes]:
-        data = self.seal(header, packet)
-        return header + data[:-_GCM_TAG], data[-_GCM_TAG:]
+        wire = b"".join(self.seal(seq, header, (packet,)))
+        return wire[:-_GCM_TAG], wire[-_GCM_TAG:]
 
     def decrypt_header(self, seq: int, first_block: Any, header_len: int) -> tuple[Any, Any]:
         return first_block, first_block[:header_len]

@@ -96,7 +96,7 @@ class NodeServerConnection(SSHServerConnection):
             session.__class__ = ViewStreamSession
         return chan, session
 
-    # Both directions' encryption objects are swapped for the fast GCM one when they are set
+    # Both directions' encryption objects are swapped for their fast twins when they are set
     # (after each key exchange); anything else is kept as asyncssh made it.
     @property
     def _send_encryption(self) -> Any:
@@ -197,16 +197,10 @@ class NodeServerConnection(SSHServerConnection):
         hdr = pktlen.to_bytes(4, "big")
         seq = self._send_seq
         transport = self._transport
-        if type(enc) is FastChaCha:
+        if type(enc) in (FastChaCha, FastGCM):
             wire = enc.seal(seq, hdr, (bytes((padlen, pkttype)), *args, os.urandom(padlen)))
             if transport is not None:
                 transport.writelines(wire)
-        elif isinstance(enc, FastGCM):
-            data = enc.seal(hdr, b"".join((bytes((padlen, pkttype)), *args,
-                                           os.urandom(padlen))))
-            if transport is not None:
-                transport.write(hdr)
-                transport.write(data)
         else:
             packet = b"".join((bytes((padlen, pkttype)), *args, os.urandom(padlen)))
             data, mac = enc.encrypt_packet(seq, hdr, packet)
