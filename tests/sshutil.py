@@ -38,6 +38,35 @@ def set_chacha_backend(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
         pytest.fail("internal.ssh._aead was not built (scripts/setup.sh builds it)")
 
 
+def count_cipher_use(cls: type, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every instance of the fast cipher `cls` (FastGCM, FastChaCha) that the node makes for
+    the rest of a test (one per direction per key exchange), each counting the packets it
+    sealed (`sealed`) and opened (`opened`)."""
+    made: list[Any] = []
+    real_wrap, real_seal, real_open = cls.wrap.__func__, cls.seal, cls.decrypt_packet
+
+    def wrap(kind: type, enc: Any) -> Any:
+        fast = real_wrap(kind, enc)
+        if type(fast) is cls:
+            fast.sealed = fast.opened = 0
+            made.append(fast)
+        return fast
+
+    def seal(self: Any, *args: Any) -> Any:
+        self.sealed += 1
+        return real_seal(self, *args)
+
+    def decrypt_packet(self: Any, *args: Any) -> Any:
+        out = real_open(self, *args)
+        self.opened += out is not None
+        return out
+
+    monkeypatch.setattr(cls, "wrap", classmethod(wrap))
+    monkeypatch.setattr(cls, "seal", seal)
+    monkeypatch.setattr(cls, "decrypt_packet", decrypt_packet)
+    return made
+
+
 @dataclasses.dataclass
 class SftpRun:
     returncode: int

@@ -19,8 +19,7 @@ from internal.ssh import ciphers, libcrypto
 from internal.ssh.ciphers import FastChaCha, wrap_cipher
 from tests import sshutil
 from tests.procs import SSH_OPTS
-from tests.sshutil import set_chacha_backend
-from tests.sshutil import NodeUnderTest
+from tests.sshutil import NodeUnderTest, count_cipher_use, set_chacha_backend
 
 sshnode = sshutil.sshnode   # the fixture
 
@@ -166,32 +165,8 @@ def test_other_ciphers_are_not_taken() -> None:
 
 @pytest.fixture
 def chacha_keys(monkeypatch: pytest.MonkeyPatch) -> list[FastChaCha]:
-    """Every FastChaCha the node makes (one per direction per key exchange), each counting
-    the packets it sealed and opened."""
-    made: list[FastChaCha] = []
-    real_wrap, real_seal, real_open = FastChaCha.wrap.__func__, FastChaCha.seal, \
-        FastChaCha.decrypt_packet
-
-    def wrap(cls: type[FastChaCha], enc: Any) -> Any:
-        fast = real_wrap(cls, enc)
-        if type(fast) is FastChaCha:
-            fast.sealed = fast.opened = 0  # type: ignore[attr-defined]
-            made.append(fast)
-        return fast
-
-    def seal(self: Any, *args: Any) -> Any:
-        self.sealed += 1
-        return real_seal(self, *args)
-
-    def decrypt_packet(self: Any, *args: Any) -> Any:
-        out = real_open(self, *args)
-        self.opened += out is not None
-        return out
-
-    monkeypatch.setattr(FastChaCha, "wrap", classmethod(wrap))
-    monkeypatch.setattr(FastChaCha, "seal", seal)
-    monkeypatch.setattr(FastChaCha, "decrypt_packet", decrypt_packet)
-    return made
+    """Every FastChaCha the node makes, counting the packets it sealed and opened."""
+    return count_cipher_use(FastChaCha, monkeypatch)
 
 
 async def _sftp(node: NodeUnderTest, user: str, key: Path, commands: str,

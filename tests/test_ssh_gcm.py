@@ -18,7 +18,7 @@ from asyncssh.encryption import GCMEncryption, get_encryption
 from internal.ssh.ciphers import FastGCM, wrap_cipher
 from tests import sshutil
 from tests.procs import SSH_OPTS
-from tests.sshutil import NodeUnderTest
+from tests.sshutil import NodeUnderTest, count_cipher_use
 
 sshnode = sshutil.sshnode   # the fixture
 
@@ -149,32 +149,8 @@ def test_both_directions_interoperate_with_asyncssh() -> None:
 
 @pytest.fixture
 def gcm_keys(monkeypatch: pytest.MonkeyPatch) -> list[FastGCM]:
-    """Every FastGCM the node makes (one per direction per key exchange), each counting the
-    packets it sealed and opened."""
-    made: list[FastGCM] = []
-    real_wrap, real_seal, real_open = FastGCM.wrap.__func__, FastGCM.seal, \
-        FastGCM.decrypt_packet
-
-    def wrap(cls: type[FastGCM], enc: Any) -> Any:
-        fast = real_wrap(cls, enc)
-        if type(fast) is FastGCM:
-            fast.sealed = fast.opened = 0  # type: ignore[attr-defined]
-            made.append(fast)
-        return fast
-
-    def seal(self: Any, *args: Any) -> Any:
-        self.sealed += 1
-        return real_seal(self, *args)
-
-    def decrypt_packet(self: Any, *args: Any) -> Any:
-        out = real_open(self, *args)
-        self.opened += out is not None
-        return out
-
-    monkeypatch.setattr(FastGCM, "wrap", classmethod(wrap))
-    monkeypatch.setattr(FastGCM, "seal", seal)
-    monkeypatch.setattr(FastGCM, "decrypt_packet", decrypt_packet)
-    return made
+    """Every FastGCM the node makes, counting the packets it sealed and opened."""
+    return count_cipher_use(FastGCM, monkeypatch)
 
 
 def _digest(path: Path) -> str:
