@@ -442,7 +442,8 @@ class TestProcRelay(RelayContract):
     relay_kwargs = {"procs": 2}
 
     async def test_stats(self, relay, listener) -> None:
-        # the gateway side counts bytes when a session's report arrives, not while it runs
+        # bytes and pipes come from the relay processes' own reports: running sessions too,
+        # a second or so late
         r, reports = relay
         assert (r.stats().active_sessions, r.stats().total_sessions) == (0, 0)
         client, node = self.session(r, listener, 50)
@@ -450,11 +451,13 @@ class TestProcRelay(RelayContract):
         await loop.sock_sendall(client, b"q" * 1000)
         assert await recv_exactly(node, 1000) == b"q" * 1000
         assert (r.stats().active_sessions, r.stats().total_sessions) == (1, 1)
+        st = await _stats_until(r, lambda st: st.bytes_total == 1000)
+        assert st.active_sessions == 1                       # counted while it runs
         client.close()
         node.close()
         await reports.wait(50)
-        st = r.stats()
-        assert (st.active_sessions, st.total_sessions, st.bytes_total) == (0, 1, 1000)
+        st = await _stats_until(r, lambda st: st.active_sessions == 0)
+        assert (st.total_sessions, st.bytes_total) == (1, 1000)
 
     # pipes live in the relay processes, whose engine TestSpliceRelay covers
     test_idle_sessions_hold_no_buffers = None  # type: ignore[assignment]
@@ -510,3 +513,14 @@ def test_missing_c_engine_warns_loudly(monkeypatch: pytest.MonkeyPatch,
     [rec] = [r for r in caplog.records if r.name == "edgegw.relay"]
     assert rec.levelno == logging.WARNING
     assert "C ENGINE MISSING" in rec.getMessage() and "C compiler" in rec.getMessage()
+
+
+async def _stats_until(r, cond, timeout: float = 5.0):
+    """The relay's stats once cond(stats) holds; the last ones seen fail the test otherwise."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    st = r.stats()
+    while not cond(st) and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)
+        st = r.stats()
+    assert cond(st), st
+    return st

@@ -13,7 +13,7 @@ import socket
 import pytest
 
 from edgegw.relay import FinishReason, available_backends, create_relay, wire
-from edgegw.relay.base import RelayReport
+from edgegw.relay.base import RelayReport, RelayStats
 from edgegw.relay.procs import ProcRelay
 from tests.relay_helpers import Listener, Reports, open_fds, recv_exactly
 
@@ -142,6 +142,12 @@ def test_wire_messages_round_trip_and_reject_garbage() -> None:
     for bad in (b"", bytes(33), wire.done(rep)[:-30], b"\x04" + bytes(31) + b"\xff"):
         with pytest.raises(ValueError):
             wire.parse_done(bad)
+    st = RelayStats("splice", 2, 9, 1 << 50, 1, 3, 0, 0)
+    assert wire.parse_report(wire.stats(st)) == RelayStats("", 2, 9, 1 << 50, 1, 3, 0, 0)
+    assert wire.parse_report(wire.done(rep)) == rep
+    for bad in (wire.stats(st)[:-1], wire.stats(st) + b"x", b"\x05"):
+        with pytest.raises(ValueError):
+            wire.parse_report(bad)
 
 
 async def test_garbage_on_the_control_socket_is_ignored(listener) -> None:

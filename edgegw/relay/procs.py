@@ -34,6 +34,7 @@ class _Proc:
     ctrl: socket.socket
     popen: subprocess.Popen[bytes]
     sessions: set[int] = field(default_factory=set)
+    stats: RelayStats | None = None   # the engine's counters, as last sent by the process
 
 
 class ProcRelay:
@@ -56,7 +57,7 @@ class ProcRelay:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._total = 0
-        self._bytes = 0
+        self._retired_bytes = 0   # moved by relay processes that have exited
 
     # -- Relay -----------------------------------------------------------------------------
     def start(self, on_finished: FinishedCallback) -> None:
@@ -96,9 +97,17 @@ class ProcRelay:
         return True
 
     def stats(self) -> RelayStats:
-        """What the gateway side knows: sessions handed out and the bytes of finished ones."""
+        """Sessions as the gateway handed them out; bytes and pipes as the relay processes
+        last reported them (after each batch of finished sessions, and every second while
+        they move bytes)."""
+        live = [p.stats for p in self._procs if p.stats is not None]
         return RelayStats(backend=self.backend, active_sessions=len(self._owner),
-                          total_sessions=self._total, bytes_total=self._bytes)
+                          total_sessions=self._total,
+                          bytes_total=self._retired_bytes + sum(st.bytes_total for st in live),
+                          pipes_in_use=sum(st.pipes_in_use for st in live),
+                          pipes_pooled=sum(st.pipes_pooled for st in live),
+                          buffers_in_use=sum(st.buffers_in_use for st in live),
+                          buffers_pooled=sum(st.buffers_pooled for st in live))
 
     async def close(self) -> None:
         """Stop every relay process: each closes its sessions and reports them (SHUTDOWN)."""
@@ -149,18 +158,20 @@ class ProcRelay:
                 self._lost(proc)
                 return
             try:
-                report = wire.parse_done(msg)
+                report = wire.parse_report(msg)
             except ValueError as exc:
                 log.error("relay process %d sent garbage (%s); ignored", proc.index, exc)
                 continue
-            self._finish(report)
+            if isinstance(report, RelayStats):
+                proc.stats = report
+            else:
+                self._finish(report)
 
     def _finish(self, report: RelayReport) -> None:
         proc = self._owner.pop(report.session_id, None)
         if proc is None:
             return                       # reported already (its process was lost meanwhile)
         proc.sessions.discard(report.session_id)
-        self._bytes += report.bytes_a_to_b + report.bytes_b_to_a
         deliver(self._on_finished, report)
 
     def _lost(self, proc: _Proc) -> None:
@@ -184,6 +195,8 @@ class ProcRelay:
         if proc not in self._procs:
             return
         self._procs.remove(proc)
+        if proc.stats is not None:
+            self._retired_bytes += proc.stats.bytes_total
         assert self._loop is not None
         self._loop.remove_reader(proc.ctrl.fileno())
         proc.ctrl.close()

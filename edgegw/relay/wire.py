@@ -5,17 +5,19 @@ no framing; an ADD carries the session's two descriptors as SCM_RIGHTS.
 
     gateway -> relay process:  ADD (sid, fds=[client, data]) | KILL (sid) | STOP
     relay process -> gateway:  DONE (one finished session, as a RelayReport)
+                               | STATS (the engine's counters, RelayStats, now and then)
 """
 from __future__ import annotations
 
 import struct
 
-from edgegw.relay.base import FinishReason, RelayReport
+from edgegw.relay.base import FinishReason, RelayReport, RelayStats
 
-ADD, KILL, STOP, DONE = 1, 2, 3, 4
+ADD, KILL, STOP, DONE, STATS = 1, 2, 3, 4, 5
 
 _CMD = struct.Struct("!BQ")               # op, session id
 _DONE = struct.Struct("!BQQQd")           # op, session id, a->b, b->a, duration; reason, error
+_STATS = struct.Struct("!B7Q")          # op, RelayStats' counters in field order
 MAX_MESSAGE = 1024                        # a DONE with its error text stays well under this
 _REASONS = list(FinishReason)
 
@@ -51,3 +53,18 @@ def parse_done(msg: bytes) -> RelayReport:
         raise ValueError(f"not a relay report (op {op}, reason {reason})")
     return RelayReport(sid, a_to_b, b_to_a, duration, _REASONS[reason],
                        msg[_DONE.size + 1:].decode("utf-8", "replace"))
+
+
+def stats(st: RelayStats) -> bytes:
+    return _STATS.pack(STATS, st.active_sessions, st.total_sessions, st.bytes_total,
+                       st.pipes_in_use, st.pipes_pooled, st.buffers_in_use, st.buffers_pooled)
+
+
+def parse_report(msg: bytes) -> RelayReport | RelayStats:
+    """What a relay process sent: a finished session or its counters; ValueError otherwise.
+    The stats' `backend` is left empty: the gateway knows which engine it started."""
+    if msg[:1] == bytes((STATS,)):
+        if len(msg) != _STATS.size:
+            raise ValueError(f"relay stats of {len(msg)} bytes")
+        return RelayStats("", *_STATS.unpack(msg)[1:])
+    return parse_done(msg)

@@ -1,9 +1,11 @@
 """A relay process: runs one relay engine for the gateway that started it (edgegw.relay.procs).
 
 It takes sessions (two descriptors each) from its control socket, reports each finished one
-back, and exits when told to stop or when the gateway goes away (the control socket closes):
-its sessions are then closed and reported like any relay shutdown. Signals are the gateway's
-business: SIGINT (a Ctrl-C reaching the whole process group) is ignored here.
+back, sends its engine's counters after reports and every STATS_INTERVAL while they change
+(so the gateway's figures include running sessions), and exits when told to stop or when the
+gateway goes away (the control socket closes): its sessions are then closed and reported like
+any relay shutdown. Signals are the gateway's business: SIGINT (a Ctrl-C reaching the whole
+process group) is ignored here.
 """
 from __future__ import annotations
 
@@ -19,9 +21,11 @@ from edgegw.eventloop import run
 from edgegw.limits import raise_fd_limit
 from edgegw.logsetup import LEVELS, setup_logging
 from edgegw.relay import wire
-from edgegw.relay.base import DEFAULT_COALESCE_US, FinishReason, Relay, RelayReport
+from edgegw.relay.base import DEFAULT_COALESCE_US, FinishReason, Relay, RelayReport, RelayStats
 
 log = logging.getLogger("edgegw.relay.worker")
+
+STATS_INTERVAL = 1.0   # seconds between counter updates while sessions move bytes
 
 
 class Worker:
@@ -33,11 +37,28 @@ class Worker:
         self.stopped = asyncio.Event()
         self._out: collections.deque[bytes] = collections.deque()
         self._writing = False
+        self._sent_stats: RelayStats | None = None
+        self._stats_due = False
+        self._ticker: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.relay.start(self._report)
         loop.add_reader(self.ctrl.fileno(), self._on_command)
+        self._ticker = loop.call_later(STATS_INTERVAL, self._tick)
+
+    def _tick(self) -> None:
+        self.send_stats()
+        self._ticker = asyncio.get_running_loop().call_later(STATS_INTERVAL, self._tick)
+
+    def send_stats(self) -> None:
+        """Queue the engine's counters if they moved since the last ones sent."""
+        self._stats_due = False
+        st = self.relay.stats()
+        if st != self._sent_stats:
+            self._sent_stats = st
+            self._out.append(wire.stats(st))
+            self._flush()
 
     def _on_command(self) -> None:
         while not self.stopped.is_set():
@@ -79,11 +100,16 @@ class Worker:
     def stop(self) -> None:
         if not self.stopped.is_set():
             asyncio.get_running_loop().remove_reader(self.ctrl.fileno())
+            if self._ticker is not None:
+                self._ticker.cancel()
             self.stopped.set()
 
     def _report(self, report: RelayReport) -> None:
         self._out.append(wire.done(report))
         self._flush()
+        if not self._stats_due:   # one update after a batch of reports, not one per report
+            self._stats_due = True
+            asyncio.get_running_loop().call_soon(self.send_stats)
 
     def _flush(self) -> None:
         """Send queued reports without ever blocking: a gateway that is itself busy sending
@@ -124,6 +150,7 @@ async def _main(args: argparse.Namespace) -> None:
     log.debug("relay process ready (%s backend)", relay.backend)
     await worker.stopped.wait()
     await relay.close()                           # running sessions: reported as SHUTDOWN
+    worker.send_stats()                           # the final counters
     await worker.drain()
     ctrl.close()
 
