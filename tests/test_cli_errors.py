@@ -40,6 +40,8 @@ def test_gateway_bad_inputs(tmp_path: Path, node_home: Path) -> None:
          "congestion control 'nosuchalgo' cannot be used"),
         ([*_serve(trust), "--congestion-client", "x" * 40], "cannot be used"),
         ([*_serve(trust), "--congestion-client", "nosuchalgo"], "'--congestion-client'"),
+        ([*_serve(trust), "--metrics", "9100"], "expected HOST:PORT"),
+        ([*_serve(trust), "--metrics", f"127.0.0.1:{busy.getsockname()[1]}"], "cannot listen on"),
     ]
     try:
         for args, message in cases:

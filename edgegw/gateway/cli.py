@@ -82,13 +82,19 @@ def _hostport(ctx: click.Context, param: click.Parameter, value: str) -> HostPor
                    "the short hop to the nodes cubic does the same work for less CPU.")
 @click.option("--proxy-protocol-from", multiple=True, metavar="CIDR",
               help="Accept PROXY protocol v1/v2 headers from these load balancers (repeatable).")
+@click.option("--metrics", default=None, metavar="HOST:PORT",
+              callback=lambda ctx, param, v: v if v is None else _hostport(ctx, param, v),
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (sessions, bytes, "
+                   "nodes, refusals). Bind it to a management address: it has no "
+                   "authentication. Default: not served.")
 @click.option("--log-level", type=click.Choice(LEVELS), default="info", show_default=True)
 def serve(external: HostPort, pnc: HostPort, data: HostPort, trust: Path, gateway_id: str,
           offer_timeout: float, grace_period: float, heartbeat_interval: float,
           heartbeat_timeout: float, relay_backend: str | None, relay_threads: int,
           relay_procs: int, pipe_size: int, idle_timeout: float, relay_coalesce_us: int,
           relay_sched: str, sndbuf_client: int, sndbuf_node: int, congestion_client: str,
-          congestion_node: str, proxy_protocol_from: tuple[str, ...], log_level: str) -> None:
+          congestion_node: str, proxy_protocol_from: tuple[str, ...], metrics: HostPort | None,
+          log_level: str) -> None:
     """Run the gateway (DMZ): relay SFTP clients to internal nodes; holds no keys or files."""
     setup_logging(log_level)
     raise_fd_limit()  # two descriptors per relayed session
@@ -105,7 +111,7 @@ def serve(external: HostPort, pnc: HostPort, data: HostPort, trust: Path, gatewa
         pipe_size=pipe_size, idle_timeout=idle_timeout, relay_coalesce_us=relay_coalesce_us,
         relay_sched_batch=relay_sched == "batch", sndbuf_client=sndbuf_client,
         sndbuf_node=sndbuf_node, congestion_client=congestion_client,
-        congestion_node=congestion_node, proxy_protocol_from=nets)
+        congestion_node=congestion_node, proxy_protocol_from=nets, metrics=metrics)
     try:
         run_until_signalled(lambda stop: run_gateway(config, stop))
     except (OSError, ValueError) as exc:  # a port in use, a bad $EDGEGW_RELAY_BACKEND, ...

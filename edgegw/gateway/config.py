@@ -38,4 +38,5 @@ class GatewayConfig:
     max_handshaking: int = 256        # unauthenticated PNC or Data connections at once, each
     proxy_protocol_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
         default_factory=tuple)
+    metrics: HostPort | None = None   # where Prometheus scrapes /metrics; None: not served
     backlog: int = 1024

@@ -40,6 +40,7 @@ async def dispatch_client(gw: "Gateway", sock: socket.socket, ip: str, port: int
                 if remaining <= 0:
                     log.warning("client %s: no node available for %.0fs; closed", who,
                                 cfg.grace_period)
+                    gw.counters.refused["no_node"] += 1
                     return
                 await gw.peers.wait_changed(min(remaining, 0.5))
                 tried = {p for p in tried if p.alive}  # a node may have freed capacity
@@ -54,6 +55,7 @@ async def dispatch_client(gw: "Gateway", sock: socket.socket, ip: str, port: int
                 tried.add(peer)
                 continue
             if data is False:
+                gw.counters.refused["rejected"] += 1
                 return
             session_id, data_sock = data
             gw.start_session(session_id, peer, sock, data_sock, ip, port)

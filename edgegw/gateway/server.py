@@ -18,11 +18,13 @@ from edgegw.gateway.bans import BanTable
 from edgegw.gateway.config import GatewayConfig
 from edgegw.gateway.data_listener import handle_data_connection
 from edgegw.gateway.dispatch import dispatch_client
+from edgegw.gateway.metrics import GatewayCollector, GatewayCounters
 from edgegw.gateway.node_link import NodeLink
 from edgegw.gateway.offers import OfferTable
 from edgegw.gateway.peers import Peer, PeerRegistry
 from edgegw.gateway.proxy_accept import read_proxy_header
 from edgegw.gateway.tls import NODE_TLS_NAME, gateway_context
+from edgegw.metrics_http import MetricsServer, registry_of
 from edgegw.netaddr import ip_in_networks, normalize_ip
 from edgegw.pnc.events import Closed
 from edgegw.relay import RelayReport, create_relay
@@ -57,6 +59,18 @@ class Gateway:
         self._acceptors: list[Acceptor] = []
         self._pending_clients = 0
         self._handshaking = {"pnc": 0, "data": 0}   # connections not yet authenticated
+        self.counters = GatewayCounters()
+        self.metrics: MetricsServer | None = None
+
+    @property
+    def pending_clients(self) -> int:
+        """Clients accepted and waiting for a node."""
+        return self._pending_clients
+
+    @property
+    def handshaking(self) -> dict[str, int]:
+        """PNC and Data connections accepted and not yet authenticated, per listener."""
+        return dict(self._handshaking)
 
     @property
     def data_port(self) -> int:
@@ -70,6 +84,9 @@ class Gateway:
         cfg = self.config
         for name, addr in (("external", cfg.external), ("pnc", cfg.pnc), ("data", cfg.data)):
             self._listeners[name] = listen_socket(addr, cfg.backlog)
+        if cfg.metrics is not None:
+            self.metrics = MetricsServer(cfg.metrics, registry_of(GatewayCollector(self)))
+            await self.metrics.start()
         self.relay.start(self._on_relay_finished)
         handlers: dict[str, Callable[[socket.socket, tuple], Awaitable[None]]] = {
             "external": self._on_client, "pnc": self._on_node, "data": self._on_data}
@@ -90,6 +107,8 @@ class Gateway:
             acceptor.close()
         for sock in self._listeners.values():
             sock.close()
+        if self.metrics is not None:
+            await self.metrics.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -132,11 +151,13 @@ class Gateway:
             ip, port = real
         if self.bans.banned(ip):
             log.info("client %s:%d dropped: address is banned", ip, port)
+            self.counters.refused["banned"] += 1
             sock.close()
             return
         if self._pending_clients >= self.config.max_pending:
             log.warning("client %s:%d dropped: %d clients already waiting for a node", ip, port,
                         self._pending_clients)
+            self.counters.refused["waiting_limit"] += 1
             sock.close()
             return
         set_nodelay(sock)
@@ -225,6 +246,7 @@ class Gateway:
 
     def _on_relay_finished(self, report: RelayReport) -> None:
         info = self.sessions.pop(report.session_id, None)
+        self.counters.session_finished(report)
         log.info("session %016x: client %s closed (%s%s) up=%d down=%d in %.1fs, node %s",
                  report.session_id, info.client if info else "?", report.reason.value,
                  f": {report.error}" if report.error else "", report.bytes_a_to_b,

@@ -1,0 +1,173 @@
+"""`edgegw serve --metrics`: what a Prometheus scrape of a real gateway shows, and how the
+scrape endpoint answers what is not a scrape."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
+
+from edgegw import metrics_http
+from edgegw.metrics_http import MetricsServer, registry_of
+from edgegw.netaddr import HostPort
+from internal.home import NodeHome
+from tests.procs import Proc, free_port, sftp_batch, start_gateway, start_node
+from tests.relay_helpers import open_fds
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a scrape, keyed by (name, sorted labels)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain; version=")
+        text = resp.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def wait_for(port: int, cond, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        m = scrape(port)
+        if cond(m) or time.monotonic() > deadline:
+            return m
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("relay_procs", ["0", "2"])
+def test_a_scrape_follows_sessions_nodes_and_refusals(tmp_path: Path, node_home: Path,
+                                                      procs: list[Proc], alice, relay_procs):
+    user, key = alice
+    mport = free_port()
+    gw = start_gateway(tmp_path, node_home / "gateway-trust.pem", "--metrics",
+                       f"127.0.0.1:{mport}", "--grace-period", "0", "--relay-procs",
+                       relay_procs)
+    procs.append(gw)
+    gw.wait_log(rf"metrics at http://127.0.0.1:{mport}/metrics")
+    m = scrape(mport)
+    assert m[("edgegw_gateway_nodes", ())] == 0
+    assert m[("edgegw_gateway_sessions_total", ())] == 0
+    assert m[("edgegw_gateway_info", (("gateway_id", "gateway"), ("relay_backend", "splice"),
+                                      ("relay_procs", relay_procs), ("version", "0.1.0")))] == 1
+
+    with socket.create_connection(("127.0.0.1", gw.external)) as c:   # no node: closed
+        c.settimeout(10)
+        assert c.recv(1) == b""
+    m = wait_for(mport, lambda m: m[("edgegw_gateway_clients_refused_total",
+                                     (("reason", "no_node"),))] == 1)
+    assert m[("edgegw_gateway_clients_refused_total", (("reason", "no_node"),))] == 1
+    assert m[("edgegw_gateway_clients_refused_total", (("reason", "banned"),))] == 0
+
+    procs.append(start_node(tmp_path, node_home, [gw]))
+    node_id = NodeHome.load(node_home).node_id
+    m = wait_for(mport, lambda m: m[("edgegw_gateway_nodes", ())] == 1 and any(
+        k[0] == "edgegw_gateway_node_pooled_data" and v > 0 for k, v in m.items()))
+    pooled = {k[1]: v for k, v in m.items() if k[0] == "edgegw_gateway_node_pooled_data"}
+    assert list(pooled) == [(("node", node_id),)] and pooled[(("node", node_id),)] > 0, pooled
+
+    data = os.urandom(3 << 20)
+    (tmp_path / "x.bin").write_bytes(data)
+    res = sftp_batch(gw.external, user, key, "put x.bin\nget x.bin y.bin\n", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "y.bin").read_bytes() == data
+    m = wait_for(mport, lambda m: m[("edgegw_gateway_sessions_finished_total",
+                                     (("reason", "eof"),))] == 1
+                 and m[("edgegw_gateway_sessions_active", ())] == 0
+                 and m[("edgegw_gateway_relayed_bytes_total", ())] > 2 * len(data))
+    assert m[("edgegw_gateway_sessions_total", ())] == 1
+    assert m[("edgegw_gateway_sessions_finished_total", (("reason", "eof"),))] == 1
+    assert m[("edgegw_gateway_sessions_finished_total", (("reason", "reset"),))] == 0
+    up = m[("edgegw_gateway_finished_session_bytes_total", (("direction", "upload"),))]
+    down = m[("edgegw_gateway_finished_session_bytes_total", (("direction", "download"),))]
+    assert len(data) < up < len(data) * 1.1 and len(data) < down < len(data) * 1.1, (up, down)
+    assert m[("edgegw_gateway_relayed_bytes_total", ())] == up + down
+    assert m[("edgegw_gateway_relay_buffers", (("state", "in_use"),))] == 0
+    assert m[("edgegw_gateway_handshakes", (("listener", "pnc"),))] == 0
+    assert m[("edgegw_gateway_bans", ())] == 0
+    assert m[("edgegw_gateway_clients_waiting", ())] == 0
+    assert gw.stop() == 0
+
+
+# -- the endpoint itself, in-process -----------------------------------------------------------
+
+@pytest.fixture
+async def server(monkeypatch):
+    monkeypatch.setattr(metrics_http, "HEAD_TIMEOUT", 0.3)
+
+    class One:
+        def collect(self):
+            yield GaugeMetricFamily("edgegw_test_value", "A value.", value=42)
+
+    srv = MetricsServer(HostPort("127.0.0.1", 0), registry_of(One()))
+    await srv.start()
+    yield srv
+    await srv.close()
+
+
+async def _exchange(port: int, request: bytes, *, close_write: bool = False) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    if close_write:
+        writer.write_eof()
+    await writer.drain()
+    reply = await asyncio.wait_for(reader.read(), 5)   # the server closes after one reply
+    writer.close()
+    return reply
+
+
+async def test_the_endpoint_answers_a_scrape_and_refuses_the_rest(server, caplog) -> None:
+    caplog.set_level(logging.INFO, "edgegw.metrics")
+    port = server.address[1]
+    before = open_fds()
+    ok = await _exchange(port, b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert ok.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\nConnection: close\r\n" in ok
+    assert b"\nedgegw_test_value 42.0\n" in ok
+    head = await _exchange(port, b"HEAD /metrics HTTP/1.0\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and head.endswith(b"\r\n\r\n")
+    cases = [
+        (b"GET /metrics\r\n\r\n", b"400 Bad Request"),                  # HTTP/0.9
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\r\n\r\n", b"400 Bad Request"),   # TLS hello
+        (b"GET /metrics HTTP/1.1\r\nHost: a\r\n", b"400 Bad Request"),  # cut short
+        (b"POST /metrics HTTP/1.1\r\n\r\n", b"405 Method Not Allowed"),
+        (b"GET / HTTP/1.1\r\n\r\n", b"404 Not Found"),
+        (b"GET /metrics/../x HTTP/1.1\r\n\r\n", b"404 Not Found"),
+        (b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 10000 + b"\r\n\r\n",
+         b"431 Request Header Fields Too Large"),
+    ]
+    for request, status in cases:
+        reply = await _exchange(port, request, close_write=True)
+        assert reply.startswith(b"HTTP/1.1 " + status + b"\r\n"), (request[:40], reply[:80])
+        assert b"edgegw_test_value" not in reply
+    assert b"Allow: GET, HEAD\r\n" in await _exchange(port, b"PUT /metrics HTTP/1.1\r\n\r\n")
+    slow = await _exchange(port, b"GET /metr")                         # never finishes
+    assert slow.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refused) == len(cases) + 2, refused
+    await asyncio.sleep(0.05)
+    assert open_fds() == before
+
+
+async def test_too_many_open_scrapes_are_closed_at_once(server, caplog) -> None:
+    port = server.address[1]
+    idle = [await asyncio.open_connection("127.0.0.1", port)
+            for _ in range(metrics_http.MAX_CONNECTIONS)]
+    await asyncio.sleep(0.05)
+    try:
+        extra = await _exchange(port, b"GET /metrics HTTP/1.1\r\n\r\n")
+    except ConnectionResetError:     # closed with the request unread
+        extra = b""
+    assert extra == b""                                                 # closed, no reply
+    assert any("scrapes already open" in r.getMessage() for r in caplog.records)
+    for _, writer in idle:
+        writer.close()
+    await asyncio.sleep(0.4)                                            # their 408s went out
+    ok = await _exchange(port, b"GET /metrics HTTP/1.1\r\n\r\n")
+    assert ok.startswith(b"HTTP/1.1 200 OK")
