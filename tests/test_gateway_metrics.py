@@ -9,6 +9,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,8 @@ def test_a_scrape_follows_sessions_nodes_and_refusals(tmp_path: Path, node_home:
     assert m[("edgegw_gateway_nodes", ())] == 0
     assert m[("edgegw_gateway_sessions_total", ())] == 0
     assert m[("edgegw_gateway_info", (("gateway_id", "gateway"), ("relay_backend", "splice"),
-                                      ("relay_procs", relay_procs), ("version", "0.1.0")))] == 1
+                                      ("relay_procs", relay_procs),
+                                      ("version", metadata.version("edgegw"))))] == 1
 
     with socket.create_connection(("127.0.0.1", gw.external)) as c:   # no node: closed
         c.settimeout(10)
