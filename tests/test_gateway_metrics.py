@@ -80,15 +80,20 @@ def test_a_scrape_follows_sessions_nodes_and_refusals(tmp_path: Path, node_home:
     res = sftp_batch(gw.external, user, key, "put x.bin\nget x.bin y.bin\n", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "y.bin").read_bytes() == data
+
+    def finished_bytes(m) -> tuple[float, float]:
+        return tuple(m[("edgegw_gateway_finished_session_bytes_total", (("direction", d),))]
+                     for d in ("upload", "download"))
+
+    # the relay processes' counters arrive just after the session's report: wait for both
     m = wait_for(mport, lambda m: m[("edgegw_gateway_sessions_finished_total",
                                      (("reason", "eof"),))] == 1
                  and m[("edgegw_gateway_sessions_active", ())] == 0
-                 and m[("edgegw_gateway_relayed_bytes_total", ())] > 2 * len(data))
+                 and m[("edgegw_gateway_relayed_bytes_total", ())] == sum(finished_bytes(m)))
     assert m[("edgegw_gateway_sessions_total", ())] == 1
     assert m[("edgegw_gateway_sessions_finished_total", (("reason", "eof"),))] == 1
     assert m[("edgegw_gateway_sessions_finished_total", (("reason", "reset"),))] == 0
-    up = m[("edgegw_gateway_finished_session_bytes_total", (("direction", "upload"),))]
-    down = m[("edgegw_gateway_finished_session_bytes_total", (("direction", "download"),))]
+    up, down = finished_bytes(m)
     assert len(data) < up < len(data) * 1.1 and len(data) < down < len(data) * 1.1, (up, down)
     assert m[("edgegw_gateway_relayed_bytes_total", ())] == up + down
     assert m[("edgegw_gateway_relay_buffers", (("state", "in_use"),))] == 0
