@@ -16,6 +16,7 @@ import time
 from dataclasses import fields as dc_fields
 from typing import Any
 
+from internal import metrics
 from internal.store.base import AuditEvent, Store
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,10 @@ class AuditLog:
 
     def record(self, kind: str, **fields: Any) -> None:
         """Queue one event; known AuditEvent fields by name, anything else goes to `detail`."""
+        try:
+            metrics.audit_event(kind, fields)   # before _event() takes the fields apart
+        except Exception:
+            log.exception("cannot count audit event %r", kind)
         try:
             event = self._event(kind, fields)
             with self._cond:

@@ -23,6 +23,7 @@ from internal.data_pool import DEFAULT_SIZE as DEFAULT_POOL_SIZE, DataPool
 from internal.gateway_link import GatewayLink, node_tls_context
 from internal.home import NodeHome
 from internal.ipmatch import ip_in
+from internal.metrics import GATEWAYS_ATTACHED
 from internal.session import SessionContext, SessionService
 from internal.store.base import BanEntry
 
@@ -106,6 +107,7 @@ class Node:
                          self.settings.weight, self.active, self.draining)
 
     def on_attached(self, link: GatewayLink) -> None:
+        GATEWAYS_ATTACHED.set(sum(1 for x in self.links if x.gateway is not None))
         if self.settings.pool_size > 0:
             pool = DataPool(link, self.settings.pool_size,
                             lambda assignment, sock: self._assigned(link, assignment, sock),
@@ -118,6 +120,7 @@ class Node:
                 link.send(Ban(entry.ip, entry.until, entry.reason))
 
     def on_detached(self, link: GatewayLink) -> None:
+        GATEWAYS_ATTACHED.set(sum(1 for x in self.links if x.gateway is not None and x is not link))
         pool = self._pools.pop(link, None)
         if pool is not None:
             pool.close()

@@ -36,6 +36,7 @@ class ServeOptions:
     pool_size: int = DEFAULT_POOL_SIZE
     reuse_port: bool = False
     data_congestion: str = ""
+    metrics: HostPort | None = None   # serve Prometheus metrics there (one process: its own)
 
 
 def run_dir(home: NodeHome) -> Path:
@@ -75,7 +76,14 @@ async def serve(home: NodeHome, opts: ServeOptions) -> None:
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGTERM, drain.set)  # SIGTERM drains, as orchestrators expect
     ban_task = None
+    metrics = None
     try:
+        if opts.metrics is not None:
+            from prometheus_client import REGISTRY
+
+            from edgegw.metrics_http import MetricsServer
+            metrics = MetricsServer(opts.metrics, REGISTRY)
+            await metrics.start()
         await service.start()
         if opts.listen is not None:  # the CLI refuses --listen with --forward
             listener = await service.listen(opts.listen.host, opts.listen.port,  # type: ignore[attr-defined]
@@ -105,6 +113,8 @@ async def serve(home: NodeHome, opts: ServeOptions) -> None:
             drain_task.cancel()
             stop_task.cancel()
     finally:
+        if metrics is not None:
+            await metrics.close()
         if ban_task is not None:
             ban_task.cancel()
         if listener is not None:

@@ -2,15 +2,23 @@
 
 asyncssh does its crypto and SFTP work in one thread per process, so a node uses every core
 only by running several processes. The supervisor starts them, passes SIGTERM (drain) and
-SIGINT (stop) on, and restarts a worker that dies unexpectedly.
+SIGINT (stop) on, and restarts a worker that dies unexpectedly. With `--metrics` it serves
+the sum of its workers' metrics (internal/metrics.py), the workers none of their own.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+
+from edgegw.netaddr import HostPort
 
 log = logging.getLogger("edgegw.node.workers")
 
@@ -24,20 +32,47 @@ def worker_args(argv: list[str], index: int, node_id: str) -> list[str]:
     for arg in argv:
         if skip:
             skip = False
-        elif arg in ("--workers", "--node-id"):
+        elif arg in ("--workers", "--node-id", "--metrics"):
             skip = True  # its value follows
-        elif not arg.startswith(("--workers=", "--node-id=")):
+        elif not arg.startswith(("--workers=", "--node-id=", "--metrics=")):
             out.append(arg)
     return [sys.executable, "-m", "edgegw", *out, "--workers", "1", "--reuse-port",
             "--node-id", f"{node_id}-w{index}"]
 
 
-def supervise(argv: list[str], workers: int, node_id: str) -> int:
+def supervise(argv: list[str], workers: int, node_id: str,
+              metrics: HostPort | None = None) -> int:
+    metrics_dir = tempfile.mkdtemp(prefix="edgegw-node-metrics-") if metrics else None
+    try:
+        if metrics is not None and metrics_dir is not None:
+            _serve_metrics(metrics, metrics_dir)
+        return _supervise(argv, workers, node_id, metrics_dir)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _serve_metrics(addr: HostPort, path: str) -> None:
+    """The workers' summed metrics at addr, from a thread of the supervisor (whose own loop
+    is the plain one below). Binding fails here, before any worker starts."""
+    from edgegw.metrics_http import MetricsServer
+    from internal.metrics import multiprocess_registry
+
+    server = MetricsServer(addr, multiprocess_registry(path))
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(server.start())
+    threading.Thread(target=loop.run_forever, name="edgegw-metrics", daemon=True).start()
+
+
+def _supervise(argv: list[str], workers: int, node_id: str, metrics_dir: str | None) -> int:
+    from internal.metrics import MULTIPROC_ENV, worker_exited
+
     procs: dict[int, subprocess.Popen[bytes]] = {}
     stopping = False
+    env = dict(os.environ, **({MULTIPROC_ENV: metrics_dir} if metrics_dir else {}))
 
     def spawn(index: int) -> None:
-        procs[index] = subprocess.Popen(worker_args(argv, index, node_id))
+        procs[index] = subprocess.Popen(worker_args(argv, index, node_id), env=env)
         log.info("worker %d started (pid %d)", index, procs[index].pid)
 
     def forward(sig: int, _frame: object) -> None:
@@ -58,6 +93,8 @@ def supervise(argv: list[str], workers: int, node_id: str) -> int:
             code = proc.poll()
             if code is None or index in done:
                 continue
+            if metrics_dir is not None:
+                worker_exited(proc.pid, metrics_dir)
             if stopping or code == 0:  # stopped or drained (`edgegw internal drain`): done
                 done.add(index)
                 continue

@@ -83,13 +83,18 @@ def init(home_dir: str, db_url: str | None, node_id: str | None, files_root: str
               help="TCP congestion control of the Data connections to the gateways (what "
                    "downloads are sent on), e.g. cubic; default: the kernel's. See the "
                    "gateway's --congestion-node.")
+@click.option("--metrics", callback=_hostports, default=None, metavar="HOST:PORT",
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (logins, sessions, "
+                   "bytes, attached gateways; with --workers, their sum). No authentication: "
+                   "bind it to a management address. Default: not served.")
 @click.option("--reuse-port", is_flag=True, hidden=True,
               help="Share --listen with sibling worker processes (set by --workers).")
 @click.option("--log-level", type=click.Choice(LEVELS), default="info", show_default=True)
 def serve(home_dir: str, gateways: list[HostPort], listen: HostPort | None,
           forward: HostPort | None, forward_proxy_protocol: str | None, capacity: int,
           weight: int, drain_timeout: float, node_id: str | None, workers: int,
-          pool_size: int, congestion_gateway: str, reuse_port: bool, log_level: str) -> None:
+          pool_size: int, congestion_gateway: str, metrics: HostPort | None, reuse_port: bool,
+          log_level: str) -> None:
     """Run the internal node: dial the gateways and serve the sessions they offer."""
     from internal.runtime import ServeOptions, serve as run_node
 
@@ -107,12 +112,16 @@ def serve(home_dir: str, gateways: list[HostPort], listen: HostPort | None,
         import sys
 
         from internal.workers import supervise
-        raise SystemExit(supervise(sys.argv[1:], workers, node_id or home.node_id))
+        try:
+            code = supervise(sys.argv[1:], workers, node_id or home.node_id, metrics)
+        except OSError as exc:   # the metrics address is taken
+            raise click.ClickException(str(exc)) from None
+        raise SystemExit(code)
     opts = ServeOptions(list(gateways), listen=listen, forward=forward,
                         forward_proxy_protocol=forward_proxy_protocol, capacity=capacity,
                         weight=weight, drain_timeout=drain_timeout, node_id=node_id,
                         pool_size=pool_size, reuse_port=reuse_port,
-                        data_congestion=congestion_gateway)
+                        data_congestion=congestion_gateway, metrics=metrics)
     try:
         eventloop.run(run_node(home, opts))
     except (StoreError, OSError) as exc:
