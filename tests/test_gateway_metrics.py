@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import socket
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -20,7 +21,7 @@ from edgegw import metrics_http
 from edgegw.metrics_http import MetricsServer, registry_of
 from edgegw.netaddr import HostPort
 from internal.home import NodeHome
-from tests.procs import Proc, free_port, sftp_batch, start_gateway, start_node
+from tests.procs import Proc, edgegw_cmd, free_port, sftp_batch, start_gateway, start_node
 from tests.relay_helpers import open_fds
 
 
@@ -100,6 +101,20 @@ def test_a_scrape_follows_sessions_nodes_and_refusals(tmp_path: Path, node_home:
     assert m[("edgegw_gateway_handshakes", (("listener", "pnc"),))] == 0
     assert m[("edgegw_gateway_bans", ())] == 0
     assert m[("edgegw_gateway_clients_waiting", ())] == 0
+
+    subprocess.run(edgegw_cmd("internal", "ban", "add", "127.0.0.77", "--home", str(node_home),
+                              "--duration", "1h", "--reason", "test"),
+                   check=True, capture_output=True)
+    gw.wait_log(r"ban 127\.0\.0\.77 ", timeout=15)
+    with socket.socket() as c:                                 # a banned address: closed
+        c.bind(("127.0.0.77", 0))
+        c.settimeout(10)
+        c.connect(("127.0.0.1", gw.external))
+        assert c.recv(1) == b""
+    m = wait_for(mport, lambda m: m[("edgegw_gateway_clients_refused_total",
+                                     (("reason", "banned"),))] == 1)
+    assert m[("edgegw_gateway_clients_refused_total", (("reason", "banned"),))] == 1
+    assert m[("edgegw_gateway_bans", ())] == 1
     assert gw.stop() == 0
 
 
