@@ -53,14 +53,19 @@ def supervise(argv: list[str], workers: int, node_id: str,
 
 
 def _serve_metrics(addr: HostPort, path: str) -> None:
-    """The workers' summed metrics at addr, from a thread of the supervisor (whose own loop
-    is the plain one below). Binding fails here, before any worker starts."""
+    """The workers' summed metrics at addr, served by an event loop in a thread of its own
+    (the supervisor itself only polls its workers). Binding fails here, before any worker
+    starts."""
     from edgegw.metrics_http import MetricsServer
     from internal.metrics import multiprocess_registry
 
     server = MetricsServer(addr, multiprocess_registry(path))
     loop = asyncio.new_event_loop()
-    loop.run_until_complete(server.start())
+    try:
+        loop.run_until_complete(server.start())
+    except BaseException:
+        loop.close()
+        raise
     threading.Thread(target=loop.run_forever, name="edgegw-metrics", daemon=True).start()
 
 

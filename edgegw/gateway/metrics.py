@@ -1,13 +1,14 @@
 """What the gateway exposes at `--metrics`: read from its live state at each scrape.
 
-Nothing here runs per packet or per session beyond a few integer increments; the relay's
-byte counters are the engine's own (bench/README.md has what they cost: nothing measurable).
+Nothing here runs per packet: sessions and refusals add an integer increment each, and the
+relay's byte and buffer figures are the engine's own counters, kept whether or not anyone
+scrapes.
 """
 from __future__ import annotations
 
 from collections import Counter
-from importlib import metadata
 from dataclasses import dataclass, field
+from importlib import metadata
 from typing import TYPE_CHECKING, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
