@@ -107,7 +107,7 @@ class Node:
                          self.settings.weight, self.active, self.draining)
 
     def on_attached(self, link: GatewayLink) -> None:
-        GATEWAYS_ATTACHED.set(sum(1 for x in self.links if x.gateway is not None))
+        self._count_attached()
         if self.settings.pool_size > 0:
             pool = DataPool(link, self.settings.pool_size,
                             lambda assignment, sock: self._assigned(link, assignment, sock),
@@ -119,8 +119,13 @@ class Node:
             if entry.until > now:
                 link.send(Ban(entry.ip, entry.until, entry.reason))
 
+    def _count_attached(self, leaving: GatewayLink | None = None) -> None:
+        """The attached-gateways gauge (`leaving` still has its gateway while it detaches)."""
+        GATEWAYS_ATTACHED.set(sum(1 for x in self.links
+                                  if x.gateway is not None and x is not leaving))
+
     def on_detached(self, link: GatewayLink) -> None:
-        GATEWAYS_ATTACHED.set(sum(1 for x in self.links if x.gateway is not None and x is not link))
+        self._count_attached(leaving=link)
         pool = self._pools.pop(link, None)
         if pool is not None:
             pool.close()

@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import time
-import urllib.error
 import urllib.request
 from importlib import metadata
 from pathlib import Path

@@ -14,20 +14,11 @@ import pytest
 
 from tests.procs import (Proc, edgegw_cmd, free_port, make_key, sftp_batch, start_gateway,
                          start_node)
-from tests.test_gateway_metrics import scrape
+from tests.test_gateway_metrics import scrape, wait_for
 
 
 def _value(m: dict, name: str, **labels: str) -> float:
     return m.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def _wait(port: int, cond, timeout: float = 30.0) -> dict:
-    deadline = time.monotonic() + timeout
-    m = scrape(port)
-    while not cond(m) and time.monotonic() < deadline:
-        time.sleep(0.1)
-        m = scrape(port)
-    return m
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
@@ -43,7 +34,7 @@ def test_node_metrics_count_logins_sessions_bytes_and_links(tmp_path: Path, node
     procs.append(node)
     node.wait_log(rf"metrics at http://127.0.0.1:{mport}/metrics")
     links = int(workers)
-    m = _wait(mport, lambda m: _value(m, "edgegw_node_gateways_attached") == links)
+    m = wait_for(mport, lambda m: _value(m, "edgegw_node_gateways_attached") == links, 30)
     assert _value(m, "edgegw_node_gateways_attached") == links
 
     stranger = make_key(tmp_path / "stranger")               # not alice's key: refused
@@ -54,8 +45,8 @@ def test_node_metrics_count_logins_sessions_bytes_and_links(tmp_path: Path, node
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "y.bin").read_bytes() == data
 
-    m = _wait(mport, lambda m: _value(m, "edgegw_node_session_bytes_total", direction="out")
-              >= len(data) and _value(m, "edgegw_node_sessions_active") == 0)
+    m = wait_for(mport, lambda m: _value(m, "edgegw_node_session_bytes_total", direction="out")
+              >= len(data) and _value(m, "edgegw_node_sessions_active") == 0, 30)
     assert _value(m, "edgegw_node_audit_events_total", kind="auth", result="ok") == 1
     assert _value(m, "edgegw_node_audit_events_total", kind="auth", result="failed") >= 1
     assert _value(m, "edgegw_node_audit_events_total", kind="session.connect", result="") == 2
@@ -75,8 +66,8 @@ def test_node_metrics_count_logins_sessions_bytes_and_links(tmp_path: Path, node
     os.kill(pids[0], signal.SIGKILL)
     node.wait_log(r"worker 1 \(pid \d+\) exited with -9; restarting")
     node.wait_log(r"worker 1 started \(pid \d+\)", start=node.text().index("restarting"))
-    m = _wait(mport, lambda m: _value(m, "edgegw_node_gateways_attached") == 2
-              and len(re.findall(r"attached to gateway", node.text())) >= 3)
+    m = wait_for(mport, lambda m: _value(m, "edgegw_node_gateways_attached") == 2
+              and len(re.findall(r"attached to gateway", node.text())) >= 3, 30)
     time.sleep(0.5)                               # a stale gauge would show as 3 by now
     m = scrape(mport)
     assert _value(m, "edgegw_node_gateways_attached") == 2

@@ -19,7 +19,9 @@ from edgegw.runner import run_until_signalled
 MAX_SNDBUF = 64 << 20
 
 
-def _hostport(ctx: click.Context, param: click.Parameter, value: str) -> HostPort:
+def _hostport(ctx: click.Context, param: click.Parameter, value: str | None) -> HostPort | None:
+    if value is None:   # an optional address left out
+        return None
     try:
         return parse_hostport(value)
     except ValueError as exc:
@@ -83,7 +85,7 @@ def _hostport(ctx: click.Context, param: click.Parameter, value: str) -> HostPor
 @click.option("--proxy-protocol-from", multiple=True, metavar="CIDR",
               help="Accept PROXY protocol v1/v2 headers from these load balancers (repeatable).")
 @click.option("--metrics", default=None, metavar="HOST:PORT",
-              callback=lambda ctx, param, v: v if v is None else _hostport(ctx, param, v),
+              callback=_hostport,
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (sessions, bytes, "
                    "nodes, refusals). Bind it to a management address: it has no "
                    "authentication. Default: not served.")
