@@ -10,10 +10,12 @@ import socket
 from edgegw.netaddr import HostPort
 
 
-def listen_socket(addr: HostPort, backlog: int = 1024, *,
-                  reuse_port: bool = False) -> socket.socket:
+def listen_socket(addr: HostPort, backlog: int = 1024, *, reuse_port: bool = False,
+                  congestion: str = "") -> socket.socket:
     """A non-blocking listening socket; OSError names the address that could not be bound.
-    `reuse_port` lets several worker processes share the port (the kernel spreads clients)."""
+    `reuse_port` lets several worker processes share the port (the kernel spreads clients);
+    `congestion` is the TCP congestion control its connections start with (see
+    set_congestion: "" keeps the kernel's default)."""
     infos = socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM,
                                flags=socket.AI_PASSIVE)
     family = infos[0][0]
@@ -24,6 +26,7 @@ def listen_socket(addr: HostPort, backlog: int = 1024, *,
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        set_congestion(sock, congestion)
         sock.bind(infos[0][4])
         sock.listen(backlog)
         sock.setblocking(False)
@@ -70,9 +73,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-async def connect_tcp(addr: HostPort, timeout: float) -> socket.socket:
+async def connect_tcp(addr: HostPort, timeout: float, congestion: str = "") -> socket.socket:
     """A connected, non-blocking TCP socket with Nagle off (both sides exchange small
-    messages and wait for answers); closed again if the connect fails or is cancelled."""
+    messages and wait for answers); closed again if the connect fails or is cancelled.
+    `congestion`: its TCP congestion control, chosen before the handshake (set_congestion)."""
     loop = asyncio.get_running_loop()
     try:  # an address needs no resolver thread (Data connections are dialed per session)
         family = socket.AF_INET6 if ipaddress.ip_address(addr.host).version == 6 \
@@ -84,6 +88,7 @@ async def connect_tcp(addr: HostPort, timeout: float) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
+        set_congestion(sock, congestion)
         await asyncio.wait_for(loop.sock_connect(sock, sockaddr), timeout)
     except BaseException:
         sock.close()
@@ -147,9 +152,14 @@ def check_congestion(name: str) -> None:
 
 
 def set_congestion(sock: socket.socket, name: str) -> None:
-    """TCP congestion control `name` for this connection ("" keeps the kernel's default).
-    OSError if the kernel refuses it, which check_congestion has ruled out at startup unless
-    the algorithm's module was unloaded since."""
+    """TCP congestion control `name` for a socket not yet connected, or a listening one whose
+    connections inherit it ("" keeps the kernel's default). OSError if the kernel refuses it,
+    which check_congestion has ruled out at startup unless the module was unloaded since.
+
+    Not set on an established connection: the default algorithm has run by then, and bbr
+    leaves the connection paced by the TCP stack's own timer whatever comes after it (an
+    accepted socket switched to cubic still armed about 900 pacing timers per 2 s stream on
+    loopback; one that started with cubic, none)."""
     if name:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name.encode())
 

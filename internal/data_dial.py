@@ -7,7 +7,7 @@ from typing import Callable
 
 from edgegw.netaddr import HostPort
 from edgegw.pnc import dataauth
-from edgegw.sockio import connect_tcp, recv_exact, set_congestion, set_keepalive
+from edgegw.sockio import connect_tcp, recv_exact, set_keepalive
 
 DIAL_TIMEOUT = 5.0
 
@@ -15,10 +15,9 @@ DIAL_TIMEOUT = 5.0
 async def _dial_proven(addr: HostPort, proof: Callable[[bytes], bytes],
                        congestion: str) -> tuple[socket.socket, bytes]:
     """Dial the Data port, read the gateway's challenge, answer with proof(nonce)."""
-    sock = await connect_tcp(addr, DIAL_TIMEOUT)
+    sock = await connect_tcp(addr, DIAL_TIMEOUT, congestion)  # checked at startup
     set_keepalive(sock)  # pooled ones idle between sessions, maybe through a firewall
     try:
-        set_congestion(sock, congestion)  # checked at startup
         nonce = dataauth.parse_challenge(
             await asyncio.wait_for(recv_exact(sock, dataauth.CHALLENGE_LEN), DIAL_TIMEOUT))
         await asyncio.get_running_loop().sock_sendall(sock, proof(nonce))

@@ -28,8 +28,7 @@ from edgegw.metrics_http import MetricsServer, registry_of
 from edgegw.netaddr import ip_in_networks, normalize_ip
 from edgegw.pnc.events import Closed
 from edgegw.relay import RelayReport, create_relay
-from edgegw.sockio import (listen_socket, set_congestion, set_keepalive, set_nodelay,
-                           set_sndbuf)
+from edgegw.sockio import listen_socket, set_keepalive, set_nodelay, set_sndbuf
 
 log = logging.getLogger("edgegw.gateway")
 
@@ -82,8 +81,9 @@ class Gateway:
 
     async def start(self) -> None:
         cfg = self.config
-        for name, addr in (("external", cfg.external), ("pnc", cfg.pnc), ("data", cfg.data)):
-            self._listeners[name] = listen_socket(addr, cfg.backlog)
+        for name, addr, cc in (("external", cfg.external, cfg.congestion_client),
+                               ("pnc", cfg.pnc, ""), ("data", cfg.data, cfg.congestion_node)):
+            self._listeners[name] = listen_socket(addr, cfg.backlog, congestion=cc)
         if cfg.metrics is not None:
             self.metrics = MetricsServer(cfg.metrics, registry_of(GatewayCollector(self)))
             await self.metrics.start()
@@ -161,7 +161,7 @@ class Gateway:
             sock.close()
             return
         set_nodelay(sock)
-        _tune(sock, self.config.sndbuf_client, self.config.congestion_client)
+        set_sndbuf(sock, self.config.sndbuf_client)  # its congestion control: the listener's
         self._pending_clients += 1
         try:
             await dispatch_client(self, sock, ip, port)
@@ -181,7 +181,7 @@ class Gateway:
             sock.close()
             return
         set_nodelay(sock)
-        _tune(sock, self.config.sndbuf_node, self.config.congestion_node)
+        set_sndbuf(sock, self.config.sndbuf_node)  # its congestion control: the listener's
         set_keepalive(sock)  # pooled ones idle between sessions
         try:
             await handle_data_connection(self, sock, addr)
@@ -254,15 +254,6 @@ class Gateway:
         if info is not None and info.peer.alive:
             info.peer.send(Closed(report.session_id, report.bytes_a_to_b, report.bytes_b_to_a,
                                   int(report.duration * 1000), report.reason.value))
-
-
-def _tune(sock: socket.socket, sndbuf: int, congestion: str) -> None:
-    """The per-connection TCP settings an operator chose for one side of the relay."""
-    set_sndbuf(sock, sndbuf)
-    try:
-        set_congestion(sock, congestion)
-    except OSError as exc:  # checked at startup; a module unloaded since: keep the default
-        log.warning("congestion control %s not set: %s", congestion, exc.strerror)
 
 
 def _fmt(addr: tuple[str, int]) -> str:
