@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from edgegw.netaddr import Network, parse_networks
 from edgegw.sockio import check_congestion
 
 
@@ -14,3 +15,12 @@ def congestion(ctx: click.Context, param: click.Parameter, value: str) -> str:
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     return value
+
+
+def networks(ctx: click.Context, param: click.Parameter,
+             value: tuple[str, ...]) -> tuple[Network, ...]:
+    """A repeatable CIDR option (--proxy-protocol-from, --metrics-allow), parsed."""
+    try:
+        return parse_networks(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None

@@ -3,6 +3,7 @@
 A scrape endpoint needs no more than this, and the gateway lives in a DMZ: no web framework,
 no keep-alive, no request body. The request head is capped and must arrive in time; anything
 else gets a plain status line (400, 404, 405, 408, 431) and a closed connection, and a log line.
+Given networks to allow, it answers a request from anywhere else 403.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
-from edgegw.netaddr import HostPort
+from edgegw.netaddr import HostPort, Network, ip_in_networks, normalize_ip
 from edgegw.sockio import listen_socket
 
 log = logging.getLogger("edgegw.metrics")
@@ -24,12 +25,15 @@ MAX_CONNECTIONS = 16     # scrapes at once; more are closed at accept
 
 
 class MetricsServer:
-    """Serves `registry` at /metrics on `addr` until close()."""
+    """Serves `registry` at /metrics on `addr` until close(); to scrapers in `allow` only,
+    if that is not empty."""
 
-    def __init__(self, addr: HostPort, registry: CollectorRegistry, backlog: int = 64) -> None:
+    def __init__(self, addr: HostPort, registry: CollectorRegistry, backlog: int = 64,
+                 allow: tuple[Network, ...] = ()) -> None:
         self.addr = addr
         self.registry = registry
         self.backlog = backlog
+        self.allow = allow
         self._server: asyncio.Server | None = None
         self._open: set[asyncio.StreamWriter] = set()
 
@@ -84,6 +88,8 @@ class MetricsServer:
             return _bad(ip, "431 Request Header Fields Too Large", "request head too large")
         except asyncio.IncompleteReadError:
             return _bad(ip, "400 Bad Request", "connection closed inside the request head")
+        if not self._allowed(ip):   # read first: closing on unread bytes would reset the reply
+            return _bad(ip, "403 Forbidden", "address not in --metrics-allow", logging.WARNING)
         parts = head.split(b"\r\n", 1)[0].split(b" ")
         if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
             return _bad(ip, "400 Bad Request", f"not an HTTP/1 request line: {parts[:3]!r:.80}")
@@ -94,9 +100,17 @@ class MetricsServer:
             return _bad(ip, "404 Not Found", f"path {target[:80]!r}")
         return "200 OK", generate_latest(self.registry), method == b"HEAD"
 
+    def _allowed(self, ip: str) -> bool:
+        if not self.allow:
+            return True
+        try:
+            return ip_in_networks(normalize_ip(ip), self.allow)
+        except ValueError:   # no peer address (the socket is already gone)
+            return False
 
-def _bad(ip: str, status: str, why: str) -> tuple[str, bytes, bool]:
-    log.info("metrics: request from %s refused (%s): %s", ip, status, why)
+
+def _bad(ip: str, status: str, why: str, level: int = logging.INFO) -> tuple[str, bytes, bool]:
+    log.log(level, "metrics: request from %s refused (%s): %s", ip, status, why)
     return status, (status + "\n").encode("ascii"), False
 
 

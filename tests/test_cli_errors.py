@@ -33,6 +33,9 @@ def test_gateway_bad_inputs(tmp_path: Path, node_home: Path) -> None:
         (_serve(trust, external="127.0.0.1:99999"), "out of range"),
         (_serve(trust, external=f"127.0.0.1:{busy.getsockname()[1]}"), "cannot listen on"),
         ([*_serve(trust), "--proxy-protocol-from", "10.0.0.0/33"], "not an IP address"),
+        ([*_serve(trust), "--metrics", "127.0.0.1:0", "--metrics-allow", "x"],
+         "Invalid value for '--metrics-allow': 'x' is not an IP address or CIDR"),
+        ([*_serve(trust), "--metrics-allow", "10.0.0.0/8"], "--metrics-allow needs --metrics"),
         ([*_serve(trust), "--relay-coalesce-us", "100001"], "not in the range 0<=x<=100000"),
         ([*_serve(trust), "--relay-sched", "fifo"], "'fifo' is not one of 'batch', 'normal'"),
         ([*_serve(trust), "--sndbuf-node", "-1"], "not in the range 0<=x<=67108864"),
@@ -78,6 +81,13 @@ def test_node_serve_needs_a_gateway_or_listen(node_home: Path) -> None:
                "--congestion-gateway", "nosuchalgo")
     assert res.returncode != 0 and "--congestion-gateway" in res.stderr
     assert "'nosuchalgo' cannot be used" in res.stderr and "available here" in res.stderr
+    for extra, message in ((["--metrics-allow", "10.0.0.0/8"], "--metrics-allow needs --metrics"),
+                           (["--metrics", "127.0.0.1:0", "--metrics-allow", "10.0.0.0/40"],
+                            "'10.0.0.0/40' is not an IP address or CIDR")):
+        res = _run("internal", "serve", "--home", str(node_home), "--gateway", "127.0.0.1:1",
+                   *extra)
+        assert res.returncode != 0 and message in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
     corrupt = node_home / "node.json"
     corrupt.write_text("{not json")
     res = _run("internal", "serve", "--home", str(node_home), "--gateway", "127.0.0.1:1")

@@ -3,12 +3,12 @@ scrape endpoint answers what is not a scrape."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import logging
 import os
 import socket
 import subprocess
 import time
-import urllib.request
 from importlib import metadata
 from pathlib import Path
 
@@ -24,12 +24,25 @@ from tests.procs import Proc, edgegw_cmd, free_port, sftp_batch, start_gateway, 
 from tests.relay_helpers import open_fds
 
 
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def get_metrics(port: int, source: str = "127.0.0.1") -> tuple[int, str, str]:
+    """(status, content type, body) of GET /metrics on 127.0.0.1:port, sent from `source`."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(source, 0))
+    try:
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        return resp.status, resp.headers["Content-Type"], resp.read().decode()
+    finally:
+        conn.close()
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(port: int, source: str = "127.0.0.1") -> Samples:
     """Every sample of a scrape, keyed by (name, sorted labels)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        assert resp.status == 200
-        assert resp.headers["Content-Type"].startswith("text/plain; version=")
-        text = resp.read().decode()
+    status, ctype, text = get_metrics(port, source)
+    assert status == 200, (status, text)
+    assert ctype.startswith("text/plain; version=")
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for fam in text_string_to_metric_families(text) for s in fam.samples}
 
@@ -114,6 +127,21 @@ def test_a_scrape_follows_sessions_nodes_and_refusals(tmp_path: Path, node_home:
                                      (("reason", "banned"),))] == 1)
     assert m[("edgegw_gateway_clients_refused_total", (("reason", "banned"),))] == 1
     assert m[("edgegw_gateway_bans", ())] == 1
+    assert gw.stop() == 0
+
+
+def test_scrapes_from_outside_metrics_allow_get_403(tmp_path: Path, node_home: Path,
+                                                    procs: list[Proc]) -> None:
+    mport = free_port()
+    gw = start_gateway(tmp_path, node_home / "gateway-trust.pem", "--metrics",
+                       f"127.0.0.1:{mport}", "--metrics-allow", "127.0.0.2/32",
+                       "--metrics-allow", "::1")
+    procs.append(gw)
+    gw.wait_log(rf"metrics at http://127.0.0.1:{mport}/metrics")
+    status, _, body = get_metrics(mport, "127.0.0.1")
+    assert (status, body) == (403, "403 Forbidden\n")
+    gw.wait_log(r"metrics: request from 127\.0\.0\.1 refused \(403 Forbidden\)")
+    assert scrape(mport, "127.0.0.2")[("edgegw_gateway_nodes", ())] == 0
     assert gw.stop() == 0
 
 

@@ -1,11 +1,10 @@
 """Gateway settings: every knob `edgegw serve` exposes, with the defaults operators get."""
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgegw.netaddr import HostPort
+from edgegw.netaddr import HostPort, Network
 from edgegw.relay.base import DEFAULT_COALESCE_US
 
 
@@ -36,7 +35,9 @@ class GatewayConfig:
     congestion_node: str = ""         # TCP_CONGESTION of Data connections; "": the default
     max_pending: int = 1024           # clients waiting for a node at once; more are closed
     max_handshaking: int = 256        # unauthenticated PNC or Data connections at once, each
-    proxy_protocol_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
+    proxy_protocol_from: tuple[Network, ...] = field(
         default_factory=tuple)
     metrics: HostPort | None = None   # where Prometheus scrapes /metrics; None: not served
+    metrics_allow: tuple[Network, ...] = field(
+        default_factory=tuple)        # scrapers allowed; empty: any
     backlog: int = 1024

@@ -85,7 +85,8 @@ class Gateway:
                                ("pnc", cfg.pnc, ""), ("data", cfg.data, cfg.congestion_node)):
             self._listeners[name] = listen_socket(addr, cfg.backlog, congestion=cc)
         if cfg.metrics is not None:
-            self.metrics = MetricsServer(cfg.metrics, registry_of(GatewayCollector(self)))
+            self.metrics = MetricsServer(cfg.metrics, registry_of(GatewayCollector(self)),
+                                         allow=cfg.metrics_allow)
             await self.metrics.start()
         self.relay.start(self._on_relay_finished)
         handlers: dict[str, Callable[[socket.socket, tuple], Awaitable[None]]] = {

@@ -8,10 +8,10 @@ import time
 import click
 
 from edgegw import eventloop
-from edgegw.cliparams import congestion
+from edgegw.cliparams import congestion, networks
 from edgegw.limits import raise_fd_limit
 from edgegw.logsetup import LEVELS, setup_logging
-from edgegw.netaddr import HostPort, parse_hostport
+from edgegw.netaddr import HostPort, Network, parse_hostport
 from internal.cli.common import default_workers, home_option, load_home
 from internal.data_pool import DEFAULT_SIZE as DEFAULT_POOL_SIZE
 from internal.home import HomeError, NodeHome
@@ -87,14 +87,17 @@ def init(home_dir: str, db_url: str | None, node_id: str | None, files_root: str
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (logins, sessions, "
                    "bytes, attached gateways; with --workers, their sum). No authentication: "
                    "bind it to a management address. Default: not served.")
+@click.option("--metrics-allow", multiple=True, metavar="CIDR", callback=networks,
+              help="Answer scrapes from these addresses only (repeatable); others get 403. "
+                   "Default: any that can connect.")
 @click.option("--reuse-port", is_flag=True, hidden=True,
               help="Share --listen with sibling worker processes (set by --workers).")
 @click.option("--log-level", type=click.Choice(LEVELS), default="info", show_default=True)
 def serve(home_dir: str, gateways: list[HostPort], listen: HostPort | None,
           forward: HostPort | None, forward_proxy_protocol: str | None, capacity: int,
           weight: int, drain_timeout: float, node_id: str | None, workers: int,
-          pool_size: int, congestion_gateway: str, metrics: HostPort | None, reuse_port: bool,
-          log_level: str) -> None:
+          pool_size: int, congestion_gateway: str, metrics: HostPort | None,
+          metrics_allow: tuple[Network, ...], reuse_port: bool, log_level: str) -> None:
     """Run the internal node: dial the gateways and serve the sessions they offer."""
     from internal.runtime import ServeOptions, serve as run_node
 
@@ -108,12 +111,15 @@ def serve(home_dir: str, gateways: list[HostPort], listen: HostPort | None,
         raise click.UsageError("--listen and --forward cannot be combined")
     if forward_proxy_protocol and forward is None:
         raise click.UsageError("--forward-proxy-protocol needs --forward")
+    if metrics_allow and metrics is None:
+        raise click.UsageError("--metrics-allow needs --metrics")
     if workers > 1:
         import sys
 
         from internal.workers import supervise
         try:
-            code = supervise(sys.argv[1:], workers, node_id or home.node_id, metrics)
+            code = supervise(sys.argv[1:], workers, node_id or home.node_id, metrics,
+                             metrics_allow)
         except OSError as exc:   # the metrics address is taken
             raise click.ClickException(str(exc)) from None
         raise SystemExit(code)
@@ -121,7 +127,8 @@ def serve(home_dir: str, gateways: list[HostPort], listen: HostPort | None,
                         forward_proxy_protocol=forward_proxy_protocol, capacity=capacity,
                         weight=weight, drain_timeout=drain_timeout, node_id=node_id,
                         pool_size=pool_size, reuse_port=reuse_port,
-                        data_congestion=congestion_gateway, metrics=metrics)
+                        data_congestion=congestion_gateway, metrics=metrics,
+                        metrics_allow=metrics_allow)
     try:
         eventloop.run(run_node(home, opts))
     except (StoreError, OSError) as exc:
