@@ -1,10 +1,17 @@
 """Click parameter callbacks shared by the gateway's and the node's commands."""
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
 import click
 
-from edgegw.netaddr import Network, parse_networks
+from edgegw.metrics_http import MetricsEndpoint, tls_context
+from edgegw.netaddr import Network, parse_hostport, parse_networks
 from edgegw.sockio import check_congestion
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def congestion(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -24,3 +31,57 @@ def networks(ctx: click.Context, param: click.Parameter,
         return parse_networks(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+
+
+def metrics_options(what: str) -> Callable[[F], F]:
+    """--metrics, --metrics-allow, --metrics-cert and --metrics-key on a command, which gets
+    them as one `metrics` argument: a MetricsEndpoint, or None when --metrics is left out.
+    `what` lists what the metrics count, for --metrics' help."""
+    def decorate(f: F) -> F:
+        @functools.wraps(f)
+        def command(*args: Any, metrics: str | None, metrics_allow: tuple[Network, ...],
+                    metrics_cert: Path | None, metrics_key: Path | None, **kwargs: Any) -> Any:
+            endpoint = _endpoint(metrics, metrics_allow, metrics_cert, metrics_key)
+            return f(*args, metrics=endpoint, **kwargs)
+
+        options = [
+            click.option("--metrics", default=None, metavar="HOST:PORT",
+                         help=f"Serve Prometheus metrics at http://HOST:PORT/metrics ({what}). "
+                              "No authentication: bind it to a management address, narrow it "
+                              "with --metrics-allow. Default: not served."),
+            click.option("--metrics-allow", multiple=True, metavar="CIDR", callback=networks,
+                         help="Answer scrapes from these addresses only (repeatable); others "
+                              "get 403. Default: any that can connect."),
+            click.option("--metrics-cert", default=None, metavar="PEM",
+                         type=click.Path(dir_okay=False, path_type=Path),
+                         help="Serve the metrics over HTTPS (https://HOST:PORT/metrics) with this "
+                              "certificate (chain)."),
+            click.option("--metrics-key", default=None, metavar="PEM",
+                         type=click.Path(dir_okay=False, path_type=Path),
+                         help="The private key of --metrics-cert, if it is not in that file."),
+        ]
+        for option in reversed(options):
+            command = option(command)
+        return command  # type: ignore[return-value]
+    return decorate
+
+
+def _endpoint(addr: str | None, allow: tuple[Network, ...], cert: Path | None,
+              key: Path | None) -> MetricsEndpoint | None:
+    if addr is None:
+        for given, name in ((allow, "--metrics-allow"), (cert, "--metrics-cert"),
+                            (key, "--metrics-key")):
+            if given:
+                raise click.UsageError(f"{name} needs --metrics")
+        return None
+    if key is not None and cert is None:
+        raise click.UsageError("--metrics-key needs --metrics-cert")
+    try:
+        hostport = parse_hostport(addr)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--metrics'") from None
+    try:
+        tls = tls_context(cert, key) if cert is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--metrics-cert'") from None
+    return MetricsEndpoint(hostport, allow, tls)

@@ -3,17 +3,23 @@
 A scrape endpoint needs no more than this, and the gateway lives in a DMZ: no web framework,
 no keep-alive, no request body. The request head is capped and must arrive in time; anything
 else gets a plain status line (400, 404, 405, 408, 431) and a closed connection, and a log line.
-Given networks to allow, it answers a request from anywhere else 403.
+Given networks to allow, it answers a request from anywhere else 403; given a certificate,
+it speaks HTTPS only, and a failed handshake is a log line and a closed connection.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
+from edgegw.acceptor import Acceptor
 from edgegw.netaddr import HostPort, Network, ip_in_networks, normalize_ip
 from edgegw.sockio import listen_socket
 
@@ -24,46 +30,100 @@ HEAD_TIMEOUT = 5.0       # seconds to send them
 MAX_CONNECTIONS = 16     # scrapes at once; more are closed at accept
 
 
-class MetricsServer:
-    """Serves `registry` at /metrics on `addr` until close(); to scrapers in `allow` only,
-    if that is not empty."""
+@dataclass(frozen=True)
+class MetricsEndpoint:
+    """Where /metrics is served, and to whom."""
+    addr: HostPort
+    allow: tuple[Network, ...] = ()      # scrapers answered; empty: any that can connect
+    tls: ssl.SSLContext | None = None    # HTTPS with this server context; None: plain HTTP
 
-    def __init__(self, addr: HostPort, registry: CollectorRegistry, backlog: int = 64,
-                 allow: tuple[Network, ...] = ()) -> None:
-        self.addr = addr
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
+
+
+def tls_context(cert: Path, key: Path | None) -> ssl.SSLContext:
+    """A server context for HTTPS scrapes (TLS 1.2 or later) from a PEM certificate chain and
+    its key (`key` None: the key is in the certificate file). ValueError says what is wrong."""
+    for path in (cert, key):
+        try:
+            if path is not None:
+                path.open("rb").close()
+        except OSError as exc:   # OpenSSL would not say which file
+            raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot load the certificate {cert} and its key "
+                         f"{key or '(in the same file)'}: {exc.strerror or exc}") from None
+    return ctx
+
+
+class MetricsServer:
+    """Serves `registry` at /metrics as `endpoint` says, until close()."""
+
+    def __init__(self, endpoint: MetricsEndpoint, registry: CollectorRegistry,
+                 backlog: int = 64) -> None:
+        self.endpoint = endpoint
         self.registry = registry
         self.backlog = backlog
-        self.allow = allow
-        self._server: asyncio.Server | None = None
-        self._open: set[asyncio.StreamWriter] = set()
+        self._lsock: socket.socket | None = None
+        self._acceptor: Acceptor | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def address(self) -> tuple[str, int]:
-        assert self._server is not None
-        return self._server.sockets[0].getsockname()[:2]
+        assert self._lsock is not None
+        return self._lsock.getsockname()[:2]
 
     async def start(self) -> None:
-        sock = listen_socket(self.addr, self.backlog)
-        self._server = await asyncio.start_server(self._handle, sock=sock, limit=MAX_HEAD)
-        log.info("metrics at http://%s:%d/metrics", *self.address)
+        # Accepted here rather than by asyncio.start_server: with TLS that would handshake out
+        # of sight, and a failed handshake would leave no log line.
+        self._lsock = listen_socket(self.endpoint.addr, self.backlog)
+        self._acceptor = Acceptor("metrics", self._lsock, self._accepted)
+        self._acceptor.start()
+        log.info("metrics at %s://%s:%d/metrics", self.endpoint.scheme, *self.address)
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            for writer in list(self._open):   # scrapes in progress end with the server
-                writer.close()
-            await self._server.wait_closed()
+        if self._acceptor is not None:
+            self._acceptor.close()
+        if self._lsock is not None:
+            self._lsock.close()
+        for task in list(self._tasks):   # scrapes in progress end with the server
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername") or ("?", 0)
-        if len(self._open) >= MAX_CONNECTIONS:
+    def _accepted(self, sock: socket.socket, addr: tuple) -> None:
+        if len(self._tasks) >= MAX_CONNECTIONS:
             log.warning("metrics: connection from %s dropped: %d scrapes already open",
-                        peer[0], len(self._open))
-            writer.close()
+                        addr[0], len(self._tasks))
+            sock.close()
             return
-        self._open.add(writer)
+        task = asyncio.get_running_loop().create_task(self._serve(sock, addr[0]))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, sock: socket.socket, ip: str) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=MAX_HEAD)
+        tls = self.endpoint.tls
         try:
-            status, body, head_only = await self._respond(reader, peer[0])
+            transport, protocol = await loop.connect_accepted_socket(
+                lambda: asyncio.StreamReaderProtocol(reader), sock, ssl=tls,
+                ssl_handshake_timeout=HEAD_TIMEOUT if tls is not None else None)
+        except (OSError, asyncio.TimeoutError) as exc:   # TLS: plain HTTP, distrust, a reset
+            why = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            log.info("metrics: connection from %s closed: TLS handshake failed (%s)", ip, why)
+            sock.close()
+            return
+        except asyncio.CancelledError:
+            sock.close()
+            raise
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        try:
+            status, body, head_only = await self._respond(reader, ip)
             ctype = CONTENT_TYPE_LATEST if status == "200 OK" else "text/plain; charset=utf-8"
             head = (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
                     f"Content-Length: {len(body)}\r\nConnection: close\r\n")
@@ -76,7 +136,6 @@ class MetricsServer:
         except asyncio.CancelledError:
             pass                          # the server is closing: so is this connection
         finally:
-            self._open.discard(writer)
             writer.close()
 
     async def _respond(self, reader: asyncio.StreamReader, ip: str) -> tuple[str, bytes, bool]:
@@ -101,10 +160,10 @@ class MetricsServer:
         return "200 OK", generate_latest(self.registry), method == b"HEAD"
 
     def _allowed(self, ip: str) -> bool:
-        if not self.allow:
+        if not self.endpoint.allow:
             return True
         try:
-            return ip_in_networks(normalize_ip(ip), self.allow)
+            return ip_in_networks(normalize_ip(ip), self.endpoint.allow)
         except ValueError:   # no peer address (the socket is already gone)
             return False
 

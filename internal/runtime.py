@@ -8,7 +8,8 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgegw.netaddr import HostPort, Network
+from edgegw.metrics_http import MetricsEndpoint
+from edgegw.netaddr import HostPort
 from internal.audit import AuditLog
 from internal.data_pool import DEFAULT_SIZE as DEFAULT_POOL_SIZE
 from internal.defender import Defender
@@ -36,8 +37,7 @@ class ServeOptions:
     pool_size: int = DEFAULT_POOL_SIZE
     reuse_port: bool = False
     data_congestion: str = ""
-    metrics: HostPort | None = None   # serve Prometheus metrics there (one process: its own)
-    metrics_allow: tuple[Network, ...] = ()   # to these scrapers only; empty: any
+    metrics: MetricsEndpoint | None = None   # serve Prometheus metrics (one process: its own)
 
 
 def run_dir(home: NodeHome) -> Path:
@@ -83,7 +83,7 @@ async def serve(home: NodeHome, opts: ServeOptions) -> None:
             from prometheus_client import REGISTRY
 
             from edgegw.metrics_http import MetricsServer
-            metrics = MetricsServer(opts.metrics, REGISTRY, allow=opts.metrics_allow)
+            metrics = MetricsServer(opts.metrics, REGISTRY)
             await metrics.start()
         await service.start()
         if opts.listen is not None:  # the CLI refuses --listen with --forward

@@ -18,13 +18,14 @@ import tempfile
 import threading
 import time
 
-from edgegw.netaddr import HostPort, Network
+from edgegw.metrics_http import MetricsEndpoint, MetricsServer
 
 log = logging.getLogger("edgegw.node.workers")
 
 RESTART_DELAY = 1.0
 # options the supervisor keeps to itself (each takes a value); workers get their own
-_SUPERVISOR_ONLY = ("--workers", "--node-id", "--metrics", "--metrics-allow")
+_SUPERVISOR_ONLY = ("--workers", "--node-id", "--metrics", "--metrics-allow",
+                    "--metrics-cert", "--metrics-key")
 
 
 def worker_args(argv: list[str], index: int, node_id: str) -> list[str]:
@@ -42,26 +43,25 @@ def worker_args(argv: list[str], index: int, node_id: str) -> list[str]:
             "--node-id", f"{node_id}-w{index}"]
 
 
-def supervise(argv: list[str], workers: int, node_id: str, metrics: HostPort | None = None,
-              metrics_allow: tuple[Network, ...] = ()) -> int:
+def supervise(argv: list[str], workers: int, node_id: str,
+              metrics: MetricsEndpoint | None = None) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="edgegw-node-metrics-") if metrics else None
     try:
         if metrics is not None and metrics_dir is not None:
-            _serve_metrics(metrics, metrics_dir, metrics_allow)
+            _serve_metrics(metrics, metrics_dir)
         return _supervise(argv, workers, node_id, metrics_dir)
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _serve_metrics(addr: HostPort, path: str, allow: tuple[Network, ...]) -> None:
-    """The workers' summed metrics at addr, served by an event loop in a thread of its own
+def _serve_metrics(endpoint: MetricsEndpoint, path: str) -> None:
+    """The workers' summed metrics at the endpoint, served by an event loop in a thread of its own
     (the supervisor itself only polls its workers). Binding fails here, before any worker
     starts."""
-    from edgegw.metrics_http import MetricsServer
     from internal.metrics import multiprocess_registry
 
-    server = MetricsServer(addr, multiprocess_registry(path), allow=allow)
+    server = MetricsServer(endpoint, multiprocess_registry(path))
     loop = asyncio.new_event_loop()
     try:
         loop.run_until_complete(server.start())

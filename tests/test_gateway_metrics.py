@@ -7,6 +7,7 @@ import http.client
 import logging
 import os
 import socket
+import ssl
 import subprocess
 import time
 from importlib import metadata
@@ -17,16 +18,33 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 from edgegw import metrics_http
-from edgegw.metrics_http import MetricsServer, registry_of
+from edgegw.metrics_http import MetricsEndpoint, MetricsServer, registry_of, tls_context
 from edgegw.netaddr import HostPort
-from internal.home import NodeHome
+from internal.home import NodeHome, make_node_certificate
 from tests.procs import Proc, edgegw_cmd, free_port, sftp_batch, start_gateway, start_node
 from tests.relay_helpers import open_fds
 
 
-def get_metrics(port: int, source: str = "127.0.0.1") -> tuple[int, str, str]:
-    """(status, content type, body) of GET /metrics on 127.0.0.1:port, sent from `source`."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(source, 0))
+def make_cert(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate and its key, for an HTTPS endpoint."""
+    key_pem, cert_pem = make_node_certificate("metrics")
+    (directory / "metrics.crt").write_bytes(cert_pem)
+    (directory / "metrics.key").write_bytes(key_pem)
+    return directory / "metrics.crt", directory / "metrics.key"
+
+
+def get_metrics(port: int, source: str = "127.0.0.1",
+                ca: Path | None = None) -> tuple[int, str, str]:
+    """(status, content type, body) of GET /metrics on 127.0.0.1:port, sent from `source`;
+    over HTTPS, trusting the certificate `ca`, if given."""
+    if ca is None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10,
+                                          source_address=(source, 0))
+    else:
+        ctx = ssl.create_default_context(cafile=ca)
+        ctx.check_hostname = False    # its name is not 127.0.0.1; the chain is still checked
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10,
+                                           source_address=(source, 0), context=ctx)
     try:
         conn.request("GET", "/metrics")
         resp = conn.getresponse()
@@ -38,9 +56,9 @@ def get_metrics(port: int, source: str = "127.0.0.1") -> tuple[int, str, str]:
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def scrape(port: int, source: str = "127.0.0.1") -> Samples:
+def scrape(port: int, source: str = "127.0.0.1", ca: Path | None = None) -> Samples:
     """Every sample of a scrape, keyed by (name, sorted labels)."""
-    status, ctype, text = get_metrics(port, source)
+    status, ctype, text = get_metrics(port, source, ca)
     assert status == 200, (status, text)
     assert ctype.startswith("text/plain; version=")
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
@@ -130,35 +148,85 @@ def test_a_scrape_follows_sessions_nodes_and_refusals(tmp_path: Path, node_home:
     assert gw.stop() == 0
 
 
-def test_scrapes_from_outside_metrics_allow_get_403(tmp_path: Path, node_home: Path,
-                                                    procs: list[Proc]) -> None:
+def test_https_scrapes_from_metrics_allow_only(tmp_path: Path, node_home: Path,
+                                               procs: list[Proc]) -> None:
     mport = free_port()
+    cert, key = make_cert(tmp_path)
     gw = start_gateway(tmp_path, node_home / "gateway-trust.pem", "--metrics",
                        f"127.0.0.1:{mport}", "--metrics-allow", "127.0.0.2/32",
-                       "--metrics-allow", "::1")
+                       "--metrics-allow", "::1", "--metrics-cert", str(cert),
+                       "--metrics-key", str(key))
     procs.append(gw)
-    gw.wait_log(rf"metrics at http://127.0.0.1:{mport}/metrics")
-    status, _, body = get_metrics(mport, "127.0.0.1")
+    gw.wait_log(rf"metrics at https://127.0.0.1:{mport}/metrics")
+    status, _, body = get_metrics(mport, "127.0.0.1", cert)
     assert (status, body) == (403, "403 Forbidden\n")
     gw.wait_log(r"metrics: request from 127\.0\.0\.1 refused \(403 Forbidden\)")
-    assert scrape(mport, "127.0.0.2")[("edgegw_gateway_nodes", ())] == 0
+    assert scrape(mport, "127.0.0.2", cert)[("edgegw_gateway_nodes", ())] == 0
+    with pytest.raises((ConnectionError, http.client.HTTPException)):
+        get_metrics(mport, "127.0.0.2")                      # plain HTTP: no answer
+    gw.wait_log(r"metrics: connection from 127\.0\.0\.2 closed: TLS handshake failed")
     assert gw.stop() == 0
 
 
 # -- the endpoint itself, in-process -----------------------------------------------------------
 
+class _One:
+    def collect(self):
+        yield GaugeMetricFamily("edgegw_test_value", "A value.", value=42)
+
+
 @pytest.fixture
 async def server(monkeypatch):
     monkeypatch.setattr(metrics_http, "HEAD_TIMEOUT", 0.3)
-
-    class One:
-        def collect(self):
-            yield GaugeMetricFamily("edgegw_test_value", "A value.", value=42)
-
-    srv = MetricsServer(HostPort("127.0.0.1", 0), registry_of(One()))
+    srv = MetricsServer(MetricsEndpoint(HostPort("127.0.0.1", 0)), registry_of(_One()))
     await srv.start()
     yield srv
     await srv.close()
+
+
+async def test_https_endpoint_closes_failed_handshakes(tmp_path, monkeypatch, caplog) -> None:
+    monkeypatch.setattr(metrics_http, "HEAD_TIMEOUT", 0.3)
+    caplog.set_level(logging.INFO, "edgegw.metrics")
+    cert, key = make_cert(tmp_path)
+    srv = MetricsServer(MetricsEndpoint(HostPort("127.0.0.1", 0), tls=tls_context(cert, key)),
+                        registry_of(_One()))
+    await srv.start()
+    try:
+        port = srv.address[1]
+        before = open_fds()
+        status, _, body = await asyncio.to_thread(get_metrics, port, "127.0.0.1", cert)
+        assert status == 200 and "\nedgegw_test_value 42.0\n" in body
+        try:                                                        # plain HTTP
+            plain = await _exchange(port, b"GET /metrics HTTP/1.1\r\n\r\n")
+        except ConnectionResetError:
+            plain = b""
+        assert plain == b"" or not plain.startswith(b"HTTP/")
+        assert await _exchange(port, b"") == b""                    # says nothing: timed out
+        other = tmp_path / "other"
+        other.mkdir()
+        with pytest.raises(ssl.SSLError):                           # trusts another cert
+            await asyncio.to_thread(get_metrics, port, "127.0.0.1", make_cert(other)[0])
+        await asyncio.sleep(0.1)
+        failed = [r.getMessage() for r in caplog.records if "TLS handshake failed" in
+                  r.getMessage()]
+        assert len(failed) == 3, failed
+        assert "HTTP_REQUEST" in failed[0] and "longer than 0.3 seconds" in failed[1]
+        assert open_fds() == before
+    finally:
+        await srv.close()
+
+
+def test_tls_context_says_what_is_wrong(tmp_path: Path) -> None:
+    cert, key = make_cert(tmp_path)
+    with pytest.raises(ValueError, match="cannot read .*missing.pem: No such file"):
+        tls_context(tmp_path / "missing.pem", key)
+    with pytest.raises(ValueError, match="cannot load the certificate"):
+        tls_context(key, None)                                      # a key, no certificate
+    (tmp_path / "b").mkdir()
+    _, other_key = make_cert(tmp_path / "b")
+    with pytest.raises(ValueError, match="cannot load the certificate"):
+        tls_context(cert, other_key)                                # not its key
+    assert isinstance(tls_context(cert, key), ssl.SSLContext)
 
 
 async def _exchange(port: int, request: bytes, *, close_write: bool = False) -> bytes:

@@ -14,7 +14,7 @@ import pytest
 
 from tests.procs import (Proc, edgegw_cmd, free_port, make_key, sftp_batch, start_gateway,
                          start_node)
-from tests.test_gateway_metrics import get_metrics, scrape, wait_for
+from tests.test_gateway_metrics import get_metrics, make_cert, scrape, wait_for
 
 
 def _value(m: dict, name: str, **labels: str) -> float:
@@ -76,20 +76,22 @@ def test_node_metrics_count_logins_sessions_bytes_and_links(tmp_path: Path, node
     assert not list(Path("/tmp").glob(f"edgegw-node-metrics-*/*_{pids[1]}.db"))
 
 
-def test_node_metrics_allow_with_workers(tmp_path: Path, node_home: Path,
-                                         procs: list[Proc]) -> None:
-    """The supervisor serves the sum to allowed scrapers only; its workers, which serve none,
-    start without the option."""
+def test_node_metrics_https_and_allow_with_workers(tmp_path: Path, node_home: Path,
+                                                   procs: list[Proc]) -> None:
+    """The supervisor serves the sum over HTTPS to allowed scrapers only; its workers, which
+    serve none, start without those options."""
     gw = start_gateway(tmp_path, node_home / "gateway-trust.pem")
     procs.append(gw)
     mport = free_port()
+    cert, key = make_cert(tmp_path)
     node = start_node(tmp_path, node_home, [gw], "--workers", "2", "--metrics",
-                      f"127.0.0.1:{mport}", "--metrics-allow", "127.0.0.3/32", wait=False)
+                      f"127.0.0.1:{mport}", "--metrics-allow", "127.0.0.3/32",
+                      "--metrics-cert", str(cert), "--metrics-key", str(key), wait=False)
     procs.append(node)
-    node.wait_log(rf"metrics at http://127.0.0.1:{mport}/metrics")
-    assert get_metrics(mport, "127.0.0.1")[0] == 403
+    node.wait_log(rf"metrics at https://127.0.0.1:{mport}/metrics")
+    assert get_metrics(mport, "127.0.0.1", cert)[0] == 403
     deadline = time.monotonic() + 30
-    while _value(scrape(mport, "127.0.0.3"), "edgegw_node_gateways_attached") != 2:
+    while _value(scrape(mport, "127.0.0.3", cert), "edgegw_node_gateways_attached") != 2:
         assert time.monotonic() < deadline, node.text()[-2000:]
         time.sleep(0.1)
     assert "needs --metrics" not in node.text()

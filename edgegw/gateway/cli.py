@@ -6,12 +6,13 @@ from pathlib import Path
 
 import click
 
-from edgegw.cliparams import congestion, networks
+from edgegw.cliparams import congestion, metrics_options, networks
 from edgegw.gateway.config import GatewayConfig
 from edgegw.gateway.server import run_gateway
 from edgegw.gateway.tls import TrustError, gateway_context
 from edgegw.limits import raise_fd_limit
 from edgegw.logsetup import LEVELS, setup_logging
+from edgegw.metrics_http import MetricsEndpoint
 from edgegw.netaddr import HostPort, Network, parse_hostport
 from edgegw.relay.base import DEFAULT_COALESCE_US, MAX_COALESCE_US
 from edgegw.runner import run_until_signalled
@@ -19,9 +20,7 @@ from edgegw.runner import run_until_signalled
 MAX_SNDBUF = 64 << 20
 
 
-def _hostport(ctx: click.Context, param: click.Parameter, value: str | None) -> HostPort | None:
-    if value is None:   # an optional address left out
-        return None
+def _hostport(ctx: click.Context, param: click.Parameter, value: str) -> HostPort:
     try:
         return parse_hostport(value)
     except ValueError as exc:
@@ -84,14 +83,7 @@ def _hostport(ctx: click.Context, param: click.Parameter, value: str | None) -> 
                    "the short hop to the nodes cubic does the same work for less CPU.")
 @click.option("--proxy-protocol-from", multiple=True, metavar="CIDR", callback=networks,
               help="Accept PROXY protocol v1/v2 headers from these load balancers (repeatable).")
-@click.option("--metrics", default=None, metavar="HOST:PORT",
-              callback=_hostport,
-              help="Serve Prometheus metrics at http://HOST:PORT/metrics (sessions, bytes, "
-                   "nodes, refusals). Bind it to a management address: it has no "
-                   "authentication. Default: not served.")
-@click.option("--metrics-allow", multiple=True, metavar="CIDR", callback=networks,
-              help="Answer scrapes from these addresses only (repeatable); others get 403. "
-                   "Default: any that can connect.")
+@metrics_options("sessions, bytes, nodes, refusals")
 @click.option("--log-level", type=click.Choice(LEVELS), default="info", show_default=True)
 def serve(external: HostPort, pnc: HostPort, data: HostPort, trust: Path, gateway_id: str,
           offer_timeout: float, grace_period: float, heartbeat_interval: float,
@@ -99,11 +91,9 @@ def serve(external: HostPort, pnc: HostPort, data: HostPort, trust: Path, gatewa
           relay_procs: int, pipe_size: int, idle_timeout: float, relay_coalesce_us: int,
           relay_sched: str, sndbuf_client: int, sndbuf_node: int, congestion_client: str,
           congestion_node: str, proxy_protocol_from: tuple[Network, ...],
-          metrics: HostPort | None, metrics_allow: tuple[Network, ...], log_level: str) -> None:
+          metrics: MetricsEndpoint | None, log_level: str) -> None:
     """Run the gateway (DMZ): relay SFTP clients to internal nodes; holds no keys or files."""
     setup_logging(log_level)
-    if metrics_allow and metrics is None:
-        raise click.UsageError("--metrics-allow needs --metrics")
     raise_fd_limit()  # two descriptors per relayed session
     try:
         gateway_context(trust)  # fail fast, before binding anything
@@ -118,7 +108,7 @@ def serve(external: HostPort, pnc: HostPort, data: HostPort, trust: Path, gatewa
         relay_sched_batch=relay_sched == "batch", sndbuf_client=sndbuf_client,
         sndbuf_node=sndbuf_node, congestion_client=congestion_client,
         congestion_node=congestion_node, proxy_protocol_from=proxy_protocol_from,
-        metrics=metrics, metrics_allow=metrics_allow)
+        metrics=metrics)
     try:
         run_until_signalled(lambda stop: run_gateway(config, stop))
     except (OSError, ValueError) as exc:  # a port in use, a bad $EDGEGW_RELAY_BACKEND, ...

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgegw.metrics_http import MetricsEndpoint
 from edgegw.netaddr import HostPort, Network
 from edgegw.relay.base import DEFAULT_COALESCE_US
 
@@ -37,7 +38,5 @@ class GatewayConfig:
     max_handshaking: int = 256        # unauthenticated PNC or Data connections at once, each
     proxy_protocol_from: tuple[Network, ...] = field(
         default_factory=tuple)
-    metrics: HostPort | None = None   # where Prometheus scrapes /metrics; None: not served
-    metrics_allow: tuple[Network, ...] = field(
-        default_factory=tuple)        # scrapers allowed; empty: any
+    metrics: MetricsEndpoint | None = None   # where Prometheus scrapes; None: not served
     backlog: int = 1024

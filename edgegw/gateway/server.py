@@ -85,8 +85,7 @@ class Gateway:
                                ("pnc", cfg.pnc, ""), ("data", cfg.data, cfg.congestion_node)):
             self._listeners[name] = listen_socket(addr, cfg.backlog, congestion=cc)
         if cfg.metrics is not None:
-            self.metrics = MetricsServer(cfg.metrics, registry_of(GatewayCollector(self)),
-                                         allow=cfg.metrics_allow)
+            self.metrics = MetricsServer(cfg.metrics, registry_of(GatewayCollector(self)))
             await self.metrics.start()
         self.relay.start(self._on_relay_finished)
         handlers: dict[str, Callable[[socket.socket, tuple], Awaitable[None]]] = {

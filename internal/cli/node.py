@@ -8,10 +8,11 @@ import time
 import click
 
 from edgegw import eventloop
-from edgegw.cliparams import congestion, networks
+from edgegw.cliparams import congestion, metrics_options
 from edgegw.limits import raise_fd_limit
 from edgegw.logsetup import LEVELS, setup_logging
-from edgegw.netaddr import HostPort, Network, parse_hostport
+from edgegw.metrics_http import MetricsEndpoint
+from edgegw.netaddr import HostPort, parse_hostport
 from internal.cli.common import default_workers, home_option, load_home
 from internal.data_pool import DEFAULT_SIZE as DEFAULT_POOL_SIZE
 from internal.home import HomeError, NodeHome
@@ -83,21 +84,15 @@ def init(home_dir: str, db_url: str | None, node_id: str | None, files_root: str
               help="TCP congestion control of the Data connections to the gateways (what "
                    "downloads are sent on), e.g. cubic; default: the kernel's. See the "
                    "gateway's --congestion-node.")
-@click.option("--metrics", callback=_hostports, default=None, metavar="HOST:PORT",
-              help="Serve Prometheus metrics at http://HOST:PORT/metrics (logins, sessions, "
-                   "bytes, attached gateways; with --workers, their sum). No authentication: "
-                   "bind it to a management address. Default: not served.")
-@click.option("--metrics-allow", multiple=True, metavar="CIDR", callback=networks,
-              help="Answer scrapes from these addresses only (repeatable); others get 403. "
-                   "Default: any that can connect.")
+@metrics_options("logins, sessions, bytes, attached gateways; with --workers, their sum")
 @click.option("--reuse-port", is_flag=True, hidden=True,
               help="Share --listen with sibling worker processes (set by --workers).")
 @click.option("--log-level", type=click.Choice(LEVELS), default="info", show_default=True)
 def serve(home_dir: str, gateways: list[HostPort], listen: HostPort | None,
           forward: HostPort | None, forward_proxy_protocol: str | None, capacity: int,
           weight: int, drain_timeout: float, node_id: str | None, workers: int,
-          pool_size: int, congestion_gateway: str, metrics: HostPort | None,
-          metrics_allow: tuple[Network, ...], reuse_port: bool, log_level: str) -> None:
+          pool_size: int, congestion_gateway: str, metrics: MetricsEndpoint | None,
+          reuse_port: bool, log_level: str) -> None:
     """Run the internal node: dial the gateways and serve the sessions they offer."""
     from internal.runtime import ServeOptions, serve as run_node
 
@@ -111,15 +106,12 @@ def serve(home_dir: str, gateways: list[HostPort], listen: HostPort | None,
         raise click.UsageError("--listen and --forward cannot be combined")
     if forward_proxy_protocol and forward is None:
         raise click.UsageError("--forward-proxy-protocol needs --forward")
-    if metrics_allow and metrics is None:
-        raise click.UsageError("--metrics-allow needs --metrics")
     if workers > 1:
         import sys
 
         from internal.workers import supervise
         try:
-            code = supervise(sys.argv[1:], workers, node_id or home.node_id, metrics,
-                             metrics_allow)
+            code = supervise(sys.argv[1:], workers, node_id or home.node_id, metrics)
         except OSError as exc:   # the metrics address is taken
             raise click.ClickException(str(exc)) from None
         raise SystemExit(code)
@@ -127,8 +119,7 @@ def serve(home_dir: str, gateways: list[HostPort], listen: HostPort | None,
                         forward_proxy_protocol=forward_proxy_protocol, capacity=capacity,
                         weight=weight, drain_timeout=drain_timeout, node_id=node_id,
                         pool_size=pool_size, reuse_port=reuse_port,
-                        data_congestion=congestion_gateway, metrics=metrics,
-                        metrics_allow=metrics_allow)
+                        data_congestion=congestion_gateway, metrics=metrics)
     try:
         eventloop.run(run_node(home, opts))
     except (StoreError, OSError) as exc:
