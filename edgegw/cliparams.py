@@ -34,21 +34,24 @@ def networks(ctx: click.Context, param: click.Parameter,
 
 
 def metrics_options(what: str) -> Callable[[F], F]:
-    """--metrics, --metrics-allow, --metrics-cert and --metrics-key on a command, which gets
-    them as one `metrics` argument: a MetricsEndpoint, or None when --metrics is left out.
+    """--metrics, --metrics-allow, --metrics-cert, --metrics-key and --metrics-client-ca on a
+    command, which gets them as one `metrics` argument: a MetricsEndpoint, or None when --metrics is left out.
     `what` lists what the metrics count, for --metrics' help."""
     def decorate(f: F) -> F:
         @functools.wraps(f)
         def command(*args: Any, metrics: str | None, metrics_allow: tuple[Network, ...],
-                    metrics_cert: Path | None, metrics_key: Path | None, **kwargs: Any) -> Any:
-            endpoint = _endpoint(metrics, metrics_allow, metrics_cert, metrics_key)
+                    metrics_cert: Path | None, metrics_key: Path | None,
+                    metrics_client_ca: Path | None, **kwargs: Any) -> Any:
+            endpoint = _endpoint(metrics, metrics_allow, metrics_cert, metrics_key,
+                                 metrics_client_ca)
             return f(*args, metrics=endpoint, **kwargs)
 
         options = [
             click.option("--metrics", default=None, metavar="HOST:PORT",
                          help=f"Serve Prometheus metrics at http://HOST:PORT/metrics ({what}). "
-                              "No authentication: bind it to a management address, narrow it "
-                              "with --metrics-allow. Default: not served."),
+                              "Bind it to a management address; narrow it with --metrics-allow, "
+                              "authenticate scrapers with --metrics-client-ca. Default: not "
+                              "served."),
             click.option("--metrics-allow", multiple=True, metavar="CIDR", callback=networks,
                          help="Answer scrapes from these addresses only (repeatable); others "
                               "get 403. Default: any that can connect."),
@@ -59,6 +62,11 @@ def metrics_options(what: str) -> Callable[[F], F]:
             click.option("--metrics-key", default=None, metavar="PEM",
                          type=click.Path(dir_okay=False, path_type=Path),
                          help="The private key of --metrics-cert, if it is not in that file."),
+            click.option("--metrics-client-ca", default=None, metavar="PEM",
+                         type=click.Path(dir_okay=False, path_type=Path),
+                         help="With --metrics-cert: answer only scrapers that present a "
+                              "certificate issued by this CA (Prometheus' tls_config "
+                              "cert_file/key_file)."),
         ]
         for option in reversed(options):
             command = option(command)
@@ -67,21 +75,22 @@ def metrics_options(what: str) -> Callable[[F], F]:
 
 
 def _endpoint(addr: str | None, allow: tuple[Network, ...], cert: Path | None,
-              key: Path | None) -> MetricsEndpoint | None:
+              key: Path | None, client_ca: Path | None) -> MetricsEndpoint | None:
     if addr is None:
         for given, name in ((allow, "--metrics-allow"), (cert, "--metrics-cert"),
-                            (key, "--metrics-key")):
+                            (key, "--metrics-key"), (client_ca, "--metrics-client-ca")):
             if given:
                 raise click.UsageError(f"{name} needs --metrics")
         return None
-    if key is not None and cert is None:
-        raise click.UsageError("--metrics-key needs --metrics-cert")
+    for given, name in ((key, "--metrics-key"), (client_ca, "--metrics-client-ca")):
+        if given is not None and cert is None:
+            raise click.UsageError(f"{name} needs --metrics-cert")
     try:
         hostport = parse_hostport(addr)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="'--metrics'") from None
     try:
-        tls = tls_context(cert, key) if cert is not None else None
+        tls = tls_context(cert, key, client_ca) if cert is not None else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="'--metrics-cert'") from None
     return MetricsEndpoint(hostport, allow, tls)

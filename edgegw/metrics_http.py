@@ -4,7 +4,8 @@ A scrape endpoint needs no more than this, and the gateway lives in a DMZ: no we
 no keep-alive, no request body. The request head is capped and must arrive in time; anything
 else gets a plain status line (400, 404, 405, 408, 431) and a closed connection, and a log line.
 Given networks to allow, it answers a request from anywhere else 403; given a certificate,
-it speaks HTTPS only, and a failed handshake is a log line and a closed connection.
+it speaks HTTPS only (and given a client CA, to scrapers with a certificate from it), and a
+failed handshake is a log line and a closed connection.
 """
 from __future__ import annotations
 
@@ -42,10 +43,11 @@ class MetricsEndpoint:
         return "https" if self.tls is not None else "http"
 
 
-def tls_context(cert: Path, key: Path | None) -> ssl.SSLContext:
+def tls_context(cert: Path, key: Path | None, client_ca: Path | None = None) -> ssl.SSLContext:
     """A server context for HTTPS scrapes (TLS 1.2 or later) from a PEM certificate chain and
-    its key (`key` None: the key is in the certificate file). ValueError says what is wrong."""
-    for path in (cert, key):
+    its key (`key` None: the key is in the certificate file); with `client_ca`, a scraper must
+    present a certificate that CA issued. ValueError says what is wrong."""
+    for path in (cert, key, client_ca):
         try:
             if path is not None:
                 path.open("rb").close()
@@ -58,6 +60,13 @@ def tls_context(cert: Path, key: Path | None) -> ssl.SSLContext:
     except (OSError, ssl.SSLError) as exc:
         raise ValueError(f"cannot load the certificate {cert} and its key "
                          f"{key or '(in the same file)'}: {exc.strerror or exc}") from None
+    if client_ca is not None:
+        try:
+            ctx.load_verify_locations(client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot load the client CA {client_ca}: "
+                             f"{exc.strerror or exc}") from None
+        ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
 
 

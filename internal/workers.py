@@ -25,7 +25,7 @@ log = logging.getLogger("edgegw.node.workers")
 RESTART_DELAY = 1.0
 # options the supervisor keeps to itself (each takes a value); workers get their own
 _SUPERVISOR_ONLY = ("--workers", "--node-id", "--metrics", "--metrics-allow",
-                    "--metrics-cert", "--metrics-key")
+                    "--metrics-cert", "--metrics-key", "--metrics-client-ca")
 
 
 def worker_args(argv: list[str], index: int, node_id: str) -> list[str]:

@@ -39,6 +39,8 @@ def test_gateway_bad_inputs(tmp_path: Path, node_home: Path) -> None:
         ([*_serve(trust), "--metrics-cert", str(trust)], "--metrics-cert needs --metrics"),
         ([*_serve(trust), "--metrics", "127.0.0.1:0", "--metrics-key", str(key_file)],
          "--metrics-key needs --metrics-cert"),
+        ([*_serve(trust), "--metrics", "127.0.0.1:0", "--metrics-client-ca", str(trust)],
+         "--metrics-client-ca needs --metrics-cert"),
         ([*_serve(trust), "--metrics", "127.0.0.1:0", "--metrics-cert",
           str(tmp_path / "nocert.pem")], "cannot read"),
         ([*_serve(trust), "--metrics", "127.0.0.1:0", "--metrics-cert", str(key_file)],

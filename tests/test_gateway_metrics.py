@@ -25,24 +25,26 @@ from tests.procs import Proc, edgegw_cmd, free_port, sftp_batch, start_gateway, 
 from tests.relay_helpers import open_fds
 
 
-def make_cert(directory: Path) -> tuple[Path, Path]:
-    """A self-signed certificate and its key, for an HTTPS endpoint."""
-    key_pem, cert_pem = make_node_certificate("metrics")
-    (directory / "metrics.crt").write_bytes(cert_pem)
-    (directory / "metrics.key").write_bytes(key_pem)
-    return directory / "metrics.crt", directory / "metrics.key"
+def make_cert(directory: Path, name: str = "metrics") -> tuple[Path, Path]:
+    """A self-signed certificate and its key (an HTTPS endpoint's, or a scraper's)."""
+    key_pem, cert_pem = make_node_certificate(name)
+    (directory / f"{name}.crt").write_bytes(cert_pem)
+    (directory / f"{name}.key").write_bytes(key_pem)
+    return directory / f"{name}.crt", directory / f"{name}.key"
 
 
-def get_metrics(port: int, source: str = "127.0.0.1",
-                ca: Path | None = None) -> tuple[int, str, str]:
+def get_metrics(port: int, source: str = "127.0.0.1", ca: Path | None = None,
+                client: tuple[Path, Path] | None = None) -> tuple[int, str, str]:
     """(status, content type, body) of GET /metrics on 127.0.0.1:port, sent from `source`;
-    over HTTPS, trusting the certificate `ca`, if given."""
+    over HTTPS, trusting the certificate `ca`, if given, and presenting `client` (cert, key)."""
     if ca is None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10,
                                           source_address=(source, 0))
     else:
         ctx = ssl.create_default_context(cafile=ca)
         ctx.check_hostname = False    # its name is not 127.0.0.1; the chain is still checked
+        if client is not None:
+            ctx.load_cert_chain(*client)
         conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10,
                                            source_address=(source, 0), context=ctx)
     try:
@@ -56,9 +58,10 @@ def get_metrics(port: int, source: str = "127.0.0.1",
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def scrape(port: int, source: str = "127.0.0.1", ca: Path | None = None) -> Samples:
+def scrape(port: int, source: str = "127.0.0.1", ca: Path | None = None,
+           client: tuple[Path, Path] | None = None) -> Samples:
     """Every sample of a scrape, keyed by (name, sorted labels)."""
-    status, ctype, text = get_metrics(port, source, ca)
+    status, ctype, text = get_metrics(port, source, ca, client)
     assert status == 200, (status, text)
     assert ctype.startswith("text/plain; version=")
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
@@ -148,23 +151,27 @@ def test_a_scrape_follows_sessions_nodes_and_refusals(tmp_path: Path, node_home:
     assert gw.stop() == 0
 
 
-def test_https_scrapes_from_metrics_allow_only(tmp_path: Path, node_home: Path,
-                                               procs: list[Proc]) -> None:
+def test_https_scrapes_by_certificate_from_metrics_allow_only(
+        tmp_path: Path, node_home: Path, procs: list[Proc]) -> None:
     mport = free_port()
     cert, key = make_cert(tmp_path)
+    scraper = make_cert(tmp_path, "scraper")      # self-signed: its own CA
     gw = start_gateway(tmp_path, node_home / "gateway-trust.pem", "--metrics",
                        f"127.0.0.1:{mport}", "--metrics-allow", "127.0.0.2/32",
                        "--metrics-allow", "::1", "--metrics-cert", str(cert),
-                       "--metrics-key", str(key))
+                       "--metrics-key", str(key), "--metrics-client-ca", str(scraper[0]))
     procs.append(gw)
     gw.wait_log(rf"metrics at https://127.0.0.1:{mport}/metrics")
-    status, _, body = get_metrics(mport, "127.0.0.1", cert)
+    status, _, body = get_metrics(mport, "127.0.0.1", cert, scraper)
     assert (status, body) == (403, "403 Forbidden\n")
     gw.wait_log(r"metrics: request from 127\.0\.0\.1 refused \(403 Forbidden\)")
-    assert scrape(mport, "127.0.0.2", cert)[("edgegw_gateway_nodes", ())] == 0
+    assert scrape(mport, "127.0.0.2", cert, scraper)[("edgegw_gateway_nodes", ())] == 0
     with pytest.raises((ConnectionError, http.client.HTTPException)):
         get_metrics(mport, "127.0.0.2")                      # plain HTTP: no answer
     gw.wait_log(r"metrics: connection from 127\.0\.0\.2 closed: TLS handshake failed")
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        get_metrics(mport, "127.0.0.2", cert)                # no client certificate
+    gw.wait_log(r"TLS handshake failed \(PEER_DID_NOT_RETURN_A_CERTIFICATE\)")
     assert gw.stop() == 0
 
 
@@ -226,7 +233,10 @@ def test_tls_context_says_what_is_wrong(tmp_path: Path) -> None:
     _, other_key = make_cert(tmp_path / "b")
     with pytest.raises(ValueError, match="cannot load the certificate"):
         tls_context(cert, other_key)                                # not its key
-    assert isinstance(tls_context(cert, key), ssl.SSLContext)
+    with pytest.raises(ValueError, match="cannot load the client CA"):
+        tls_context(cert, key, key)                                 # a key, no CA certificate
+    assert tls_context(cert, key).verify_mode == ssl.CERT_NONE
+    assert tls_context(cert, key, cert).verify_mode == ssl.CERT_REQUIRED
 
 
 async def _exchange(port: int, request: bytes, *, close_write: bool = False) -> bytes:
