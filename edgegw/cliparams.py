@@ -35,8 +35,8 @@ def networks(ctx: click.Context, param: click.Parameter,
 
 def metrics_options(what: str) -> Callable[[F], F]:
     """--metrics, --metrics-allow, --metrics-cert, --metrics-key and --metrics-client-ca on a
-    command, which gets them as one `metrics` argument: a MetricsEndpoint, or None when --metrics is left out.
-    `what` lists what the metrics count, for --metrics' help."""
+    command, which gets them as one `metrics` argument: a MetricsEndpoint, or None when
+    --metrics is left out. `what` lists what the metrics count, for --metrics' help."""
     def decorate(f: F) -> F:
         @functools.wraps(f)
         def command(*args: Any, metrics: str | None, metrics_allow: tuple[Network, ...],
@@ -57,8 +57,8 @@ def metrics_options(what: str) -> Callable[[F], F]:
                               "get 403. Default: any that can connect."),
             click.option("--metrics-cert", default=None, metavar="PEM",
                          type=click.Path(dir_okay=False, path_type=Path),
-                         help="Serve the metrics over HTTPS (https://HOST:PORT/metrics) with this "
-                              "certificate (chain)."),
+                         help="Serve the metrics over HTTPS (https://HOST:PORT/metrics) "
+                              "with this certificate (chain)."),
             click.option("--metrics-key", default=None, metavar="PEM",
                          type=click.Path(dir_okay=False, path_type=Path),
                          help="The private key of --metrics-cert, if it is not in that file."),

@@ -124,7 +124,8 @@ class MetricsServer:
                 ssl_handshake_timeout=HEAD_TIMEOUT if tls is not None else None)
         except (OSError, asyncio.TimeoutError) as exc:   # TLS: plain HTTP, distrust, a reset
             why = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
-            log.info("metrics: connection from %s closed: TLS handshake failed (%s)", ip, why)
+            log.info("metrics: connection from %s closed: %s (%s)", ip,
+                     "TLS handshake failed" if tls is not None else "cannot serve it", why)
             sock.close()
             return
         except asyncio.CancelledError:
