@@ -8,7 +8,7 @@ from typing import Any, Callable, TypeVar
 import click
 
 from edgegw.metrics_http import MetricsEndpoint, tls_context
-from edgegw.netaddr import Network, parse_hostport, parse_networks
+from edgegw.netaddr import HostPort, Network, parse_hostport, parse_networks
 from edgegw.sockio import check_congestion
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -22,6 +22,20 @@ def congestion(ctx: click.Context, param: click.Parameter, value: str) -> str:
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     return value
+
+
+def hostport(ctx: click.Context, param: click.Parameter,
+             value: str | tuple[str, ...] | None) -> HostPort | list[HostPort] | None:
+    """A HOST:PORT option, parsed: one address, a list for a repeatable option, or None for
+    an optional one left out."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, tuple):
+            return [parse_hostport(v) for v in value]
+        return parse_hostport(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def networks(ctx: click.Context, param: click.Parameter,
@@ -39,7 +53,7 @@ def metrics_options(what: str) -> Callable[[F], F]:
     --metrics is left out. `what` lists what the metrics count, for --metrics' help."""
     def decorate(f: F) -> F:
         @functools.wraps(f)
-        def command(*args: Any, metrics: str | None, metrics_allow: tuple[Network, ...],
+        def command(*args: Any, metrics: HostPort | None, metrics_allow: tuple[Network, ...],
                     metrics_cert: Path | None, metrics_key: Path | None,
                     metrics_client_ca: Path | None, **kwargs: Any) -> Any:
             endpoint = _endpoint(metrics, metrics_allow, metrics_cert, metrics_key,
@@ -47,7 +61,7 @@ def metrics_options(what: str) -> Callable[[F], F]:
             return f(*args, metrics=endpoint, **kwargs)
 
         options = [
-            click.option("--metrics", default=None, metavar="HOST:PORT",
+            click.option("--metrics", default=None, metavar="HOST:PORT", callback=hostport,
                          help=f"Serve Prometheus metrics at http://HOST:PORT/metrics ({what}). "
                               "Bind it to a management address; narrow it with --metrics-allow, "
                               "authenticate scrapers with --metrics-client-ca. Default: not "
@@ -74,7 +88,7 @@ def metrics_options(what: str) -> Callable[[F], F]:
     return decorate
 
 
-def _endpoint(addr: str | None, allow: tuple[Network, ...], cert: Path | None,
+def _endpoint(addr: HostPort | None, allow: tuple[Network, ...], cert: Path | None,
               key: Path | None, client_ca: Path | None) -> MetricsEndpoint | None:
     if addr is None:
         for given, name in ((allow, "--metrics-allow"), (cert, "--metrics-cert"),
@@ -86,11 +100,7 @@ def _endpoint(addr: str | None, allow: tuple[Network, ...], cert: Path | None,
         if given is not None and cert is None:
             raise click.UsageError(f"{name} needs --metrics-cert")
     try:
-        hostport = parse_hostport(addr)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="'--metrics'") from None
-    try:
         tls = tls_context(cert, key, client_ca) if cert is not None else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="'--metrics-cert'") from None
-    return MetricsEndpoint(hostport, allow, tls)
+    return MetricsEndpoint(addr, allow, tls)

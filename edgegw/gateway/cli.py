@@ -6,33 +6,26 @@ from pathlib import Path
 
 import click
 
-from edgegw.cliparams import congestion, metrics_options, networks
+from edgegw.cliparams import congestion, hostport, metrics_options, networks
 from edgegw.gateway.config import GatewayConfig
 from edgegw.gateway.server import run_gateway
 from edgegw.gateway.tls import TrustError, gateway_context
 from edgegw.limits import raise_fd_limit
 from edgegw.logsetup import LEVELS, setup_logging
 from edgegw.metrics_http import MetricsEndpoint
-from edgegw.netaddr import HostPort, Network, parse_hostport
+from edgegw.netaddr import HostPort, Network
 from edgegw.relay.base import DEFAULT_COALESCE_US, MAX_COALESCE_US
 from edgegw.runner import run_until_signalled
 
 MAX_SNDBUF = 64 << 20
 
 
-def _hostport(ctx: click.Context, param: click.Parameter, value: str) -> HostPort:
-    try:
-        return parse_hostport(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
 @click.command()
-@click.option("--external", required=True, callback=_hostport, metavar="HOST:PORT",
+@click.option("--external", required=True, callback=hostport, metavar="HOST:PORT",
               help="Where SFTP clients connect (e.g. 0.0.0.0:22).")
-@click.option("--pnc", required=True, callback=_hostport, metavar="HOST:PORT",
+@click.option("--pnc", required=True, callback=hostport, metavar="HOST:PORT",
               help="Where internal nodes dial the control channel (TLS).")
-@click.option("--data", required=True, callback=_hostport, metavar="HOST:PORT",
+@click.option("--data", required=True, callback=hostport, metavar="HOST:PORT",
               help="Where internal nodes dial one Data connection per session.")
 @click.option("--trust", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="PEM certificates of the nodes (or their CA): each node's gateway-trust.pem.")

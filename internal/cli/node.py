@@ -8,26 +8,15 @@ import time
 import click
 
 from edgegw import eventloop
-from edgegw.cliparams import congestion, metrics_options
+from edgegw.cliparams import congestion, hostport, metrics_options
 from edgegw.limits import raise_fd_limit
 from edgegw.logsetup import LEVELS, setup_logging
 from edgegw.metrics_http import MetricsEndpoint
-from edgegw.netaddr import HostPort, parse_hostport
+from edgegw.netaddr import HostPort
 from internal.cli.common import default_workers, home_option, load_home
 from internal.data_pool import DEFAULT_SIZE as DEFAULT_POOL_SIZE
 from internal.home import HomeError, NodeHome
 from internal.store.base import StoreError
-
-
-def _hostports(ctx: click.Context, param: click.Parameter, value: object) -> object:
-    if value is None:
-        return None
-    try:
-        if isinstance(value, tuple):
-            return [parse_hostport(v) for v in value]
-        return parse_hostport(str(value))
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
 
 
 @click.command()
@@ -58,11 +47,11 @@ def init(home_dir: str, db_url: str | None, node_id: str | None, files_root: str
 
 @click.command()
 @home_option
-@click.option("--gateway", "gateways", multiple=True, callback=_hostports, metavar="HOST:PORT",
+@click.option("--gateway", "gateways", multiple=True, callback=hostport, metavar="HOST:PORT",
               help="A gateway's PNC address to dial (repeatable: serve several gateways).")
-@click.option("--listen", callback=_hostports, default=None, metavar="HOST:PORT",
+@click.option("--listen", callback=hostport, default=None, metavar="HOST:PORT",
               help="Also serve SSH/SFTP directly on the trusted network (off by default).")
-@click.option("--forward", callback=_hostports, default=None, metavar="HOST:PORT",
+@click.option("--forward", callback=hostport, default=None, metavar="HOST:PORT",
               help="Relay sessions to this TCP service instead of the built-in SFTP server.")
 @click.option("--forward-proxy-protocol", type=click.Choice(["v1", "v2"]), default=None,
               help="With --forward: prepend a PROXY header carrying the real client address.")
