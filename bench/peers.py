@@ -230,18 +230,27 @@ class EdgegwEngine(RelayPath):
         wait_port(self.port, proc=p)
 
 
+# Relay comparisons run edgegw's Data hop on the kernel's congestion control, as every socket
+# of HAProxy's is (it has no setting for it): the default, "auto", would set cubic there and
+# compare an unpaced relay with a paced one where the kernel's default is bbr. The run's
+# --gateway-args / --node-args come after these and win.
+KERNEL_CC_GATEWAY = ("--congestion-node", "kernel")
+KERNEL_CC_NODE = ("--congestion-gateway", "kernel")
+
+
 def _start_gateway(path: RelayPath, ctx: Ctx, home: Path, backend: str, label: str,
-                   procs: int = 0, role: str = "gateway",
+                   procs: int = 0, role: str = "gateway", base: tuple[str, ...] = (),
                    extra: tuple[str, ...] = ()) -> tuple[int, int]:
     """`edgegw serve` on free ports trusting `home`'s node, registered as path's `role` (also
-    its gateway id, which the node logs when attached) and ready, with `extra` options after
-    the run's --gateway-args; returns (external port, PNC port)."""
+    its gateway id, which the node logs when attached) and ready, with `base` options before
+    the run's --gateway-args and `extra` after them; returns (external port, PNC port)."""
     ext, pnc, data = free_port(), free_port(), free_port()
     gw = Proc(f"{label} {role}",
               [sys.executable, "-m", "edgegw", "serve", "--external", f"127.0.0.1:{ext}",
                "--pnc", f"127.0.0.1:{pnc}", "--data", f"127.0.0.1:{data}",
                "--trust", str(home / "gateway-trust.pem"), "--relay-backend", backend,
-               "--gateway-id", role, "--relay-procs", str(procs), *ctx.gateway_args, *extra],
+               "--gateway-id", role, "--relay-procs", str(procs), *base, *ctx.gateway_args,
+               *extra],
               ctx.workdir / f"{label}-{ext}-{role}.log",
               env={"EDGEGW_RELAY_BACKEND": backend}).start()
     path.procs[role] = gw
@@ -269,10 +278,11 @@ class EdgegwGateway(RelayPath):
         _relay_backend_available(self.backend)
         home = ctx.edgegw_home(self.name if self.node_mode == "forward" else "sftp")
         env = {"EDGEGW_RELAY_BACKEND": self.backend}
-        ext, pnc = _start_gateway(self, ctx, home, self.backend, self.name, self.relay_procs)
+        ext, pnc = _start_gateway(self, ctx, home, self.backend, self.name, self.relay_procs,
+                                  base=KERNEL_CC_GATEWAY)
         node_args = [sys.executable, "-m", "edgegw", "internal", "serve", "--home", str(home),
                      "--workers", str(max(1, self.relay_procs)), "--gateway", f"127.0.0.1:{pnc}",
-                     *ctx.node_args]
+                     *KERNEL_CC_NODE, *ctx.node_args]
         if self.node_mode == "forward":
             node_args += ["--forward", f"127.0.0.1:{target}"]
         else:
@@ -299,7 +309,7 @@ class EdgegwGatewayOneHop(RelayPath):
         if fdsock is None:
             raise Skip("needs a C far end that takes descriptors (netload); iperf3 cannot")
         home = ctx.edgegw_home(self.name)
-        ext, pnc = _start_gateway(self, ctx, home, "splice", self.name)
+        ext, pnc = _start_gateway(self, ctx, home, "splice", self.name, base=KERNEL_CC_GATEWAY)
         node = Proc(f"{self.name} node",
                     [sys.executable, "-m", "bench.handoff_node", "--home", str(home),
                      "--gateway", f"127.0.0.1:{pnc}", "--fdsock", str(fdsock)],

@@ -15,8 +15,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def congestion(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    """A --congestion-* option: a TCP congestion control this process may set ("" = the
-    kernel's default), refused at startup with the option's name rather than per connection."""
+    """A --congestion-* option: a TCP congestion control this process may set, "kernel" (its
+    default) or "auto" (edgegw.sockio.resolve_congestion), refused at startup with the
+    option's name rather than per connection."""
     try:
         check_congestion(value)
     except ValueError as exc:

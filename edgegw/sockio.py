@@ -125,13 +125,21 @@ def set_sndbuf(sock: socket.socket, size: int) -> None:
 
 
 _CC_AVAILABLE = "/proc/sys/net/ipv4/tcp_available_congestion_control"
+_CC_DEFAULT = "/proc/sys/net/ipv4/tcp_congestion_control"
+
+CC_AUTO = "auto"       # the Data hop's default: DATA_HOP_CC where this process may set it
+CC_KERNEL = "kernel"   # the kernel's default, said explicitly ("" means the same)
+# The Data hop joins edgegw's own two ends over a short internal path, where an unpaced
+# algorithm does what bbr does for less CPU: without the fq qdisc bbr paces each burst with a
+# per-socket timer, and a relay's bursts are large (bench/README.md, "Congestion control").
+DATA_HOP_CC = "cubic"
 
 
 def check_congestion(name: str) -> None:
     """ValueError unless this process may give a TCP socket congestion control `name`
     (the kernel has it, and it is allowed for processes without CAP_NET_ADMIN or this one has
-    it). "" means the kernel's default and always passes."""
-    if not name:
+    it). "", "kernel" (the kernel's default) and "auto" (see resolve_congestion) always pass."""
+    if name in ("", CC_KERNEL, CC_AUTO):
         return
     if not hasattr(socket, "TCP_CONGESTION"):
         raise ValueError(f"congestion control {name!r}: this system cannot choose one per socket")
@@ -149,6 +157,34 @@ def check_congestion(name: str) -> None:
                        exc.errno or 0, exc.strerror)
             raise ValueError(f"congestion control {name!r} cannot be used: {why} "
                              f"(available here: {have})") from None
+
+
+def kernel_congestion() -> str:
+    """The kernel's default TCP congestion control ("unknown" where it cannot be read)."""
+    try:
+        with open(_CC_DEFAULT) as f:
+            return f.read().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def resolve_congestion(name: str) -> tuple[str, str]:
+    """What a --congestion-* value sets on sockets ("" = nothing: the kernel's default) and
+    how to say so in the startup log. "auto" is DATA_HOP_CC unless the kernel's default is
+    already that, or this process may not set it (without CAP_NET_ADMIN only the algorithms
+    in net.ipv4.tcp_allowed_congestion_control are allowed); then the kernel's default."""
+    if name in ("", CC_KERNEL):
+        return "", f"the kernel's default, {kernel_congestion()}"
+    if name != CC_AUTO:
+        return name, name
+    default = kernel_congestion()
+    if default == DATA_HOP_CC:
+        return "", f"{default} (auto: the kernel's default)"
+    try:
+        check_congestion(DATA_HOP_CC)
+    except ValueError as exc:
+        return "", f"the kernel's default, {default} (auto: {exc})"
+    return DATA_HOP_CC, f"{DATA_HOP_CC} (auto; the kernel's default is {default})"
 
 
 def set_congestion(sock: socket.socket, name: str) -> None:

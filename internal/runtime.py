@@ -10,6 +10,7 @@ from pathlib import Path
 
 from edgegw.metrics_http import MetricsEndpoint
 from edgegw.netaddr import HostPort
+from edgegw.sockio import CC_AUTO, resolve_congestion
 from internal.audit import AuditLog
 from internal.data_pool import DEFAULT_SIZE as DEFAULT_POOL_SIZE
 from internal.defender import Defender
@@ -36,7 +37,7 @@ class ServeOptions:
     node_id: str | None = None
     pool_size: int = DEFAULT_POOL_SIZE
     reuse_port: bool = False
-    data_congestion: str = ""
+    data_congestion: str = CC_AUTO   # sockio.resolve_congestion
     metrics: MetricsEndpoint | None = None   # serve Prometheus metrics (one process: its own)
 
 
@@ -53,6 +54,7 @@ async def serve(home: NodeHome, opts: ServeOptions) -> None:
     node_id = opts.node_id or home.node_id
     audit = AuditLog(store, node_id)
     defender = Defender(store)
+    data_cc, data_cc_said = resolve_congestion(opts.data_congestion)
     service: SessionService
     # Both services check bans against the node's memory (Node.banned): no store query per
     # client, and the same view the node pushes to its gateways.
@@ -67,7 +69,7 @@ async def serve(home: NodeHome, opts: ServeOptions) -> None:
     node = Node(home, service, NodeSettings(opts.gateways, capacity=opts.capacity,
                                             weight=opts.weight, drain_timeout=opts.drain_timeout,
                                             node_id=node_id, pool_size=opts.pool_size,
-                                            data_congestion=opts.data_congestion),
+                                            data_congestion=data_cc),
                 audit=audit)
     listener = None
     pid_file = run_dir(home) / f"node-{os.getpid()}.pid"
@@ -103,6 +105,7 @@ async def serve(home: NodeHome, opts: ServeOptions) -> None:
         log.info("node %s started (%s), gateways: %s", node_id,
                  f"forward to {opts.forward}" if opts.forward else "SSH/SFTP",
                  ", ".join(map(str, opts.gateways)) or "none")
+        log.info("Data connections: TCP congestion control %s", data_cc_said)
         waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(drain.wait())]
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for w in waiters:

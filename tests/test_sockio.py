@@ -1,16 +1,19 @@
 """Socket helpers over real loopback sockets: the congestion control a listener or a dialer
 was given is the one its connections start with (chosen before the handshake, not switched
-after it), and a refused choice leaves no socket behind."""
+after it), a refused choice leaves no socket behind, and "auto" is cubic only for a process
+that may set it."""
 from __future__ import annotations
 
+import json
 import os
+import pwd
 import socket
 from pathlib import Path
 
 import pytest
 
 from edgegw.netaddr import HostPort
-from edgegw.sockio import connect_tcp, listen_socket
+from edgegw.sockio import CC_AUTO, CC_KERNEL, connect_tcp, listen_socket, resolve_congestion
 
 
 def _other_congestion_control() -> str:
@@ -51,3 +54,59 @@ async def test_an_unknown_algorithm_is_refused_without_leaking_the_socket() -> N
         with pytest.raises(OSError):
             await connect_tcp(HostPort("127.0.0.1", lsock.getsockname()[1]), 5.0, "no-such-cc")
     assert _fds() == before
+
+
+def _kernel_cc() -> str:
+    return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+
+
+def test_a_named_algorithm_is_set_and_kernel_sets_none() -> None:
+    assert resolve_congestion("reno") == ("reno", "reno")
+    for name in ("", CC_KERNEL):
+        assert resolve_congestion(name) == ("", f"the kernel's default, {_kernel_cc()}")
+
+
+def _allowed() -> list[str]:
+    return Path("/proc/sys/net/ipv4/tcp_allowed_congestion_control").read_text().split()
+
+
+def _available() -> list[str]:
+    return Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text().split()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, who may set any algorithm")
+def test_auto_is_cubic_for_a_process_that_may_set_it() -> None:
+    if _kernel_cc() == "cubic":
+        assert resolve_congestion(CC_AUTO) == ("", "cubic (auto: the kernel's default)")
+        return
+    if "cubic" not in _available():
+        pytest.skip("this kernel has no cubic")
+    cc, said = resolve_congestion(CC_AUTO)
+    assert cc == "cubic" and said == f"cubic (auto; the kernel's default is {_kernel_cc()})"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a child as nobody")
+def test_auto_keeps_the_kernels_default_where_cubic_is_not_allowed() -> None:
+    """A process without CAP_NET_ADMIN may only set the allowed algorithms: "auto" then keeps
+    the kernel's default and says why, rather than failing at startup."""
+    if "cubic" in _allowed() or _kernel_cc() == "cubic":
+        pytest.skip("cubic is allowed here for every process")
+    nobody = pwd.getpwnam("nobody")
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # the child drops root (and with it CAP_NET_ADMIN), answers and exits
+        try:
+            os.close(rfd)
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            os.write(wfd, json.dumps(resolve_congestion(CC_AUTO)).encode())
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as r:
+        answer = r.read()
+    os.waitpid(pid, 0)
+    cc, said = json.loads(answer)
+    assert cc == ""
+    assert said.startswith(f"the kernel's default, {_kernel_cc()} (auto: congestion control "
+                           "'cubic' cannot be used: not in net.ipv4.tcp_allowed_congestion_control")

@@ -67,13 +67,16 @@ MAX_SNDBUF = 64 << 20
 @click.option("--sndbuf-node", default=0, show_default=True, metavar="BYTES",
               type=click.IntRange(0, MAX_SNDBUF),
               help="The same for Data connections to nodes (what uploads are written to).")
-@click.option("--congestion-client", default="", metavar="NAME", callback=congestion,
-              help="TCP congestion control of client connections (e.g. cubic, bbr); default: "
-                   "the kernel's (net.ipv4.tcp_congestion_control).")
-@click.option("--congestion-node", default="", metavar="NAME", callback=congestion,
-              help="The same for Data connections to nodes (what uploads are sent on). bbr "
-                   "paces every burst with a timer unless the interface has the fq qdisc; on "
-                   "the short hop to the nodes cubic does the same work for less CPU.")
+@click.option("--congestion-client", default="kernel", show_default=True, metavar="NAME",
+              callback=congestion,
+              help="TCP congestion control of client connections (e.g. cubic, bbr); kernel: "
+                   "the kernel's default (net.ipv4.tcp_congestion_control).")
+@click.option("--congestion-node", default="auto", show_default=True, metavar="NAME",
+              callback=congestion,
+              help="The same for Data connections to nodes (what uploads are sent on). auto: "
+                   "cubic where this process may set it, else the kernel's default. bbr paces "
+                   "every burst with a timer unless the interface has the fq qdisc; on the "
+                   "short hop to the nodes cubic does the same work for less CPU.")
 @click.option("--proxy-protocol-from", multiple=True, metavar="CIDR", callback=networks,
               help="Accept PROXY protocol v1/v2 headers from these load balancers (repeatable).")
 @metrics_options("sessions, bytes, nodes, refusals")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from edgegw.metrics_http import MetricsEndpoint
 from edgegw.netaddr import HostPort, Network
+from edgegw.sockio import CC_AUTO
 from edgegw.relay.base import DEFAULT_COALESCE_US
 
 
@@ -33,7 +34,7 @@ class GatewayConfig:
     sndbuf_client: int = 0            # SO_SNDBUF towards clients (downloads); 0: autotuned
     sndbuf_node: int = 0              # SO_SNDBUF of Data connections (uploads); 0: autotuned
     congestion_client: str = ""       # TCP_CONGESTION towards clients; "": the kernel's default
-    congestion_node: str = ""         # TCP_CONGESTION of Data connections; "": the default
+    congestion_node: str = CC_AUTO    # of Data connections; sockio.resolve_congestion
     max_pending: int = 1024           # clients waiting for a node at once; more are closed
     max_handshaking: int = 256        # unauthenticated PNC or Data connections at once, each
     proxy_protocol_from: tuple[Network, ...] = field(

@@ -28,7 +28,9 @@ from edgegw.metrics_http import MetricsServer, registry_of
 from edgegw.netaddr import ip_in_networks, normalize_ip
 from edgegw.pnc.events import Closed
 from edgegw.relay import RelayReport, create_relay
-from edgegw.sockio import listen_socket, set_keepalive, set_nodelay, set_sndbuf
+from edgegw.sockio import (
+    listen_socket, resolve_congestion, set_keepalive, set_nodelay, set_sndbuf,
+)
 
 log = logging.getLogger("edgegw.gateway")
 
@@ -81,8 +83,10 @@ class Gateway:
 
     async def start(self) -> None:
         cfg = self.config
-        for name, addr, cc in (("external", cfg.external, cfg.congestion_client),
-                               ("pnc", cfg.pnc, ""), ("data", cfg.data, cfg.congestion_node)):
+        client_cc, client_said = resolve_congestion(cfg.congestion_client)
+        node_cc, node_said = resolve_congestion(cfg.congestion_node)
+        for name, addr, cc in (("external", cfg.external, client_cc), ("pnc", cfg.pnc, ""),
+                               ("data", cfg.data, node_cc)):
             self._listeners[name] = listen_socket(addr, cfg.backlog, congestion=cc)
         if cfg.metrics is not None:
             self.metrics = MetricsServer(cfg.metrics, registry_of(GatewayCollector(self)))
@@ -101,6 +105,8 @@ class Gateway:
                  self.relay.backend + (f" in {cfg.relay_procs} processes" if cfg.relay_procs
                                        else ""),
                  type(asyncio.get_running_loop()).__module__.split(".")[0])
+        log.info("TCP congestion control: clients %s; Data connections %s",
+                 client_said, node_said)
 
     async def close(self) -> None:
         for acceptor in self._acceptors:

@@ -69,9 +69,11 @@ def init(home_dir: str, db_url: str | None, node_id: str | None, files_root: str
 @click.option("--pool-size", default=DEFAULT_POOL_SIZE, show_default=True,
               type=click.IntRange(0, 256),
               help="Pre-opened Data connections per gateway (0: dial one per session).")
-@click.option("--congestion-gateway", default="", metavar="NAME", callback=congestion,
+@click.option("--congestion-gateway", default="auto", show_default=True, metavar="NAME",
+              callback=congestion,
               help="TCP congestion control of the Data connections to the gateways (what "
-                   "downloads are sent on), e.g. cubic; default: the kernel's. See the "
+                   "downloads are sent on), e.g. cubic; kernel: the kernel's default; auto: "
+                   "cubic where this process may set it, else the kernel's. See the "
                    "gateway's --congestion-node.")
 @metrics_options("logins, sessions, bytes, attached gateways; with --workers, their sum")
 @click.option("--reuse-port", is_flag=True, hidden=True,
