@@ -6,8 +6,8 @@ from pathlib import Path
 
 from edgegw.metrics_http import MetricsEndpoint
 from edgegw.netaddr import HostPort, Network
-from edgegw.sockio import CC_AUTO
 from edgegw.relay.base import DEFAULT_COALESCE_US
+from edgegw.sockio import CC_AUTO
 
 
 @dataclass(frozen=True)
