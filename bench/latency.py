@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from bench import netload
 from bench.peers import (
-    Ctx, EdgegwGatewayOneHop, alive, choose, relay_paths, start_all, stop_all,
+    Ctx, EdgegwGatewayOneHop, alive, choose, record_tcp, relay_paths, start_all, stop_all,
 )
 from bench.procs import log
 from bench.report import Metric, PartResult, Results
@@ -32,6 +32,7 @@ def run(ctx: Ctx, results: Results, *, quick: bool, repeat: int,
     running = []
     try:
         running = start_all(paths, ctx, port, part.skip)
+        record_tcp(part, running)
         total, step = repeat * len(running), 0
         for rep in range(repeat):
             for path in running:

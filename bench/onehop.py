@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from bench import netload
 from bench.peers import (
-    Ctx, Direct, EdgegwEngine, EdgegwGatewayOneHop, HAProxy, RelayPath, choose, start_all,
-    stop_all, stream_rounds,
+    Ctx, Direct, EdgegwEngine, EdgegwGatewayOneHop, HAProxy, RelayPath, choose, record_tcp,
+    start_all, stop_all, stream_rounds,
 )
 from bench.procs import Skip, cpu_seconds
 from bench.report import Metric, PartResult, Results
@@ -49,6 +49,7 @@ def run(ctx: Ctx, results: Results, *, quick: bool, repeat: int,
     running = []
     try:
         running = start_all(chosen, ctx, sink_port, part.skip)
+        record_tcp(part, running)
         for rep, streams, path in stream_rounds(part, running, repeat, "onehop"):
             pids = path.pids()
             role = "gateway" if "gateway" in pids else "relay"

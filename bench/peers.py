@@ -114,6 +114,7 @@ class RelayPath:
         self.port = 0
         self.procs: dict[str, Proc] = {}
         self.broken = ""   # set when a run hung or a process died: later runs skip the path
+        self.tcp: dict[str, str] = {}   # edgegw processes' TCP congestion control, by role
 
     def start(self, ctx: Ctx, target: int) -> None:
         raise NotImplementedError
@@ -255,7 +256,25 @@ def _start_gateway(path: RelayPath, ctx: Ctx, home: Path, backend: str, label: s
               env={"EDGEGW_RELAY_BACKEND": backend}).start()
     path.procs[role] = gw
     gw.wait_log("listening: external=", timeout=30)
+    path.tcp[role] = _said(gw.wait_log(_GATEWAY_CC), _GATEWAY_CC)
     return ext, pnc
+
+
+_GATEWAY_CC = "TCP congestion control: "
+_NODE_CC = "Data connections: TCP congestion control "
+
+
+def _said(line: str, needle: str) -> str:
+    return line.split(needle, 1)[1].strip()
+
+
+def record_tcp(part: PartResult, paths: list[RelayPath]) -> None:
+    """Notes, for the JSON and the table, of what congestion control each edgegw process of
+    `paths` chose (the Data hop's default, auto, depends on the kernel and privileges)."""
+    for p in paths:
+        if p.tcp:
+            part.notes[f"tcp {p.name}"] = "; ".join(f"{role}: {said}"
+                                                   for role, said in p.tcp.items())
 
 
 class EdgegwGateway(RelayPath):
@@ -292,6 +311,7 @@ class EdgegwGateway(RelayPath):
                     env=env).start()
         self.procs["node"] = node
         node.wait_log("attached to gateway", timeout=30)
+        self.tcp["node"] = _said(node.wait_log(_NODE_CC), _NODE_CC)
         self.port = ext
 
 
@@ -533,6 +553,7 @@ class EdgegwSsh(RelayPath):
         self.procs["node"] = node
         for role in gateways:
             node.wait_log(f"attached to gateway {role} at", timeout=30)
+        self.tcp["node"] = _said(node.wait_log(_NODE_CC), _NODE_CC)
         wait_port(listen, proc=node, timeout=30)
         self.port = gateways["gateway"][0]
         self.direct.port = listen

@@ -128,11 +128,13 @@ class Proc:
         except OSError:
             return ""
 
-    def wait_log(self, needle: str, timeout: float = 30.0) -> None:
+    def wait_log(self, needle: str, timeout: float = 30.0) -> str:
+        """The first log line that holds `needle`, once there is one."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if needle in self.tail(1 << 20):
-                return
+            text = self.tail(1 << 20)
+            if needle in text:
+                return next(line for line in text.splitlines() if needle in line)
             if not self.alive():
                 raise Skip(f"{self.name} exited ({self.popen.returncode}): {self.tail()}")
             time.sleep(0.05)

@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import subprocess
 
-from bench.peers import Ctx, choose, relay_paths, start_all, stop_all, stream_rounds
+from bench.peers import (
+    Ctx, choose, record_tcp, relay_paths, start_all, stop_all, stream_rounds,
+)
 from bench.procs import Proc, Skip, cpu_seconds, need, wait_port
 from bench.report import Metric, PartResult, Results
 from edgegw.sockio import free_port
@@ -63,6 +65,7 @@ def run(ctx: Ctx, results: Results, *, quick: bool, repeat: int,
     try:
         wait_port(server_port, proc=server)
         running = start_all(paths, ctx, server_port, part.skip)
+        record_tcp(part, running)
         for rep, streams, path in stream_rounds(part, running, repeat, "relay"):
             pids = path.pids()
             before = {r: cpu_seconds(pid) for r, pid in pids.items()}

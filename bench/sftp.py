@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from bench.peers import (NEAR_SNDBUF, Ctx, EdgegwGateway, EdgegwSsh, HAProxy, RelayPath, Sshd,
-                         start_all, stop_all)
+                         record_tcp, start_all, stop_all)
 from bench.procs import (Skip, cpu_seconds, free_page_reporting, log, need, pin_tree,
                          uptime_seconds)
 from bench.report import Metric, PartResult, Results
@@ -183,6 +183,7 @@ def run(ctx: Ctx, results: Results, *, quick: bool, repeat: int, mib: int | None
                                        "relay": p.pids()["relay"]}))
         if only is not None and "all" not in only:
             targets = [t for t in targets if t.name in only]
+        record_tcp(part, running)
         client_cpus = own_cpu_layout(part, targets) if own_cpu else None
         limit = 120 + size / 5e6   # even 5 MB/s finishes
         total, step = repeat * len(CIPHERS) * len(targets), 0

@@ -49,6 +49,14 @@ def test_bench_quick_writes_results(tmp_path: Path) -> None:
     for part in ("onehop", "latency"):
         assert data["parts"][part]["paths"]["edgegw-splice-1hop"]["status"] == "ok", part
     assert data["options"]["node_args"] == "--congestion-gateway reno"
+    # each edgegw process said what it chose: the run's options, after the relay comparisons'
+    # pin to the kernel's default (onehop, relay), and instead of the default (sftp)
+    assert "Data connections reno" in data["parts"]["onehop"]["notes"]["tcp edgegw-splice-1hop"]
+    relayed = data["parts"]["relay"]["notes"]["tcp edgegw-splice"]
+    assert "Data connections reno" in relayed and "node: reno" in relayed
+    sftp_tcp = data["parts"]["sftp"]["notes"]["tcp edgegw-gateway"]
+    assert "gateway-sndbuf: clients the kernel's default" in sftp_tcp
+    assert sftp_tcp.count("Data connections reno") == 2 and "node: reno" in sftp_tcp
     # the node moved files directly, through its gateway (with the kernel's send buffers and
     # with fixed ones), and behind the peer relay (likewise)
     sftp = data["parts"]["sftp"]["paths"]
