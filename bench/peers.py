@@ -47,7 +47,9 @@ HAPROXY_SPLICE = "    option splice-request\n    option splice-response\n"
 # edgegw's --sndbuf-* (bench/README.md, "Send buffers and pacing").
 NEAR_SNDBUF = 131072
 HAPROXY_SNDBUF = "    tune.sndbuf.client {n}\n    tune.sndbuf.server {n}\n"
-EDGEGW_SNDBUF = ["--sndbuf-client", str(NEAR_SNDBUF), "--sndbuf-node", str(NEAR_SNDBUF)]
+EDGEGW_SNDBUF = ("--sndbuf-client", str(NEAR_SNDBUF), "--sndbuf-node", str(NEAR_SNDBUF))
+# cubic towards clients as well as on the Data hop (bench/README.md, "Congestion control")
+EDGEGW_CUBIC = ("--congestion-client", "cubic")
 
 SOCAT_ARGS = ["TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=4096,nodelay",
               "TCP:127.0.0.1:{target},nodelay"]
@@ -506,22 +508,24 @@ class _View(RelayPath):
 
 class EdgegwSsh(RelayPath):
     """One node serving SSH/SFTP itself, reachable directly (`--listen`, the view `.direct`,
-    named edgegw-node), through a gateway (this path, edgegw-gateway) and, with `near=True`,
-    through a second gateway with fixed send buffers (the view `.near`,
-    edgegw-gateway-sndbuf): the node dials both."""
+    named edgegw-node), through a gateway (this path, edgegw-gateway) and through one more
+    gateway per entry of `variants` (view name -> that gateway's extra options, e.g.
+    edgegw-gateway-sndbuf -> EDGEGW_SNDBUF; the views are `.variants`): the node dials them
+    all."""
 
     name = "edgegw-gateway"
 
     def __init__(self, user: str, pubkey: Path, backend: str = "splice",
-                 near: bool = False) -> None:
+                 variants: dict[str, tuple[str, ...]] | None = None) -> None:
         super().__init__()
         self.user, self.pubkey, self.backend = user, pubkey, backend
         self.direct = _View("edgegw-node", self)
         self.direct.roles = {"server": "node"}
-        self.near: _View | None = None
-        if near:
-            self.near = _View("edgegw-gateway-sndbuf", self)
-            self.near.roles = {"server": "node", "gateway": "gateway-sndbuf"}
+        self.variant_args = dict(variants or {})
+        self.variants: dict[str, _View] = {}
+        for name in self.variant_args:
+            view = self.variants[name] = _View(name, self)
+            view.roles = {"server": "node", "gateway": name.removeprefix("edgegw-")}
 
     def pids(self) -> dict[str, int]:
         return {"server": self.procs["node"].pid, "gateway": self.procs["gateway"].pid}
@@ -539,10 +543,10 @@ class EdgegwSsh(RelayPath):
             (home / ".bench-user").write_text(self.user)
         env = {"EDGEGW_RELAY_BACKEND": self.backend}
         gateways = {"gateway": _start_gateway(self, ctx, home, self.backend, "ssh")}
-        if self.near is not None:
-            gateways["gateway-sndbuf"] = _start_gateway(
-                self, ctx, home, self.backend, "ssh", role="gateway-sndbuf",
-                extra=tuple(EDGEGW_SNDBUF))
+        for name, view in self.variants.items():
+            role = view.roles["gateway"]
+            gateways[role] = _start_gateway(self, ctx, home, self.backend, "ssh", role=role,
+                                            extra=self.variant_args[name])
         listen = free_port()
         dial = [arg for _, pnc in gateways.values() for arg in ("--gateway", f"127.0.0.1:{pnc}")]
         node = Proc("edgegw node (ssh)",
@@ -557,8 +561,8 @@ class EdgegwSsh(RelayPath):
         wait_port(listen, proc=node, timeout=30)
         self.port = gateways["gateway"][0]
         self.direct.port = listen
-        if self.near is not None:
-            self.near.port = gateways["gateway-sndbuf"][0]
+        for view in self.variants.values():
+            view.port = gateways[view.roles["gateway"]][0]
 
     def files_dir(self, ctx: Ctx) -> Path:
         """Where the bench user's uploads land (tmpfs, see Ctx.edgegw_home)."""

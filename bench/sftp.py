@@ -15,12 +15,13 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.peers import (NEAR_SNDBUF, Ctx, EdgegwGateway, EdgegwSsh, HAProxy, RelayPath, Sshd,
-                         record_tcp, start_all, stop_all)
+from bench.peers import (EDGEGW_CUBIC, EDGEGW_SNDBUF, NEAR_SNDBUF, Ctx, EdgegwGateway, EdgegwSsh,
+                         HAProxy, RelayPath, Sshd, record_tcp, start_all, stop_all)
 from bench.procs import (Skip, cpu_seconds, free_page_reporting, log, need, pin_tree,
                          uptime_seconds)
 from bench.report import Metric, PartResult, Results
 from bench.sessions import ssh_keys
+from edgegw.sockio import check_congestion, kernel_congestion
 
 CIPHERS = {"aes": "aes128-gcm@openssh.com", "chacha": "chacha20-poly1305@openssh.com"}
 SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
@@ -44,6 +45,21 @@ def _metrics() -> list[Metric]:
             out.append(Metric(f"node_cpu_{d}_{c}", f"fwd node CPU {d} {c}", "s/GiB", "{:.2f}",
                               table=False))
     return out
+
+
+GATEWAY_VARIANTS = {"edgegw-gateway-sndbuf": EDGEGW_SNDBUF, "edgegw-gateway-cubic": EDGEGW_CUBIC}
+
+
+def _cubic_variant_unneeded() -> str:
+    """Why a gateway with cubic towards clients would add nothing or could not start ("" if
+    it can): where cubic is the kernel's default it is edgegw-gateway itself."""
+    if kernel_congestion() == "cubic":
+        return "cubic is the kernel's default: edgegw-gateway already runs it towards clients"
+    try:
+        check_congestion("cubic")
+    except ValueError as exc:
+        return str(exc)
+    return ""
 
 
 class Target:
@@ -140,10 +156,16 @@ def run(ctx: Ctx, results: Results, *, quick: bool, repeat: int, mib: int | None
         return only is None or "all" in only or name in only
 
     sshd = Sshd(pub)
-    # the same node through a second gateway with fixed send buffers (and behind HAProxy with
-    # the same): what the relay costs when its socket is not paced by timer (bench/README.md,
-    # "Send buffers and pacing")
-    edge = EdgegwSsh("bench", pub, near=wanted("edgegw-gateway-sndbuf"))
+    # the same node through more gateways: with fixed send buffers (and behind HAProxy with the
+    # same), and with cubic towards clients too: what the relay costs when its sockets are not
+    # paced by timer (bench/README.md, "Send buffers and pacing", "Congestion control")
+    variants = {name: args for name, args in GATEWAY_VARIANTS.items() if wanted(name)}
+    if "edgegw-gateway-cubic" in variants:
+        why = _cubic_variant_unneeded()
+        if why:
+            del variants["edgegw-gateway-cubic"]
+            part.skip("edgegw-gateway-cubic", why)
+    edge = EdgegwSsh("bench", pub, variants=variants)
     running: list[RelayPath] = []
     targets: list[Target] = []
     try:
@@ -166,10 +188,10 @@ def run(ctx: Ctx, results: Results, *, quick: bool, repeat: int, mib: int | None
             targets.append(Target("edgegw-gateway", edge, "bench", ".",
                                   {"server": edge.pids()["server"],
                                    "relay": edge.pids()["gateway"]}))
-            if edge.near is not None:
-                targets.append(Target(edge.near.name, edge.near, "bench", ".",
+            for view in edge.variants.values():
+                targets.append(Target(view.name, view, "bench", ".",
                                       {"server": edge.pids()["server"],
-                                       "relay": edge.near.pids()["gateway"]}))
+                                       "relay": view.pids()["gateway"]}))
             # the same node behind the peer relay: what a relay on this machine costs the node
             peers = [HAProxy(splice=True)]
             peers[0].name = "edgegw-node-via-haproxy-splice"

@@ -4,6 +4,7 @@ runs, never from a test."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,8 @@ def test_bench_quick_writes_results(tmp_path: Path) -> None:
     cp = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path),
          "--paths", "direct,haproxy-splice,edgegw-splice,edgegw-splice-1hop,openssh,edgegw-node,"
-                    "edgegw-gateway,edgegw-gateway-sndbuf,edgegw-node-via-haproxy-splice,"
+                    "edgegw-gateway,edgegw-gateway-sndbuf,edgegw-gateway-cubic,"
+                    "edgegw-node-via-haproxy-splice,"
                     "edgegw-node-via-haproxy-splice-sndbuf",
          "--sessions", "200", "--sftp-mib", "8",
          "--gateway-args", "--congestion-node reno", "--node-args", "--congestion-gateway reno"],
@@ -56,13 +58,20 @@ def test_bench_quick_writes_results(tmp_path: Path) -> None:
     assert "Data connections reno" in relayed and "node: reno" in relayed
     sftp_tcp = data["parts"]["sftp"]["notes"]["tcp edgegw-gateway"]
     assert "gateway-sndbuf: clients the kernel's default" in sftp_tcp
-    assert sftp_tcp.count("Data connections reno") == 2 and "node: reno" in sftp_tcp
-    # the node moved files directly, through its gateway (with the kernel's send buffers and
-    # with fixed ones), and behind the peer relay (likewise)
+    assert "node: reno" in sftp_tcp
+    cubic_runs = data["machine"]["tcp_congestion_control"] != "cubic" and _may_set("cubic")
+    assert ("gateway-cubic: clients cubic; Data connections reno" in sftp_tcp) == cubic_runs
+    # the node moved files directly, through its gateway (with the kernel's send buffers, with
+    # fixed ones, and with cubic towards clients where it may be set and is not the default),
+    # and behind the peer relay (likewise)
     sftp = data["parts"]["sftp"]["paths"]
     behind = ["edgegw-node", "edgegw-gateway", "edgegw-gateway-sndbuf"] + (
         ["edgegw-node-via-haproxy-splice", "edgegw-node-via-haproxy-splice-sndbuf"]
         if data["machine"]["haproxy"] != "missing" else [])
+    if cubic_runs:
+        behind.append("edgegw-gateway-cubic")
+    else:
+        assert sftp["edgegw-gateway-cubic"]["status"] == "skipped"
     for path in behind:
         assert sftp[path]["status"] == "ok", (path, sftp[path]["reason"])
         assert sftp[path]["metrics"]["up_aes"]["median"] > 0
@@ -70,6 +79,15 @@ def test_bench_quick_writes_results(tmp_path: Path) -> None:
     assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
     assert "== relay" in cp.stdout
     assert f"tcp {data['machine']['tcp_congestion_control']}/" in cp.stdout
+
+
+def _may_set(algorithm: str) -> bool:
+    with socket.socket() as s:
+        try:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, algorithm.encode())
+        except OSError:
+            return False
+    return True
 
 
 def _virtio_device(root: Path, name: str, device_id: int, features: str, bound: bool) -> None:
