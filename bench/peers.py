@@ -258,16 +258,16 @@ def _start_gateway(path: RelayPath, ctx: Ctx, home: Path, backend: str, label: s
               env={"EDGEGW_RELAY_BACKEND": backend}).start()
     path.procs[role] = gw
     gw.wait_log("listening: external=", timeout=30)
-    path.tcp[role] = _said(gw.wait_log(_GATEWAY_CC), _GATEWAY_CC)
+    path.tcp[role] = _logged(gw, "TCP congestion control: ")
     return ext, pnc
 
 
-_GATEWAY_CC = "TCP congestion control: "
 _NODE_CC = "Data connections: TCP congestion control "
 
 
-def _said(line: str, needle: str) -> str:
-    return line.split(needle, 1)[1].strip()
+def _logged(proc: Proc, prefix: str) -> str:
+    """What `proc` logged after `prefix`, once it has."""
+    return proc.wait_log(prefix).split(prefix, 1)[1].strip()
 
 
 def record_tcp(part: PartResult, paths: list[RelayPath]) -> None:
@@ -313,7 +313,7 @@ class EdgegwGateway(RelayPath):
                     env=env).start()
         self.procs["node"] = node
         node.wait_log("attached to gateway", timeout=30)
-        self.tcp["node"] = _said(node.wait_log(_NODE_CC), _NODE_CC)
+        self.tcp["node"] = _logged(node, _NODE_CC)
         self.port = ext
 
 
@@ -557,7 +557,7 @@ class EdgegwSsh(RelayPath):
         self.procs["node"] = node
         for role in gateways:
             node.wait_log(f"attached to gateway {role} at", timeout=30)
-        self.tcp["node"] = _said(node.wait_log(_NODE_CC), _NODE_CC)
+        self.tcp["node"] = _logged(node, _NODE_CC)
         wait_port(listen, proc=node, timeout=30)
         self.port = gateways["gateway"][0]
         self.direct.port = listen

@@ -21,7 +21,7 @@ from bench.procs import (Skip, cpu_seconds, free_page_reporting, log, need, pin_
                          uptime_seconds)
 from bench.report import Metric, PartResult, Results
 from bench.sessions import ssh_keys
-from edgegw.sockio import check_congestion, kernel_congestion
+from edgegw.sockio import CC_AUTO, resolve_congestion
 
 CIPHERS = {"aes": "aes128-gcm@openssh.com", "chacha": "chacha20-poly1305@openssh.com"}
 SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
@@ -48,18 +48,6 @@ def _metrics() -> list[Metric]:
 
 
 GATEWAY_VARIANTS = {"edgegw-gateway-sndbuf": EDGEGW_SNDBUF, "edgegw-gateway-cubic": EDGEGW_CUBIC}
-
-
-def _cubic_variant_unneeded() -> str:
-    """Why a gateway with cubic towards clients would add nothing or could not start ("" if
-    it can): where cubic is the kernel's default it is edgegw-gateway itself."""
-    if kernel_congestion() == "cubic":
-        return "cubic is the kernel's default: edgegw-gateway already runs it towards clients"
-    try:
-        check_congestion("cubic")
-    except ValueError as exc:
-        return str(exc)
-    return ""
 
 
 class Target:
@@ -161,10 +149,12 @@ def run(ctx: Ctx, results: Results, *, quick: bool, repeat: int, mib: int | None
     # paced by timer (bench/README.md, "Send buffers and pacing", "Congestion control")
     variants = {name: args for name, args in GATEWAY_VARIANTS.items() if wanted(name)}
     if "edgegw-gateway-cubic" in variants:
-        why = _cubic_variant_unneeded()
-        if why:
+        # the Data hop's "auto" asks the same: is cubic a change here, and may it be set?
+        cc, said = resolve_congestion(CC_AUTO)
+        if cc != "cubic":
             del variants["edgegw-gateway-cubic"]
-            part.skip("edgegw-gateway-cubic", why)
+            part.skip("edgegw-gateway-cubic", f"cubic towards clients would change nothing "
+                                              f"or cannot be set here: auto is {said}")
     edge = EdgegwSsh("bench", pub, variants=variants)
     running: list[RelayPath] = []
     targets: list[Target] = []
