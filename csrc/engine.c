@@ -399,9 +399,10 @@ int relay_engine_create(const char *backend, const relay_config *cfg_in, relay_e
     const struct relay_backend *be = find_backend(backend);
     if (be == NULL)
         return backend && strcmp(backend, "splice") == 0 ? -ENOSYS : -EINVAL;
-    if (cfg.threads < 1 || cfg.threads > 1024 || cfg.idle_timeout < 0 || cfg.buffer_size == 0 ||
+    if (cfg.threads < 1 || cfg.threads > 1024 || !(cfg.idle_timeout >= 0) ||
+        cfg.idle_timeout > RELAY_IDLE_TIMEOUT_MAX || cfg.buffer_size == 0 ||
         cfg.buffer_size > (1u << 30) || cfg.pipe_size > (1u << 30) ||
-        cfg.coalesce_us > RELAY_COALESCE_MAX_US)
+        cfg.pool_max > RELAY_POOL_MAX || cfg.coalesce_us > RELAY_COALESCE_MAX_US)
         return -EINVAL;
 
     relay_engine *e = calloc(1, sizeof *e);
@@ -515,19 +516,20 @@ int relay_engine_add(relay_engine *e, uint64_t id, int fd_a, int fd_b)
         free(c);
         return rc;
     }
+    relay_tune_socket(fd_a);
+    relay_tune_socket(fd_b);
     struct relay_worker *w = least_loaded(e);
     s->worker = w;
     table_insert(e, s);
     relay_counter_add(&w->load, 1);
     relay_counter_add(&e->total_sessions, 1);
-    pthread_mutex_unlock(&e->lock);
-
-    relay_tune_socket(fd_a);
-    relay_tune_socket(fd_b);
     c->op = RELAY_CMD_ADD;
     c->id = id;
     c->session = s;
+    /* Queued under the lock that close() takes to set closing: every ADD is then ahead of
+     * the STOP, so the thread or close()'s last pass attaches or finishes it. */
     enqueue(w, c);
+    pthread_mutex_unlock(&e->lock);
     return 0;
 }
 
@@ -537,17 +539,19 @@ int relay_engine_kill(relay_engine *e, uint64_t id)
     if (c == NULL)
         return -ENOMEM;
     pthread_mutex_lock(&e->lock);
-    struct relay_session *s = e->closing ? NULL : table_find(e, id);
-    struct relay_worker *w = s ? s->worker : NULL;
-    pthread_mutex_unlock(&e->lock);
-    if (w == NULL) {
-        free(c);
-        return e->closing ? -ESHUTDOWN : -ENOENT;
+    int rc = e->closing ? -ESHUTDOWN : 0;
+    struct relay_session *s = rc ? NULL : table_find(e, id);
+    if (s) {
+        c->op = RELAY_CMD_KILL;
+        c->id = id;
+        c->session = NULL;
+        enqueue(s->worker, c); /* under the lock, as in relay_engine_add */
     }
-    c->op = RELAY_CMD_KILL;
-    c->id = id;
-    c->session = NULL;
-    enqueue(w, c);
+    pthread_mutex_unlock(&e->lock);
+    if (s == NULL) {
+        free(c);
+        return rc ? rc : -ENOENT;
+    }
     return 0;
 }
 

@@ -56,6 +56,12 @@ typedef struct relay_config {
 #define RELAY_COALESCE_DEFAULT_US 200u
 #define RELAY_COALESCE_MAX_US 100000u
 
+/* Bounds relay_engine_create() checks: idle pipes or buffers kept per thread, and the idle
+ * timeout (about 31 years; "never" is 0), so that neither size arithmetic nor the conversion
+ * to nanoseconds can overflow. */
+#define RELAY_POOL_MAX 65536u
+#define RELAY_IDLE_TIMEOUT_MAX 1e9
+
 typedef struct relay_report {
     uint64_t session_id;
     uint64_t bytes_a_to_b; /* delivered to b */

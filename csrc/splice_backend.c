@@ -9,6 +9,7 @@
 
 #include <stdlib.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
 
 #define MAX_EVENTS 256
 #define WAKE_TAG ((void *)1) /* sessions are aligned, so bit 0 carries the side */
@@ -82,8 +83,8 @@ static int sync_events(struct relay_worker *w, struct relay_session *s, int side
  * splice() once a read fills the buffer (bulk), back again when a splice read comes up short.
  * With the pipe empty, copy_small() reads once and sends what it read; what the destination
  * will not take now goes into the pipe, where the splice path drains it. Returns 0 when all was
- * sent or at EOF (go on), 1 when the source is empty or the destination full, -1 on an error
- * (*err set). */
+ * sent or at EOF (go on), 1 when the source is empty or the destination full, -1 on a peer's
+ * error and -2 on a local one, such as no descriptor left for a pipe (*err set). */
 #define COPY_MAX 8192u
 
 /* The direction's pipe, from the thread's pool if it holds none: 0 or an errno. */
@@ -136,7 +137,7 @@ static int copy_small(struct relay_worker *w, struct relay_dir *x, int src, int 
         return 0; /* else read on until EAGAIN: a hung-up source is no longer watched by epoll */
     /* The rest waits in the (empty) pipe: at most COPY_MAX bytes, far below its capacity. */
     if ((*err = hold_pipe(w, x)) != 0)
-        return -1;
+        return -2;
     size_t rest = (size_t)n - sent;
     ssize_t m;
     do
@@ -144,10 +145,21 @@ static int copy_small(struct relay_worker *w, struct relay_dir *x, int src, int 
     while (m < 0 && errno == EINTR);
     if (m != (ssize_t)rest) {
         *err = m < 0 ? errno : EIO;
-        return -1;
+        return -2;
     }
     x->len += (uint32_t)rest;
     return 1;
+}
+
+/* splice() from TCP stops at an urgent (MSG_OOB) mark and never reads past it: it reports
+ * EAGAIN, or 0 once the peer has closed, however much follows. recv() steps over the mark
+ * (dropping the urgent byte, as every recv()-based relay and the select backend do), so a
+ * source at its mark is read by copy_small. SSH has no use for urgent data; without this a
+ * client could stall its own stream and keep this thread spinning on a readable socket. */
+static int at_urgent_mark(int fd)
+{
+    int mark = 0;
+    return ioctl(fd, SIOCATMARK, &mark) == 0 && mark;
 }
 
 /* Move what can be moved in direction d without blocking. Returns 0, or a reason with *err
@@ -193,7 +205,7 @@ static int pump(struct relay_worker *w, struct relay_session *s, int d, int *err
         if (!x->bulk) {
             int rc = copy_small(w, x, src, dst, hung_up, &moved, err);
             if (rc < 0) {
-                reason = RELAY_RESET;
+                reason = rc == -2 ? RELAY_ERROR : RELAY_RESET;
                 goto out;
             }
             if (rc > 0)
@@ -215,12 +227,19 @@ static int pump(struct relay_worker *w, struct relay_session *s, int d, int *err
             if ((size_t)n < x->pipe.cap && !hung_up)
                 x->can_read = 0; /* short: the socket is empty (as in copy_small) */
         } else if (n == 0) {
-            x->eof = 1;
-        } else if (errno == EAGAIN) {
-            if (x->len > 0)
-                x->paused = 1; /* maybe the pipe is full: read again once it drained */
+            if (at_urgent_mark(src))
+                x->bulk = 0;
             else
+                x->eof = 1;
+        } else if (errno == EAGAIN) {
+            if (x->len > 0) {
+                x->paused = 1; /* maybe the pipe is full: read again once it drained */
+            } else if (at_urgent_mark(src)) {
+                x->bulk = 0;
+                continue;
+            } else {
                 x->can_read = 0;
+            }
             if (x->len == 0 || !x->can_write)
                 break;
         } else {

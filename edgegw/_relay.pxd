@@ -9,6 +9,8 @@ cdef extern from "relay.h" nogil:
     enum:
         RELAY_COALESCE_DEFAULT_US
         RELAY_COALESCE_MAX_US
+        RELAY_POOL_MAX
+        RELAY_IDLE_TIMEOUT_MAX
 
     ctypedef struct relay_config:
         int threads

@@ -4,6 +4,8 @@ from typing import Final
 BACKENDS: Final[tuple[str, ...]]
 COALESCE_DEFAULT_US: Final[int]
 COALESCE_MAX_US: Final[int]
+POOL_MAX: Final[int]
+IDLE_TIMEOUT_MAX: Final[float]
 
 ReportTuple = tuple[int, int, int, float, str, str]
 

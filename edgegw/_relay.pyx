@@ -14,6 +14,8 @@ from edgegw._relay cimport *
 # The coalescing pause's default and bound, for edgegw.relay.base to be checked against.
 COALESCE_DEFAULT_US = RELAY_COALESCE_DEFAULT_US
 COALESCE_MAX_US = RELAY_COALESCE_MAX_US
+POOL_MAX = RELAY_POOL_MAX
+IDLE_TIMEOUT_MAX = RELAY_IDLE_TIMEOUT_MAX
 
 BACKENDS = tuple(name for name in ("splice", "select") if relay_backend_available(name.encode()))
 
@@ -58,8 +60,8 @@ cdef class Engine:
             _raise(-rc, f"relay backend {backend!r} is not available on this system")
         if rc == -_errno.EINVAL:
             _raise(-rc, f"bad relay settings: backend={backend!r} threads={threads} "
-                        f"idle_timeout={idle_timeout} buffer_size={buffer_size} "
-                        f"coalesce_us={coalesce_us}")
+                        f"idle_timeout={idle_timeout} pool_max={pool_max} "
+                        f"buffer_size={buffer_size} coalesce_us={coalesce_us}")
         _check(rc, f"starting the {backend} relay engine")
         self._e = e
         self._closed = False

@@ -6,12 +6,16 @@ internal node's Data connection (side b). No assertion depends on speed.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import resource
 import socket
 import struct
+import subprocess
 import sys
+import threading
+import time
 from typing import Any, AsyncIterator, Callable
 
 import pytest
@@ -175,6 +179,38 @@ class RelayContract:
         node.close()
         rep = await reports.wait(4)
         assert (rep.bytes_a_to_b, rep.bytes_b_to_a) == (16 + 200 * 64, 200 * 64)
+
+    async def test_urgent_data_is_stepped_over(self, relay, listener) -> None:
+        """A client's MSG_OOB byte (SSH has no use for one) is dropped, as recv() drops it, and
+        the stream goes on past it. splice() stops at an urgent mark: a relay that only spliced
+        held the rest of the stream back and spun on the still-readable socket."""
+        r, reports = relay
+        client, a = listener.pair()
+        node, b = listener.pair()
+        loop = asyncio.get_running_loop()
+        rnd = random.Random(9)
+        sent = b""
+        for size in (64 << 10, 1 << 20):   # the first waits for the hand-over, the second not
+            bulk, tail = rnd.randbytes(size), rnd.randbytes(1000)
+            await loop.sock_sendall(client, bulk)
+            client.send(b"!", socket.MSG_OOB)
+            await loop.sock_sendall(client, tail)
+            if not sent:
+                r.add(12, a, b)
+            assert await asyncio.wait_for(recv_exactly(node, size + 1000), 30) == bulk + tail
+            sent += bulk + tail
+        cpu = time.process_time()
+        await asyncio.sleep(0.5)
+        assert time.process_time() - cpu < 0.25   # no thread spins on the urgent mark
+        more = rnd.randbytes(4 << 20)
+        await send_all(client, more)
+        client.shutdown(socket.SHUT_WR)
+        assert await recv_until_eof(node) == (len(more), sha(more))
+        node.close()
+        rep = await reports.wait(12)
+        assert rep.reason is FinishReason.EOF, rep
+        assert rep.bytes_a_to_b == len(sent) + len(more)
+        client.close()
 
     async def test_peer_reset(self, relay, listener) -> None:
         r, reports = relay
@@ -461,6 +497,93 @@ class TestProcRelay(RelayContract):
 
     # pipes live in the relay processes, whose engine TestSpliceRelay covers
     test_idle_sessions_hold_no_buffers = None  # type: ignore[assignment]
+
+
+# ---- the C engine's API ------------------------------------------------------------------
+
+@pytest.mark.skipif(not C_BACKENDS, reason="C engine not built")
+@pytest.mark.parametrize("backend", sorted(C_BACKENDS))
+def test_add_racing_close_loses_no_session(backend: str) -> None:
+    """add() from one thread while another closes the engine: every add that succeeded is
+    reported and its descriptors are closed (an ADD queued after close()'s last pass was lost,
+    with both of its fds)."""
+    from edgegw import _relay
+    before = open_fds()
+    for round_ in range(150):
+        engine = _relay.Engine(backend, threads=4)
+        added: list[int] = []
+
+        def adder() -> None:
+            for sid in itertools.count():
+                a, b = socket.socketpair()
+                try:
+                    engine.add(sid, a.fileno(), b.fileno())
+                except OSError:
+                    a.close()
+                    b.close()
+                    return
+                a.detach()
+                b.detach()
+                added.append(sid)
+
+        thread = threading.Thread(target=adder)
+        thread.start()
+        time.sleep(0.0003 * (round_ % 7))
+        engine.close()
+        thread.join()
+        reported = {report[0] for report in engine.drain(1 << 20)}
+        assert set(added) <= reported, f"round {round_}: {sorted(set(added) - reported)}"
+    assert open_fds() == before
+
+
+# Out of descriptors when a small message must wait in a pipe for a full destination: the
+# session ends as 'error' (a local failure), not 'reset' (which blames a peer). In a child
+# process, as the test lowers its open-files limit.
+_EMFILE_SCRIPT = """
+import os, resource, socket, time
+from edgegw import _relay
+ls = socket.create_server(("127.0.0.1", 0))
+def pair(rcvbuf=0):
+    c = socket.socket()
+    if rcvbuf:
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    c.connect(ls.getsockname())
+    return c, ls.accept()[0]
+engine = _relay.Engine("splice", pool_max=0)
+client, a = pair()
+node, b = pair(rcvbuf=4096)          # node never reads: the relay's writes to it stall
+b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+engine.add(1, a.detach(), b.detach())
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (max(map(int, os.listdir("/proc/self/fd"))) + 1, hard))
+fill = []
+try:
+    while True:
+        fill.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+client.setblocking(False)
+try:
+    for _ in range(2000):            # 1000-byte messages: the copy path, never a splice
+        client.send(b"m" * 1000)
+        time.sleep(0.0005)
+except OSError:
+    pass
+deadline = time.monotonic() + 10
+reports = []
+while not reports and time.monotonic() < deadline:
+    reports = engine.drain()
+    time.sleep(0.05)
+print(reports[0][4] if reports else "none", reports[0][5] if reports else "")
+"""
+
+
+@pytest.mark.skipif("splice" not in C_BACKENDS, reason="C engine with splice() not available")
+def test_no_descriptor_for_a_pipe_is_a_local_error() -> None:
+    out = subprocess.run([sys.executable, "-c", _EMFILE_SCRIPT], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split(None, 1) == ["error", "Too many open files\n"]
 
 
 # ---- backend selection -------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import math
 import os
 import socket
 import struct
@@ -22,7 +23,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
-from edgegw.relay import DEFAULT_COALESCE_US, MAX_COALESCE_US, Relay, available_backends, create_relay
+from edgegw.relay import (DEFAULT_COALESCE_US, MAX_COALESCE_US, MAX_IDLE_TIMEOUT, Relay,
+                          available_backends, create_relay)
 from tests.relay_helpers import Listener, Reports, recv_exactly, send_all
 
 PAUSE_US = MAX_COALESCE_US
@@ -177,6 +179,24 @@ def test_python_knows_the_engines_default_and_bound() -> None:
     _relay = pytest.importorskip("edgegw._relay", reason="the C engine is not built")
     assert (DEFAULT_COALESCE_US, MAX_COALESCE_US) == (_relay.COALESCE_DEFAULT_US,
                                                       _relay.COALESCE_MAX_US)
+    assert MAX_IDLE_TIMEOUT == _relay.IDLE_TIMEOUT_MAX
+
+
+@pytest.mark.parametrize("value", [-1.0, math.nan, math.inf, MAX_IDLE_TIMEOUT * 2])
+def test_idle_timeouts_out_of_range_are_refused(value: float) -> None:
+    with pytest.raises(ValueError, match="idle_timeout"):
+        create_relay("python", idle_timeout=value)
+
+
+@pytest.mark.skipif("splice" not in available_backends(), reason="no splice on this system")
+@pytest.mark.parametrize("backend", ["splice", "select"])
+@pytest.mark.parametrize("option", [{"idle_timeout": math.nan}, {"idle_timeout": math.inf},
+                                    {"pool_max": 2 ** 61}])
+def test_engine_refuses_values_its_arithmetic_would_overflow(backend: str, option: dict) -> None:
+    from edgegw import _relay
+    with pytest.raises(OSError) as info:
+        _relay.Engine(backend, **option)
+    assert info.value.errno == errno.EINVAL
 
 
 SCHED_BATCH = 3   # Linux's policy number, field 41 of /proc/PID/task/TID/stat

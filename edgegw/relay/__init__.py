@@ -13,11 +13,11 @@ import logging
 import os
 import sys
 
-from edgegw.relay.base import (DEFAULT_COALESCE_US, MAX_COALESCE_US, FinishedCallback,
-                               FinishReason, Relay, RelayReport, RelayStats)
+from edgegw.relay.base import (DEFAULT_COALESCE_US, MAX_COALESCE_US, MAX_IDLE_TIMEOUT,
+                               FinishedCallback, FinishReason, Relay, RelayReport, RelayStats)
 
 __all__ = [
-    "DEFAULT_COALESCE_US", "MAX_COALESCE_US",
+    "DEFAULT_COALESCE_US", "MAX_COALESCE_US", "MAX_IDLE_TIMEOUT",
     "FinishReason", "FinishedCallback", "Relay", "RelayReport", "RelayStats",
     "available_backends", "create_relay", "default_backend", "splice_works",
 ]
@@ -93,8 +93,9 @@ def create_relay(backend: str | None = None, *, threads: int = 1, pipe_size: int
         raise ValueError(f"unknown relay backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if threads < 1:
         raise ValueError(f"relay threads must be >= 1, got {threads}")
-    if idle_timeout < 0:
-        raise ValueError(f"relay idle_timeout must be >= 0 seconds, got {idle_timeout}")
+    if not 0 <= idle_timeout <= MAX_IDLE_TIMEOUT:   # also refuses nan
+        raise ValueError(f"relay idle_timeout must be 0..{MAX_IDLE_TIMEOUT:g} seconds, "
+                         f"got {idle_timeout}")
     if not 0 <= coalesce_us <= MAX_COALESCE_US:
         raise ValueError(f"relay coalesce_us must be 0..{MAX_COALESCE_US}, got {coalesce_us}")
     if name != "python":

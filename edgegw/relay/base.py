@@ -18,6 +18,8 @@ log = logging.getLogger("edgegw.relay")
 # here too so that they are known where the C engine is not built.
 DEFAULT_COALESCE_US = 200
 MAX_COALESCE_US = 100_000
+# The longest idle timeout (about 31 years; 0 is never): csrc/relay.h's RELAY_IDLE_TIMEOUT_MAX.
+MAX_IDLE_TIMEOUT = 1e9
 
 
 class FinishReason(str, enum.Enum):
