@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import socket
 from typing import TYPE_CHECKING, Callable
 
@@ -38,6 +39,14 @@ QUIET = 0.02
 # firewall lost its state), though our end has not noticed yet: dial fresh ones.
 STALE_AFTER = 1.0
 
+# After MAX_FAILURES dials in a row failed, the pool stops dialing and tries a single one
+# after a backoff that doubles from RETRY_MIN to RETRY_MAX (with jitter): a gateway that
+# refused or dropped them (a restart, its handshake cap full during a flood) gets them back
+# once it takes them again, without being dialed in a loop meanwhile.
+MAX_FAILURES = 3
+RETRY_MIN = 1.0
+RETRY_MAX = 30.0
+
 # Must not block: answer on the socket and spawn the session (or close it).
 Assigned = Callable[[dataauth.Assignment, socket.socket], None]
 
@@ -55,17 +64,40 @@ class DataPool:
         self._failures = 0
         self._last_use = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._retry: asyncio.TimerHandle | None = None
 
     @property
     def low_water(self) -> int:
         return max(1, self.size // 4)
 
     def fill(self) -> None:
-        """Dial until `size` connections are open or being opened."""
-        while len(self._waiting) < self.size and self._failures < 3:
-            task = asyncio.create_task(self._one())
-            self._waiting.add(task)
-            task.add_done_callback(self._done)
+        """Dial until `size` connections are open or being opened; after MAX_FAILURES failed
+        dials in a row, one more after a backoff."""
+        if self._failures >= MAX_FAILURES:
+            self._schedule_retry()
+            return
+        while len(self._waiting) < self.size and self._failures < MAX_FAILURES:
+            self._dial()
+
+    def _dial(self) -> None:
+        task = asyncio.create_task(self._one())
+        self._waiting.add(task)
+        task.add_done_callback(self._done)
+
+    def _schedule_retry(self) -> None:
+        if self._retry is not None or self._waiting or not self.link.connected:
+            return   # one already planned, or a dial still out decides first
+        delay = min(RETRY_MAX, RETRY_MIN * 2 ** (self._failures - MAX_FAILURES))
+        delay *= random.uniform(0.8, 1.2)
+        log.warning("pooled data connections to %s: %d dials in a row failed; trying again in "
+                    "%.1fs (sessions are offered over the PNC meanwhile)", self.link.target,
+                    self._failures, delay)
+        self._retry = asyncio.get_running_loop().call_later(delay, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        if self.link.connected and not self._waiting:
+            self._dial()   # proven: fill() from there; failed: _done() plans the next retry
 
     def offered(self) -> None:
         """The gateway offered a client over the PNC: replace the connections it must have
@@ -84,9 +116,10 @@ class DataPool:
             self.fill()
 
     def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for timer in (self._timer, self._retry):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._retry = None
         for task in list(self._waiting):
             task.cancel()
 
@@ -125,7 +158,12 @@ class DataPool:
             log.debug("pooled data connection to %s failed: %s", link.target, exc)
             await asyncio.sleep(0.5)
             return
+        recovered = self._failures >= MAX_FAILURES
         self._failures = 0
+        if recovered:
+            log.info("pooled data connections to %s: dialing works again", link.target)
+            if link.connected:
+                self.fill()   # the rest of the pool, which stopped dialing
         me = asyncio.current_task()
         if me is not None:
             self._proven[me] = asyncio.get_running_loop().time()

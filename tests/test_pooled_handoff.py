@@ -241,3 +241,42 @@ async def test_node_replaces_pooled_connections_the_gateway_lost(monkeypatch) ->
         pool.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_node_pool_dials_again_after_the_gateway_refused_it(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A gateway that drops a burst of pooled connections unproven (restarting, or its
+    handshake cap full during a flood) gets the pool back once it takes them again: the pool
+    stops dialing after a few failures in a row, then tries one after a backoff, and refills
+    once that one is proven (it used to stop for good)."""
+    import internal.data_pool as data_pool
+    monkeypatch.setattr(data_pool, "RETRY_MIN", 0.05)
+    refuse = 6
+    proven: asyncio.Queue[int] = asyncio.Queue()
+
+    async def gateway(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal refuse
+        if refuse > 0:
+            refuse -= 1
+            writer.close()
+            return
+        nonce, challenge = dataauth.make_challenge()
+        writer.write(challenge)
+        proof = dataauth.parse_proof(await reader.readexactly(dataauth.PROOF_LEN))
+        assert dataauth.verify_pool_proof(proof, KEY, nonce)
+        await proven.put(proof.ident)
+        await reader.read(1)
+        writer.close()
+
+    server, port = await _data_port(gateway)
+    link = _FakeLink(port)
+    link.connected = True
+    pool = DataPool(link, 4, lambda a, s: s.close())  # type: ignore[arg-type]
+    try:
+        pool.fill()
+        idents = {await asyncio.wait_for(proven.get(), 10) for _ in range(4)}
+        assert len(idents) == 4 and refuse == 0
+    finally:
+        link.connected = False
+        pool.close()
+        server.close()
+        await server.wait_closed()
