@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import socket
 from typing import Iterator, Protocol
 
@@ -115,3 +116,68 @@ async def test_accept_error_pauses_the_listener_then_resumes(closing, monkeypatc
     assert failing.attempts == 1 and not got      # resting, not spinning on the error
     await _until(lambda: len(got) == 1)
     assert "accept failed" in caplog.text
+
+
+async def test_paused_listener_leaves_connections_in_the_backlog(closing) -> None:  # type: ignore[no-untyped-def]
+    lsock, port = _listener(closing)
+    got: list[socket.socket] = []
+    acc = _start(closing, Acceptor("test", lsock, lambda sock, addr: (got.append(sock),
+                                                                      closing.append(sock))))
+    acc.pause()
+    acc.pause()                                   # idempotent
+    _connect(closing, port)
+    await asyncio.sleep(0.2)
+    assert acc.paused and not got
+    acc.resume()
+    await _until(lambda: len(got) == 1)
+
+
+async def test_a_handler_that_pauses_stops_the_batch(closing) -> None:  # type: ignore[no-untyped-def]
+    """The owner pauses from on_accept at its capacity: the rest of the queue stays queued."""
+    lsock, port = _listener(closing)
+    for _ in range(5):
+        _connect(closing, port)
+    got: list[socket.socket] = []
+
+    def on_accept(sock: socket.socket, addr: tuple) -> None:
+        got.append(sock)
+        closing.append(sock)
+        if len(got) == 2:
+            acc.pause()
+
+    acc = _start(closing, Acceptor("test", lsock, on_accept))
+    await asyncio.sleep(0.2)
+    assert len(got) == 2
+    acc.resume()
+    await _until(lambda: len(got) == 5)
+
+
+class _FailingFor(_FailingOnce):
+    """A listening socket whose first `n` accept() calls fail with EMFILE."""
+
+    def __init__(self, sock: socket.socket, n: int) -> None:
+        super().__init__(sock)
+        self.n = n
+
+    def accept(self) -> tuple[socket.socket, tuple]:
+        self.attempts += 1
+        if self.attempts <= self.n:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return self.sock.accept()
+
+
+async def test_a_run_of_accept_errors_is_one_line_then_one_at_recovery(closing, monkeypatch,  # type: ignore[no-untyped-def]
+                                                                       caplog) -> None:
+    monkeypatch.setattr(acceptor, "BACKOFF", 0.005)
+    caplog.set_level(logging.INFO, logger="edgegw.accept")
+    lsock, port = _listener(closing)
+    failing = _FailingFor(lsock, 40)
+    got: list[socket.socket] = []
+    _start(closing, Acceptor("test", failing,  # type: ignore[arg-type]
+                             lambda sock, addr: (got.append(sock), closing.append(sock))))
+    _connect(closing, port)
+    await _until(lambda: len(got) == 1)
+    assert failing.attempts >= 41                 # then EAGAIN: the queue is empty
+    failed = [r for r in caplog.records if "accept failed" in r.getMessage()]
+    assert len(failed) == 1 and "(1 in a row)" in failed[0].getMessage()
+    assert "accepting again after 40 failed accepts" in caplog.text

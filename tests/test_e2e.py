@@ -350,6 +350,35 @@ def test_garbage_on_every_port_is_closed_and_leaks_nothing(gateway: GatewayProc,
     assert gateway.popen is not None and gateway.popen.poll() is None
 
 
+@pytest.mark.parametrize("port", ["data", "pnc"])
+def test_a_full_handshake_cap_leaves_connections_in_the_backlog(tmp_path: Path, node_home: Path,
+                                                                procs: list[Proc],
+                                                                port: str) -> None:
+    """With --max-handshakes connections not yet authenticated, the port takes no more until
+    one ends: the next one waits in the kernel's backlog and is served then. (Accepted and
+    closed at once instead, a node's own Data connections were dropped in a burst of clients.)
+    The gateway speaks first on both ports: a challenge on Data, a TLS ClientHello on PNC."""
+    gw = start_gateway(tmp_path, node_home / "gateway-trust.pem", "--max-handshakes", "3")
+    procs.append(gw)
+    number = gw.data if port == "data" else gw.pnc
+    held = [socket.create_connection(("127.0.0.1", number), timeout=5) for _ in range(3)]
+    waiting = socket.create_connection(("127.0.0.1", number), timeout=1)
+    try:
+        for s in held:
+            assert s.recv(1)                     # taken: the gateway spoke first
+        gw.wait_log(rf"{port} listener: 3 connections not yet authenticated")
+        with pytest.raises(TimeoutError):        # in the backlog, neither served nor closed
+            waiting.recv(1)
+        held.pop().close()
+        waiting.settimeout(10)
+        assert waiting.recv(1)
+        gw.wait_log(rf"{port} listener: accepting again")
+    finally:
+        for s in (*held, waiting):
+            s.close()
+    assert gw.popen is not None and gw.popen.poll() is None
+
+
 def _sockets(filter_: str) -> list[tuple[int, str]]:
     """(sk_sndbuf, congestion control) of every established TCP socket `filter_` selects,
     as ss reports them (skmem's tb, and the algorithm's name)."""

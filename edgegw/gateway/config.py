@@ -36,7 +36,8 @@ class GatewayConfig:
     congestion_client: str = ""       # TCP_CONGESTION towards clients; "": the kernel's default
     congestion_node: str = CC_AUTO    # of Data connections; sockio.resolve_congestion
     max_pending: int = 1024           # clients waiting for a node at once; more are closed
-    max_handshaking: int = 256        # unauthenticated PNC or Data connections at once, each
+    max_handshaking: int = 256        # unauthenticated PNC or Data connections at once, each;
+                                      # at the cap that listener pauses accepting
     proxy_protocol_from: tuple[Network, ...] = field(
         default_factory=tuple)
     metrics: MetricsEndpoint | None = None   # where Prometheus scrapes; None: not served

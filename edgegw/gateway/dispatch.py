@@ -31,6 +31,7 @@ async def dispatch_client(gw: "Gateway", sock: socket.socket, ip: str, port: int
     loop = asyncio.get_running_loop()
     deadline = loop.time() + cfg.grace_period
     tried: set[Peer] = set()
+    failed = 0   # offers and assignments that came to nothing
     who = f"{ip}:{port}"
     try:
         while True:
@@ -38,8 +39,12 @@ async def dispatch_client(gw: "Gateway", sock: socket.socket, ip: str, port: int
             if peer is None:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
-                    log.warning("client %s: no node available for %.0fs; closed", who,
-                                cfg.grace_period)
+                    if failed:
+                        log.warning("client %s: no node took it within %.0fs (%d attempts "
+                                    "failed, above); closed", who, cfg.grace_period, failed)
+                    else:
+                        log.warning("client %s: no node available for %.0fs; closed", who,
+                                    cfg.grace_period)
                     gw.counters.refused["no_node"] += 1
                     return
                 await gw.peers.wait_changed(min(remaining, 0.5))
@@ -53,6 +58,7 @@ async def dispatch_client(gw: "Gateway", sock: socket.socket, ip: str, port: int
                 data = await _offer_to(gw, peer, ip, port, who)
             if data is None:
                 tried.add(peer)
+                failed += 1
                 continue
             if data is False:
                 gw.counters.refused["rejected"] += 1

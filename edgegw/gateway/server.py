@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import socket
 import time
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ from edgegw.sockio import (
 
 log = logging.getLogger("edgegw.gateway")
 
+# A listener at its cap of unauthenticated connections says so at most this often.
+CAP_LOG_EVERY = 10.0
+
 
 @dataclass(slots=True)
 class _Session:
@@ -57,9 +61,10 @@ class Gateway:
         self.sessions: dict[int, _Session] = {}
         self._listeners: dict[str, socket.socket] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._acceptors: list[Acceptor] = []
+        self._acceptors: dict[str, Acceptor] = {}
         self._pending_clients = 0
         self._handshaking = {"pnc": 0, "data": 0}   # connections not yet authenticated
+        self._cap_logged = {"pnc": -math.inf, "data": -math.inf}   # when last said
         self.counters = GatewayCounters()
         self.metrics: MetricsServer | None = None
 
@@ -98,7 +103,7 @@ class Gateway:
             acceptor = Acceptor(name, self._listeners[name], functools.partial(
                 self._spawn_handler, name, handler))
             acceptor.start()
-            self._acceptors.append(acceptor)
+            self._acceptors[name] = acceptor
         log.info("gateway %s listening: external=%s pnc=%s data=%s relay=%s loop=%s",
                  cfg.gateway_id, _fmt(self.address("external")), _fmt(self.address("pnc")),
                  _fmt(self.address("data")),
@@ -109,7 +114,7 @@ class Gateway:
                  client_said, node_said)
 
     async def close(self) -> None:
-        for acceptor in self._acceptors:
+        for acceptor in self._acceptors.values():
             acceptor.close()
         for sock in self._listeners.values():
             sock.close()
@@ -128,6 +133,8 @@ class Gateway:
     def _spawn_handler(self, name: str,
                        handler: Callable[[socket.socket, tuple], Awaitable[None]],
                        sock: socket.socket, addr: tuple) -> None:
+        if name in self._handshaking:   # counted here, so that the cap holds within a batch
+            self._handshake_started(name)
         task = asyncio.create_task(self._guarded(name, handler, sock, addr))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -175,36 +182,53 @@ class Gateway:
             self._pending_clients -= 1
 
     async def _on_node(self, sock: socket.socket, addr: tuple) -> None:
-        if self._over_limit("pnc", addr):
-            sock.close()
-            return
-        set_nodelay(sock)  # asyncio only does it for sockets made with proto=IPPROTO_TCP
-        link = NodeLink(self, sock, addr)
-        await link.run(on_authenticated=lambda: self._authenticated("pnc"))
+        counted = True   # by _spawn_handler, until the TLS handshake verified the node or failed
+
+        def authenticated() -> None:
+            nonlocal counted
+            if counted:
+                counted = False
+                self._authenticated("pnc")
+
+        try:
+            set_nodelay(sock)  # asyncio only does it for sockets made with proto=IPPROTO_TCP
+            await NodeLink(self, sock, addr).run(on_authenticated=authenticated)
+        finally:
+            authenticated()
 
     async def _on_data(self, sock: socket.socket, addr: tuple) -> None:
-        if self._over_limit("data", addr):
-            sock.close()
-            return
-        set_nodelay(sock)
-        set_sndbuf(sock, self.config.sndbuf_node)  # its congestion control: the listener's
-        set_keepalive(sock)  # pooled ones idle between sessions
         try:
+            set_nodelay(sock)
+            set_sndbuf(sock, self.config.sndbuf_node)  # its congestion control: the listener's
+            set_keepalive(sock)  # pooled ones idle between sessions
             await handle_data_connection(self, sock, addr)
         finally:
             self._authenticated("data")
 
-    def _over_limit(self, name: str, addr: tuple) -> bool:
-        """Unauthenticated connections cost a task each until their deadline: cap them."""
-        if self._handshaking[name] >= self.config.max_handshaking:
-            log.warning("%s connection from %s dropped: %d handshakes already in progress",
-                        name, addr[0], self._handshaking[name])
-            return True
+    def _handshake_started(self, name: str) -> None:
+        """Unauthenticated connections cost a task each until their deadline: at the cap the
+        listener stops accepting, and the next ones wait in the kernel's backlog until one
+        ends. Dropping them instead dropped a node's own Data connections whenever a burst of
+        clients made it dial faster than the gateway's loop took the proofs."""
         self._handshaking[name] += 1
-        return False
+        acceptor = self._acceptors.get(name)
+        if self._handshaking[name] >= self.config.max_handshaking and acceptor is not None \
+                and not acceptor.paused:
+            acceptor.pause()
+            now = time.monotonic()   # a flood pauses it again each time a slot frees
+            if now - self._cap_logged[name] >= CAP_LOG_EVERY:
+                self._cap_logged[name] = now
+                log.warning("%s listener: %d connections not yet authenticated; accepting more "
+                            "once one is (said once per %.0fs)", name, self._handshaking[name],
+                            CAP_LOG_EVERY)
 
     def _authenticated(self, name: str) -> None:
         self._handshaking[name] -= 1
+        acceptor = self._acceptors.get(name)
+        if self._handshaking[name] < self.config.max_handshaking and acceptor is not None \
+                and acceptor.paused:
+            log.debug("%s listener: accepting again", name)
+            acceptor.resume()
 
     # -- called by links and dispatch -------------------------------------------------------
 
