@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -9,9 +10,30 @@ import click
 
 from edgegw.metrics_http import MetricsEndpoint, tls_context
 from edgegw.netaddr import HostPort, Network, parse_hostport, parse_networks
+from edgegw.relay.base import MAX_IDLE_TIMEOUT
 from edgegw.sockio import check_congestion
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# The longest duration an option takes: the relay engine's idle-timeout bound, about 31 years.
+MAX_SECONDS = MAX_IDLE_TIMEOUT
+
+
+class Seconds(click.FloatRange):
+    """A duration option: a finite number of seconds from `min` to MAX_SECONDS. A plain
+    FloatRange lets 'nan' through (no comparison fails), which timers then take as 'never'."""
+
+    name = "seconds"
+
+    def __init__(self, min: float = 0.0) -> None:
+        super().__init__(min, MAX_SECONDS)
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        seconds = super().convert(value, param, ctx)
+        if math.isnan(seconds):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return seconds
 
 
 def congestion(ctx: click.Context, param: click.Parameter, value: str) -> str:

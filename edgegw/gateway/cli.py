@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from edgegw.cliparams import congestion, hostport, metrics_options, networks
+from edgegw.cliparams import Seconds, congestion, hostport, metrics_options, networks
 from edgegw.gateway.config import GatewayConfig
 from edgegw.gateway.server import run_gateway
 from edgegw.gateway.tls import TrustError, gateway_context
@@ -31,12 +31,12 @@ MAX_SNDBUF = 64 << 20
               help="PEM certificates of the nodes (or their CA): each node's gateway-trust.pem.")
 @click.option("--gateway-id", default="gateway", show_default=True,
               help="Name of this gateway in logs and the nodes' audit trail.")
-@click.option("--offer-timeout", default=2.0, show_default=True, type=click.FloatRange(0.05),
+@click.option("--offer-timeout", default=2.0, show_default=True, type=Seconds(0.05),
               help="Seconds a node has to answer an offer before the next node gets it.")
-@click.option("--grace-period", default=10.0, show_default=True, type=click.FloatRange(0),
+@click.option("--grace-period", default=10.0, show_default=True, type=Seconds(0),
               help="Seconds a client is held while no node is attached.")
-@click.option("--heartbeat-interval", default=1.0, show_default=True, type=click.FloatRange(0.05))
-@click.option("--heartbeat-timeout", default=3.0, show_default=True, type=click.FloatRange(0.1),
+@click.option("--heartbeat-interval", default=1.0, show_default=True, type=Seconds(0.05))
+@click.option("--heartbeat-timeout", default=3.0, show_default=True, type=Seconds(0.1),
               help="A node silent this long is detached and gets no more offers.")
 @click.option("--relay-backend", type=click.Choice(["splice", "select", "python"]), default=None,
               help="Relay engine backend (default: $EDGEGW_RELAY_BACKEND or splice on Linux).")
@@ -47,7 +47,7 @@ MAX_SNDBUF = 64 << 20
                    "0: in the gateway process.")
 @click.option("--pipe-size", default=1 << 20, show_default=True, type=click.IntRange(4096),
               help="Bytes per splice pipe (F_SETPIPE_SZ).")
-@click.option("--idle-timeout", default=0.0, show_default=True, type=click.FloatRange(0),
+@click.option("--idle-timeout", default=0.0, show_default=True, type=Seconds(0),
               help="Close a relayed session idle this many seconds (0: never).")
 @click.option("--relay-coalesce-us", default=DEFAULT_COALESCE_US, show_default=True,
               type=click.IntRange(0, MAX_COALESCE_US),
@@ -77,6 +77,12 @@ MAX_SNDBUF = 64 << 20
                    "cubic where this process may set it, else the kernel's default. bbr paces "
                    "every burst with a timer unless the interface has the fq qdisc; on the "
                    "short hop to the nodes cubic does the same work for less CPU.")
+@click.option("--max-waiting", default=1024, show_default=True, type=click.IntRange(1),
+              help="Clients held at once while they wait for a node; more are closed.")
+@click.option("--max-handshakes", default=256, show_default=True, type=click.IntRange(1),
+              help="Connections not yet authenticated held at once on the PNC port, and on the "
+                   "Data port; at this many that port takes no more until one ends (the next "
+                   "wait in the kernel's backlog).")
 @click.option("--proxy-protocol-from", multiple=True, metavar="CIDR", callback=networks,
               help="Accept PROXY protocol v1/v2 headers from these load balancers (repeatable).")
 @metrics_options("sessions, bytes, nodes, refusals")
@@ -86,7 +92,8 @@ def serve(external: HostPort, pnc: HostPort, data: HostPort, trust: Path, gatewa
           heartbeat_timeout: float, relay_backend: str | None, relay_threads: int,
           relay_procs: int, pipe_size: int, idle_timeout: float, relay_coalesce_us: int,
           relay_sched: str, sndbuf_client: int, sndbuf_node: int, congestion_client: str,
-          congestion_node: str, proxy_protocol_from: tuple[Network, ...],
+          congestion_node: str, max_waiting: int, max_handshakes: int,
+          proxy_protocol_from: tuple[Network, ...],
           metrics: MetricsEndpoint | None, log_level: str) -> None:
     """Run the gateway (DMZ): relay SFTP clients to internal nodes; holds no keys or files."""
     setup_logging(log_level)
@@ -103,7 +110,8 @@ def serve(external: HostPort, pnc: HostPort, data: HostPort, trust: Path, gatewa
         pipe_size=pipe_size, idle_timeout=idle_timeout, relay_coalesce_us=relay_coalesce_us,
         relay_sched_batch=relay_sched == "batch", sndbuf_client=sndbuf_client,
         sndbuf_node=sndbuf_node, congestion_client=congestion_client,
-        congestion_node=congestion_node, proxy_protocol_from=proxy_protocol_from,
+        congestion_node=congestion_node, max_pending=max_waiting,
+        max_handshaking=max_handshakes, proxy_protocol_from=proxy_protocol_from,
         metrics=metrics)
     try:
         run_until_signalled(lambda stop: run_gateway(config, stop))
