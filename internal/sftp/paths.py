@@ -7,7 +7,9 @@ a symlink that points outside (planted on disk, or one made to escape later by m
 directory it lives in) never gives access. Between the check and the system call a concurrent
 rename could still swap a directory for a symlink, so descriptors are opened with O_NOFOLLOW and
 re-checked through /proc afterwards; operations on names go through a verified directory
-descriptor (`*at` calls), which leaves no window at all.
+descriptor (`*at` calls), which leaves no window at all. Calls that only look (stat, lstat,
+statvfs) act on an O_PATH descriptor opened and verified the same way, never on the path string
+again; readlink and a listing's `..` go through a verified directory descriptor.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import errno
 import os
 import posixpath
 import secrets
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -23,6 +26,9 @@ TEMP_SUFFIX = b".tmp"
 _PROC_FD = b"/proc/self/fd/"
 _HAVE_PROC = os.path.isdir("/proc/self/fd")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_PATH needs no read permission and opens FIFOs and devices without side effects; Linux-only,
+# like the /proc check, so elsewhere fall back to a non-blocking read-only open.
+_PATH_FLAGS = getattr(os, "O_PATH", os.O_RDONLY | os.O_NONBLOCK)
 
 
 class AccessDenied(PermissionError):
@@ -116,15 +122,19 @@ class Jail:
         return posixpath.relpath(dest, link_dir)
 
     # -- descriptors -----------------------------------------------------------------------
+    @staticmethod
+    def locate(fd: int) -> bytes:
+        """Where a descriptor really is now, from /proc; b"" when that cannot be told."""
+        try:
+            return os.readlink(_PROC_FD + str(fd).encode())
+        except OSError:
+            return b""
+
     def verify_fd(self, fd: int) -> None:
         """Close `fd` and refuse if what it opened is not inside the home (a lost race)."""
         if not _HAVE_PROC:
             return
-        try:
-            where = os.readlink(_PROC_FD + str(fd).encode())
-        except OSError:
-            where = b""
-        if not self.inside(where):
+        if not self.inside(self.locate(fd)):
             os.close(fd)
             raise AccessDenied("permission denied: the path changed while it was being "
                                "opened and now leads outside your home directory")
@@ -134,6 +144,25 @@ class Jail:
         fd = os.open(real, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
         self.verify_fd(fd)
         return fd
+
+    def open_path(self, path: bytes, *, follow: bool = True) -> int:
+        """A verified O_PATH descriptor of what a client path names, for calls that only look
+        (fstat, fstatvfs). With `follow=False` it is the last component itself."""
+        fd = self.open(self.resolve(path, follow=follow), _PATH_FLAGS)
+        if follow and stat.S_ISLNK(os.fstat(fd).st_mode):
+            # resolve() saw no link there; one was swapped in since, and O_NOFOLLOW caught it
+            os.close(fd)
+            raise OSError(errno.ELOOP, "the path changed while it was being looked up")
+        return fd
+
+    @contextmanager
+    def looked_up(self, path: bytes, *, follow: bool = True) -> Iterator[int]:
+        """`open_path` as a context: the descriptor is closed afterwards."""
+        fd = self.open_path(path, follow=follow)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
 
     def open_parent(self, real: bytes) -> tuple[int, bytes]:
         """A verified descriptor of `real`'s directory and its last name, for `*at` calls."""

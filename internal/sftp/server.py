@@ -3,9 +3,10 @@
 asyncssh decodes the protocol and calls one method per operation; each method here checks the
 user's permission, resolves the path inside the home (`paths`), acts through verified
 descriptors, records an audit event for operations that change or open something, and lets
-`sftp_error` turn any failure into the SFTP status the client sees. Reads and writes stay
-synchronous positional I/O: that is the hot path, and a thread hop per block would cost more
-than the disk.
+`sftp_error` turn any failure into the SFTP status the client sees. A refusal (the user's
+permissions, a path out of the home, a bad name, too many handles) is also logged and audited.
+Reads and writes stay synchronous positional I/O: that is the hot path, and a thread hop per
+block would cost more than the disk.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import os
 import posixpath
 import stat
 import sys
+import weakref
 from types import FrameType
 from typing import Any, AsyncIterator, Callable, Protocol, TypeVar
 
@@ -28,20 +30,38 @@ from asyncssh.constants import FXF_APPEND, FXF_CREAT, FXF_EXCL, FXF_READ, FXF_TR
 from internal.sftp.paths import AccessDenied, Jail, is_temp_name, lstat_at
 from internal.sftp.quota import QuotaExceeded, Usage
 from internal.sftp.uploads import OpenFile, Upload, apply_attrs
+from internal.session import SessionContext
 from internal.store.base import Perm, User
 
 log = logging.getLogger("edgegw.node.sftp")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# All sessions of a node process share one descriptor table (OpenSSH runs an sftp-server per
+# session, we do not), and an upload holds two descriptors. Clients keep a few handles open
+# (a handful of parallel transfers at most), so 256 is ample and bounds a session to ~512 fds.
+MAX_HANDLES = 256
+# What one READ returns at most: OpenSSH's sftp-server value (its 256 KiB message limit less
+# room for the header), so a full reply fits any OpenSSH client. Short reads are legal SFTP;
+# clients ask again for the rest. Without a cap a client names the buffer size, up to 4 GiB.
+MAX_READ = 256 * 1024 - 1024
+# off_t is signed 64-bit: offsets and sizes beyond this name no byte of any file.
+_MAX_OFFSET = (1 << 63) - 1
+
 
 class SessionSink(Protocol):
     """What the SFTP server reports to its SSH session (`internal.ssh.auth.Session`)."""
 
+    ctx: SessionContext
     bytes_in: int
     bytes_out: int
 
     def audit(self, kind: str, **detail: Any) -> None: ...
+
+
+class TooManyHandles(Exception):
+    """The session holds MAX_HANDLES open handles; the message is meant for the client."""
+
 
 _ERRNO: dict[int, tuple[type[SFTPError], str]] = {
     errno.ENOENT: (asyncssh.SFTPNoSuchFile, "no such file or directory"),
@@ -77,6 +97,11 @@ def sftp_error(exc: BaseException) -> SFTPError:
         return asyncssh.SFTPQuotaExceeded(str(exc))
     if isinstance(exc, AccessDenied):
         return asyncssh.SFTPPermissionDenied(exc.strerror)
+    if isinstance(exc, TooManyHandles):
+        return asyncssh.SFTPFailure(str(exc))
+    if isinstance(exc, OverflowError):
+        # a client's 64-bit offset, size or time that the system call cannot take
+        return asyncssh.SFTPInvalidParameter("invalid argument: a number is out of range")
     if isinstance(exc, OSError):
         cls, reason = _ERRNO.get(exc.errno or 0, (asyncssh.SFTPFailure, ""))
         return cls(reason or f"failed: {exc.strerror or exc}")
@@ -86,24 +111,56 @@ def sftp_error(exc: BaseException) -> SFTPError:
     return asyncssh.SFTPFailure("internal error on the server; it has been logged")
 
 
+# What the user may not do, as opposed to what went wrong: these are logged and audited.
+_REFUSALS = (AccessDenied, TooManyHandles, ValueError)
+
+
 def _sftp_op(fn: F) -> F:
-    """Route every exception of an operation through `sftp_error`."""
+    """Route every exception of an operation through `NodeSFTPServer._failed`."""
+    op = fn.__name__.lstrip("_")
     if inspect.iscoroutinefunction(fn):
         @functools.wraps(fn)
-        async def run_async(*args: Any) -> Any:
+        async def run_async(self: "NodeSFTPServer", *args: Any) -> Any:
             try:
-                return await fn(*args)
+                return await fn(self, *args)
             except Exception as exc:
-                raise sftp_error(exc) from None
+                raise self._failed(op, args, exc) from None
         return run_async  # type: ignore[return-value]
 
     @functools.wraps(fn)
-    def run(*args: Any) -> Any:
+    def run(self: "NodeSFTPServer", *args: Any) -> Any:
         try:
-            return fn(*args)
+            return fn(self, *args)
         except Exception as exc:
-            raise sftp_error(exc) from None
+            raise self._failed(op, args, exc) from None
     return run  # type: ignore[return-value]
+
+
+def _check_range(offset: int, length: int) -> None:
+    if offset + length > _MAX_OFFSET:
+        raise asyncssh.SFTPInvalidParameter("invalid argument: offset or size beyond the "
+                                            "largest possible file")
+
+
+def _printable(text: str) -> str:
+    """A client's name fit for one log line: control characters escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class _Listing:
+    """A directory handle: the names read at OPENDIR, handed out by READDIR in batches."""
+
+    def __init__(self, names: list[SFTPName]) -> None:
+        self._names = iter(names)
+
+    def __aiter__(self) -> "_Listing":
+        return self
+
+    async def __anext__(self) -> SFTPName:
+        try:
+            return next(self._names)
+        except StopIteration:
+            raise StopAsyncIteration from None
 
 
 def _closed_by_cleanup(caller: FrameType | None) -> bool:
@@ -121,7 +178,9 @@ class NodeSFTPServer(asyncssh.SFTPServer):
                  on_exit: Callable[[], None] | None = None) -> None:
         super().__init__(chan)
         self._session = session
+        self._username = user.name
         self._jail = Jail(user.home)
+        self._handles = 0       # open file and directory handles, for MAX_HANDLES
         self._perms = user.permissions
         self._usage = usage
         self._durable = durable
@@ -134,6 +193,36 @@ class NodeSFTPServer(asyncssh.SFTPServer):
     def _audit(self, kind: str, path: bytes, **detail: Any) -> None:
         self._session.audit(kind, path=os.fsdecode(self._jail.virtual(path)), **detail)
 
+    def _failed(self, op: str, args: tuple[Any, ...], exc: Exception) -> SFTPError:
+        """The SFTP error for a failed operation; a refusal also gets one log line and one
+        audit event (one per refused request: the client chose to send each)."""
+        error = sftp_error(exc)
+        if isinstance(exc, _REFUSALS):
+            path = " -> ".join(self._shown(a) for a in args if isinstance(a, (bytes, OpenFile)))
+            log.info("refused: user=%s client=%s op=%s path=%s: %s", self._username,
+                     self._session.ctx.client_ip, op, _printable(path) or "-", error.reason)
+            self._session.audit("sftp.refused", op=op, path=path, reason=error.reason,
+                                result="refused")
+        return error
+
+    def _shown(self, arg: bytes | OpenFile) -> str:
+        """The client's path as the trail shows it: under the virtual `/` when it is valid."""
+        if isinstance(arg, OpenFile):
+            return os.fsdecode(arg.client_path)
+        try:
+            return os.fsdecode(self._jail.virtual(arg))
+        except ValueError:
+            return os.fsdecode(arg)
+
+    def _take_handle(self) -> None:
+        if self._handles >= MAX_HANDLES:
+            raise TooManyHandles(f"too many open handles: at most {MAX_HANDLES} per session; "
+                                 "close some first")
+        self._handles += 1
+
+    def _drop_handle(self) -> None:
+        self._handles -= 1
+
     def _charge(self, nbytes: int, nfiles: int = 0) -> None:
         """Growth is checked against the quota (and may be refused); shrinking is recorded."""
         if self._usage is not None:
@@ -145,6 +234,14 @@ class NodeSFTPServer(asyncssh.SFTPServer):
     # -- files ------------------------------------------------------------------------------
     @_sftp_op
     async def open(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> OpenFile:
+        self._take_handle()     # before any await: pipelined OPENs must not all pass the cap
+        try:
+            return await self._open(path, pflags, attrs)
+        except BaseException:
+            self._drop_handle()
+            raise
+
+    async def _open(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> OpenFile:
         real = self._jail.resolve(path)
         vpath = self._jail.virtual(path)
         if not pflags & (FXF_WRITE | FXF_APPEND):
@@ -172,6 +269,7 @@ class NodeSFTPServer(asyncssh.SFTPServer):
 
     def close(self, file_obj: object) -> Any:
         aborted = _closed_by_cleanup(sys._getframe(1)) or self.channel.is_closing()
+        self._drop_handle()     # asyncssh forgets the handle whatever the close's outcome
         return self._close(file_obj, aborted)
 
     @_sftp_op
@@ -200,10 +298,13 @@ class NodeSFTPServer(asyncssh.SFTPServer):
 
     @_sftp_op
     def read(self, file_obj: OpenFile, offset: int, size: int) -> bytes:
+        size = min(size, MAX_READ)
+        _check_range(offset, size)
         return file_obj.read(offset, size)
 
     @_sftp_op
     def write(self, file_obj: OpenFile, offset: int, data: bytes) -> int:
+        _check_range(offset, len(data))     # refused before the upload is touched
         return file_obj.write(offset, data)
 
     @_sftp_op
@@ -229,6 +330,8 @@ class NodeSFTPServer(asyncssh.SFTPServer):
 
     def _setstat(self, path: bytes, attrs: SFTPAttrs, follow: bool) -> None:
         self._need(Perm.SETSTAT, "change file attributes")
+        if attrs.size is not None:
+            _check_range(attrs.size, 0)
         real = self._jail.resolve(path, follow=follow)
         flags = os.O_WRONLY if attrs.size is not None else os.O_RDONLY | os.O_NONBLOCK
         fd = self._jail.open(real, flags)
@@ -251,49 +354,75 @@ class NodeSFTPServer(asyncssh.SFTPServer):
         # An upload's own attributes (e.g. `put -p`) are part of uploading it.
         if not isinstance(file_obj, Upload):
             self._need(Perm.SETSTAT, "change file attributes")
+        if attrs.size is not None:
+            _check_range(attrs.size, 0)
         apply_attrs(file_obj.fd, attrs, file_obj.truncate)
         self._session.audit("file.setstat", path=os.fsdecode(file_obj.client_path),
                             **_attr_detail(attrs))
 
+    # stat and statvfs look at a descriptor of what was verified, never at the path again: a
+    # directory swapped for a symlink in between would lead them out of the home.
     @_sftp_op
     def stat(self, path: bytes) -> os.stat_result:
-        return os.stat(self._jail.resolve(path))
+        with self._jail.looked_up(path) as fd:
+            return os.fstat(fd)
 
     @_sftp_op
     def lstat(self, path: bytes) -> os.stat_result:
-        return os.lstat(self._jail.resolve(path, follow=False))
+        with self._jail.looked_up(path, follow=False) as fd:
+            return os.fstat(fd)
 
     @_sftp_op
     def statvfs(self, path: bytes) -> os.statvfs_result:
-        return os.statvfs(self._jail.resolve(path))
+        with self._jail.looked_up(path) as fd:
+            return os.fstatvfs(fd)
 
     @_sftp_op
     def realpath(self, path: bytes) -> bytes:
         return self._jail.client_path(self._jail.resolve(path))
 
     # -- directories ------------------------------------------------------------------------
-    async def scandir(self, path: bytes) -> AsyncIterator[SFTPName]:
+    def scandir(self, path: bytes) -> AsyncIterator[SFTPName]:
+        """OPENDIR: the directory is read whole now, so errors are reported here and its
+        descriptor is closed at once; the handle counts against MAX_HANDLES until dropped."""
         try:
-            self._need(Perm.LIST, "list directories")
-            real = self._jail.resolve(path)
-            fd = self._jail.open_dir(real)
+            self._take_handle()
             try:
-                parent = posixpath.dirname(real) if real != self._jail.root else real
-                names = [SFTPName(b".", attrs=SFTPAttrs.from_local(os.fstat(fd))),
-                         SFTPName(b"..", attrs=SFTPAttrs.from_local(os.stat(parent)))]
-                with os.scandir(fd) as entries:
-                    for entry in entries:
-                        name = os.fsencode(entry.name)
-                        if is_temp_name(name):
-                            continue
-                        st = entry.stat(follow_symlinks=False)
-                        names.append(SFTPName(name, attrs=SFTPAttrs.from_local(st)))
-            finally:
-                os.close(fd)
+                names = self._list(path)
+            except BaseException:
+                self._drop_handle()
+                raise
         except Exception as exc:
-            raise sftp_error(exc) from None
-        for name in names:
-            yield name
+            raise self._failed("opendir", (path,), exc) from None
+        listing = _Listing(names)
+        # asyncssh tells us nothing when it closes a directory handle; it drops the listing
+        weakref.finalize(listing, self._drop_handle)
+        return listing
+
+    def _list(self, path: bytes) -> list[SFTPName]:
+        self._need(Perm.LIST, "list directories")
+        real = self._jail.resolve(path)
+        fd = self._jail.open_dir(real)
+        try:
+            here = os.fstat(fd)
+            # `..` through the verified descriptor: its name may be a symlink by now
+            up = here if real == self._jail.root else os.stat(b"..", dir_fd=fd,
+                                                              follow_symlinks=False)
+            names = [SFTPName(b".", attrs=SFTPAttrs.from_local(here)),
+                     SFTPName(b"..", attrs=SFTPAttrs.from_local(up))]
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    name = os.fsencode(entry.name)
+                    if is_temp_name(name):
+                        continue
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue    # removed while we listed: the listing just misses it
+                    names.append(SFTPName(name, attrs=SFTPAttrs.from_local(st)))
+        finally:
+            os.close(fd)
+        return names
 
     @_sftp_op
     def mkdir(self, path: bytes, attrs: SFTPAttrs) -> None:
@@ -350,9 +479,14 @@ class NodeSFTPServer(asyncssh.SFTPServer):
     @_sftp_op
     def readlink(self, path: bytes) -> bytes:
         self._need(Perm.LIST, "list directories")
-        real = self._jail.resolve(path, follow=False)
-        target = os.readlink(real)
-        dest = os.path.realpath(posixpath.join(posixpath.dirname(real), target))
+        if self._jail.virtual(path) == b"/":
+            raise OSError(errno.EINVAL, "the home directory is not a link")
+        with self._jail.parent(path) as (dfd, name):
+            target = os.readlink(name, dir_fd=dfd)
+            where = self._jail.locate(dfd)
+        if not where:   # no /proc: the checked path is the best we know
+            where = posixpath.dirname(self._jail.resolve(path, follow=False))
+        dest = os.path.realpath(posixpath.join(where, target))
         return self._jail.client_path(dest)
 
     @_sftp_op

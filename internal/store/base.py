@@ -59,7 +59,8 @@ class AuditEvent:
     """One line of the audit trail. `kind` names the event; `detail` carries the rest."""
 
     kind: str        # session.connect, auth, file.open, file.close, file.rename, file.remove,
-                     # dir.mkdir, dir.rmdir, file.setstat, session.disconnect, session.closed
+                     # dir.mkdir, dir.rmdir, file.setstat, sftp.refused (what the user's rules
+                     # or the home's bounds did not allow), session.disconnect, session.closed
                      # (gateway's report), user.add, user.set, user.remove, ban.add, ban.remove
     ts: float = 0.0                    # unix time; 0 = now
     node_id: str = ""

@@ -1,0 +1,120 @@
+"""What one client may ask of the node: open handles, bytes per READ, offsets and sizes.
+
+Some requests are sent raw through the client's protocol handler (`sftp._handler`): no
+well-behaved client sends them, which is the point.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from internal.sftp import server as sftp_server
+from tests.sshutil import NodeUnderTest
+
+
+@asynccontextmanager
+async def sftp_client(node: NodeUnderTest, user: str, key: Path
+                      ) -> AsyncIterator[asyncssh.SFTPClient]:
+    async with asyncssh.connect("127.0.0.1", node.port, username=user, client_keys=[str(key)],
+                                known_hosts=None) as conn:
+        async with conn.start_sftp_client() as sftp:
+            yield sftp
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_open_handles_are_capped_per_session(sshnode: NodeUnderTest, tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="edgegw.node.sftp")
+    cap = sftp_server.MAX_HANDLES
+    home, key = sshnode.keyed_user("alice")
+    (home / "f.txt").write_text("x")
+    fds_before = open_fds()
+    async with sftp_client(sshnode, "alice", key) as sftp:
+        # pipelined OPENs, as a hostile client sends them: exactly `cap` get a handle
+        opened = await asyncio.gather(*(sftp.open(f"hold{i}", "w") for i in range(cap + 20)),
+                                      return_exceptions=True)
+        handles = [h for h in opened if isinstance(h, asyncssh.SFTPClientFile)]
+        refused = [e for e in opened if isinstance(e, asyncssh.SFTPFailure)]
+        assert len(handles) == cap and len(refused) == 20, opened[-1]
+        assert all("too many open handles" in e.reason for e in refused)
+        assert open_fds() - fds_before < 2 * cap + 50     # an upload holds two
+        with pytest.raises(asyncssh.SFTPFailure, match="too many open handles"):
+            await sftp.open("f.txt")
+        with pytest.raises(asyncssh.SFTPFailure, match="too many open handles"):
+            await sftp.listdir(".")
+        # the cap is per session: other sessions of the same user are not held up
+        async with sftp_client(sshnode, "alice", key) as other:
+            assert "f.txt" in await other.listdir(".")
+        # a closed handle makes room again
+        await handles.pop().close()
+        async with sftp.open("f.txt") as f:
+            assert await f.read() == "x"
+        for h in handles:
+            await h.close()
+        # directory handles count too, until the client closes them
+        dirs = [await sftp._handler.opendir(b".") for _ in range(cap)]
+        with pytest.raises(asyncssh.SFTPFailure, match="too many open handles"):
+            await sftp.open("f.txt")
+        await sftp._handler.close(dirs.pop())
+        async with sftp.open("f.txt") as f:
+            assert await f.read() == "x"
+    refusals = [r for r in caplog.records if "too many open handles" in r.getMessage()]
+    assert len(refusals) == 23, [r.getMessage() for r in refusals]
+    assert "user=alice client=127.0.0.1 op=open path=/hold" in refusals[0].getMessage()
+    await sshnode.wait_idle()
+    assert not [p for p in home.iterdir() if p.name.startswith(".edgegw-upload-")]
+
+
+async def test_reads_are_capped(sshnode: NodeUnderTest) -> None:
+    home, key = sshnode.keyed_user("alice")
+    content = os.urandom(8 << 20)
+    (home / "big.bin").write_bytes(content)
+    async with sftp_client(sshnode, "alice", key) as sftp:
+        async with sftp.open("big.bin", "rb") as f:
+            data, _ = await sftp._handler.read(f._handle, 0, 2**32 - 1)
+        assert len(data) == sftp_server.MAX_READ
+        assert data == content[:len(data)]
+        # a client asking for big blocks gets short reads and asks again for the rest
+        async with sftp.open("big.bin", "rb", block_size=4 << 20) as f:
+            assert await f.read() == content
+    await sshnode.wait_idle()
+    closes = sshnode.events("file.close", username="alice")
+    assert sorted(e.detail["bytes_read"] for e in closes) == [sftp_server.MAX_READ, len(content)]
+
+
+async def test_offsets_beyond_a_file_are_invalid_arguments(
+        sshnode: NodeUnderTest, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="edgegw.node.sftp")
+    home, key = sshnode.keyed_user("alice")
+    (home / "dl").write_bytes(b"data")
+    async with sftp_client(sshnode, "alice", key) as sftp:
+        h = sftp._handler
+        async with sftp.open("dl", "rb") as f:
+            for off in (2**63 - 1, 2**63, 2**64 - 1):
+                with pytest.raises(asyncssh.SFTPError, match="invalid argument"):
+                    await h.read(f._handle, off, 10)
+        async with sftp.open("up.bin", "wb") as up:
+            await up.write(b"ok")
+            for off in (2**63 - 2, 2**63, 2**64 - 1):
+                with pytest.raises(asyncssh.SFTPError, match="invalid argument"):
+                    await h.write(up._handle, off, b"abc")
+            for size in (2**63, 2**64 - 1):
+                with pytest.raises(asyncssh.SFTPError, match="invalid argument"):
+                    await up.setstat(asyncssh.SFTPAttrs(size=size))
+                with pytest.raises(asyncssh.SFTPError, match="invalid argument"):
+                    await sftp.setstat("dl", asyncssh.SFTPAttrs(size=size))
+        # refused before anything was touched: the upload still commits
+    assert (home / "up.bin").read_bytes() == b"ok"
+    assert (home / "dl").read_bytes() == b"data"
+    assert "unexpected error" not in caplog.text
+    assert "Traceback" not in caplog.text
