@@ -15,6 +15,7 @@ import datetime as _dt
 import json
 import os
 import secrets
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,45 @@ class NodeHome:
                       reverse=True)
         return keys
 
+    def host_keys(self) -> list[asyncssh.SSHKey]:
+        """The host keys to serve, in host_key_paths order; a clear error for an unreadable
+        key or none at all."""
+        keys = []
+        for path in self.host_key_paths():
+            try:
+                keys.append(asyncssh.read_private_key(path))
+            except (OSError, asyncssh.KeyImportError) as exc:
+                reason = getattr(exc, "strerror", None) or str(exc)
+                raise HomeError(f"cannot read host key {path}: {reason}") from None
+        if not keys:
+            raise HomeError(f"no SSH host keys in {self.ssh_dir}; create one with: "
+                            f"edgegw internal hostkey rotate --home {self.path}")
+        return keys
+
+    def check_tls(self) -> None:
+        """Load the PNC certificate and key as the gateway links will, naming the file at fault
+        (ssl's own error says only "PEM lib")."""
+        try:
+            x509.load_pem_x509_certificate(self.tls_cert.read_bytes())
+        except OSError as exc:
+            raise HomeError(f"cannot read the PNC certificate {self.tls_cert}: "
+                            f"{exc.strerror}") from None
+        except ValueError:
+            raise HomeError(f"the PNC certificate {self.tls_cert} is not a PEM certificate; "
+                            "re-create the home (or sign a new one with your CA)") from None
+        try:
+            serialization.load_pem_private_key(self.tls_key.read_bytes(), None)
+        except OSError as exc:
+            raise HomeError(f"cannot read the PNC key {self.tls_key}: {exc.strerror}") from None
+        except (ValueError, TypeError):   # TypeError: it needs a password
+            raise HomeError(f"the PNC key {self.tls_key} is not an unencrypted PEM private "
+                            "key; re-create the home") from None
+        try:  # both parse: ssl still has to take them as a pair
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(self.tls_cert, self.tls_key)
+        except OSError as exc:   # ssl.SSLError is one
+            raise HomeError(f"cannot use the PNC certificate {self.tls_cert} with its key "
+                            f"{self.tls_key}: {exc}") from None
+
     def user_home(self, username: str) -> Path:
         return self.files_root / username
 
@@ -76,11 +116,25 @@ class NodeHome:
                             f"create one with: edgegw internal init --home {root}") from None
         except (OSError, ValueError) as exc:
             raise HomeError(f"cannot read {cfg_path}: {exc}") from None
+        except RecursionError:
+            raise HomeError(f"cannot read {cfg_path}: JSON nested too deeply") from None
+        if not isinstance(cfg, dict):
+            raise HomeError(f"{cfg_path} is not a JSON object; re-create the home")
         try:
-            return cls(path=root, node_id=str(cfg["node_id"]), db_url=str(cfg["db"]),
+            home = cls(path=root, node_id=str(cfg["node_id"]), db_url=str(cfg["db"]),
                        files_root=Path(cfg.get("files_root") or root / "files"))
-        except (KeyError, TypeError) as exc:
+        except KeyError as exc:
             raise HomeError(f"{cfg_path} lacks field {exc}; re-create the home") from None
+        except TypeError as exc:
+            raise HomeError(f"{cfg_path} has a field of the wrong type ({exc}); "
+                            "re-create the home") from None
+        # a NUL byte reaches open() and sqlite as "embedded null byte", naming neither
+        for name, value in (("node_id", home.node_id), ("db", home.db_url),
+                            ("files_root", str(home.files_root))):
+            if "\0" in value:
+                raise HomeError(f"{cfg_path}: field {name!r} holds a NUL byte; fix it or "
+                                "re-create the home")
+        return home
 
     @classmethod
     def init(cls, path: str | os.PathLike[str], *, db_url: str | None = None,

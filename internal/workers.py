@@ -4,6 +4,13 @@ asyncssh does its crypto and SFTP work in one thread per process, so a node uses
 only by running several processes. The supervisor starts them, passes SIGTERM (drain) and
 SIGINT (stop) on, and restarts a worker that dies unexpectedly. With `--metrics` it serves
 the sum of its workers' metrics (internal/metrics.py), the workers none of their own.
+
+A worker is ready once it has written its pid file (internal/runtime.py does that after its
+service and listener are up). One that exits before that at first start failed on something
+every worker would (the home, the store, the listen address): restarting it would only loop,
+so the supervisor stops the others and fails with it. A worker that dies after running is
+restarted, unless workers keep dying (CRASH_LIMIT in CRASH_WINDOW): then the supervisor gives
+up too, leaving the restart policy to whatever runs it (systemd, an orchestrator).
 """
 from __future__ import annotations
 
@@ -17,12 +24,16 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 from edgegw.metrics_http import MetricsEndpoint, MetricsServer
 
 log = logging.getLogger("edgegw.node.workers")
 
 RESTART_DELAY = 1.0
+POLL_INTERVAL = 0.2
+CRASH_LIMIT = 5          # restarts allowed within CRASH_WINDOW seconds, over all workers
+CRASH_WINDOW = 60.0
 # options the supervisor keeps to itself (each takes a value); workers get their own
 _SUPERVISOR_ONLY = ("--workers", "--node-id", "--metrics", "--metrics-allow",
                     "--metrics-cert", "--metrics-key", "--metrics-client-ca")
@@ -43,13 +54,19 @@ def worker_args(argv: list[str], index: int, node_id: str) -> list[str]:
             "--node-id", f"{node_id}-w{index}"]
 
 
-def supervise(argv: list[str], workers: int, node_id: str,
+class WorkersFailed(Exception):
+    """The supervisor gave up: a worker could not start, or workers kept crashing."""
+
+
+def supervise(argv: list[str], workers: int, node_id: str, run_dir: Path,
               metrics: MetricsEndpoint | None = None) -> int:
+    """Run the workers until they stop; `run_dir` is where they write their pid files.
+    Raises WorkersFailed when the supervisor gives up (the workers are stopped by then)."""
     metrics_dir = tempfile.mkdtemp(prefix="edgegw-node-metrics-") if metrics else None
     try:
         if metrics is not None and metrics_dir is not None:
             _serve_metrics(metrics, metrics_dir)
-        return _supervise(argv, workers, node_id, metrics_dir)
+        return _supervise(argv, workers, node_id, run_dir, metrics_dir)
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -71,41 +88,85 @@ def _serve_metrics(endpoint: MetricsEndpoint, path: str) -> None:
     threading.Thread(target=loop.run_forever, name="edgegw-metrics", daemon=True).start()
 
 
-def _supervise(argv: list[str], workers: int, node_id: str, metrics_dir: str | None) -> int:
+def _supervise(argv: list[str], workers: int, node_id: str, run_dir: Path,
+               metrics_dir: str | None) -> int:
     from internal.metrics import MULTIPROC_ENV, worker_exited
 
     procs: dict[int, subprocess.Popen[bytes]] = {}
+    ready: set[int] = set()          # pids of workers seen serving
+    restarted: set[int] = set()      # worker indexes that have been restarted
+    due: dict[int, float] = {}       # worker index -> when to restart it
+    done: set[int] = set()           # worker indexes that are over
+    crashes: list[float] = []        # when workers died (but at first start): crash guard
     stopping = False
+    failure: str | None = None       # why the supervisor gave up
     env = dict(os.environ, **({MULTIPROC_ENV: metrics_dir} if metrics_dir else {}))
 
     def spawn(index: int) -> None:
         procs[index] = subprocess.Popen(worker_args(argv, index, node_id), env=env)
         log.info("worker %d started (pid %d)", index, procs[index].pid)
 
-    def forward(sig: int, _frame: object) -> None:
+    def is_ready(proc: subprocess.Popen[bytes]) -> bool:
+        # the pid file goes when the worker exits cleanly, so remember it while it is there
+        if proc.pid not in ready and (run_dir / f"node-{proc.pid}.pid").exists():
+            ready.add(proc.pid)
+        return proc.pid in ready
+
+    def stop_all(sig: int) -> None:
         nonlocal stopping
         stopping = True
+        done.update(due)            # restarts not yet made are off
+        due.clear()
         for proc in procs.values():
             if proc.poll() is None:
                 proc.send_signal(sig)
+
+    def give_up(why: str) -> None:
+        nonlocal failure
+        failure = why               # the CLI's error line; the log says what happens now
+        log.warning("giving up: stopping the other workers")
+        stop_all(signal.SIGTERM)    # drain; it also ends a worker still starting, quietly
+
+    def forward(sig: int, _frame: object) -> None:
+        stop_all(sig)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     for index in range(1, workers + 1):
         spawn(index)
-    done: set[int] = set()
     while len(done) < len(procs):
-        time.sleep(0.2)
+        time.sleep(POLL_INTERVAL)
+        now = time.monotonic()
+        for index, when in list(due.items()):
+            if now >= when:
+                del due[index]
+                spawn(index)
         for index, proc in list(procs.items()):
+            if index in done or index in due:
+                continue
             code = proc.poll()
-            if code is None or index in done:
+            if code is None:
+                is_ready(proc)
                 continue
             if metrics_dir is not None:
                 worker_exited(proc.pid, metrics_dir)
             if stopping or code == 0:  # stopped or drained (`edgegw internal drain`): done
                 done.add(index)
                 continue
+            if not is_ready(proc) and index not in restarted:
+                done.add(index)
+                give_up(f"worker {index} (pid {proc.pid}) exited with {code} before it was "
+                        "ready (its error is above)")
+                continue
+            crashes[:] = [t for t in crashes if now - t < CRASH_WINDOW] + [now]
+            if len(crashes) > CRASH_LIMIT:
+                done.add(index)
+                give_up(f"workers died {len(crashes)} times within {CRASH_WINDOW:.0f}s "
+                        f"(last: worker {index}, pid {proc.pid}, exit status {code})")
+                continue
             log.warning("worker %d (pid %d) exited with %d; restarting", index, proc.pid, code)
-            time.sleep(RESTART_DELAY)
-            spawn(index)
+            restarted.add(index)
+            due[index] = now + RESTART_DELAY
+    if failure is not None:
+        raise WorkersFailed(failure)
     return 0 if all(p.returncode == 0 for p in procs.values()) else 1

@@ -8,7 +8,7 @@ import time
 import click
 
 from edgegw import eventloop
-from edgegw.cliparams import congestion, hostport, metrics_options
+from edgegw.cliparams import Seconds, congestion, hostport, metrics_options
 from edgegw.limits import raise_fd_limit
 from edgegw.logsetup import LEVELS, setup_logging
 from edgegw.metrics_http import MetricsEndpoint
@@ -59,7 +59,7 @@ def init(home_dir: str, db_url: str | None, node_id: str | None, files_root: str
               help="Most sessions this node runs at once (0: unlimited).")
 @click.option("--weight", default=100, show_default=True, type=click.IntRange(1, 1000),
               help="Relative share of new sessions among nodes.")
-@click.option("--drain-timeout", default=60.0, show_default=True, type=click.FloatRange(0),
+@click.option("--drain-timeout", default=60.0, show_default=True, type=Seconds(0),
               help="On SIGTERM/drain: seconds to let running sessions finish.")
 @click.option("--node-id", default=None, help="Override the home's node id.")
 @click.option("--workers", default=0, type=click.IntRange(0, 256),
@@ -97,13 +97,21 @@ def serve(home_dir: str, gateways: list[HostPort], listen: HostPort | None,
         raise click.UsageError("--listen and --forward cannot be combined")
     if forward_proxy_protocol and forward is None:
         raise click.UsageError("--forward-proxy-protocol needs --forward")
+    try:  # a broken home fails here, once, rather than in every worker
+        home.check_tls()
+        if forward is None:
+            home.host_keys()
+    except HomeError as exc:
+        raise click.ClickException(str(exc)) from None
     if workers > 1:
         import sys
 
-        from internal.workers import supervise
+        from internal.runtime import run_dir
+        from internal.workers import WorkersFailed, supervise
         try:
-            code = supervise(sys.argv[1:], workers, node_id or home.node_id, metrics)
-        except OSError as exc:   # the metrics address is taken
+            code = supervise(sys.argv[1:], workers, node_id or home.node_id, run_dir(home),
+                             metrics)
+        except (OSError, WorkersFailed) as exc:   # OSError: the metrics address is taken
             raise click.ClickException(str(exc)) from None
         raise SystemExit(code)
     opts = ServeOptions(list(gateways), listen=listen, forward=forward,
@@ -113,7 +121,7 @@ def serve(home_dir: str, gateways: list[HostPort], listen: HostPort | None,
                         data_congestion=congestion_gateway, metrics=metrics)
     try:
         eventloop.run(run_node(home, opts))
-    except (StoreError, OSError) as exc:
+    except (HomeError, StoreError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         pass
@@ -121,7 +129,7 @@ def serve(home_dir: str, gateways: list[HostPort], listen: HostPort | None,
 
 @click.command()
 @home_option
-@click.option("--timeout", default=120.0, show_default=True, type=click.FloatRange(0),
+@click.option("--timeout", default=120.0, show_default=True, type=Seconds(0),
               help="Seconds to wait for the node processes to finish and exit.")
 def drain(home_dir: str, timeout: float) -> None:
     """Drain the nodes running on this home: no new sessions, let running ones end, exit."""

@@ -89,12 +89,9 @@ class SSHService:
         self.defender = defender
         self.capacity = capacity
         self.durable_uploads = durable_uploads
-        keys = [asyncssh.read_private_key(p) for p in home.host_key_paths()]
-        if not keys:
-            raise ValueError(f"no SSH host keys in {home.ssh_dir}; create one with: "
-                             f"edgegw internal hostkey rotate --home {home.path}")
+        # HomeError, naming the file, for an unreadable host key or none at all
         self._options = asyncssh.SSHServerConnectionOptions(
-            server_host_keys=keys, login_timeout=login_timeout,
+            server_host_keys=home.host_keys(), login_timeout=login_timeout,
             connect_timeout=login_timeout + 5, server_version=SERVER_VERSION,
             allow_scp=False, agent_forwarding=False, x11_forwarding=False, allow_pty=False,
             sftp_version=3, keepalive_interval=60, send_server_host_keys=True,

@@ -1,0 +1,133 @@
+"""`edgegw internal serve` on a broken home: one `Error:` line naming the file, a non-zero exit,
+no traceback; and with --workers, a supervisor that fails with a worker that cannot start
+instead of restarting it forever."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from internal.home import NodeHome
+from internal.workers import CRASH_LIMIT
+from tests.procs import Proc, edgegw_cmd
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(edgegw_cmd(*args), capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
+
+
+def _corrupt_host_key(home: Path) -> str:
+    (home / "ssh" / "host_ed25519_key").write_text("garbage\n")
+    return f"cannot read host key {home}/ssh/host_ed25519_key: Invalid private key"
+
+
+def _no_host_keys(home: Path) -> str:
+    for key in (home / "ssh").glob("host_*"):
+        key.unlink()
+    return f"no SSH host keys in {home}/ssh; create one with: edgegw internal hostkey rotate"
+
+
+def _corrupt_certificate(home: Path) -> str:
+    (home / "pnc" / "node.crt").write_text("junk\n")
+    return f"the PNC certificate {home}/pnc/node.crt is not a PEM certificate"
+
+
+def _corrupt_tls_key(home: Path) -> str:
+    (home / "pnc" / "node.key").write_text("junk\n")
+    return f"the PNC key {home}/pnc/node.key is not an unencrypted PEM private key"
+
+
+def _nul_in_db(home: Path) -> str:
+    cfg = json.loads((home / "node.json").read_text())
+    cfg["db"] = f"sqlite:///{home}/x\0.db"
+    (home / "node.json").write_text(json.dumps(cfg))
+    return f"{home}/node.json: field 'db' holds a NUL byte"
+
+
+def _deep_json(home: Path) -> str:
+    (home / "node.json").write_text("[" * 100_000 + "]" * 100_000)
+    return f"cannot read {home}/node.json: JSON nested too deeply"
+
+
+@pytest.mark.parametrize("breakage", [_corrupt_host_key, _no_host_keys, _corrupt_certificate,
+                                      _corrupt_tls_key, _nul_in_db, _deep_json])
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_broken_home_is_one_error_line(node_home: Path, breakage: Callable[[Path], str],
+                                       workers: str) -> None:
+    message = breakage(node_home)
+    res = _run("internal", "serve", "--home", str(node_home), "--listen", "127.0.0.1:0",
+               "--gateway", "127.0.0.1:9", "--workers", workers)
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.splitlines()[-1].startswith(f"Error: {message}"), res.stderr
+    assert "worker" not in res.stderr   # refused before any worker started
+
+
+@pytest.mark.parametrize("breakage", [_nul_in_db, _deep_json])
+def test_broken_node_json_in_admin_commands(node_home: Path,
+                                            breakage: Callable[[Path], str]) -> None:
+    message = breakage(node_home)
+    for args in (["user", "list"], ["audit"], ["ban", "list"], ["hostkey", "list"]):
+        res = _run("internal", *args, "--home", str(node_home))
+        assert res.returncode == 1 and "Traceback" not in res.stderr, (args, res.stderr)
+        assert res.stderr.startswith(f"Error: {message}"), (args, res.stderr)
+
+
+def _wait_exit(proc: Proc, timeout: float) -> int:
+    assert proc.popen is not None
+    try:
+        return proc.popen.wait(timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the supervisor still runs after {timeout}s:\n"
+                             f"{proc.text()[-4000:]}") from None
+
+
+def test_workers_failing_at_startup_stop_the_supervisor(tmp_path: Path,
+                                                        procs: list[Proc]) -> None:
+    """A store nobody can open fails every worker the same way: no restarts, the supervisor
+    exits non-zero after the workers' own error lines."""
+    home = NodeHome.init(tmp_path / "home", db_url=f"sqlite:///{tmp_path}/missing/x.db").path
+    node = Proc("node", edgegw_cmd("internal", "serve", "--home", str(home), "--listen",
+                                   "127.0.0.1:0", "--workers", "3"),
+                tmp_path / "node.log").start()
+    procs.append(node)
+    assert _wait_exit(node, 20) == 1
+    text = node.text()
+    assert "restarting" not in text and "Traceback" not in text, text
+    assert f"Error: cannot open sqlite:///{tmp_path}/missing/x.db: directory" in text
+    assert re.search(r"Error: worker \d \(pid \d+\) exited with 1 before it was ready", text)
+    assert text.count("started (pid") == 3      # each started once, none again
+
+
+def _worker_pid(node: Proc, index: int) -> int:
+    return int(re.findall(rf"worker {index} started \(pid (\d+)\)", node.text())[-1])
+
+
+def test_worker_that_ran_is_restarted_until_workers_keep_dying(node_home: Path, tmp_path: Path,
+                                                               procs: list[Proc]) -> None:
+    node = Proc("node", edgegw_cmd("internal", "serve", "--home", str(node_home), "--listen",
+                                   "127.0.0.1:0", "--workers", "2"),
+                tmp_path / "node.log").start()
+    procs.append(node)
+    for index in (1, 2):
+        node.wait_log(rf"node \S+-w{index} started")
+    for kills in range(1, CRASH_LIMIT + 2):
+        os.kill(_worker_pid(node, 1), signal.SIGKILL)
+        if kills <= CRASH_LIMIT:     # restarted, even when it dies again before it is ready
+            deadline = time.monotonic() + 20
+            while node.count(r"worker 1 started") <= kills:
+                assert time.monotonic() < deadline, node.text()[-4000:]
+                time.sleep(0.05)
+    assert _wait_exit(node, 30) == 1
+    text = node.text()
+    assert text.count("exited with -9; restarting") == CRASH_LIMIT, text
+    assert f"Error: workers died {CRASH_LIMIT + 1} times within 60s" in text, text
+    assert "Traceback" not in text
