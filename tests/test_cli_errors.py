@@ -52,6 +52,10 @@ def test_gateway_bad_inputs(tmp_path: Path, node_home: Path) -> None:
          "congestion control 'nosuchalgo' cannot be used"),
         ([*_serve(trust), "--congestion-client", "x" * 40], "cannot be used"),
         ([*_serve(trust), "--congestion-client", "nosuchalgo"], "'--congestion-client'"),
+        ([*_serve(trust), "--offer-timeout", "nan"], "'nan' is not a number of seconds"),
+        ([*_serve(trust), "--heartbeat-interval", "inf"], "not in the range"),
+        ([*_serve(trust), "--idle-timeout", "1e10"], "not in the range"),
+        ([*_serve(trust), "--max-handshakes", "0"], "not in the range x>=1"),
         ([*_serve(trust), "--metrics", "9100"], "expected HOST:PORT"),
         ([*_serve(trust), "--metrics", f"127.0.0.1:{busy.getsockname()[1]}"], "cannot listen on"),
     ]
@@ -73,6 +77,8 @@ def test_gateway_bad_inputs(tmp_path: Path, node_home: Path) -> None:
      "not an edgegw node home"),
     (["internal", "serve", "--gateway", "127.0.0.1:1"], "--home"),
     (["internal", "drain", "--home", "/nonexistent/home"], "not an edgegw node home"),
+    (["internal", "serve", "--gateway", "127.0.0.1:1", "--drain-timeout", "nan"],
+     "'nan' is not a number of seconds"),
 ])
 def test_node_bad_inputs(args: list[str], message: str) -> None:
     res = _run(*args, env={k: v for k, v in os.environ.items() if k != "EDGEGW_HOME"})

@@ -130,6 +130,58 @@ def test_no_change_without_its_audit_event(home, monkeypatch):
         s.close()
 
 
+_HUGE = "1" + "0" * 400
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--quota-bytes", "100000P", "too large (at most 9223372036854775807 bytes"),
+    ("--quota-bytes", _HUGE, "(401 characters) is too large"),
+    ("--quota-files", str(1 << 63), "too large (at most 9223372036854775807)"),
+    ("--quota-files", "9" * 5000, "(5000 characters) is too large"),
+    ("--max-sessions", str(1 << 63), "too large (at most 2147483647)"),   # INTEGER in PostgreSQL
+    ("--expires", "9999-12-31T23:59:59-12:00", "out of range"),
+    ("--expires", "0001-01-01T00:00+01:00", "out of range"),
+    ("--expires", "99999999999999w", "too long (at most 36500d"),
+])
+def test_values_beyond_the_store_are_bad_parameters(home, option, value, message):
+    """Refused by click (exit 2) before the store is touched, not a traceback from the driver
+    or from printing the time afterwards."""
+    cli(home, "user", "add", "bob")
+    for args in (["user", "add", "carol", option, value], ["user", "set", "bob", option, value]):
+        out = cli(home, *args, code=2).output
+        assert f"Invalid value for '{option}'" in out and message in out, (args, out)
+    bob, events = _user(home, "bob")
+    assert _user(home, "carol")[0] is None
+    assert (bob.quota_bytes, bob.quota_files, bob.max_sessions, bob.expires_at) == (None,) * 4
+    assert [e.kind for e in events] == ["user.add"]
+
+
+def test_largest_values_are_stored_and_shown(home):
+    cli(home, "user", "add", "bob", "--quota-bytes", str((1 << 63) - 1), "--quota-files",
+        str((1 << 63) - 1), "--max-sessions", str((1 << 31) - 1), "--expires",
+        "9999-12-31T23:59:59Z")
+    bob = _user(home, "bob")[0]
+    assert (bob.quota_bytes, bob.quota_files, bob.max_sessions) == ((1 << 63) - 1,) * 2 + (
+        (1 << 31) - 1,)
+    assert "9999-12-31T23:59:59Z" in cli(home, "user", "list").output
+    cli(home, "user", "set", "bob", "--expires", "0001-01-01")
+    assert "0001-01-01T00:00:00Z" in cli(home, "user", "show", "bob").output
+
+
+@pytest.mark.parametrize("duration,message", [
+    ("0", "'0' is not more than zero"),
+    ("0s", "'0s' is not more than zero"),
+    ("99999999999999w", "too long (at most 36500d, 100 years)"),
+    (_HUGE + "s", "(402 characters) is too long"),
+])
+def test_ban_duration_out_of_range(home, duration, message):
+    out = cli(home, "ban", "add", "192.0.2.7", "--duration", duration, code=2).output
+    assert "Invalid value for '--duration'" in out and message in out, out
+    assert cli(home, "ban", "list", "--json").output == ""
+    assert "too long" in cli(home, "audit", "--since", "99999999999999w", code=2).output
+    cli(home, "ban", "add", "192.0.2.7", "--duration", "36500d")   # the longest there is
+
+
 def test_set_changes_and_audits(home, pubkey, tmp_path):
     cli(home, "user", "add", "alice", "--key", f"{pubkey}.pub", "--allow-ip", "10.0.0.0/8")
     other = tmp_path / "other"

@@ -8,7 +8,7 @@ import click
 
 from internal.cli.admin import admin_change, home_store, record_admin
 from internal.cli.common import home_option, load_home
-from internal.cli.parse import CIDR, DURATION, format_duration, format_time
+from internal.cli.parse import CIDR, POSITIVE_DURATION, format_duration, format_time
 from internal.defender import Defender
 
 
@@ -40,7 +40,7 @@ def list_(home_dir: str, as_json: bool) -> None:
 @ban.command()
 @click.argument("ip_or_cidr", type=CIDR)
 @home_option
-@click.option("--duration", type=DURATION, default="1h", show_default=True,
+@click.option("--duration", type=POSITIVE_DURATION, default="1h", show_default=True,
               help="How long: 90s, 10m, 2h, 7d, 1h30m.")
 @click.option("--reason", default="banned by an administrator", show_default=True,
               help="Shown in `ban list` and the audit trail.")

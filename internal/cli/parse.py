@@ -8,7 +8,8 @@ from __future__ import annotations
 import datetime as dt
 import re
 import time
-from typing import Any
+from fractions import Fraction
+from typing import Any, Callable
 
 import click
 
@@ -18,6 +19,28 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 <
                "p": 1 << 50}
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _NONE_WORDS = ("none", "unlimited", "never")
+# The store keeps sizes and counts in 64-bit integer columns, max_sessions in a 32-bit one
+# (PostgreSQL INTEGER); a larger value would fail in the driver, after the transaction began.
+MAX_INT64 = (1 << 63) - 1
+MAX_INT32 = (1 << 31) - 1
+MAX_DURATION = 36500 * 86400        # 100 years: longer bans or look-backs mean nothing here
+# What datetime can show: 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59Z
+MIN_TIME = dt.datetime(1, 1, 1, tzinfo=dt.timezone.utc).timestamp()
+MAX_TIME = dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.timezone.utc).timestamp()
+
+
+class OutOfRange(ValueError):
+    """A well-formed value beyond what the node can store or show."""
+
+
+def _too_long(digits: str) -> bool:
+    """More digits than any bound here has; int() of thousands of digits even raises."""
+    return len(digits.lstrip("0")) > 25
+
+
+def _shown(text: str) -> str:
+    """The value for an error message, cut short when someone pasted a screenful."""
+    return repr(text) if len(text) <= 40 else repr(text[:30]) + f"... ({len(text)} characters)"
 
 
 def parse_size(text: str) -> int:
@@ -25,7 +48,15 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?\s*", text, re.IGNORECASE)
     if not m or (m.group(2) == "" and text.strip().lower().endswith("ib")):
         raise ValueError(f"{text!r} is not a size (examples: 4096, 512M, 10G)")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    too_large = OutOfRange(f"{_shown(text)} is too large (at most {MAX_INT64} bytes, "
+                           "just under 8192P)")
+    if _too_long(m.group(1).split(".")[0]):
+        raise too_large
+    # exact arithmetic: a float turns 400 digits into inf, and int(inf) raises
+    size = int(Fraction(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    if size > MAX_INT64:
+        raise too_large
+    return size
 
 
 def parse_duration(text: str) -> float:
@@ -35,7 +66,18 @@ def parse_duration(text: str) -> float:
     if not parts or rebuilt != re.sub(r"\s+", "", text.strip().lower()) or \
             any(u == "" for _, u in parts[:-1]):
         raise ValueError(f"{text!r} is not a duration (examples: 90s, 10m, 2h, 1d, 1h30m)")
-    return sum(float(n) * _DURATION_UNITS[u or "s"] for n, u in parts)
+    seconds = sum(float(n) * _DURATION_UNITS[u or "s"] for n, u in parts)
+    if seconds > MAX_DURATION:
+        raise OutOfRange(f"{_shown(text)} is too long (at most 36500d, 100 years)")
+    return seconds
+
+
+def parse_positive_duration(text: str) -> float:
+    """A duration that must be more than zero, such as how long a ban lasts."""
+    seconds = parse_duration(text)
+    if seconds <= 0:
+        raise ValueError(f"{text!r} is not more than zero (examples: 90s, 10m, 2h)")
+    return seconds
 
 
 def parse_time(text: str, *, now: float | None = None) -> float:
@@ -44,6 +86,8 @@ def parse_time(text: str, *, now: float | None = None) -> float:
     raw = text.strip()
     try:
         return now - parse_duration(raw)
+    except OutOfRange:
+        raise
     except ValueError:
         pass
     try:
@@ -53,13 +97,22 @@ def parse_time(text: str, *, now: float | None = None) -> float:
                          "2025-06-30T14:00+02:00, or 10m / 2h / 1d ago)") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.timezone.utc)
-    return when.timestamp()
+    ts = when.timestamp()
+    # an offset can carry 0001-01-01 or 9999-12-31 past what format_time can show in UTC
+    if not MIN_TIME <= ts <= MAX_TIME:
+        raise OutOfRange(f"{text!r} is out of range: in UTC it must fall between "
+                         "0001-01-01 and 9999-12-31T23:59:59")
+    return ts
 
 
 def format_time(ts: float | None) -> str:
     if ts is None:
         return "never"
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:  # isoformat, not strftime: %Y leaves year 1 unpadded
+        when = dt.datetime.fromtimestamp(ts, dt.timezone.utc).replace(tzinfo=None)
+        return when.isoformat(timespec="seconds") + "Z"
+    except (OverflowError, ValueError, OSError):  # stored by an older version or by hand
+        return f"@{ts:.0f}"
 
 
 def format_duration(seconds: float) -> str:
@@ -92,16 +145,23 @@ class _Type(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
-def _count(text: str) -> int:
-    if not text.strip().isdigit():
-        raise ValueError(f"{text!r} is not a whole number >= 0")
-    return int(text)
+def _counter(most: int) -> Callable[[str], int]:
+    """Whole numbers from 0 to `most`."""
+    def count(text: str) -> int:
+        if not text.strip().isdigit():
+            raise ValueError(f"{text!r} is not a whole number >= 0")
+        if _too_long(text.strip()) or int(text) > most:
+            raise OutOfRange(f"{_shown(text)} is too large (at most {most})")
+        return int(text)
+    return count
 
 
 SIZE = _Type("SIZE", parse_size)
 OPTIONAL_SIZE = _Type("SIZE|none", parse_size, optional=True)
-OPTIONAL_COUNT = _Type("N|none", _count, optional=True)
+OPTIONAL_COUNT = _Type("N|none", _counter(MAX_INT64), optional=True)
+OPTIONAL_SESSIONS = _Type("N|none", _counter(MAX_INT32), optional=True)
 DURATION = _Type("DURATION", parse_duration)
+POSITIVE_DURATION = _Type("DURATION", parse_positive_duration)
 TIME = _Type("TIME", parse_time)
 OPTIONAL_TIME = _Type("TIME|never", parse_time, optional=True)
 CIDR = _Type("CIDR", canonical_cidr)

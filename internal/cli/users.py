@@ -14,7 +14,8 @@ import click
 
 from internal.cli.admin import admin_change, home_store, record_admin
 from internal.cli.common import home_option, load_home
-from internal.cli.parse import CIDR, OPTIONAL_COUNT, OPTIONAL_SIZE, OPTIONAL_TIME, format_time
+from internal.cli.parse import (CIDR, OPTIONAL_COUNT, OPTIONAL_SESSIONS, OPTIONAL_SIZE,
+                                OPTIONAL_TIME, format_time)
 from internal.home import NodeHome
 from internal.passwords import hash_password
 from internal.store import ALL_PERMS, AlreadyExists, NotFound, Perm, User
@@ -59,7 +60,7 @@ def _common_options(keep: Any) -> Callable[[Any], Any]:
                                   help="Storage quota, binary units: 500M, 10G, 1T.")),
         (("--quota-files",), dict(type=OPTIONAL_COUNT, default=keep, metavar="N|none",
                                   help="Maximum number of files.")),
-        (("--max-sessions",), dict(type=OPTIONAL_COUNT, default=keep, metavar="N|none",
+        (("--max-sessions",), dict(type=OPTIONAL_SESSIONS, default=keep, metavar="N|none",
                                    help="Maximum concurrent sessions, counted across every "
                                         "node and worker sharing the store.")),
     ])
