@@ -3,8 +3,9 @@
 asyncssh decodes the protocol and calls one method per operation; each method here checks the
 user's permission, resolves the path inside the home (`paths`), acts through verified
 descriptors, records an audit event for operations that change or open something, and lets
-`sftp_error` turn any failure into the SFTP status the client sees. A refusal (the user's
-permissions, a path out of the home, a bad name, too many handles) is also logged and audited.
+`errors.sftp_error` turn any failure into the SFTP status the client sees. A refusal (the
+user's permissions, a path out of the home, a bad name, too many handles) is also logged and
+audited.
 Reads and writes stay synchronous positional I/O: that is the hot path, and a thread hop per
 block would cost more than the disk.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
-import inspect
 import logging
 import os
 import posixpath
@@ -21,21 +21,21 @@ import stat
 import sys
 import weakref
 from types import FrameType
-from typing import Any, AsyncIterator, Callable, Protocol, TypeVar
+from typing import Any, AsyncIterator, Callable, Protocol
 
 import asyncssh
 from asyncssh import SFTPAttrs, SFTPError, SFTPName
 from asyncssh.constants import FXF_APPEND, FXF_CREAT, FXF_EXCL, FXF_READ, FXF_TRUNC, FXF_WRITE
 
+from internal.sftp.errors import (REFUSALS, TooManyHandles, check_range, printable,
+                                  sftp_error, sftp_op)
 from internal.sftp.paths import AccessDenied, Jail, is_temp_name, lstat_at
-from internal.sftp.quota import QuotaExceeded, Usage
+from internal.sftp.quota import Usage
 from internal.sftp.uploads import OpenFile, Upload, apply_attrs
 from internal.session import SessionContext
 from internal.store.base import Perm, User
 
 log = logging.getLogger("edgegw.node.sftp")
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 # All sessions of a node process share one descriptor table (OpenSSH runs an sftp-server per
 # session, we do not), and an upload holds two descriptors. Clients keep a few handles open
@@ -45,8 +45,6 @@ MAX_HANDLES = 256
 # room for the header), so a full reply fits any OpenSSH client. Short reads are legal SFTP;
 # clients ask again for the rest. Without a cap a client names the buffer size, up to 4 GiB.
 MAX_READ = 256 * 1024 - 1024
-# off_t is signed 64-bit: offsets and sizes beyond this name no byte of any file.
-_MAX_OFFSET = (1 << 63) - 1
 
 
 class SessionSink(Protocol):
@@ -57,94 +55,6 @@ class SessionSink(Protocol):
     bytes_out: int
 
     def audit(self, kind: str, **detail: Any) -> None: ...
-
-
-class TooManyHandles(Exception):
-    """The session holds MAX_HANDLES open handles; the message is meant for the client."""
-
-
-_ERRNO: dict[int, tuple[type[SFTPError], str]] = {
-    errno.ENOENT: (asyncssh.SFTPNoSuchFile, "no such file or directory"),
-    errno.EACCES: (asyncssh.SFTPPermissionDenied, "permission denied"),
-    errno.EPERM: (asyncssh.SFTPPermissionDenied, "permission denied"),
-    errno.EBADF: (asyncssh.SFTPPermissionDenied, "permission denied: the handle was not "
-                                                 "opened for that"),
-    errno.ELOOP: (asyncssh.SFTPPermissionDenied, "permission denied: refusing to follow a "
-                                                 "symbolic link here"),
-    errno.EEXIST: (asyncssh.SFTPFileAlreadyExists, "the file already exists"),
-    errno.ENOSPC: (asyncssh.SFTPNoSpaceOnFilesystem, "no space left on the server's disk; "
-                                                     "nothing was stored, try again later"),
-    errno.EDQUOT: (asyncssh.SFTPQuotaExceeded, "quota exceeded: the server's disk quota is "
-                                               "used up"),
-    errno.ENOTEMPTY: (asyncssh.SFTPDirNotEmpty, "the directory is not empty"),
-    errno.ENOTDIR: (asyncssh.SFTPNotADirectory, "not a directory"),
-    errno.EISDIR: (asyncssh.SFTPFileIsADirectory, "not a regular file"),
-    errno.ENAMETOOLONG: (asyncssh.SFTPInvalidFilename, "the file name is too long"),
-    errno.EINVAL: (asyncssh.SFTPInvalidParameter, "invalid argument"),
-    errno.EXDEV: (asyncssh.SFTPFailure, "cannot move between file systems"),
-}
-
-
-def sftp_error(exc: BaseException) -> SFTPError:
-    """The one place where anything that went wrong becomes an SFTP status and message.
-
-    (Version 3 clients such as OpenSSH see codes above FX_OP_UNSUPPORTED as FX_FAILURE, with the
-    message intact.)
-    """
-    if isinstance(exc, SFTPError):
-        return exc
-    if isinstance(exc, QuotaExceeded):
-        return asyncssh.SFTPQuotaExceeded(str(exc))
-    if isinstance(exc, AccessDenied):
-        return asyncssh.SFTPPermissionDenied(exc.strerror)
-    if isinstance(exc, TooManyHandles):
-        return asyncssh.SFTPFailure(str(exc))
-    if isinstance(exc, OverflowError):
-        # a client's 64-bit offset, size or time that the system call cannot take
-        return asyncssh.SFTPInvalidParameter("invalid argument: a number is out of range")
-    if isinstance(exc, OSError):
-        cls, reason = _ERRNO.get(exc.errno or 0, (asyncssh.SFTPFailure, ""))
-        return cls(reason or f"failed: {exc.strerror or exc}")
-    if isinstance(exc, (ValueError, UnicodeError)):
-        return asyncssh.SFTPInvalidFilename(f"invalid file name: {exc}")
-    log.error("unexpected error in an SFTP operation", exc_info=exc)
-    return asyncssh.SFTPFailure("internal error on the server; it has been logged")
-
-
-# What the user may not do, as opposed to what went wrong: these are logged and audited.
-_REFUSALS = (AccessDenied, TooManyHandles, ValueError)
-
-
-def _sftp_op(fn: F) -> F:
-    """Route every exception of an operation through `NodeSFTPServer._failed`."""
-    op = fn.__name__.lstrip("_")
-    if inspect.iscoroutinefunction(fn):
-        @functools.wraps(fn)
-        async def run_async(self: "NodeSFTPServer", *args: Any) -> Any:
-            try:
-                return await fn(self, *args)
-            except Exception as exc:
-                raise self._failed(op, args, exc) from None
-        return run_async  # type: ignore[return-value]
-
-    @functools.wraps(fn)
-    def run(self: "NodeSFTPServer", *args: Any) -> Any:
-        try:
-            return fn(self, *args)
-        except Exception as exc:
-            raise self._failed(op, args, exc) from None
-    return run  # type: ignore[return-value]
-
-
-def _check_range(offset: int, length: int) -> None:
-    if offset + length > _MAX_OFFSET:
-        raise asyncssh.SFTPInvalidParameter("invalid argument: offset or size beyond the "
-                                            "largest possible file")
-
-
-def _printable(text: str) -> str:
-    """A client's name fit for one log line: control characters escaped."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class _Listing:
@@ -197,10 +107,10 @@ class NodeSFTPServer(asyncssh.SFTPServer):
         """The SFTP error for a failed operation; a refusal also gets one log line and one
         audit event (one per refused request: the client chose to send each)."""
         error = sftp_error(exc)
-        if isinstance(exc, _REFUSALS):
+        if isinstance(exc, REFUSALS):
             path = " -> ".join(self._shown(a) for a in args if isinstance(a, (bytes, OpenFile)))
             log.info("refused: user=%s client=%s op=%s path=%s: %s", self._username,
-                     self._session.ctx.client_ip, op, _printable(path) or "-", error.reason)
+                     self._session.ctx.client_ip, op, printable(path) or "-", error.reason)
             self._session.audit("sftp.refused", op=op, path=path, reason=error.reason,
                                 result="refused")
         return error
@@ -232,7 +142,7 @@ class NodeSFTPServer(asyncssh.SFTPServer):
                 self._usage.adjust(min(nbytes, 0), min(nfiles, 0))
 
     # -- files ------------------------------------------------------------------------------
-    @_sftp_op
+    @sftp_op
     async def open(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> OpenFile:
         self._take_handle()     # before any await: pipelined OPENs must not all pass the cap
         try:
@@ -272,7 +182,7 @@ class NodeSFTPServer(asyncssh.SFTPServer):
         self._drop_handle()     # asyncssh forgets the handle whatever the close's outcome
         return self._close(file_obj, aborted)
 
-    @_sftp_op
+    @sftp_op
     async def _close(self, handle: OpenFile, aborted: bool) -> None:
         result = "ok"
         try:
@@ -296,26 +206,26 @@ class NodeSFTPServer(asyncssh.SFTPServer):
                                 bytes_read=handle.bytes_read,
                                 bytes_written=handle.bytes_written, result=result)
 
-    @_sftp_op
+    @sftp_op
     def read(self, file_obj: OpenFile, offset: int, size: int) -> bytes:
         size = min(size, MAX_READ)
-        _check_range(offset, size)
+        check_range(offset, size)
         return file_obj.read(offset, size)
 
-    @_sftp_op
+    @sftp_op
     def write(self, file_obj: OpenFile, offset: int, data: bytes) -> int:
-        _check_range(offset, len(data))     # refused before the upload is touched
+        check_range(offset, len(data))     # refused before the upload is touched
         return file_obj.write(offset, data)
 
-    @_sftp_op
+    @sftp_op
     def fstat(self, file_obj: OpenFile) -> os.stat_result:
         return os.fstat(file_obj.fd)
 
-    @_sftp_op
+    @sftp_op
     def fsync(self, file_obj: OpenFile) -> None:
         os.fsync(file_obj.fd)
 
-    @_sftp_op
+    @sftp_op
     def fstatvfs(self, file_obj: OpenFile) -> os.statvfs_result:
         return os.statvfs(file_obj.fd)
 
@@ -331,7 +241,7 @@ class NodeSFTPServer(asyncssh.SFTPServer):
     def _setstat(self, path: bytes, attrs: SFTPAttrs, follow: bool) -> None:
         self._need(Perm.SETSTAT, "change file attributes")
         if attrs.size is not None:
-            _check_range(attrs.size, 0)
+            check_range(attrs.size, 0)
         real = self._jail.resolve(path, follow=follow)
         flags = os.O_WRONLY if attrs.size is not None else os.O_RDONLY | os.O_NONBLOCK
         fd = self._jail.open(real, flags)
@@ -341,43 +251,43 @@ class NodeSFTPServer(asyncssh.SFTPServer):
             os.close(fd)
         self._audit("file.setstat", path, **_attr_detail(attrs))
 
-    @_sftp_op
+    @sftp_op
     def setstat(self, path: bytes, attrs: SFTPAttrs) -> None:
         self._setstat(path, attrs, follow=True)
 
-    @_sftp_op
+    @sftp_op
     def lsetstat(self, path: bytes, attrs: SFTPAttrs) -> None:
         self._setstat(path, attrs, follow=False)
 
-    @_sftp_op
+    @sftp_op
     def fsetstat(self, file_obj: OpenFile, attrs: SFTPAttrs) -> None:
         # An upload's own attributes (e.g. `put -p`) are part of uploading it.
         if not isinstance(file_obj, Upload):
             self._need(Perm.SETSTAT, "change file attributes")
         if attrs.size is not None:
-            _check_range(attrs.size, 0)
+            check_range(attrs.size, 0)
         apply_attrs(file_obj.fd, attrs, file_obj.truncate)
         self._session.audit("file.setstat", path=os.fsdecode(file_obj.client_path),
                             **_attr_detail(attrs))
 
     # stat and statvfs look at a descriptor of what was verified, never at the path again: a
     # directory swapped for a symlink in between would lead them out of the home.
-    @_sftp_op
+    @sftp_op
     def stat(self, path: bytes) -> os.stat_result:
         with self._jail.looked_up(path) as fd:
             return os.fstat(fd)
 
-    @_sftp_op
+    @sftp_op
     def lstat(self, path: bytes) -> os.stat_result:
         with self._jail.looked_up(path, follow=False) as fd:
             return os.fstat(fd)
 
-    @_sftp_op
+    @sftp_op
     def statvfs(self, path: bytes) -> os.statvfs_result:
         with self._jail.looked_up(path) as fd:
             return os.fstatvfs(fd)
 
-    @_sftp_op
+    @sftp_op
     def realpath(self, path: bytes) -> bytes:
         return self._jail.client_path(self._jail.resolve(path))
 
@@ -424,7 +334,7 @@ class NodeSFTPServer(asyncssh.SFTPServer):
             os.close(fd)
         return names
 
-    @_sftp_op
+    @sftp_op
     def mkdir(self, path: bytes, attrs: SFTPAttrs) -> None:
         self._need(Perm.MKDIR, "create directories")
         with self._jail.parent(path) as (dfd, name):
@@ -432,14 +342,14 @@ class NodeSFTPServer(asyncssh.SFTPServer):
                      dir_fd=dfd)
         self._audit("dir.mkdir", path)
 
-    @_sftp_op
+    @sftp_op
     def rmdir(self, path: bytes) -> None:
         self._need(Perm.RMDIR, "remove directories")
         with self._jail.parent(path) as (dfd, name):
             os.rmdir(name, dir_fd=dfd)
         self._audit("dir.rmdir", path)
 
-    @_sftp_op
+    @sftp_op
     def remove(self, path: bytes) -> None:
         self._need(Perm.DELETE, "delete files")
         with self._jail.parent(path) as (dfd, name):
@@ -468,15 +378,15 @@ class NodeSFTPServer(asyncssh.SFTPServer):
         self._audit("file.rename", oldpath, to=os.fsdecode(self._jail.virtual(newpath)),
                     replaced=target is not None)
 
-    @_sftp_op
+    @sftp_op
     def rename(self, oldpath: bytes, newpath: bytes) -> None:
         self._rename(oldpath, newpath, replace=False)
 
-    @_sftp_op
+    @sftp_op
     def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
         self._rename(oldpath, newpath, replace=True)
 
-    @_sftp_op
+    @sftp_op
     def readlink(self, path: bytes) -> bytes:
         self._need(Perm.LIST, "list directories")
         if self._jail.virtual(path) == b"/":
@@ -489,7 +399,7 @@ class NodeSFTPServer(asyncssh.SFTPServer):
         dest = os.path.realpath(posixpath.join(where, target))
         return self._jail.client_path(dest)
 
-    @_sftp_op
+    @sftp_op
     def symlink(self, oldpath: bytes, newpath: bytes) -> None:
         self._need(Perm.UPLOAD, "create links")
         stored = self._jail.link_target(oldpath, self._jail.resolve(newpath, follow=False))
@@ -497,7 +407,7 @@ class NodeSFTPServer(asyncssh.SFTPServer):
             os.symlink(stored, name, dir_fd=dfd)
         self._audit("file.symlink", newpath, target=os.fsdecode(oldpath))
 
-    @_sftp_op
+    @sftp_op
     def link(self, oldpath: bytes, newpath: bytes) -> None:
         self._need(Perm.UPLOAD, "create links")
         with self._jail.parent(oldpath) as (old_fd, old_name), \
