@@ -350,6 +350,38 @@ def test_garbage_on_every_port_is_closed_and_leaks_nothing(gateway: GatewayProc,
     assert gateway.popen is not None and gateway.popen.poll() is None
 
 
+def test_connections_per_client_address_are_capped(tmp_path: Path, node_home: Path,
+                                                   procs: list[Proc],
+                                                   alice: tuple[str, Path]) -> None:
+    """--max-per-address: a third connection from one address is closed at once while two are
+    held (relayed to the node, which sent its banner); another address is not affected, and a
+    slot freed by a session's end is taken again."""
+    gw = start_gateway(tmp_path, node_home / "gateway-trust.pem", "--max-per-address", "2")
+    procs.append(gw)
+    procs.append(start_node(tmp_path, node_home, [gw]))
+
+    def connect(source: str) -> socket.socket:   # the node serves alice from anywhere
+        return socket.create_connection(("127.0.0.1", gw.external), timeout=10,
+                                        source_address=(source, 0))
+
+    held = [connect("127.0.0.1") for _ in range(2)]
+    try:
+        for s in held:
+            assert s.recv(4) == b"SSH-"
+        with connect("127.0.0.1") as third:
+            assert third.recv(4) == b""
+        gw.wait_log(r"client 127\.0\.0\.1:\d+ dropped: 2 connections from that address")
+        with connect("127.0.0.2") as other:
+            assert other.recv(4) == b"SSH-"
+        held.pop().close()
+        gw.wait_log(r"session [0-9a-f]+: client 127\.0\.0\.1:\d+ closed")
+        held.append(connect("127.0.0.1"))
+        assert held[-1].recv(4) == b"SSH-"
+    finally:
+        for s in held:
+            s.close()
+
+
 @pytest.mark.parametrize("port", ["data", "pnc"])
 def test_a_full_handshake_cap_leaves_connections_in_the_backlog(tmp_path: Path, node_home: Path,
                                                                 procs: list[Proc],

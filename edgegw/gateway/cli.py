@@ -79,6 +79,9 @@ MAX_SNDBUF = 64 << 20
                    "short hop to the nodes cubic does the same work for less CPU.")
 @click.option("--max-waiting", default=1024, show_default=True, type=click.IntRange(1),
               help="Clients held at once while they wait for a node; more are closed.")
+@click.option("--max-per-address", default=0, show_default=True, type=click.IntRange(0),
+              help="Client connections held at once from one source address (waiting or "
+                   "relayed); more are closed at once. 0: no limit.")
 @click.option("--max-handshakes", default=256, show_default=True, type=click.IntRange(1),
               help="Connections not yet authenticated held at once on the PNC port, and on the "
                    "Data port; at this many that port takes no more until one ends (the next "
@@ -92,7 +95,7 @@ def serve(external: HostPort, pnc: HostPort, data: HostPort, trust: Path, gatewa
           heartbeat_timeout: float, relay_backend: str | None, relay_threads: int,
           relay_procs: int, pipe_size: int, idle_timeout: float, relay_coalesce_us: int,
           relay_sched: str, sndbuf_client: int, sndbuf_node: int, congestion_client: str,
-          congestion_node: str, max_waiting: int, max_handshakes: int,
+          congestion_node: str, max_waiting: int, max_per_address: int, max_handshakes: int,
           proxy_protocol_from: tuple[Network, ...],
           metrics: MetricsEndpoint | None, log_level: str) -> None:
     """Run the gateway (DMZ): relay SFTP clients to internal nodes; holds no keys or files."""
@@ -111,7 +114,8 @@ def serve(external: HostPort, pnc: HostPort, data: HostPort, trust: Path, gatewa
         relay_sched_batch=relay_sched == "batch", sndbuf_client=sndbuf_client,
         sndbuf_node=sndbuf_node, congestion_client=congestion_client,
         congestion_node=congestion_node, max_pending=max_waiting,
-        max_handshaking=max_handshakes, proxy_protocol_from=proxy_protocol_from,
+        max_per_address=max_per_address, max_handshaking=max_handshakes,
+        proxy_protocol_from=proxy_protocol_from,
         metrics=metrics)
     try:
         run_until_signalled(lambda stop: run_gateway(config, stop))

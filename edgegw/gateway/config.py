@@ -36,6 +36,7 @@ class GatewayConfig:
     congestion_client: str = ""       # TCP_CONGESTION towards clients; "": the kernel's default
     congestion_node: str = CC_AUTO    # of Data connections; sockio.resolve_congestion
     max_pending: int = 1024           # clients waiting for a node at once; more are closed
+    max_per_address: int = 0          # client connections held at once per source address; 0: any
     max_handshaking: int = 256        # unauthenticated PNC or Data connections at once, each;
                                       # at the cap that listener pauses accepting
     proxy_protocol_from: tuple[Network, ...] = field(

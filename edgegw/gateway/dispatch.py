@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgegw.gateway.session")
 
 
-async def dispatch_client(gw: "Gateway", sock: socket.socket, ip: str, port: int) -> None:
+async def dispatch_client(gw: "Gateway", sock: socket.socket, ip: str, port: int) -> bool:
+    """True once the client is the relay's; False when it was closed here (logged)."""
     cfg = gw.config
     loop = asyncio.get_running_loop()
     deadline = loop.time() + cfg.grace_period
@@ -46,7 +47,7 @@ async def dispatch_client(gw: "Gateway", sock: socket.socket, ip: str, port: int
                         log.warning("client %s: no node available for %.0fs; closed", who,
                                     cfg.grace_period)
                     gw.counters.refused["no_node"] += 1
-                    return
+                    return False
                 await gw.peers.wait_changed(min(remaining, 0.5))
                 tried = {p for p in tried if p.alive}  # a node may have freed capacity
                 if not gw.peers.choose(tried):
@@ -62,11 +63,11 @@ async def dispatch_client(gw: "Gateway", sock: socket.socket, ip: str, port: int
                 continue
             if data is False:
                 gw.counters.refused["rejected"] += 1
-                return
+                return False
             session_id, data_sock = data
-            gw.start_session(session_id, peer, sock, data_sock, ip, port)
-            sock = None  # type: ignore[assignment]  # owned by the relay now
-            return
+            relayed = gw.start_session(session_id, peer, sock, data_sock, ip, port)
+            sock = None  # type: ignore[assignment]  # the relay's, or closed by start_session
+            return relayed
     finally:
         if sock is not None:
             sock.close()

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from edgegw.gateway.server import Gateway
 
 # why a client was closed before it reached a node (the `reason` label)
-REFUSED_REASONS = ("banned", "waiting_limit", "no_node", "rejected")
+REFUSED_REASONS = ("banned", "address_limit", "waiting_limit", "no_node", "rejected")
 
 
 @dataclass

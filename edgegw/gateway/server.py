@@ -11,6 +11,7 @@ import logging
 import math
 import socket
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -43,6 +44,7 @@ CAP_LOG_EVERY = 10.0
 class _Session:
     peer: Peer
     client: str
+    ip: str
 
 
 class Gateway:
@@ -63,6 +65,7 @@ class Gateway:
         self._tasks: set[asyncio.Task[None]] = set()
         self._acceptors: dict[str, Acceptor] = {}
         self._pending_clients = 0
+        self._per_address: Counter[str] = Counter()   # client connections held, by source
         self._handshaking = {"pnc": 0, "data": 0}   # connections not yet authenticated
         self._cap_logged = {"pnc": -math.inf, "data": -math.inf}   # when last said
         self.counters = GatewayCounters()
@@ -167,6 +170,13 @@ class Gateway:
             self.counters.refused["banned"] += 1
             sock.close()
             return
+        cap = self.config.max_per_address
+        if cap and self._per_address[ip] >= cap:
+            log.info("client %s:%d dropped: %d connections from that address already "
+                     "(--max-per-address)", ip, port, self._per_address[ip])
+            self.counters.refused["address_limit"] += 1
+            sock.close()
+            return
         if self._pending_clients >= self.config.max_pending:
             log.warning("client %s:%d dropped: %d clients already waiting for a node", ip, port,
                         self._pending_clients)
@@ -176,10 +186,19 @@ class Gateway:
         set_nodelay(sock)
         set_sndbuf(sock, self.config.sndbuf_client)  # its congestion control: the listener's
         self._pending_clients += 1
+        self._per_address[ip] += 1
+        relayed = False
         try:
-            await dispatch_client(self, sock, ip, port)
+            relayed = await dispatch_client(self, sock, ip, port)
         finally:
             self._pending_clients -= 1
+            if not relayed:   # else the relay's report of the session's end releases it
+                self._release_address(ip)
+
+    def _release_address(self, ip: str) -> None:
+        self._per_address[ip] -= 1
+        if self._per_address[ip] <= 0:
+            del self._per_address[ip]   # a table of every address ever seen would only grow
 
     async def _on_node(self, sock: socket.socket, addr: tuple) -> None:
         counted = True   # by _spawn_handler, until the TLS handshake verified the node or failed
@@ -268,7 +287,7 @@ class Gateway:
             client.close()
             data.close()   # the node sees its Data connection end
             return False
-        self.sessions[session_id] = _Session(peer, f"{ip}:{port}")
+        self.sessions[session_id] = _Session(peer, f"{ip}:{port}", ip)
         peer.active += 1  # until the node's next Load report says otherwise
         log.debug("session %016x: client %s:%d paired with node %s", session_id, ip, port,
                   peer.node_id)
@@ -276,6 +295,8 @@ class Gateway:
 
     def _on_relay_finished(self, report: RelayReport) -> None:
         info = self.sessions.pop(report.session_id, None)
+        if info is not None:
+            self._release_address(info.ip)
         self.counters.session_finished(report)
         log.info("session %016x: client %s closed (%s%s) up=%d down=%d in %.1fs, node %s",
                  report.session_id, info.client if info else "?", report.reason.value,
