@@ -105,6 +105,19 @@ class NodeHome:
     def user_home(self, username: str) -> Path:
         return self.files_root / username
 
+    def unsafe_user_root(self, root: Path) -> str | None:
+        """Why `root` may not be a user's root directory, or None. It may not hold the node home
+        (its keys and store would be the user's to read) or the files root (every user's
+        files), nor lie in the node home outside the files root."""
+        root, node, files = root.resolve(), self.path.resolve(), self.files_root.resolve()
+        if node.is_relative_to(root):
+            return f"{root} holds the node home {node} (its keys and store)"
+        if files.is_relative_to(root):
+            return f"{root} holds the files root {files}, every user's files"
+        if root.is_relative_to(node) and not root.is_relative_to(files):
+            return f"{root} is inside the node home {node} but not under its files root {files}"
+        return None
+
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "NodeHome":
         root = Path(path).expanduser().resolve()

@@ -221,6 +221,25 @@ def test_set_changes_and_audits(home, pubkey, tmp_path):
                              "all", code=2).output
 
 
+def test_a_user_root_may_not_expose_the_node_home(home, tmp_path):
+    """The node home holds its keys and store, the files root every user's files: neither may
+    end up inside a user's root, nor a user's root in the node home outside the files root."""
+    for root, message in [(home, "holds the node home"), (tmp_path, "holds the node home"),
+                          (home / "pnc", "inside the node home"),
+                          (home / "files", "holds the files root")]:
+        res = cli(home, "user", "add", "mallory", "--password-stdin", "--home-dir", str(root),
+                  input="pw\npw\n", code=1)
+        assert message in res.output, res.output
+        res = cli(home, "user", "add", "alice", "--password-stdin", input="pw\npw\n")
+        res = cli(home, "user", "set", "alice", "--home-dir", str(root), code=1)
+        assert message in res.output, res.output
+        cli(home, "user", "remove", "alice")
+    cli(home, "user", "add", "mallory", "--password-stdin", "--home-dir",
+        str(tmp_path / "elsewhere"), input="pw\npw\n")
+    cli(home, "user", "add", "bob", "--password-stdin", "--home-dir",
+        str(home / "files" / "shared" / "bob"), input="pw\npw\n")
+
+
 def test_show_list_remove(home, pubkey, tmp_path):
     cli(home, "user", "add", "alice", "--key", f"{pubkey}.pub", "--password-stdin",
         input="pw\n")

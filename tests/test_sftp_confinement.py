@@ -156,3 +156,18 @@ def test_jail_mapping(tmp_path: Path) -> None:
         jail.client_path(b"/etc")
     with pytest.raises(ValueError):
         jail.virtual(b"a\0b")
+
+
+async def test_a_root_that_holds_the_node_home_is_refused_at_login(sshnode: NodeUnderTest,
+                                                                   dl: Path,
+                                                                   caplog) -> None:  # type: ignore[no-untyped-def]
+    """A user whose root holds the node home (set before the CLI refused that, or by another
+    node's CLI on a shared store) gets no SFTP channel: the node's keys stay out of reach."""
+    _, key = sshnode.keyed_user("alice")
+    sshnode.update_user("alice", home=str(sshnode.home.path))
+    run = await sshnode.sftp("alice", key, f"get pnc/node.key {dl}/k\n")
+    assert run.returncode != 0 and os.listdir(dl) == [], run.output
+    assert "holds the node home" in caplog.text and "SFTP refused" in caplog.text
+    sshnode.update_user("alice", home=str(sshnode.home.user_home("alice")))
+    run = await sshnode.sftp("alice", key, "pwd\n")
+    assert run.returncode == 0, run.output

@@ -331,6 +331,7 @@ def _check_name(name: str) -> None:
 
 def _make_root(home: NodeHome, name: str, path: str | None) -> Path:
     root = Path(path).expanduser().resolve() if path else home.user_home(name)
+    _check_root(home, root)
     try:
         if not root.is_dir():
             root.mkdir(parents=True)
@@ -339,6 +340,12 @@ def _make_root(home: NodeHome, name: str, path: str | None) -> Path:
         raise click.ClickException(f"cannot create home directory {root}: "
                                    f"{exc.strerror}") from None
     return root
+
+
+def _check_root(home: NodeHome, root: Path) -> None:
+    problem = home.unsafe_user_root(root)
+    if problem is not None:
+        raise click.ClickException(problem)
 
 
 def _get(store: Any, name: str) -> User:

@@ -15,6 +15,7 @@ import os
 import secrets
 import socket
 import time
+from pathlib import Path
 from typing import Callable
 
 import asyncssh
@@ -269,6 +270,14 @@ class SSHService:
         if not await asyncio.shield(session.claimed):
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
                                             "too many sessions")
+        # set with an older version, or by another node's CLI on a shared store
+        problem = await asyncio.to_thread(self.home.unsafe_user_root, Path(user.home))
+        if problem is not None:
+            log.error("user %s: SFTP refused: %s; give the user another root with `edgegw "
+                      "internal user set %s --home-dir DIR`", user.name, problem, user.name)
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                            "this account's files are misconfigured on the "
+                                            "server")
         await asyncio.to_thread(os.makedirs, user.home, 0o750, True)
         usage = await self._quotas.acquire(user)
         return NodeSFTPServer(chan, session, user, usage, durable=self.durable_uploads,
