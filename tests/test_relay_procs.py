@@ -173,3 +173,32 @@ async def test_garbage_on_the_control_socket_is_ignored(listener) -> None:
         assert proc.popen.poll() is None
     finally:
         await relay.close()
+
+
+async def test_an_add_with_a_descriptor_that_is_no_socket_closes_both(listener) -> None:
+    """An ADD whose second descriptor is no socket is refused, and both descriptors are
+    closed (the one that could not be wrapped as a socket leaked)."""
+    relay = create_relay("splice", procs=1)
+    relay.start(Reports())
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    sock_a, sock_b = socket.socketpair()
+    try:
+        proc = relay._procs[0]
+        socket.send_fds(proc.ctrl, [wire.command(wire.ADD, 77)], [sock_a.fileno(), r])
+        sock_a.close()
+        os.close(r)
+        sock_b.settimeout(5)
+        assert sock_b.recv(1) == b""       # the socket was closed
+        deadline = asyncio.get_running_loop().time() + 5
+        with pytest.raises(BrokenPipeError):   # no reader left: the pipe was closed too
+            while asyncio.get_running_loop().time() < deadline:
+                try:
+                    os.write(w, b"x" * 4096)
+                except BlockingIOError:        # full: still held open over there
+                    await asyncio.sleep(0.05)
+        assert proc.popen.poll() is None
+    finally:
+        os.close(w)
+        sock_b.close()
+        await relay.close()

@@ -88,13 +88,17 @@ class Worker:
                 socket.close(fd)
 
     def _add(self, sid: int, fds: list[int]) -> None:
-        a, b = (socket.socket(fileno=fd) for fd in fds)
+        socks: list[socket.socket] = []
         try:
-            self.relay.add(sid, a, b)
+            for fd in fds:
+                socks.append(socket.socket(fileno=fd))   # OSError: not a socket
+            self.relay.add(sid, *socks)
         except Exception as exc:   # e.g. the engine is out of memory: report, never crash
             log.error("session %016x: relay refused it: %s", sid, exc)
-            a.close()
-            b.close()
+            for fd in fds[len(socks):]:   # not wrapped: closed here, or they would leak
+                socket.close(fd)
+            for sock in socks:
+                sock.close()
             self._report(RelayReport(sid, 0, 0, 0.0, FinishReason.ERROR, str(exc)))
 
     def stop(self) -> None:
