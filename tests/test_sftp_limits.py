@@ -80,6 +80,13 @@ async def test_reads_are_capped(sshnode: NodeUnderTest) -> None:
     content = os.urandom(8 << 20)
     (home / "big.bin").write_bytes(content)
     async with sftp_client(sshnode, "alice", key) as sftp:
+        # what limits@openssh.com tells clients is what the server keeps (asyncssh's client
+        # keeps only the lengths of what it asked: read the reply itself for the handles)
+        assert sftp.limits.max_read_len == sftp_server.MAX_READ
+        limits = asyncssh.sftp.SFTPLimits.decode(
+            await sftp._handler._make_request(b"limits@openssh.com"))
+        assert (limits.max_read_len, limits.max_open_handles) == (sftp_server.MAX_READ,
+                                                                  sftp_server.MAX_HANDLES)
         async with sftp.open("big.bin", "rb") as f:
             data, _ = await sftp._handler.read(f._handle, 0, 2**32 - 1)
         assert len(data) == sftp_server.MAX_READ

@@ -20,9 +20,12 @@ from typing import Any, Optional
 from asyncssh.channel import SSHServerChannel
 from asyncssh.constants import MSG_CHANNEL_DATA, MSG_CHANNEL_EOF, MSG_CHANNEL_EXTENDED_DATA
 from asyncssh.packet import SSHPacket
-from asyncssh.sftp import (FXP_DATA, FXP_READ, FXP_WRITE, MAX_SFTP_PACKET_LEN, SFTPBadMessage,
-                           SFTPNoConnection, SFTPServerHandler)
+from asyncssh.sftp import (FXP_DATA, FXP_READ, FXP_WRITE, MAX_SFTP_PACKET_LEN,
+                           MAX_SFTP_WRITE_LEN, SFTPBadMessage, SFTPLimits, SFTPNoConnection,
+                           SFTPServerHandler)
 from asyncssh.stream import SSHReader, SSHServerStreamSession, SSHWriter
+
+from internal.sftp.server import MAX_HANDLES, MAX_READ
 
 
 class CorkedTransport:
@@ -121,7 +124,14 @@ class ViewSFTPHandler(SFTPServerHandler):
         data, at_end = await SFTPServerHandler._process_read(self, packet)
         return _DataReply(data, at_end, self._version)
 
-    _packet_handlers = {**SFTPServerHandler._packet_handlers, FXP_READ: _process_read_parts}
+    async def _process_our_limits(self, packet: SSHPacket) -> SFTPLimits:
+        """limits@openssh.com with the bounds the node's server keeps, not asyncssh's defaults
+        (4 MiB reads, the process's whole descriptor table): clients size their reads by it."""
+        packet.check_end()
+        return SFTPLimits(MAX_SFTP_PACKET_LEN, MAX_READ, MAX_SFTP_WRITE_LEN, MAX_HANDLES)
+
+    _packet_handlers = {**SFTPServerHandler._packet_handlers, FXP_READ: _process_read_parts,
+                        b"limits@openssh.com": _process_our_limits}
     _return_types = {**SFTPServerHandler._return_types, FXP_READ: _FXP_DATA_PARTS}
 
     async def recv_packet(self) -> SSHPacket:
