@@ -9,9 +9,11 @@ import asyncio
 import dataclasses
 import os
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import asyncssh
 import pytest
 
 from internal.audit import AuditLog
@@ -142,6 +144,14 @@ class NodeUnderTest:
         return await asyncio.create_subprocess_exec(
             *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, cwd=cwd)
+
+    @asynccontextmanager
+    async def sftp_client(self, user: str, key: Path) -> AsyncIterator[asyncssh.SFTPClient]:
+        """asyncssh's SFTP client logged in as `user`: for requests OpenSSH's sftp cannot send."""
+        async with asyncssh.connect("127.0.0.1", self.port, username=user,
+                                    client_keys=[str(key)], known_hosts=None) as conn:
+            async with conn.start_sftp_client() as sftp:
+                yield sftp
 
     async def wait_idle(self, timeout: float = 10.0) -> None:
         """Until no session is running (the server side of a client that just exited)."""

@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import asyncssh
@@ -17,15 +15,6 @@ import pytest
 
 from internal.sftp import server as sftp_server
 from tests.sshutil import NodeUnderTest
-
-
-@asynccontextmanager
-async def sftp_client(node: NodeUnderTest, user: str, key: Path
-                      ) -> AsyncIterator[asyncssh.SFTPClient]:
-    async with asyncssh.connect("127.0.0.1", node.port, username=user, client_keys=[str(key)],
-                                known_hosts=None) as conn:
-        async with conn.start_sftp_client() as sftp:
-            yield sftp
 
 
 def open_fds() -> int:
@@ -39,7 +28,7 @@ async def test_open_handles_are_capped_per_session(sshnode: NodeUnderTest, tmp_p
     home, key = sshnode.keyed_user("alice")
     (home / "f.txt").write_text("x")
     fds_before = open_fds()
-    async with sftp_client(sshnode, "alice", key) as sftp:
+    async with sshnode.sftp_client("alice", key) as sftp:
         # pipelined OPENs, as a hostile client sends them: exactly `cap` get a handle
         opened = await asyncio.gather(*(sftp.open(f"hold{i}", "w") for i in range(cap + 20)),
                                       return_exceptions=True)
@@ -53,7 +42,7 @@ async def test_open_handles_are_capped_per_session(sshnode: NodeUnderTest, tmp_p
         with pytest.raises(asyncssh.SFTPFailure, match="too many open handles"):
             await sftp.listdir(".")
         # the cap is per session: other sessions of the same user are not held up
-        async with sftp_client(sshnode, "alice", key) as other:
+        async with sshnode.sftp_client("alice", key) as other:
             assert "f.txt" in await other.listdir(".")
         # a closed handle makes room again
         await handles.pop().close()
@@ -79,7 +68,7 @@ async def test_reads_are_capped(sshnode: NodeUnderTest) -> None:
     home, key = sshnode.keyed_user("alice")
     content = os.urandom(8 << 20)
     (home / "big.bin").write_bytes(content)
-    async with sftp_client(sshnode, "alice", key) as sftp:
+    async with sshnode.sftp_client("alice", key) as sftp:
         # what limits@openssh.com tells clients is what the server keeps (asyncssh's client
         # keeps only the lengths of what it asked: read the reply itself for the handles)
         assert sftp.limits.max_read_len == sftp_server.MAX_READ
@@ -104,7 +93,7 @@ async def test_offsets_beyond_a_file_are_invalid_arguments(
     caplog.set_level(logging.INFO, logger="edgegw.node.sftp")
     home, key = sshnode.keyed_user("alice")
     (home / "dl").write_bytes(b"data")
-    async with sftp_client(sshnode, "alice", key) as sftp:
+    async with sshnode.sftp_client("alice", key) as sftp:
         h = sftp._handler
         async with sftp.open("dl", "rb") as f:
             for off in (2**63 - 1, 2**63, 2**64 - 1):

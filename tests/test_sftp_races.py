@@ -7,8 +7,7 @@ window, by wrapping the step that opens it.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +18,6 @@ from internal.sftp.paths import Jail
 from tests.sshutil import NodeUnderTest
 
 OUTSIDE_MTIME = 1_000_000_000     # marks what lies outside the home: no file inside has it
-
-
-@asynccontextmanager
-async def sftp_client(node: NodeUnderTest, user: str, key: Path
-                      ) -> AsyncIterator[asyncssh.SFTPClient]:
-    async with asyncssh.connect("127.0.0.1", node.port, username=user, client_keys=[str(key)],
-                                known_hosts=None) as conn:
-        async with conn.start_sftp_client() as sftp:
-            yield sftp
 
 
 class Swapper:
@@ -89,7 +79,7 @@ async def test_stat_family_acts_on_what_was_checked(sshnode: NodeUnderTest,
         return real
 
     monkeypatch.setattr(Jail, "resolve", resolve)
-    async with sftp_client(sshnode, "alice", key) as sftp:
+    async with sshnode.sftp_client("alice", key) as sftp:
         call = getattr(sftp, op)
         s.armed = True
         # readlink's verified parent is opened O_DIRECTORY|O_NOFOLLOW: the symlink there is
@@ -122,7 +112,7 @@ async def test_listing_dotdot_is_the_real_parent(sshnode: NodeUnderTest,
         return fd
 
     monkeypatch.setattr(Jail, "open_dir", open_dir)
-    async with sftp_client(sshnode, "alice", key) as sftp:
+    async with sshnode.sftp_client("alice", key) as sftp:
         s.armed = True
         names = {n.filename: n for n in await sftp.readdir("x/sub")}
         assert s.swaps == 1
@@ -169,7 +159,7 @@ async def test_listing_skips_entries_that_vanish(sshnode: NodeUnderTest,
         return real_scandir(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
-    async with sftp_client(sshnode, "alice", key) as sftp:
+    async with sshnode.sftp_client("alice", key) as sftp:
         names = await sftp.listdir("many")
     assert not armed[0], "the listing did not go through os.scandir(fd)"
     assert sorted(names) == sorted({".", ".."} | {f"f{i:02d}" for i in range(1, 20, 2)})

@@ -24,18 +24,16 @@ async def test_refusals_are_logged_and_audited(sshnode: NodeUnderTest, tmp_path:
     outside.mkdir()
     (outside / "secret.txt").write_text("secret")
     os.symlink(outside, home / "esc")       # a way out of the home, planted on the node
-    async with asyncssh.connect("127.0.0.1", sshnode.port, username="alice",
-                                client_keys=[str(key)], known_hosts=None) as conn:
-        async with conn.start_sftp_client() as sftp:
-            with pytest.raises(asyncssh.SFTPPermissionDenied):
-                await sftp.stat("esc/secret.txt")
-            with pytest.raises(asyncssh.SFTPPermissionDenied):
-                await sftp.open("esc/secret.txt")
-            with pytest.raises(asyncssh.SFTPPermissionDenied):
-                await sftp.remove("esc/secret.txt")
-            with pytest.raises(asyncssh.SFTPError, match="invalid file name"):
-                await sftp.mkdir("a\0b")
-            await sftp.stat("/")                    # allowed: no trace
+    async with sshnode.sftp_client("alice", key) as sftp:
+        with pytest.raises(asyncssh.SFTPPermissionDenied):
+            await sftp.stat("esc/secret.txt")
+        with pytest.raises(asyncssh.SFTPPermissionDenied):
+            await sftp.open("esc/secret.txt")
+        with pytest.raises(asyncssh.SFTPPermissionDenied):
+            await sftp.remove("esc/secret.txt")
+        with pytest.raises(asyncssh.SFTPError, match="invalid file name"):
+            await sftp.mkdir("a\0b")
+        await sftp.stat("/")                    # allowed: no trace
     # and from OpenSSH's client, a permission the user lacks
     run = await sshnode.sftp("reader", rkey, "rm report.csv\n")
     assert run.returncode != 0 and "Permission denied" in run.stderr, run.output
