@@ -154,6 +154,16 @@ class _FakeLink:
         self.connected = False   # no refill: each test controls the connections it sees
 
 
+async def _proven(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                  ) -> tuple[bytes, dataauth.Proof]:
+    """The gateway's side of a pooled connection's proof: challenge, then check the answer."""
+    nonce, challenge = dataauth.make_challenge()
+    writer.write(challenge)
+    proof = dataauth.parse_proof(await reader.readexactly(dataauth.PROOF_LEN))
+    assert dataauth.verify_pool_proof(proof, KEY, nonce)
+    return nonce, proof
+
+
 async def _data_port(handler) -> tuple[asyncio.AbstractServer, int]:  # type: ignore[no-untyped-def]
     server = await asyncio.start_server(handler, "127.0.0.1", 0)
     return server, server.sockets[0].getsockname()[1]
@@ -168,10 +178,7 @@ async def test_node_pool_checks_the_assignment(forge: bool, caplog) -> None:  # 
     closed_by_node = asyncio.Event()
 
     async def gateway(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonce, challenge = dataauth.make_challenge()
-        writer.write(challenge)
-        proof = dataauth.parse_proof(await reader.readexactly(dataauth.PROOF_LEN))
-        assert dataauth.verify_pool_proof(proof, KEY, nonce)
+        nonce, proof = await _proven(reader, writer)
         key = bytes(32) if forge else KEY
         writer.write(dataauth.encode_assignment(
             dataauth.Assignment(77, "203.0.113.5", 5555), key, nonce, proof.ident))
@@ -213,10 +220,7 @@ async def test_node_replaces_pooled_connections_the_gateway_lost(monkeypatch) ->
     closed: asyncio.Queue[int] = asyncio.Queue()
 
     async def gateway(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonce, challenge = dataauth.make_challenge()
-        writer.write(challenge)
-        proof = dataauth.parse_proof(await reader.readexactly(dataauth.PROOF_LEN))
-        assert dataauth.verify_pool_proof(proof, KEY, nonce)
+        _, proof = await _proven(reader, writer)
         await proven.put(proof.ident)
         if await reader.read(1) == b"":      # never assigned: wait for the node to let go
             await closed.put(proof.ident)
@@ -259,10 +263,7 @@ async def test_node_pool_dials_again_after_the_gateway_refused_it(monkeypatch) -
             refuse -= 1
             writer.close()
             return
-        nonce, challenge = dataauth.make_challenge()
-        writer.write(challenge)
-        proof = dataauth.parse_proof(await reader.readexactly(dataauth.PROOF_LEN))
-        assert dataauth.verify_pool_proof(proof, KEY, nonce)
+        _, proof = await _proven(reader, writer)
         await proven.put(proof.ident)
         await reader.read(1)
         writer.close()
