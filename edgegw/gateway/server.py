@@ -201,19 +201,10 @@ class Gateway:
             del self._per_address[ip]   # a table of every address ever seen would only grow
 
     async def _on_node(self, sock: socket.socket, addr: tuple) -> None:
-        counted = True   # by _spawn_handler, until the TLS handshake verified the node or failed
-
-        def authenticated() -> None:
-            nonlocal counted
-            if counted:
-                counted = False
-                self._authenticated("pnc")
-
-        try:
-            set_nodelay(sock)  # asyncio only does it for sockets made with proto=IPPROTO_TCP
-            await NodeLink(self, sock, addr).run(on_authenticated=authenticated)
-        finally:
-            authenticated()
+        # Counted as handshaking by _spawn_handler; NodeLink.run says once, whatever happens,
+        # when the TLS handshake verified the node or failed.
+        set_nodelay(sock)  # asyncio only does it for sockets made with proto=IPPROTO_TCP
+        await NodeLink(self, sock, addr).run(on_authenticated=lambda: self._authenticated("pnc"))
 
     async def _on_data(self, sock: socket.socket, addr: tuple) -> None:
         try:
