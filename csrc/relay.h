@@ -77,7 +77,7 @@ typedef struct relay_stats {
     uint64_t bytes_total;
     uint64_t pipes_in_use;   /* pipes holding data in flight */
     uint64_t pipes_pooled;   /* empty pipes kept for reuse */
-    uint64_t buffers_in_use; /* select backend */
+    uint64_t buffers_in_use; /* select backend; splice: copies waiting while no pipe was to be had */
     uint64_t buffers_pooled;
 } relay_stats;
 

@@ -32,7 +32,8 @@ void relay_pipe_pool_destroy(struct relay_pipe_pool *pool);
 struct relay_dir {
     uint64_t bytes;          /* delivered to the destination */
     struct relay_pipe pipe;  /* splice: held only while bytes are in flight */
-    char *buf;               /* select: held only while bytes are in flight */
+    char *buf;               /* held only while bytes are in flight: select's buffer, or the
+                                splice backend's when no pipe could be had (see spill()) */
     uint32_t off, len;       /* bytes in flight: in the pipe, or buf[off, off + len) */
     uint8_t eof;             /* source said end of stream */
     uint8_t shut;            /* end of stream forwarded: shutdown(dst, SHUT_WR) done */
@@ -104,6 +105,8 @@ struct relay_worker {
     /* splice */
     int epfd;
     struct relay_pipe_pool pipes;
+    int pipe_err;            /* errno of the last pipe2() that failed, 0 after one succeeds */
+    uint64_t pipe_retry_ns;  /* no pipe2() before then, after a failure */
     /* select */
     struct relay_session **slots;
     size_t nslots, cap_slots;

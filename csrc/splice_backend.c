@@ -8,6 +8,7 @@
 #if RELAY_HAVE_SPLICE
 
 #include <stdlib.h>
+#include <string.h>
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
 
@@ -84,13 +85,50 @@ static int sync_events(struct relay_worker *w, struct relay_session *s, int side
  * With the pipe empty, copy_small() reads once and sends what it read; what the destination
  * will not take now goes into the pipe, where the splice path drains it. Returns 0 when all was
  * sent or at EOF (go on), 1 when the source is empty or the destination full, -1 on a peer's
- * error and -2 on a local one, such as no descriptor left for a pipe (*err set). */
+ * error and -2 on a local one, no memory for the rest (*err set). */
 #define COPY_MAX 8192u
+
+/* After pipe2() failed (no descriptor left: EMFILE, ENFILE), the thread does not ask again
+ * for this long unless its pool holds an idle pipe: meanwhile directions copy (below). */
+#define PIPE_RETRY_NS (100u * 1000u * 1000u)
 
 /* The direction's pipe, from the thread's pool if it holds none: 0 or an errno. */
 static int hold_pipe(struct relay_worker *w, struct relay_dir *x)
 {
-    return x->pipe.rfd < 0 ? -relay_pipe_get(&w->pipes, &x->pipe) : 0;
+    if (x->pipe.rfd >= 0)
+        return 0;
+    if (w->pipes.nidle == 0 && w->pipe_err != 0 && w->now_ns < w->pipe_retry_ns)
+        return w->pipe_err;
+    w->pipe_err = -relay_pipe_get(&w->pipes, &x->pipe);
+    if (w->pipe_err != 0)
+        w->pipe_retry_ns = w->now_ns + PIPE_RETRY_NS;
+    return w->pipe_err;
+}
+
+/* Without a pipe, what the destination did not take waits in a buffer of the direction's own
+ * (at most COPY_MAX bytes, freed once sent), and the direction copies until a pipe can be had
+ * again: a gateway out of descriptors goes slower, it does not drop sessions. 0 or ENOMEM. */
+static int spill(struct relay_worker *w, struct relay_dir *x, const char *data, size_t n)
+{
+    if (x->buf == NULL) {
+        x->buf = malloc(COPY_MAX);
+        if (x->buf == NULL)
+            return ENOMEM;
+        relay_counter_add(&w->bufs_in_use, 1);
+    }
+    memcpy(x->buf, data, n);
+    x->off = 0;
+    x->len = (uint32_t)n;
+    return 0;
+}
+
+static void drop_spill(struct relay_worker *w, struct relay_dir *x)
+{
+    if (x->buf != NULL) {
+        free(x->buf);
+        x->buf = NULL;
+        relay_counter_sub(&w->bufs_in_use, 1);
+    }
 }
 
 static int copy_small(struct relay_worker *w, struct relay_dir *x, int src, int dst,
@@ -136,9 +174,12 @@ static int copy_small(struct relay_worker *w, struct relay_dir *x, int src, int 
     if (sent == (size_t)n)
         return 0; /* else read on until EAGAIN: a hung-up source is no longer watched by epoll */
     /* The rest waits in the (empty) pipe: at most COPY_MAX bytes, far below its capacity. */
-    if ((*err = hold_pipe(w, x)) != 0)
-        return -2;
     size_t rest = (size_t)n - sent;
+    if (hold_pipe(w, x) != 0) {
+        if ((*err = spill(w, x, buf + sent, rest)) != 0)
+            return -2;
+        return 1;
+    }
     ssize_t m;
     do
         m = write(x->pipe.wfd, buf + sent, rest);
@@ -175,14 +216,17 @@ static int pump(struct relay_worker *w, struct relay_session *s, int d, int *err
     *err = 0;
     for (;;) {
         while (x->len > 0 && x->can_write) {
-            ssize_t n = splice(x->pipe.rfd, NULL, dst, NULL, x->len,
-                               SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+            ssize_t n = x->buf != NULL
+                ? send(dst, x->buf + x->off, x->len, MSG_DONTWAIT | MSG_NOSIGNAL)
+                : splice(x->pipe.rfd, NULL, dst, NULL, x->len, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
             if (n > 0) {
                 x->len -= (uint32_t)n;
+                if (x->buf != NULL)
+                    x->off += (uint32_t)n;
                 moved += (uint64_t)n;
             } else if (n < 0 && errno == EINTR) {
                 continue;
-            } else if (n < 0 && errno == EAGAIN) {
+            } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
                 x->can_write = 0;
             } else {
                 *err = n < 0 ? errno : EPIPE;
@@ -212,9 +256,9 @@ static int pump(struct relay_worker *w, struct relay_session *s, int d, int *err
                 break; /* source empty, or destination full with the rest in the pipe */
             continue;
         }
-        if ((*err = hold_pipe(w, x)) != 0) {
-            reason = RELAY_ERROR;
-            goto out;
+        if (hold_pipe(w, x) != 0) {
+            x->bulk = 0; /* no pipe to be had: copy, a buffer at a time */
+            continue;
         }
         ssize_t n;
         do
@@ -249,8 +293,11 @@ static int pump(struct relay_worker *w, struct relay_session *s, int d, int *err
         }
     }
 out:
-    if (x->len == 0 && x->pipe.rfd >= 0)
-        relay_pipe_put(&w->pipes, &x->pipe, 0);
+    if (x->len == 0) {
+        if (x->pipe.rfd >= 0)
+            relay_pipe_put(&w->pipes, &x->pipe, 0);
+        drop_spill(w, x);
+    }
     if (moved) {
         x->bytes += moved;
         relay_session_touch(w, s, moved);
@@ -294,6 +341,7 @@ static void splice_detach(struct relay_worker *w, struct relay_session *s)
             (void)epoll_ctl(w->epfd, EPOLL_CTL_DEL, s->fd[side], NULL);
         struct relay_dir *x = &s->dir[side];
         relay_pipe_put(&w->pipes, &x->pipe, x->len);
+        drop_spill(w, x);
         x->len = 0;
     }
     s->registered = 0;
