@@ -198,6 +198,28 @@ def test_node_reconnects_after_gateway_restart(tmp_path: Path, node_home: Path,
     _ok(sftp_batch(gw2.external, user, key, "ls\n"))
 
 
+def test_a_second_node_with_an_attached_id_waits_its_turn(tmp_path: Path, node_home: Path,
+                                                          procs: list[Proc],
+                                                          alice: tuple[str, Path]) -> None:
+    """Two processes on one home carry one node id: the second is refused while the first is
+    attached (sessions, leases and metrics are kept per id), and attaches once it is gone."""
+    user, key = alice
+    gw = start_gateway(tmp_path, node_home / "gateway-trust.pem")
+    procs.append(gw)
+    first = start_node(tmp_path, node_home, [gw], name="first")
+    procs.append(first)
+    second = start_node(tmp_path, node_home, [gw], name="second", wait=False)
+    procs.append(second)
+    gw.wait_log(r"pnc peer \S+ refused: node id \S+ is already attached from")
+    second.wait_log(r"said goodbye: node id \S+ is already attached to gateway gateway")
+    assert gw.count(r"node \S+ attached from") == 1
+    _ok(sftp_batch(gw.external, user, key, "ls\n"))
+    first.stop(signal.SIGKILL)
+    gone = gw.wait_log(r"node \S+ detached")
+    gw.wait_log(r"node \S+ attached from", start=gone.end())
+    _ok(sftp_batch(gw.external, user, key, "ls\n"))
+
+
 def test_gateway_writes_nothing(tmp_path: Path, node_home: Path, procs: list[Proc],
                                 alice: tuple[str, Path]) -> None:
     user, key = alice

@@ -108,6 +108,15 @@ class NodeLink:
                                    int(cfg.heartbeat_interval * 1000), pool_key))
             hello, early = await asyncio.wait_for(self._first_hello(reader),
                                                   cfg.heartbeat_timeout * 3)
+            if (other := self.gw.peers.find(hello.node_id)) is not None:
+                # Two processes with one id (a home copied, or workers left running by a
+                # killed supervisor) would split one node's sessions, leases and metrics; a
+                # node that restarted before its old link timed out is let in once it has.
+                log.warning("pnc peer %s refused: node id %s is already attached from %s",
+                            self.addr, hello.node_id, other.address)
+                self.send(Goodbye(f"node id {hello.node_id} is already attached to gateway "
+                                  f"{cfg.gateway_id}"))
+                return
             self.peer = Peer(hello.node_id, self.addr, self.send, pool_key,
                              capacity=hello.capacity, weight=max(1, hello.weight),
                              active=hello.active, draining=hello.draining)

@@ -70,6 +70,10 @@ class PeerRegistry:
         self._peers.append(peer)
         self.changed()
 
+    def find(self, node_id: str) -> Peer | None:
+        """The attached peer with this node id, if any."""
+        return next((p for p in self._peers if p.node_id == node_id), None)
+
     def remove(self, peer: Peer) -> None:
         peer.alive = False
         if peer in self._peers:
