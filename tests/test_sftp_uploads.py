@@ -2,16 +2,21 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
-import time
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import asyncssh
 import pytest
+from asyncssh.constants import FXF_CREAT, FXF_EXCL, FXF_READ, FXF_WRITE
 
 from internal.sftp.paths import is_temp_name
-from internal.sftp.uploads import sweep_temps
+from internal.sftp.uploads import _copy, exclusive_temp_name, sweep_temps
+from internal.store.base import Perm
 from tests.sshutil import NodeUnderTest, tree
 
 MiB = 1 << 20
@@ -144,3 +149,101 @@ def test_sweep_removes_only_stale_temporaries(tmp_path: Path) -> None:
     (tmp_path / "keep.tmp").write_text("user data")
     assert sweep_temps(tmp_path, older_than=3600) == 1
     assert tree(tmp_path) == {"d", "keep.tmp", fresh.name}
+
+
+async def test_a_write_only_handle_reads_nothing(sshnode: NodeUnderTest) -> None:
+    """Writing into an existing file starts from a copy of it: without READ in the open, that
+    copy must not be readable, or a user who may only upload could download any file."""
+    home, key = sshnode.keyed_user("alice", permissions=frozenset(
+        {Perm.LIST, Perm.UPLOAD, Perm.OVERWRITE}))
+    (home / "secret.txt").write_bytes(b"not for alice")
+    async with sshnode.sftp_client("alice", key) as sftp:
+        async with sftp.open("secret.txt", FXF_WRITE, encoding=None) as f:
+            with pytest.raises(asyncssh.SFTPPermissionDenied, match="not opened for that"):
+                await f.read(100, 0)
+            await f.write(b"NOT", 0)
+    assert (home / "secret.txt").read_bytes() == b"NOT for alice"
+
+
+async def test_an_exclusive_create_holds_the_name_from_open(sshnode: NodeUnderTest) -> None:
+    """CREAT|EXCL (lock files): the second open of the name fails at once, in another session
+    too, though the file appears only when the first upload completes."""
+    home, key = sshnode.keyed_user("alice")
+    excl = FXF_WRITE | FXF_CREAT | FXF_EXCL
+    async with sshnode.sftp_client("alice", key) as sftp, \
+            sshnode.sftp_client("alice", key) as other:
+        async with sftp.open("job.lock", excl, encoding=None) as f:
+            await f.write(b"owner 1", 0)
+            with pytest.raises(asyncssh.SFTPFailure, match="already exists"):
+                await other.open("job.lock", excl, encoding=None)
+            assert not (home / "job.lock").exists()
+        assert (home / "job.lock").read_bytes() == b"owner 1"
+        with pytest.raises(asyncssh.SFTPFailure, match="already exists"):
+            await other.open("job.lock", excl, encoding=None)
+    # a crashed session's exclusive temporary (nothing holds it) does not block the name
+    (home / "job.lock").unlink()
+    left = home / os.fsdecode(exclusive_temp_name(b"job.lock"))
+    left.write_bytes(b"left by a crash")
+    os.utime(left, (time.time() - 60, time.time() - 60))
+    async with sshnode.sftp_client("alice", key) as sftp:
+        async with sftp.open("job.lock", excl, encoding=None) as f:
+            await f.write(b"owner 2", 0)
+    assert (home / "job.lock").read_bytes() == b"owner 2"
+    assert temps(home) == []
+
+
+async def test_writing_into_a_sparse_file_copies_no_holes(sshnode: NodeUnderTest) -> None:
+    home, key = sshnode.keyed_user("alice")
+    with open(home / "sparse.img", "wb") as f:
+        f.write(b"head")
+        f.seek(4096 * MiB)
+        f.write(b"tail")
+    async with sshnode.sftp_client("alice", key) as sftp:
+        async with sftp.open("sparse.img", FXF_READ | FXF_WRITE, encoding=None) as f:
+            await f.write(b"HEAD", 0)
+            assert await f.read(4, 4096 * MiB) == b"tail"
+    st = (home / "sparse.img").stat()
+    assert st.st_size == 4096 * MiB + 4
+    assert st.st_blocks * 512 < 16 * MiB        # the 4 GiB hole stayed a hole
+    with open(home / "sparse.img", "rb") as f:
+        assert f.read(4) == b"HEAD"
+        f.seek(2048 * MiB)
+        assert f.read(4) == b"\0" * 4
+
+
+def test_copy_keeps_holes_without_copy_file_range(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_args: object) -> int:
+        raise OSError(errno.EXDEV, "cross-device")
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    with open(src, "wb") as f:
+        f.write(b"a" * 5000)
+        f.seek(64 * MiB)
+        f.write(b"b" * 5000)
+    with open(src, "rb") as s, open(dst, "w+b") as d:
+        d.write(b"stale content")
+        d.flush()
+        _copy(s.fileno(), d.fileno())
+    assert dst.read_bytes() == src.read_bytes()
+    assert dst.stat().st_blocks * 512 < 4 * MiB
+
+
+def test_sweep_spares_a_temporary_a_live_upload_holds(tmp_path: Path) -> None:
+    """A client may pause for longer than the sweep's age limit; its upload's lock says it is
+    alive (in another process here: a child holds it)."""
+    temp = tmp_path / ".edgegw-upload-00112233445566ff.tmp"
+    temp.write_text("paused upload")
+    os.utime(temp, (time.time() - 7200, time.time() - 7200))
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys; f = open(sys.argv[1]); fcntl.flock(f, fcntl.LOCK_EX); "
+        "print('locked', flush=True); sys.stdin.read()"), str(temp)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        assert sweep_temps(tmp_path, older_than=3600) == 0
+        assert temp.exists()
+    finally:
+        holder.communicate("")
+    assert sweep_temps(tmp_path, older_than=3600) == 1
+    assert not temp.exists()

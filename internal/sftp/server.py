@@ -171,7 +171,8 @@ class NodeSFTPServer(asyncssh.SFTPServer):
             Upload.start, self._jail, real, vpath, truncate=truncate,
             append=bool(pflags & FXF_APPEND), create=bool(pflags & FXF_CREAT),
             exclusive=bool(pflags & FXF_EXCL) or Perm.OVERWRITE not in self._perms,
-            perms=0o644 if attrs.permissions is None else attrs.permissions, usage=self._usage)
+            perms=0o644 if attrs.permissions is None else attrs.permissions, usage=self._usage,
+            readable=bool(pflags & FXF_READ))
         # Resuming copies the existing file first: keep that off the event loop.
         upload = await asyncio.to_thread(start) if exists and not truncate else start()
         self._audit("file.open", path, mode="write", resume=exists and not truncate)

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 import stat
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 from asyncssh import SFTPAttrs
 
-from internal.sftp.paths import (TEMP_PREFIX, AccessDenied, Jail, is_temp_name, lstat_at,
-                                 new_temp_name)
+from internal.sftp.paths import (TEMP_PREFIX, TEMP_SUFFIX, AccessDenied, Jail, is_temp_name,
+                                 lstat_at, new_temp_name)
 from internal.sftp.quota import QuotaExceeded, Usage
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,49 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> int:
     return done
 
 
+# Each upload holds an flock() on its temporary while it runs, so a sweep (or an exclusive
+# open) in any process tells a crashed session's leftover from a live upload, however long the
+# client pauses. Temporaries this process writes are also listed here, by directory and name:
+# where flock() is emulated with POSIX locks (NFS) a lock does not conflict within a process.
+_live: set[tuple[int, int, bytes]] = set()
+# A temporary not locked yet may be one that was created a moment ago (it is locked right
+# after): one as fresh as this counts as live.
+_LOCK_GRACE = 10.0
+
+
+def _live_key(dir_fd: int, name: bytes) -> tuple[int, int, bytes]:
+    st = os.fstat(dir_fd)
+    return st.st_dev, st.st_ino, name
+
+
+def temp_in_use(name: bytes, dir_fd: int) -> bool:
+    """Whether a live upload, in this process or another, is writing temporary `name`."""
+    if _live_key(dir_fd, name) in _live:
+        return True
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    try:
+        if time.time() - os.fstat(fd).st_mtime < _LOCK_GRACE:
+            return True
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def exclusive_temp_name(name: bytes) -> bytes:
+    """The one temporary an exclusive upload of `name` may use (in the same directory), so a
+    second exclusive open of the name fails at once, in any process or node, as it would if
+    the file existed, though the file appears under its name only when complete."""
+    digest = hashlib.blake2b(name, digest_size=8).hexdigest().encode()
+    return TEMP_PREFIX + b"x" + digest + TEMP_SUFFIX
+
+
 class Upload(OpenFile):
     """A file being written: a temporary that replaces the final name on `commit()`."""
 
@@ -92,8 +136,9 @@ class Upload(OpenFile):
 
     def __init__(self, fd: int, client_path: bytes, dir_fd: int, temp: bytes, name: bytes, *,
                  append: bool, exclusive: bool, usage: Usage | None, credit: int,
-                 new_file: bool) -> None:
+                 new_file: bool, readable: bool = True) -> None:
         super().__init__(fd, client_path)
+        self.readable = readable        # opened with READ: a write-only handle reads nothing
         self.dir_fd = dir_fd
         self.temp = temp
         self.name = name
@@ -109,7 +154,7 @@ class Upload(OpenFile):
     @classmethod
     def start(cls, jail: Jail, real: bytes, client_path: bytes, *, truncate: bool,
               append: bool, exclusive: bool, create: bool, perms: int,
-              usage: Usage | None) -> "Upload":
+              usage: Usage | None, readable: bool = True) -> "Upload":
         """Create the temporary next to `real` (copying the existing file unless truncating).
 
         `exclusive` refuses an existing file now and at commit (SFTP's EXCL, or a user who may
@@ -117,7 +162,7 @@ class Upload(OpenFile):
         """
         dir_fd, name = jail.open_parent(real)
         fd = -1
-        temp = new_temp_name()
+        temp = exclusive_temp_name(name) if exclusive else new_temp_name()
         charged_file = False
         try:
             existing = lstat_at(name, dir_fd)
@@ -131,8 +176,7 @@ class Upload(OpenFile):
             elif usage is not None:
                 usage.charge(nfiles=1)
                 charged_file = True
-            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            fd = os.open(temp, flags, 0o600, dir_fd=dir_fd)
+            fd = _create_temp(temp, dir_fd)
             os.fchmod(fd, stat.S_IMODE(existing.st_mode) if existing else perms & 0o777)
             if existing is not None and not truncate:
                 src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
@@ -144,15 +188,22 @@ class Upload(OpenFile):
                 fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
             return cls(fd, client_path, dir_fd, temp, name, append=append,
                        exclusive=exclusive, usage=usage,
-                       credit=existing.st_size if existing else 0, new_file=existing is None)
+                       credit=existing.st_size if existing else 0, new_file=existing is None,
+                       readable=readable)
         except BaseException:
             if fd >= 0:
+                _live.discard(_live_key(dir_fd, temp))
                 os.close(fd)
                 _unlink_quietly(temp, dir_fd)
             os.close(dir_fd)
             if charged_file and usage is not None:
                 usage.adjust(nfiles=-1)
             raise
+
+    def read(self, offset: int, size: int) -> bytes:
+        if not self.readable:   # else the copy of an existing file would be readable
+            raise PermissionError(errno.EBADF, "the file was opened for writing only")
+        return super().read(offset, size)
 
     def _grow(self, end: int) -> None:
         if end > self.high:
@@ -225,10 +276,35 @@ class Upload(OpenFile):
         self._release()
 
     def _release(self) -> None:
+        if self.dir_fd >= 0:
+            _live.discard(_live_key(self.dir_fd, self.temp))
         self.close()
         if self.dir_fd >= 0:
             fd, self.dir_fd = self.dir_fd, -1
             os.close(fd)
+
+
+def _create_temp(temp: bytes, dir_fd: int) -> int:
+    """Create and lock an upload's temporary. An exclusive upload's (fixed name) may be left by
+    a crashed session: if nothing holds it, it is replaced; if a live upload does, the name
+    is being uploaded and the open fails as for an existing file."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(temp, flags, 0o600, dir_fd=dir_fd)
+    except FileExistsError:
+        if temp_in_use(temp, dir_fd):
+            raise FileExistsError(errno.EEXIST, "the file is being uploaded") from None
+        _unlink_quietly(temp, dir_fd)
+        fd = os.open(temp, flags, 0o600, dir_fd=dir_fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):   # no locks here: grace only
+            os.close(fd)
+            _unlink_quietly(temp, dir_fd)
+            raise
+    _live.add(_live_key(dir_fd, temp))
+    return fd
 
 
 def apply_attrs(fd: int, attrs: SFTPAttrs, resize: Callable[[int], None]) -> None:
@@ -251,21 +327,47 @@ def _ns(sec: int | None, ns: int | None) -> int | None:
     return None if sec is None else sec * 1_000_000_000 + (ns or 0)
 
 
+def _data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """The [start, end) ranges of `fd` that hold data: its holes (a sparse file) are skipped,
+    so copying a file of 8 GiB with nothing written reads and writes nothing."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:       # no data after pos: the rest is a hole
+                return
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            yield pos, size                    # no SEEK_DATA here: treat it all as data
+            return
+        if start >= size:
+            return
+        yield start, end
+        pos = end
+
+
 def _copy(src: int, dst: int) -> None:
-    """Copy a whole file between descriptors in the kernel (reflink where the fs can)."""
+    """Copy a whole file between descriptors: in the kernel (reflink where the fs can), range
+    by range of data, so the copy keeps the source's holes."""
+    size = os.fstat(src).st_size
+    ranges = list(_data_ranges(src, size))
     try:
-        while os.copy_file_range(src, dst, _COPY_CHUNK):
-            pass
-        return
+        for start, end in ranges:
+            pos = start
+            while pos < end and (n := os.copy_file_range(src, dst, min(_COPY_CHUNK, end - pos),
+                                                         pos, pos)):
+                pos += n
     except OSError as exc:
         if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
             raise
-    os.lseek(src, 0, os.SEEK_SET)
-    os.lseek(dst, 0, os.SEEK_SET)
-    os.ftruncate(dst, 0)
-    pos = 0
-    while chunk := os.read(src, 1 << 20):
-        pos += _pwrite_all(dst, chunk, pos)
+        os.ftruncate(dst, 0)
+        for start, end in ranges:
+            pos = start
+            while pos < end and (chunk := os.pread(src, min(1 << 20, end - pos), pos)):
+                pos += _pwrite_all(dst, chunk, pos)
+    os.ftruncate(dst, size)
 
 
 def _unlink_quietly(name: bytes, dir_fd: int) -> None:
@@ -278,7 +380,8 @@ def _unlink_quietly(name: bytes, dir_fd: int) -> None:
 
 
 def sweep_temps(root: str | bytes, older_than: float = 0.0) -> int:
-    """Remove upload temporaries left under `root` by a crash; returns how many went."""
+    """Remove upload temporaries left under `root` by a crash: untouched for `older_than`
+    seconds and held by no live upload. Returns how many went."""
     removed = 0
     limit = time.time() - older_than
     for dirpath, _dirs, files in os.walk(os.fsencode(root)):
@@ -287,9 +390,17 @@ def sweep_temps(root: str | bytes, older_than: float = 0.0) -> int:
                 continue
             path = os.path.join(dirpath, name)
             try:
-                if os.lstat(path).st_mtime <= limit:
+                if os.lstat(path).st_mtime <= limit and not _held(dirpath, name):
                     os.unlink(path)
                     removed += 1
             except OSError as exc:
                 log.warning("cannot sweep upload temporary %r: %s", path, exc)
     return removed
+
+
+def _held(dirpath: bytes, name: bytes) -> bool:
+    dir_fd = os.open(dirpath, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return temp_in_use(name, dir_fd)
+    finally:
+        os.close(dir_fd)
