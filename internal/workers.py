@@ -39,6 +39,27 @@ _SUPERVISOR_ONLY = ("--workers", "--node-id", "--metrics", "--metrics-allow",
                     "--metrics-cert", "--metrics-key", "--metrics-client-ca")
 
 
+# Set by the supervisor in each worker's environment: its pid (see follow_supervisor).
+SUPERVISOR_ENV = "EDGEGW_SUPERVISOR_PID"
+_PR_SET_PDEATHSIG = 1
+
+
+def follow_supervisor() -> None:
+    """In a worker: drain and exit (SIGTERM) when the supervisor dies, however it dies. A
+    supervisor killed with SIGKILL cannot pass a signal on, and workers left running would
+    attach again, beside the new supervisor's, under the same node ids."""
+    parent = os.environ.pop(SUPERVISOR_ENV, None)
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        log.warning("cannot ask to be stopped with the supervisor: %s",
+                    os.strerror(ctypes.get_errno()))
+    if str(os.getppid()) != parent:     # it died before the request above took effect
+        raise SystemExit(f"the worker supervisor (pid {parent}) is gone")
+
+
 def worker_args(argv: list[str], index: int, node_id: str) -> list[str]:
     """The command line of worker `index`: this one, with one worker and its own node id."""
     out: list[str] = []
@@ -100,7 +121,8 @@ def _supervise(argv: list[str], workers: int, node_id: str, run_dir: Path,
     crashes: list[float] = []        # when workers died (but at first start): crash guard
     stopping = False
     failure: str | None = None       # why the supervisor gave up
-    env = dict(os.environ, **({MULTIPROC_ENV: metrics_dir} if metrics_dir else {}))
+    env = dict(os.environ, **({MULTIPROC_ENV: metrics_dir} if metrics_dir else {}),
+               **{SUPERVISOR_ENV: str(os.getpid())})
 
     def spawn(index: int) -> None:
         procs[index] = subprocess.Popen(worker_args(argv, index, node_id), env=env)

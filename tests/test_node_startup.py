@@ -131,3 +131,30 @@ def test_worker_that_ran_is_restarted_until_workers_keep_dying(node_home: Path, 
     assert text.count("exited with -9; restarting") == CRASH_LIMIT, text
     assert f"Error: workers died {CRASH_LIMIT + 1} times within 60s" in text, text
     assert "Traceback" not in text
+
+
+def test_workers_stop_when_the_supervisor_is_killed(node_home: Path, tmp_path: Path,
+                                                    procs: list[Proc]) -> None:
+    """SIGKILL leaves the supervisor no chance to pass a signal on: the workers learn of its
+    death from the kernel and drain, instead of serving on beside a restarted supervisor's."""
+    node = Proc("node", edgegw_cmd("internal", "serve", "--home", str(node_home), "--listen",
+                                   "127.0.0.1:0", "--workers", "2"),
+                tmp_path / "node.log").start()
+    procs.append(node)
+    for index in (1, 2):
+        node.wait_log(rf"node \S+-w{index} started")
+    workers = [_worker_pid(node, 1), _worker_pid(node, 2)]
+    node.send_signal(signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while any(_running(pid) for pid in workers):
+        assert time.monotonic() < deadline, node.text()[-4000:]
+        time.sleep(0.05)
+    assert node.count(r"node \S+-w\d stopped") == 2, node.text()[-4000:]
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False

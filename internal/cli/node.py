@@ -114,6 +114,8 @@ def serve(home_dir: str, gateways: list[HostPort], listen: HostPort | None,
         except (OSError, WorkersFailed) as exc:   # OSError: the metrics address is taken
             raise click.ClickException(str(exc)) from None
         raise SystemExit(code)
+    from internal.workers import follow_supervisor
+    follow_supervisor()     # a worker: stop when its supervisor does
     opts = ServeOptions(list(gateways), listen=listen, forward=forward,
                         forward_proxy_protocol=forward_proxy_protocol, capacity=capacity,
                         weight=weight, drain_timeout=drain_timeout, node_id=node_id,
