@@ -114,3 +114,28 @@ async def test_offsets_beyond_a_file_are_invalid_arguments(
     assert (home / "dl").read_bytes() == b"data"
     assert "unexpected error" not in caplog.text
     assert "Traceback" not in caplog.text
+
+
+async def test_a_client_that_stops_reading_stops_being_answered(sshnode: NodeUnderTest) -> None:
+    """READs cost a client 30 bytes each and their answers 255 KiB: sent by the thousand with
+    the client's socket left unread, they once made the node hold every answer. Now the node
+    takes the next request only once the last answers are on their way, so what it reads for
+    that client stays within its window and buffers (the audit counts it at the close)."""
+    home, key = sshnode.keyed_user("alice")
+    (home / "big.bin").write_bytes(os.urandom(1 << 20))
+    async with asyncssh.connect("127.0.0.1", sshnode.port, username="alice",
+                                client_keys=[str(key)], known_hosts=None) as conn:
+        async with conn.start_sftp_client() as sftp:
+            handle = await sftp._handler.open(b"big.bin", asyncssh.FXF_READ,
+                                              asyncssh.SFTPAttrs())
+            conn._transport.pause_reading()       # answers pile up on the node's side
+            reads = [asyncio.ensure_future(sftp._handler.read(handle, 0, sftp_server.MAX_READ))
+                     for _ in range(1000)]
+            await asyncio.sleep(2)
+            conn.abort()
+            await asyncio.gather(*reads, return_exceptions=True)
+    await sshnode.wait_idle()
+    closes = [e for e in sshnode.store.query_audit(kind="file.close") if e.username == "alice"]
+    assert len(closes) == 1
+    read = closes[0].detail["bytes_read"]
+    assert 0 < read < 48 * (1 << 20), read     # 1000 answers would be 255 MiB

@@ -28,6 +28,9 @@ from asyncssh.stream import SSHReader, SSHServerStreamSession, SSHWriter
 from internal.sftp.server import MAX_HANDLES, MAX_READ
 
 
+SFTP_SEND_HIGH_WATER = 4 * MAX_READ
+
+
 class CorkedTransport:
     """Collects writes made during one event-loop turn and hands them to the real transport
     together: one send() for a burst of packets instead of one each."""
@@ -136,9 +139,17 @@ class ViewSFTPHandler(SFTPServerHandler):
 
     async def recv_packet(self) -> SSHPacket:
         # asyncssh's, except for write requests (other requests carry names that asyncssh
-        # decodes: they stay bytes)
-        reader = self._reader
+        # decodes: they stay bytes), and that the next request waits while the answers to
+        # the last ones are not taken: asyncssh answers every request it reads, and a client
+        # that sent thousands of READs and stopped reading made the node hold gigabytes of
+        # answers (OpenSSH's sftp-server stops reading requests while its output is full)
+        reader, writer = self._reader, self._writer
         assert reader is not None
+        if writer is not None:
+            await writer.drain()            # the client's channel window is closed
+            wait_writable = getattr(writer.channel.get_connection(), "wait_writable", None)
+            if wait_writable is not None:
+                await wait_writable()       # its socket is full
         pktlen = int.from_bytes(await reader.readexactly(4), "big")
         if pktlen > MAX_SFTP_PACKET_LEN:
             raise SFTPBadMessage("Max packet size exceeded")
@@ -185,6 +196,8 @@ class ViewStreamSession(SSHServerStreamSession):
             return
         reader: SSHReader = SSHReader(self, chan)
         writer: SSHWriter = SSHWriter(self, chan)
+        # a few read replies may wait for the client's window before requests wait for them
+        chan.set_write_buffer_limits(high=SFTP_SEND_HIGH_WATER)
         reader.logger.info("Starting SFTP server")
         assert self._conn is not None
         self._conn.create_task(_run_sftp(self._init_sftp_server(), reader, writer,

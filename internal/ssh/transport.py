@@ -45,6 +45,9 @@ from internal.ssh.streams import CorkedTransport, ViewChannel, ViewStreamSession
 _MSG_USERAUTH_LAST = 79
 READ_SIZE = 256 * 1024     # uvloop's own read buffer for plain protocols is 250 KB
 READ_KEEP_MIN = 16 * 1024  # smaller reads are copied out and their buffer reused
+# Bytes queued for the socket beyond what the kernel took before the connection counts as
+# paused (asyncio's default, 64 KiB, is a quarter of one SFTP read reply).
+SEND_HIGH_WATER = 1 << 20
 
 
 def _skip_received_packet_log() -> None:
@@ -84,8 +87,28 @@ class NodeServerConnection(SSHServerConnection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._held: list[bytes] = []   # reads of a packet not yet complete (data_received)
         self._held_len = 0
+        # asyncssh ignores the transport's pause_writing(); the SFTP server waits on this
+        # before it takes the next request (streams.ViewSFTPHandler), so a client that stops
+        # reading stops being answered instead of filling the node's memory with answers.
+        self._writable = asyncio.Event()
+        self._writable.set()
+        transport.set_write_buffer_limits(high=SEND_HIGH_WATER)  # type: ignore[attr-defined]
         super().connection_made(
             CorkedTransport(transport, self._loop))  # type: ignore[arg-type]
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self._writable.set()   # nobody waits for a socket that is gone
+        super().connection_lost(exc)
+
+    async def wait_writable(self) -> None:
+        """Until the socket takes data again (returns at once while it does)."""
+        await self._writable.wait()
 
     def _process_session_open(self, packet: Any) -> tuple[Any, Any]:
         chan, session = super()._process_session_open(packet)
