@@ -8,7 +8,7 @@
 struct relay_engine {
     const struct relay_backend *be;
     relay_config cfg;
-    uint64_t idle_ns;
+    uint64_t idle_ns, closing_ns; /* timeouts of lru[0] and lru[1]; 0 = none */
     struct relay_worker *workers;
     int nworkers;
 
@@ -42,6 +42,7 @@ void relay_config_default(relay_config *cfg)
     cfg->pool_max = 64;
     cfg->buffer_size = 64u * 1024u;
     cfg->idle_timeout = 0.0;
+    cfg->fin_timeout = 0.0;
     cfg->coalesce_us = RELAY_COALESCE_DEFAULT_US;
     cfg->sched_batch = 1;
 }
@@ -162,36 +163,48 @@ int relay_engine_notify_fd(const relay_engine *e) { return e->notify.rfd; }
 
 static void lru_unlink(struct relay_worker *w, struct relay_session *s)
 {
+    struct relay_lru *l = &w->lru[s->closing];
     if (s->lru_prev)
         s->lru_prev->lru_next = s->lru_next;
     else
-        w->lru_head = s->lru_next;
+        l->head = s->lru_next;
     if (s->lru_next)
         s->lru_next->lru_prev = s->lru_prev;
     else
-        w->lru_tail = s->lru_prev;
+        l->tail = s->lru_prev;
     s->lru_prev = s->lru_next = NULL;
 }
 
 static void lru_append(struct relay_worker *w, struct relay_session *s)
 {
+    struct relay_lru *l = &w->lru[s->closing];
     s->lru_next = NULL;
-    s->lru_prev = w->lru_tail;
-    if (w->lru_tail)
-        w->lru_tail->lru_next = s;
+    s->lru_prev = l->tail;
+    if (l->tail)
+        l->tail->lru_next = s;
     else
-        w->lru_head = s;
-    w->lru_tail = s;
+        l->head = s;
+    l->tail = s;
 }
 
 void relay_session_touch(struct relay_worker *w, struct relay_session *s, uint64_t moved)
 {
     relay_counter_add(&w->bytes, moved);
     s->last_ns = w->now_ns;
-    if (w->lru_tail != s) {
+    if (w->lru[s->closing].tail != s) {
         lru_unlink(w, s);
         lru_append(w, s);
     }
+}
+
+void relay_session_closing(struct relay_worker *w, struct relay_session *s)
+{
+    if (s->closing || !s->attached || w->engine->closing_ns == w->engine->idle_ns)
+        return; /* nothing would change: both lists would expire alike */
+    lru_unlink(w, s);
+    s->closing = 1;
+    s->last_ns = w->now_ns; /* the other side has fin_timeout from now to close its own */
+    lru_append(w, s);
 }
 
 void relay_session_finish(struct relay_worker *w, struct relay_session *s, int reason, int err)
@@ -295,10 +308,15 @@ static void free_dead(struct relay_worker *w)
 
 static int next_timeout_ms(const struct relay_worker *w)
 {
-    uint64_t idle_ns = w->engine->idle_ns;
-    if (idle_ns == 0 || w->lru_head == NULL)
+    const uint64_t timeout[2] = {w->engine->idle_ns, w->engine->closing_ns};
+    uint64_t deadline = UINT64_MAX;
+    for (int i = 0; i < 2; i++) {
+        if (timeout[i] != 0 && w->lru[i].head != NULL &&
+            w->lru[i].head->last_ns + timeout[i] < deadline)
+            deadline = w->lru[i].head->last_ns + timeout[i];
+    }
+    if (deadline == UINT64_MAX)
         return -1;
-    uint64_t deadline = w->lru_head->last_ns + idle_ns;
     if (deadline <= w->now_ns)
         return 0;
     uint64_t ms = (deadline - w->now_ns + 999999u) / 1000000u;
@@ -307,11 +325,21 @@ static int next_timeout_ms(const struct relay_worker *w)
 
 static void expire_idle(struct relay_worker *w)
 {
-    uint64_t idle_ns = w->engine->idle_ns;
-    if (idle_ns == 0)
-        return;
-    while (w->lru_head && w->now_ns - w->lru_head->last_ns >= idle_ns)
-        relay_session_finish(w, w->lru_head, RELAY_IDLE, 0);
+    const uint64_t timeout[2] = {w->engine->idle_ns, w->engine->closing_ns};
+    for (int i = 0; i < 2; i++) {
+        if (timeout[i] == 0)
+            continue;
+        while (w->lru[i].head && w->now_ns - w->lru[i].head->last_ns >= timeout[i])
+            relay_session_finish(w, w->lru[i].head, RELAY_IDLE, 0);
+    }
+}
+
+/* Every session still held, at shutdown. */
+static void finish_all(struct relay_worker *w)
+{
+    for (int i = 0; i < 2; i++)
+        while (w->lru[i].head)
+            relay_session_finish(w, w->lru[i].head, RELAY_SHUTDOWN, 0);
 }
 
 /* Interrupt moderation, as a NIC does it: after a wakeup that moved a segment or two of bulk,
@@ -366,8 +394,7 @@ static void *worker_main(void *arg)
         free_dead(w);
         coalesce(w, relay_counter_get(&w->bytes) - before);
     }
-    while (w->lru_head)
-        relay_session_finish(w, w->lru_head, RELAY_SHUTDOWN, 0);
+    finish_all(w);
     free_dead(w);
     return NULL;
 }
@@ -400,7 +427,8 @@ int relay_engine_create(const char *backend, const relay_config *cfg_in, relay_e
     if (be == NULL)
         return backend && strcmp(backend, "splice") == 0 ? -ENOSYS : -EINVAL;
     if (cfg.threads < 1 || cfg.threads > 1024 || !(cfg.idle_timeout >= 0) ||
-        cfg.idle_timeout > RELAY_IDLE_TIMEOUT_MAX || cfg.buffer_size == 0 ||
+        cfg.idle_timeout > RELAY_IDLE_TIMEOUT_MAX || !(cfg.fin_timeout >= 0) ||
+        cfg.fin_timeout > RELAY_IDLE_TIMEOUT_MAX || cfg.buffer_size == 0 ||
         cfg.buffer_size > (1u << 30) || cfg.pipe_size > (1u << 30) ||
         cfg.pool_max > RELAY_POOL_MAX || cfg.coalesce_us > RELAY_COALESCE_MAX_US)
         return -EINVAL;
@@ -411,6 +439,8 @@ int relay_engine_create(const char *backend, const relay_config *cfg_in, relay_e
     e->be = be;
     e->cfg = cfg;
     e->idle_ns = (uint64_t)(cfg.idle_timeout * 1e9);
+    uint64_t fin_ns = (uint64_t)(cfg.fin_timeout * 1e9);
+    e->closing_ns = fin_ns != 0 && (e->idle_ns == 0 || fin_ns < e->idle_ns) ? fin_ns : e->idle_ns;
     e->notify.rfd = e->notify.wfd = -1;
     pthread_mutex_init(&e->lock, NULL);
     pthread_mutex_init(&e->close_lock, NULL);
@@ -603,8 +633,7 @@ void relay_engine_close(relay_engine *e)
         w->started = 0;
         /* ADD commands that raced with the stop: their sessions were never attached. */
         run_commands(w);
-        while (w->lru_head)
-            relay_session_finish(w, w->lru_head, RELAY_SHUTDOWN, 0);
+        finish_all(w);
         free_dead(w);
     }
     for (int i = 0; i < e->nworkers; i++) {

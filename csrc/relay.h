@@ -28,7 +28,7 @@ typedef struct relay_engine relay_engine;
 typedef enum relay_reason {
     RELAY_EOF = 0,      /* both directions reached end of stream and were forwarded */
     RELAY_RESET = 1,    /* a peer reset or a socket call failed (error holds errno) */
-    RELAY_IDLE = 2,     /* no byte either way for idle_timeout seconds */
+    RELAY_IDLE = 2,     /* no byte either way for idle_timeout (or fin_timeout) seconds */
     RELAY_KILLED = 3,   /* relay_engine_kill() */
     RELAY_SHUTDOWN = 4, /* relay_engine_close() with the session still running */
     RELAY_ERROR = 5     /* local failure: out of pipes, descriptors, memory (error holds errno) */
@@ -40,6 +40,9 @@ typedef struct relay_config {
     size_t pool_max;      /* idle pipes (splice) or buffers (select) kept per thread */
     size_t buffer_size;   /* select: bytes buffered per direction while in flight */
     double idle_timeout;  /* seconds without a byte either way before IDLE; 0 = never */
+    double fin_timeout;   /* the same once one side has closed (its end of stream forwarded):
+                             a peer that never closes its own side holds nothing longer than
+                             this; 0 = only idle_timeout applies */
     unsigned coalesce_us; /* pause after a bulk wakeup (see RELAY_COALESCE_MIN); 0 = never */
     int sched_batch;      /* Linux: I/O threads run SCHED_BATCH, woken without preempting */
 } relay_config;

@@ -59,6 +59,7 @@ struct relay_session {
     uint8_t registered;             /* splice: bit i set when fd[i] is in the epoll set */
     uint8_t hup;                    /* bit i set once fd[i] hung up: final state, not watched */
     uint8_t attached, done;
+    uint8_t closing;                /* one side closed: in the worker's lru[1], fin_timeout */
 };
 
 /* ---- backends ---------------------------------------------------------------------- */
@@ -95,7 +96,9 @@ struct relay_worker {
     relay_notifier wake;
     pthread_mutex_t cmd_lock;
     struct relay_cmd *cmd_head, *cmd_tail;
-    struct relay_session *lru_head, *lru_tail;
+    struct relay_lru {
+        struct relay_session *head, *tail;
+    } lru[2];                /* [0] open sessions, [1] closing ones; least recently active first */
     struct relay_session *dead;
     relay_counter load;      /* sessions assigned (for spreading new ones) */
     relay_counter bytes;     /* bytes delivered by this thread */
@@ -131,6 +134,8 @@ static inline int relay_dir_forward_eof(struct relay_dir *x, int dst)
 
 /* Engine services for backends (engine.c). */
 void relay_session_touch(struct relay_worker *w, struct relay_session *s, uint64_t moved);
+/* One side's end of stream was forwarded: from now on fin_timeout applies. */
+void relay_session_closing(struct relay_worker *w, struct relay_session *s);
 /* Close the pair and queue its report. Memory is freed after the current batch of events. */
 void relay_session_finish(struct relay_worker *w, struct relay_session *s, int reason, int err);
 
@@ -154,6 +159,8 @@ static inline int relay_pump_both(struct relay_worker *w, struct relay_session *
         relay_session_finish(w, s, RELAY_EOF, 0);
         return 1;
     }
+    if ((s->dir[0].shut || s->dir[1].shut) && !s->closing)
+        relay_session_closing(w, s);
     return 0;
 }
 

@@ -18,6 +18,7 @@ cdef extern from "relay.h" nogil:
         size_t pool_max
         size_t buffer_size
         double idle_timeout
+        double fin_timeout
         unsigned coalesce_us
         int sched_batch
 

@@ -18,6 +18,7 @@ class Engine:
         threads: int = 1,
         pipe_size: int = 1 << 20,
         idle_timeout: float = 0.0,
+        fin_timeout: float = 0.0,
         pool_max: int = 64,
         buffer_size: int = 64 * 1024,
         coalesce_us: int = 200,

@@ -37,8 +37,9 @@ cdef class Engine:
     """Relay threads owned by this object; see csrc/relay.h for the semantics."""
 
     def __cinit__(self, str backend="splice", *, int threads=1, size_t pipe_size=1 << 20,
-                  double idle_timeout=0.0, size_t pool_max=64, size_t buffer_size=64 * 1024,
-                  unsigned coalesce_us=RELAY_COALESCE_DEFAULT_US, bint sched_batch=True):
+                  double idle_timeout=0.0, double fin_timeout=0.0, size_t pool_max=64,
+                  size_t buffer_size=64 * 1024, unsigned coalesce_us=RELAY_COALESCE_DEFAULT_US,
+                  bint sched_batch=True):
         cdef relay_config cfg
         cdef relay_engine *e = NULL
         cdef int rc
@@ -50,6 +51,7 @@ cdef class Engine:
         cfg.threads = threads
         cfg.pipe_size = pipe_size
         cfg.idle_timeout = idle_timeout
+        cfg.fin_timeout = fin_timeout
         cfg.pool_max = pool_max
         cfg.buffer_size = buffer_size
         cfg.coalesce_us = coalesce_us
@@ -60,7 +62,8 @@ cdef class Engine:
             _raise(-rc, f"relay backend {backend!r} is not available on this system")
         if rc == -_errno.EINVAL:
             _raise(-rc, f"bad relay settings: backend={backend!r} threads={threads} "
-                        f"idle_timeout={idle_timeout} pool_max={pool_max} "
+                        f"idle_timeout={idle_timeout} fin_timeout={fin_timeout} "
+                        f"pool_max={pool_max} "
                         f"buffer_size={buffer_size} coalesce_us={coalesce_us}")
         _check(rc, f"starting the {backend} relay engine")
         self._e = e

@@ -513,3 +513,21 @@ def _held_session(port: int, user: str, key: Path) -> Iterator[None]:
     finally:
         held.kill()
         held.wait()
+
+
+def test_a_client_that_never_closes_after_the_node_did_is_let_go(tmp_path: Path, node_home: Path,
+                                                                 procs: list[Proc],
+                                                                 alice: tuple[str, Path]) -> None:
+    """The node ends a session (here: the client's version line is garbage) and the gateway
+    passes the end on; a client that never closes its side is closed after --fin-timeout."""
+    gw = start_gateway(tmp_path, node_home / "gateway-trust.pem", "--fin-timeout", "1")
+    procs.append(gw)
+    procs.append(start_node(tmp_path, node_home, [gw]))
+    with socket.create_connection(("127.0.0.1", gw.external), timeout=10) as client:
+        assert client.recv(100).startswith(b"SSH-2.0-")
+        client.sendall(b"not ssh at all\r\n" * 20)
+        while client.recv(4096):                  # until the node's end reaches us
+            pass
+        started = time.monotonic()
+        gw.wait_log(r"session \S+: client \S+ closed \(idle\)", timeout=10)
+        assert time.monotonic() - started < 5

@@ -264,6 +264,43 @@ class RelayContract:
         client.close()
         node.close()
 
+    async def test_fin_timeout_ends_a_session_one_side_left(self, make, listener) -> None:
+        """The node closed its side; a client that never closes its own would hold both
+        descriptors forever (idle_timeout is off by default). Until one side closes, the
+        shorter fin_timeout does not apply, however quiet the session is."""
+        r, reports = make(idle_timeout=0.0, fin_timeout=0.4)
+        client, node = self.session(r, listener, 17)
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(client, b"ping")
+        assert await recv_exactly(node, 4) == b"ping"
+        await asyncio.sleep(0.8)
+        assert 17 not in reports.by_id          # quiet, but both sides open: kept
+        node.shutdown(socket.SHUT_WR)
+        assert await sees_end(client)            # EOF forwarded; the client stays silent
+        rep = await reports.wait(17)
+        assert rep.reason is FinishReason.IDLE, rep
+        assert 1.2 - 0.05 <= rep.duration < 10, rep
+        client.close()
+        node.close()
+
+    async def test_fin_timeout_waits_for_a_half_closed_session_that_moves(self, make,
+                                                                          listener) -> None:
+        """Bytes still flowing the other way after one side closed keep the session."""
+        r, reports = make(fin_timeout=0.3)
+        client, node = self.session(r, listener, 18)
+        loop = asyncio.get_running_loop()
+        client.shutdown(socket.SHUT_WR)          # the client is done sending
+        for _ in range(8):
+            await loop.sock_sendall(node, b"x" * 100)
+            assert await recv_exactly(client, 100) == b"x" * 100
+            await asyncio.sleep(0.1)
+        assert 18 not in reports.by_id
+        node.shutdown(socket.SHUT_WR)
+        rep = await reports.wait(18)
+        assert rep.reason is FinishReason.EOF and rep.bytes_b_to_a == 800, rep
+        client.close()
+        node.close()
+
     async def test_kill(self, relay, listener) -> None:
         r, reports = relay
         client, node = self.session(r, listener, 8)

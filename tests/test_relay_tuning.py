@@ -183,14 +183,16 @@ def test_python_knows_the_engines_default_and_bound() -> None:
 
 
 @pytest.mark.parametrize("value", [-1.0, math.nan, math.inf, MAX_IDLE_TIMEOUT * 2])
-def test_idle_timeouts_out_of_range_are_refused(value: float) -> None:
-    with pytest.raises(ValueError, match="idle_timeout"):
-        create_relay("python", idle_timeout=value)
+@pytest.mark.parametrize("name", ["idle_timeout", "fin_timeout"])
+def test_idle_timeouts_out_of_range_are_refused(value: float, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        create_relay("python", **{name: value})
 
 
 @pytest.mark.skipif("splice" not in available_backends(), reason="no splice on this system")
 @pytest.mark.parametrize("backend", ["splice", "select"])
 @pytest.mark.parametrize("option", [{"idle_timeout": math.nan}, {"idle_timeout": math.inf},
+                                    {"fin_timeout": math.nan}, {"fin_timeout": -1.0},
                                     {"pool_max": 2 ** 61}])
 def test_engine_refuses_values_its_arithmetic_would_overflow(backend: str, option: dict) -> None:
     from edgegw import _relay

@@ -49,6 +49,10 @@ MAX_SNDBUF = 64 << 20
               help="Bytes per splice pipe (F_SETPIPE_SZ).")
 @click.option("--idle-timeout", default=0.0, show_default=True, type=Seconds(0),
               help="Close a relayed session idle this many seconds (0: never).")
+@click.option("--fin-timeout", default=30.0, show_default=True, type=Seconds(0),
+              help="Close a relayed session this many seconds without a byte once one side has "
+                   "closed (the node ended it, or the client): a client that never closes its "
+                   "own side holds no descriptors past it. 0: only --idle-timeout applies.")
 @click.option("--relay-coalesce-us", default=DEFAULT_COALESCE_US, show_default=True,
               type=click.IntRange(0, MAX_COALESCE_US),
               help="Microseconds a relay thread that just moved a little bulk (32 to 128 KiB "
@@ -93,7 +97,8 @@ MAX_SNDBUF = 64 << 20
 def serve(external: HostPort, pnc: HostPort, data: HostPort, trust: Path, gateway_id: str,
           offer_timeout: float, grace_period: float, heartbeat_interval: float,
           heartbeat_timeout: float, relay_backend: str | None, relay_threads: int,
-          relay_procs: int, pipe_size: int, idle_timeout: float, relay_coalesce_us: int,
+          relay_procs: int, pipe_size: int, idle_timeout: float, fin_timeout: float,
+          relay_coalesce_us: int,
           relay_sched: str, sndbuf_client: int, sndbuf_node: int, congestion_client: str,
           congestion_node: str, max_waiting: int, max_per_address: int, max_handshakes: int,
           proxy_protocol_from: tuple[Network, ...],
@@ -110,7 +115,8 @@ def serve(external: HostPort, pnc: HostPort, data: HostPort, trust: Path, gatewa
         offer_timeout=offer_timeout, grace_period=grace_period,
         heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
         relay_backend=relay_backend, relay_threads=relay_threads, relay_procs=relay_procs,
-        pipe_size=pipe_size, idle_timeout=idle_timeout, relay_coalesce_us=relay_coalesce_us,
+        pipe_size=pipe_size, idle_timeout=idle_timeout, fin_timeout=fin_timeout,
+        relay_coalesce_us=relay_coalesce_us,
         relay_sched_batch=relay_sched == "batch", sndbuf_client=sndbuf_client,
         sndbuf_node=sndbuf_node, congestion_client=congestion_client,
         congestion_node=congestion_node, max_pending=max_waiting,

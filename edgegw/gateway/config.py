@@ -29,6 +29,7 @@ class GatewayConfig:
     relay_procs: int = 0              # 0: the engine runs in the gateway process itself
     pipe_size: int = 1 << 20
     idle_timeout: float = 0.0         # 0: sessions may idle forever (SSH keepalives decide)
+    fin_timeout: float = 30.0         # idle limit once one side closed; 0: idle_timeout only
     relay_coalesce_us: int = DEFAULT_COALESCE_US   # pause after a bulk wakeup; 0: never
     relay_sched_batch: bool = True    # relay threads SCHED_BATCH: their wakeups do not preempt
     sndbuf_client: int = 0            # SO_SNDBUF towards clients (downloads); 0: autotuned

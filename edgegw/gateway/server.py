@@ -57,6 +57,7 @@ class Gateway:
         self.bans = BanTable()
         self.relay = create_relay(config.relay_backend, threads=config.relay_threads,
                                   pipe_size=config.pipe_size, idle_timeout=config.idle_timeout,
+                                  fin_timeout=config.fin_timeout,
                                   procs=config.relay_procs,
                                   coalesce_us=config.relay_coalesce_us,
                                   sched_batch=config.relay_sched_batch)

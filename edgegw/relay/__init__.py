@@ -75,13 +75,15 @@ def splice_works() -> bool:
 
 
 def create_relay(backend: str | None = None, *, threads: int = 1, pipe_size: int = 1 << 20,
-                 idle_timeout: float = 0.0, procs: int = 0,
+                 idle_timeout: float = 0.0, fin_timeout: float = 0.0, procs: int = 0,
                  coalesce_us: int = DEFAULT_COALESCE_US, sched_batch: bool = True) -> Relay:
     """A relay of the given backend; None means $EDGEGW_RELAY_BACKEND, else the platform's best.
 
     `threads` (C engine) spreads sessions over that many I/O threads; `pipe_size` is asked of
     the kernel for each splice pipe (smaller if refused); `idle_timeout` (seconds, 0 = never)
-    ends sessions that moved no byte either way for that long. `procs` > 0 runs the engine in
+    ends sessions that moved no byte either way for that long, and `fin_timeout` (0 = only
+    idle_timeout) those one side has closed: a peer that never closes its own side after the
+    other did would hold the session forever. `procs` > 0 runs the engine in
     that many child processes instead of this one (edgegw.relay.procs). `coalesce_us` (C
     engine) is how long a thread that just moved a little bulk waits before it polls again, so
     bulk is moved in fewer wakeups (csrc/relay.h, RELAY_COALESCE_MIN); 0 turns it off.
@@ -93,9 +95,10 @@ def create_relay(backend: str | None = None, *, threads: int = 1, pipe_size: int
         raise ValueError(f"unknown relay backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if threads < 1:
         raise ValueError(f"relay threads must be >= 1, got {threads}")
-    if not 0 <= idle_timeout <= MAX_IDLE_TIMEOUT:   # also refuses nan
-        raise ValueError(f"relay idle_timeout must be 0..{MAX_IDLE_TIMEOUT:g} seconds, "
-                         f"got {idle_timeout}")
+    for what, value in (("idle_timeout", idle_timeout), ("fin_timeout", fin_timeout)):
+        if not 0 <= value <= MAX_IDLE_TIMEOUT:   # also refuses nan
+            raise ValueError(f"relay {what} must be 0..{MAX_IDLE_TIMEOUT:g} seconds, "
+                             f"got {value}")
     if not 0 <= coalesce_us <= MAX_COALESCE_US:
         raise ValueError(f"relay coalesce_us must be 0..{MAX_COALESCE_US}, got {coalesce_us}")
     if name != "python":
@@ -117,13 +120,13 @@ def create_relay(backend: str | None = None, *, threads: int = 1, pipe_size: int
         from edgegw.relay.procs import ProcRelay
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
         return ProcRelay(name, procs=procs, threads=threads, pipe_size=pipe_size,
-                         idle_timeout=idle_timeout, coalesce_us=coalesce_us,
-                         sched_batch=sched_batch,
+                         idle_timeout=idle_timeout, fin_timeout=fin_timeout,
+                         coalesce_us=coalesce_us, sched_batch=sched_batch,
                          log_level=level if level in ("debug", "info", "warning", "error")
                          else "info")
     if name == "python":
         from edgegw.relay.pyrelay import PyRelay
-        return PyRelay(idle_timeout=idle_timeout)
+        return PyRelay(idle_timeout=idle_timeout, fin_timeout=fin_timeout)
     from edgegw.relay.cengine import CRelay
     return CRelay(name, threads=threads, pipe_size=pipe_size, idle_timeout=idle_timeout,
-                  coalesce_us=coalesce_us, sched_batch=sched_batch)
+                  fin_timeout=fin_timeout, coalesce_us=coalesce_us, sched_batch=sched_batch)

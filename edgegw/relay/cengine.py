@@ -17,12 +17,13 @@ class CRelay:
     """`Relay` over the C engine; `backend` is "splice" (Linux) or "select"."""
 
     def __init__(self, backend: str, *, threads: int = 1, pipe_size: int = 1 << 20,
-                 idle_timeout: float = 0.0, pool_max: int = 64,
+                 idle_timeout: float = 0.0, fin_timeout: float = 0.0, pool_max: int = 64,
                  buffer_size: int = 64 * 1024, coalesce_us: int = DEFAULT_COALESCE_US,
                  sched_batch: bool = True) -> None:
         self.backend = backend
         self._engine = _relay.Engine(backend, threads=threads, pipe_size=pipe_size,
-                                     idle_timeout=idle_timeout, pool_max=pool_max,
+                                     idle_timeout=idle_timeout, fin_timeout=fin_timeout,
+                                     pool_max=pool_max,
                                      buffer_size=buffer_size, coalesce_us=coalesce_us,
                                      sched_batch=sched_batch)
         self._on_finished: FinishedCallback | None = None

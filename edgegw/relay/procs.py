@@ -41,13 +41,15 @@ class ProcRelay:
     """`Relay` whose sessions run in `procs` child processes of `backend` engines."""
 
     def __init__(self, backend: str, *, procs: int, threads: int = 1, pipe_size: int = 1 << 20,
-                 idle_timeout: float = 0.0, coalesce_us: int = DEFAULT_COALESCE_US,
+                 idle_timeout: float = 0.0, fin_timeout: float = 0.0,
+                 coalesce_us: int = DEFAULT_COALESCE_US,
                  sched_batch: bool = True, log_level: str = "info") -> None:
         if procs < 1:
             raise ValueError(f"relay processes must be >= 1, got {procs}")
         self.backend = backend
         self._args = ["--backend", backend, "--threads", str(threads),
                       "--pipe-size", str(pipe_size), "--idle-timeout", repr(idle_timeout),
+                      "--fin-timeout", repr(fin_timeout),
                       "--coalesce-us", str(coalesce_us), "--log-level", log_level,
                       *([] if sched_batch else ["--normal-sched"])]
         self._count = procs

@@ -102,6 +102,7 @@ class _Session:
         if self.sides[index].eof:
             return  # resume_reading() after EOF reads it again
         self.sides[index].eof = True
+        self.last = self.relay._loop.time()   # the other side's fin timeout starts now
         peer = self.sides[1 - index].transport
         if peer is not None and not peer.is_closing():
             peer.write_eof()  # after the buffered bytes, like shutdown(SHUT_WR) after the pipe
@@ -143,8 +144,12 @@ class PyRelay:
 
     backend = "python"
 
-    def __init__(self, *, idle_timeout: float = 0.0) -> None:
+    def __init__(self, *, idle_timeout: float = 0.0, fin_timeout: float = 0.0) -> None:
         self._idle_timeout = idle_timeout
+        # sessions one side has closed: the shorter of the two (as the C engine does)
+        self._closing_timeout = (fin_timeout if fin_timeout and (not idle_timeout or
+                                                                 fin_timeout < idle_timeout)
+                                 else idle_timeout)
         self._sessions: dict[int, _Session] = {}
         self._on_finished: FinishedCallback | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -159,7 +164,7 @@ class PyRelay:
             raise RuntimeError("relay already started")
         self._loop = asyncio.get_running_loop()
         self._on_finished = on_finished
-        if self._idle_timeout > 0:
+        if self._closing_timeout > 0:
             self._schedule_idle_check()
 
     def add(self, session_id: int, a: socket.socket, b: socket.socket) -> None:
@@ -242,14 +247,16 @@ class PyRelay:
 
     def _schedule_idle_check(self) -> None:
         assert self._loop is not None
-        self._idle_handle = self._loop.call_later(min(self._idle_timeout / 4, 1.0),
+        self._idle_handle = self._loop.call_later(min(self._closing_timeout / 4, 1.0),
                                                   self._check_idle)
 
     def _check_idle(self) -> None:
         assert self._loop is not None
-        deadline = self._loop.time() - self._idle_timeout
+        now = self._loop.time()
         for session in list(self._sessions.values()):
-            if session.last <= deadline and session.reason is None:
+            closing = session.sides[0].eof or session.sides[1].eof
+            timeout = self._closing_timeout if closing else self._idle_timeout
+            if timeout and session.last <= now - timeout and session.reason is None:
                 session.end(FinishReason.IDLE)
         if not self._closed:
             self._schedule_idle_check()

@@ -146,7 +146,8 @@ async def _main(args: argparse.Namespace) -> None:
     from edgegw.relay import create_relay
     ctrl = socket.socket(fileno=args.fd)
     relay = create_relay(args.backend, threads=args.threads, pipe_size=args.pipe_size,
-                         idle_timeout=args.idle_timeout, coalesce_us=args.coalesce_us,
+                         idle_timeout=args.idle_timeout, fin_timeout=args.fin_timeout,
+                         coalesce_us=args.coalesce_us,
                          sched_batch=not args.normal_sched)
     worker = Worker(ctrl, relay)
     worker.start()
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--pipe-size", type=int, default=1 << 20)
     ap.add_argument("--idle-timeout", type=float, default=0.0)
+    ap.add_argument("--fin-timeout", type=float, default=0.0)
     ap.add_argument("--coalesce-us", type=int, default=DEFAULT_COALESCE_US)
     ap.add_argument("--normal-sched", action="store_true", help="no SCHED_BATCH")
     ap.add_argument("--log-level", choices=LEVELS, default="info")
