@@ -18,6 +18,7 @@ from internal.forward import ForwardService
 from internal.home import NodeHome
 from internal.node import Node, NodeSettings
 from internal.session import SessionService
+from internal.ssh.revocation import DEFAULT_INTERVAL as RECHECK_INTERVAL
 from internal.store import open_store
 
 log = logging.getLogger("edgegw.node")
@@ -39,6 +40,7 @@ class ServeOptions:
     reuse_port: bool = False
     data_congestion: str = CC_AUTO   # sockio.resolve_congestion
     metrics: MetricsEndpoint | None = None   # serve Prometheus metrics (one process: its own)
+    recheck_interval: float = RECHECK_INTERVAL   # seconds; internal.ssh.revocation
 
 
 def run_dir(home: NodeHome) -> Path:
@@ -65,7 +67,8 @@ async def serve(home: NodeHome, opts: ServeOptions) -> None:
     else:
         from internal.ssh.service import SSHService
         service = SSHService(home, store, audit, defender, capacity=opts.capacity,
-                             banned=lambda ip: node.banned(ip))
+                             banned=lambda ip: node.banned(ip),
+                             recheck_interval=opts.recheck_interval)
     node = Node(home, service, NodeSettings(opts.gateways, capacity=opts.capacity,
                                             weight=opts.weight, drain_timeout=opts.drain_timeout,
                                             node_id=node_id, pool_size=opts.pool_size,

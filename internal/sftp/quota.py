@@ -57,6 +57,12 @@ class Usage:
             self.bytes += nbytes
             self.files += nfiles
 
+    def reset(self, used_bytes: int, used_files: int) -> None:
+        """Figures from a new scan (the user's root moved)."""
+        with self._lock:
+            self.bytes = used_bytes
+            self.files = used_files
+
     def adjust(self, nbytes: int = 0, nfiles: int = 0) -> None:
         """Record a change that already happened (a removal, a commit); never refuses."""
         with self._lock:
@@ -110,6 +116,18 @@ class QuotaBook:
             usage.limit_bytes, usage.limit_files = user.quota_bytes, user.quota_files
             self._usage[user.name] = (usage, refs + 1)
             return usage
+
+    async def update(self, user: User, *, rescan: bool = False) -> None:
+        """A newer record of a user with sessions here: its limits apply from now on and, with
+        `rescan` (the user's root moved), the figures are those of the new root."""
+        async with self._lock:
+            held = self._usage.get(user.name)
+            if held is None:
+                return
+            usage = held[0]
+            usage.limit_bytes, usage.limit_files = user.quota_bytes, user.quota_files
+            if rescan:
+                usage.reset(*await asyncio.to_thread(scan_home, user.home))
 
     def release(self, username: str) -> None:
         held = self._usage.get(username)

@@ -89,12 +89,32 @@ class NodeSFTPServer(asyncssh.SFTPServer):
         super().__init__(chan)
         self._session = session
         self._username = user.name
+        self._root = user.home
         self._jail = Jail(user.home)
         self._handles = 0       # open file and directory handles, for MAX_HANDLES
         self._perms = user.permissions
         self._usage = usage
         self._durable = durable
         self._on_exit = on_exit
+
+    @property
+    def username(self) -> str:
+        return self._username
+
+    @property
+    def usage(self) -> Usage | None:
+        """The user's quota figures this channel charges, None when it has no quota."""
+        return self._usage
+
+    def update(self, user: User, usage: Usage | None) -> None:
+        """A newer record of the user (an administrator's change): the next operations follow
+        its permissions and root (already checked and created by the caller) and `usage`.
+        Open handles keep the files they opened."""
+        self._perms = user.permissions
+        self._usage = usage
+        if user.home != self._root:
+            self._root = user.home
+            self._jail = Jail(user.home)
 
     def _need(self, perm: Perm, what: str) -> None:
         if perm not in self._perms:

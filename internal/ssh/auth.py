@@ -1,7 +1,8 @@
 """Who is on an SSH connection: the session record and the authentication hooks.
 
 The user is read from the store when the client names it, so changes (keys, password, address
-rules, disabled, expiry) apply to the next login without a restart. Every rule is checked
+rules, disabled, expiry) apply to the next login without a restart; running sessions follow
+them too (`internal.ssh.revocation`). Every rule is checked
 against the REAL client address from the session context, never the socket's peer (for relayed
 sessions that is the gateway). A refused user still goes through the motions of password
 verification, so timing does not reveal which names exist or why a login failed.
@@ -36,6 +37,7 @@ class Session:
         self.bytes_out = 0                  # file data downloaded
         self.started = time.monotonic()
         self.reason = ""                    # why it ended, once known
+        self.revoked = ""                   # why the node ended it (internal.ssh.revocation)
         self.claimed: asyncio.Future[bool] | None = None   # the store's session-cap answer
         self._audit_log = audit_log
 
@@ -71,9 +73,9 @@ class SessionCounter:
             self._count.pop(name, None)
 
 
-def refusal(user: User | None, ip: str, sessions: SessionCounter,
-            now: float | None = None) -> str | None:
-    """Why `user` may not log in from `ip` right now, or None when it may."""
+def account_refusal(user: User | None, ip: str, now: float | None = None) -> str | None:
+    """Why the account `user` may not be used from `ip` right now, or None when it may: what
+    refuses a login and also ends a running session (`internal.ssh.revocation`)."""
     if user is None:
         return "no such user"
     if user.disabled:
@@ -82,6 +84,16 @@ def refusal(user: User | None, ip: str, sessions: SessionCounter,
         return "user expired"
     if not user_allows_ip(user, ip):
         return "address not allowed for this user"
+    return None
+
+
+def refusal(user: User | None, ip: str, sessions: SessionCounter,
+            now: float | None = None) -> str | None:
+    """Why `user` may not log in from `ip` right now, or None when it may."""
+    why = account_refusal(user, ip, now)
+    if why is not None:
+        return why
+    assert user is not None
     if user.max_sessions is not None and sessions.count(user.name) >= user.max_sessions:
         return f"too many sessions (limit {user.max_sessions})"
     return None

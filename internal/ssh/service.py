@@ -28,12 +28,13 @@ from internal.defender import Defender
 from internal.home import NodeHome
 from internal.ipmatch import ip_in, user_allows_ip
 from internal.session import SessionContext, SessionResult
-from internal.sftp.quota import QuotaBook
+from internal.sftp.quota import QuotaBook, Usage
 from internal.sftp.server import NodeSFTPServer
 from internal.sftp.uploads import sweep_temps
 from internal.ssh.algorithms import algorithm_options
 from internal.ssh.auth import NodeSSHServer, Session, SessionCounter
 from internal.ssh.leases import SessionLeases
+from internal.ssh.revocation import DEFAULT_INTERVAL as REVOKE_INTERVAL, Revoker
 from internal.ssh.transport import run_server
 from internal.store.base import BanEntry, Store, User
 
@@ -81,9 +82,12 @@ class SSHService:
     def __init__(self, home: NodeHome, store: Store, audit: AuditLog, defender: Defender, *,
                  capacity: int = 0, login_timeout: float = 30.0,
                  durable_uploads: bool = True,
-                 banned: Callable[[str], bool] | None = None) -> None:
+                 banned: Callable[[str], bool] | None = None,
+                 recheck_interval: float = REVOKE_INTERVAL) -> None:
         """`banned`: the node's view of the bans (the one it pushes to gateways), so a client a
-        gateway lets through after an unban is not refused here by an older copy."""
+        gateway lets through after an unban is not refused here by an older copy.
+        `recheck_interval`: seconds between two checks of running sessions against their
+        accounts and the bans (`internal.ssh.revocation`)."""
         self.home = home
         self.store = store
         self.audit = audit
@@ -111,6 +115,9 @@ class SSHService:
         self._users: list[User] | None = None   # None until first loaded: admit fails open
         self._open_to_all = False
         self._refresher: asyncio.Task[None] | None = None
+        self._sftp: dict[Session, set[NodeSFTPServer]] = {}   # open SFTP channels per session
+        self._revoker = Revoker(store, interval=recheck_interval, banned=self._is_banned,
+                                apply=self._apply_user)
 
     @property
     def active(self) -> int:
@@ -127,11 +134,7 @@ class SSHService:
     def admit(self, client_ip: str) -> str | None:
         """Layer-7 decision for an offer, from memory only; authentication checks again."""
         self._start_refresher()
-        now = time.time()
-        if self._banned is not None:
-            if self._banned(client_ip):
-                return "banned"
-        elif ip_in(client_ip, [b.ip for b in self._bans if b.until > now]):
+        if self._is_banned(client_ip):
             return "banned"
         if self.capacity and self._active >= self.capacity:
             return "capacity"
@@ -140,6 +143,13 @@ class SSHService:
                 not any(user_allows_ip(u, client_ip) for u in users):
             return "no user may connect from this address"
         return None
+
+    def _is_banned(self, client_ip: str) -> bool:
+        """From memory: the node's view of the bans, or this service's copy."""
+        if self._banned is not None:
+            return self._banned(client_ip)
+        now = time.time()
+        return ip_in(client_ip, [b.ip for b in self._bans if b.until > now])
 
     async def refresh(self) -> None:
         """Reload users, and bans unless the node's view is used (`banned`), now (the
@@ -159,6 +169,7 @@ class SSHService:
     def _start_refresher(self) -> None:
         if self._refresher is None:
             self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
+            self._revoker.start()
 
     async def _refresh_loop(self) -> None:
         next_sweep = 0.0
@@ -223,6 +234,7 @@ class SSHService:
         try:
             conn = await run_server(sock, options, banner_sent=banner_sent)
             self._conns.add(conn)
+            self._revoker.track(session, conn)
             await self._leases.claim(session, conn)
             await conn.wait_closed()
         except (asyncssh.Error, OSError, asyncio.TimeoutError, EOFError) as exc:
@@ -237,6 +249,7 @@ class SSHService:
                 sock.close()
             else:
                 self._conns.discard(conn)
+                self._revoker.forget(session)
             self._leases.release(session.ctx.session_id)
             if not session.claimed.done():
                 session.claimed.set_result(False)
@@ -249,8 +262,11 @@ class SSHService:
     def _finish(self, session: Session) -> SessionResult:
         duration = time.monotonic() - session.started
         reason = session.reason or "closed"
+        # a revoked session's end is counted apart (edgegw_node_audit_events_total{result})
+        extra = {"result": "revoked"} if session.revoked else {}
         session.audit("session.disconnect", bytes_in=session.bytes_in,
-                      bytes_out=session.bytes_out, duration=round(duration, 3), reason=reason)
+                      bytes_out=session.bytes_out, duration=round(duration, 3), reason=reason,
+                      **extra)
         c = session.ctx
         session_log.info("session %s user=%s client=%s:%d gateway=%s in=%d out=%d "
                          "duration=%.1fs reason=%s", c.session_id, session.username or "-",
@@ -280,8 +296,52 @@ class SSHService:
                                             "server")
         await asyncio.to_thread(os.makedirs, user.home, 0o750, True)
         usage = await self._quotas.acquire(user)
-        return NodeSFTPServer(chan, session, user, usage, durable=self.durable_uploads,
-                              on_exit=functools.partial(self._quotas.release, user.name))
+        server = NodeSFTPServer(chan, session, user, usage, durable=self.durable_uploads,
+                                on_exit=lambda: self._sftp_exited(session, server))
+        self._sftp.setdefault(session, set()).add(server)
+        current = session.user
+        if current is not None and current is not user:  # changed (root checked) meanwhile
+            server.update(current, usage)
+        return server
+
+    def _sftp_exited(self, session: Session, server: NodeSFTPServer) -> None:
+        servers = self._sftp.get(session)
+        if servers is not None:
+            servers.discard(server)
+            if not servers:
+                del self._sftp[session]
+        if server.usage is not None:    # only a channel that took a share of the quota book
+            self._quotas.release(server.username)
+
+    async def _apply_user(self, user: User, sessions: list[Session]) -> str | None:
+        """`user`'s record changed while these sessions run (Revoker): their next SFTP
+        operations follow its permissions, root and quota. Why it cannot be, or None."""
+        moved = any(s.user is not None and s.user.home != user.home for s in sessions)
+        if moved:   # what _open_sftp checks of a root, for the new one
+            problem = await asyncio.to_thread(self.home.unsafe_user_root, Path(user.home))
+            if problem is not None:
+                log.error("user %s: new root refused: %s", user.name, problem)
+                return "user root misconfigured"
+            try:
+                await asyncio.to_thread(os.makedirs, user.home, 0o750, True)
+            except OSError as exc:
+                log.error("user %s: cannot create the new root: %s", user.name, exc)
+                return "user root unusable"
+        await self._quotas.update(user, rescan=moved)
+        for session in sessions:
+            for server in list(self._sftp.get(session, ())):
+                await self._update_sftp(session, server, user)
+            session.user = user
+        return None
+
+    async def _update_sftp(self, session: Session, server: NodeSFTPServer, user: User) -> None:
+        usage: Usage | None = server.usage
+        if usage is None and (user.quota_bytes is not None or user.quota_files is not None):
+            usage = await self._quotas.acquire(user)     # a quota where there was none
+            if server not in self._sftp.get(session, ()):  # the channel closed meanwhile
+                self._quotas.release(user.name)
+                return
+        server.update(user, usage)
 
     # -- direct mode and shutdown -------------------------------------------------------------
     async def listen(self, host: str, port: int, *, reuse_port: bool = False) -> Listener:
@@ -301,6 +361,7 @@ class SSHService:
         if self._refresher is not None:
             self._refresher.cancel()
             self._refresher = None
+        await self._revoker.close()
         for conn in list(self._conns):
             conn.disconnect(asyncssh.DISC_BY_APPLICATION, "server shutting down")
         if self._tasks:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Collection, Protocol
 
 
 class Perm(str, enum.Enum):
@@ -94,6 +94,7 @@ class Store(Protocol):
     def remove_user(self, name: str) -> None: ...        # NotFound
     def get_user(self, name: str) -> User | None: ...
     def list_users(self) -> list[User]: ...
+    def get_users(self, names: Collection[str]) -> list[User]: ...  # those that exist, any order
 
     # bans
     def add_ban(self, ip: str, until: float, reason: str, *, history_since: float = 0.0,
