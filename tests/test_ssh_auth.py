@@ -12,6 +12,7 @@ import asyncssh
 import pytest
 
 from internal.session import SessionContext
+from internal.store.base import StoreError
 from tests.sshutil import NodeUnderTest, start_node, stop_node
 
 
@@ -112,15 +113,29 @@ async def test_disabled_and_expired_users_are_refused_at_once(sshnode: NodeUnder
 
 
 async def test_max_sessions(sshnode: NodeUnderTest) -> None:
+    """Over the cap with the right key: told so once authenticated, and never counted as a
+    failed login (a partner's parallel or retried transfers must not get its address
+    banned)."""
     _, key = sshnode.add_user("alice", max_sessions=1)
     assert key is not None
     async with client(sshnode, "alice", client_keys=[str(key)]):
-        with pytest.raises(asyncssh.PermissionDenied):
-            async with client(sshnode, "alice", client_keys=[str(key)]):
-                pass
+        for _ in range(sshnode.defender.threshold + 2):
+            with pytest.raises((asyncssh.DisconnectError, asyncssh.ConnectionLost,
+                                asyncssh.ChannelOpenError)) as info:
+                async with client(sshnode, "alice", client_keys=[str(key)]) as extra:
+                    async with extra.start_sftp_client() as sftp:
+                        await sftp.listdir(".")
+            assert not isinstance(info.value, asyncssh.PermissionDenied)
     await sshnode.wait_idle()
     async with client(sshnode, "alice", client_keys=[str(key)]):
         pass
+    assert sshnode.store.active_bans() == []
+    assert sshnode.store.count_auth_failures("127.0.0.1", 0) == 0
+    refused = [e for e in sshnode.events("auth", username="alice")
+               if e.detail.get("method") == "session-cap"]
+    assert refused and all(e.detail["reason"] == "too many sessions (limit 1)" for e in refused)
+    ends = [e.detail["reason"] for e in sshnode.events("session.disconnect", username="alice")]
+    assert ends.count("too many sessions") == sshnode.defender.threshold + 2, ends
 
 
 async def test_max_sessions_counts_every_worker(sshnode: NodeUnderTest, tmp_path: Path) -> None:
@@ -193,3 +208,37 @@ async def test_admit(sshnode: NodeUnderTest) -> None:
         assert service.admit("192.0.2.1") == "capacity"
     finally:
         service._active = 0
+
+
+async def test_a_store_that_cannot_answer_is_not_the_clients_failure(
+        sshnode: NodeUnderTest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pooled connection the database closed fails once: the login is asked again and goes
+    through. A store that stays down refuses logins, but never counts them towards a ban."""
+    _, key = sshnode.add_user("alice")
+    keys = [str(key)]
+    real_get_user = sshnode.store.get_user
+    failures = {"left": 1}
+
+    def flaky(name: str) -> Any:
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise StoreError("postgres store: terminating connection due to administrator "
+                             "command")
+        return real_get_user(name)
+
+    monkeypatch.setattr(sshnode.store, "get_user", flaky)
+    async with client(sshnode, "alice", client_keys=keys):
+        pass
+    failures["left"] = 10 ** 6
+    for _ in range(sshnode.defender.threshold + 2):
+        with pytest.raises(asyncssh.PermissionDenied):
+            async with client(sshnode, "alice", client_keys=keys):
+                pass
+    failures["left"] = 0
+    assert sshnode.store.count_auth_failures("127.0.0.1", 0) == 0
+    assert sshnode.store.active_bans() == []
+    async with client(sshnode, "alice", client_keys=keys):
+        pass
+    await sshnode.wait_idle()
+    reasons = [e.detail.get("reason") for e in sshnode.events("auth", username="alice")]
+    assert reasons.count("store unavailable") == sshnode.defender.threshold + 2

@@ -87,18 +87,6 @@ def account_refusal(user: User | None, ip: str, now: float | None = None) -> str
     return None
 
 
-def refusal(user: User | None, ip: str, sessions: SessionCounter,
-            now: float | None = None) -> str | None:
-    """Why `user` may not log in from `ip` right now, or None when it may."""
-    why = account_refusal(user, ip, now)
-    if why is not None:
-        return why
-    assert user is not None
-    if user.max_sessions is not None and sessions.count(user.name) >= user.max_sessions:
-        return f"too many sessions (limit {user.max_sessions})"
-    return None
-
-
 class NodeSSHServer(asyncssh.SSHServer):
     """Authentication policy for one connection: password (argon2id) or public key."""
 
@@ -113,6 +101,7 @@ class NodeSSHServer(asyncssh.SSHServer):
         self._keys: set[bytes] = set()
         self._method = ""
         self._key_failure_counted = False
+        self._store_failed = False   # the user could not be read: not the client's failure
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
@@ -123,12 +112,12 @@ class NodeSSHServer(asyncssh.SSHServer):
 
     async def begin_auth(self, username: str) -> bool:
         self.session.attempted = username
-        try:
-            user = await asyncio.to_thread(self._store.get_user, username)
-        except Exception as exc:   # a store outage refuses logins, it must not crash them
-            log.error("cannot read user %r from the store: %s", username, exc)
-            user = None
-        why = refusal(user, self.session.ctx.client_ip, self._sessions)
+        user = await self._read_user(username)
+        # The session cap is checked once the client has proven who it is (auth_completed):
+        # refused here, a partner's parallel or retried logins would count as failed ones
+        # and get its address banned. Everything else refuses the account itself.
+        why = "store unavailable" if self._store_failed else \
+            account_refusal(user, self.session.ctx.client_ip)
         if why is not None:
             self._candidate, self._keys = None, set()
             self.session.audit("auth", method="begin", result="refused", reason=why)
@@ -172,12 +161,25 @@ class NodeSSHServer(asyncssh.SSHServer):
         self._sessions.acquire(user.name)
         self.session.audit("auth", method=self._method, result="ok")
         if user.max_sessions is not None and self._sessions.count(user.name) > user.max_sessions:
-            self._disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS,
+            self._disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS,   # audited by the lease claim
                              f"too many sessions for {user.name}", "too many sessions")
+
+    async def _read_user(self, username: str) -> User | None:
+        """The account, asked twice: a pooled store connection the server closed while idle
+        fails once. A store that cannot answer refuses the login (and is not the client's
+        failure); it must not crash the connection."""
+        for attempt in (1, 2):
+            try:
+                return await asyncio.to_thread(self._store.get_user, username)
+            except Exception as exc:
+                if attempt == 2:
+                    log.error("cannot read user %r from the store: %s", username, exc)
+        self._store_failed = True
+        return None
 
     async def _failed(self, method: str, *, count: bool = True) -> None:
         self.session.audit("auth", method=method, result="failed")
-        if not count:
+        if not count or self._store_failed:
             return
         ip = self.session.ctx.client_ip
         ban = await asyncio.to_thread(self._defender.record_failure, ip)
