@@ -295,3 +295,46 @@ def test_sqlite_file_is_private(sqlite_url):
     import os
     from internal.store.sqlite import sqlite_path
     assert os.stat(sqlite_path(sqlite_url)).st_mode & 0o077 == 0
+
+
+@pytest.mark.postgres
+def test_postgres_connections_the_server_ended_are_not_used(pg_url):
+    """A database restart, a pooler's restart or pg_terminate_backend ends the pooled idle
+    connections: the next calls open new ones instead of failing once per dead connection."""
+    import psycopg
+    store = open_store(pg_url)
+    try:
+        store.add_user(_user())
+        _run_threads(lambda i: store.get_user("alice"), 4)     # several connections pooled
+        db = pg_url.rsplit("/", 1)[1]
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            ended = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM "
+                                  "pg_stat_activity WHERE datname = %s AND "
+                                  "pid <> pg_backend_pid()", (db,)).fetchone()[0]
+        assert ended >= 1
+        time.sleep(0.2)                     # the server's farewell reaches the sockets
+        for _ in range(6):
+            assert store.get_user("alice").name == "alice"
+        store.add_user(_user("bob"))
+    finally:
+        store.close()
+
+
+@pytest.mark.postgres
+def test_postgres_lock_waits_are_bounded(pg_url, monkeypatch):
+    """A table another session holds locked (VACUUM FULL, ALTER TABLE) fails a statement
+    after LOCK_TIMEOUT_MS instead of holding the caller's thread for as long as the lock."""
+    import psycopg
+    from internal.store import postgres
+    monkeypatch.setattr(postgres, "LOCK_TIMEOUT_MS", 300)
+    store = open_store(pg_url)
+    try:
+        with psycopg.connect(pg_url) as holder:
+            holder.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+            started = time.monotonic()
+            with pytest.raises(StoreError, match="lock timeout"):
+                store.get_user("alice")
+            assert time.monotonic() - started < 5
+        assert store.get_user("alice") is None       # the lock is gone: answered again
+    finally:
+        store.close()

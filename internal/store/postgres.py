@@ -6,6 +6,7 @@ that broke (server restart, network) is dropped from the pool and the next call 
 """
 from __future__ import annotations
 
+import select
 from typing import Any
 
 import psycopg
@@ -13,6 +14,10 @@ import psycopg
 from internal.store.sql import SQLStore
 
 CONNECT_TIMEOUT_S = 10
+# A statement waits this long for a lock (another session's VACUUM FULL, ALTER TABLE, a held
+# row) before it fails: logins and audit writes then fail and retry instead of piling up in
+# the node's threads, which its SFTP file work shares.
+LOCK_TIMEOUT_MS = 5000
 SCHEMA_LOCK_KEY = 0x6564676577  # "edgew": one advisory lock id for every edgegw schema change
 
 
@@ -26,8 +31,21 @@ class PostgresStore(SQLStore):
         super().__init__(url, pool_size=pool_size)
 
     def _connect(self) -> Any:
-        return psycopg.connect(self._conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
-                               application_name="edgegw")
+        conn = psycopg.connect(self._conninfo, autocommit=True,
+                               connect_timeout=CONNECT_TIMEOUT_S, application_name="edgegw")
+        conn.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
+        return conn
+
+    def _usable(self, conn: Any) -> bool:
+        # An idle connection has nothing to read, unless the server ended it meanwhile (a
+        # restart, pg_terminate_backend, a pooler's restart): then its farewell or EOF waits.
+        if conn.closed or conn.broken:
+            return False
+        try:
+            readable, _, _ = select.select([conn.fileno()], [], [], 0)
+        except (OSError, ValueError, psycopg.Error):
+            return False
+        return not readable
 
     def _begin(self, conn: Any, *, schema: bool) -> None:
         conn.execute("BEGIN")

@@ -303,12 +303,16 @@ class SQLStore:
         return StoreError(f"{self.dialect} store {_redact(self.url)}: {str(exc).strip()}")
 
     def _acquire(self) -> Any:
-        with self._lock:
-            if self._closed:
-                raise StoreError("the store is closed")
-            conn = self._idle.pop() if self._idle else None
-        if conn is not None:
-            return conn
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise StoreError("the store is closed")
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                break
+            if self._usable(conn):
+                return conn
+            _quiet_close(conn)     # closed by the server while idle: the next one, or a new one
         try:
             return self._connect()
         except self._db_errors() as exc:
@@ -326,6 +330,10 @@ class SQLStore:
 
     def _connect(self) -> Any:
         raise NotImplementedError
+
+    def _usable(self, conn: Any) -> bool:
+        """Whether an idle pooled connection is still worth a query (cheap: no round trip)."""
+        return True
 
     def _begin(self, conn: Any, *, schema: bool) -> None:
         """Open a write transaction; `schema` also serialises schema changes across processes."""
