@@ -61,3 +61,28 @@ async def test_full_permissions_round_trip(sshnode: NodeUnderTest, tmp_path: Pat
     for kind in ("dir.mkdir", "file.open", "file.close", "file.setstat", "file.rename",
                  "file.link", "file.remove", "dir.rmdir", "session.disconnect"):
         assert kind in kinds, kind
+
+
+async def test_a_new_size_is_an_overwrite(sshnode: NodeUnderTest) -> None:
+    """Setting a file's size rewrites it (a size of 0 wipes it): SETSTAT alone does not allow
+    it, as opening the file with TRUNC is not allowed without OVERWRITE either."""
+    home, key = sshnode.keyed_user("attrs", permissions=frozenset(
+        {Perm.LIST, Perm.DOWNLOAD, Perm.SETSTAT}))
+    (home / "keep.txt").write_text("precious")
+    async with sshnode.sftp_client("attrs", key) as sftp:
+        with pytest.raises(asyncssh.SFTPPermissionDenied, match="may not overwrite"):
+            await sftp.truncate("keep.txt", 0)
+        await sftp.chmod("keep.txt", 0o600)          # other attributes: SETSTAT is enough
+    assert (home / "keep.txt").read_text() == "precious"
+    assert (home / "keep.txt").stat().st_mode & 0o777 == 0o600
+
+
+async def test_renaming_over_an_empty_directory_removes_it(sshnode: NodeUnderTest) -> None:
+    home, key = sshnode.keyed_user("mover", permissions=frozenset(
+        {Perm.LIST, Perm.RENAME, Perm.OVERWRITE, Perm.MKDIR}))
+    (home / "new").mkdir()
+    (home / "old").mkdir()
+    async with sshnode.sftp_client("mover", key) as sftp:
+        with pytest.raises(asyncssh.SFTPPermissionDenied, match="may not remove directories"):
+            await sftp.posix_rename("new", "old")
+    assert (home / "new").is_dir() and (home / "old").is_dir()

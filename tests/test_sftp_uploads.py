@@ -5,6 +5,7 @@ import asyncio
 import errno
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -247,3 +248,53 @@ def test_sweep_spares_a_temporary_a_live_upload_holds(tmp_path: Path) -> None:
         holder.communicate("")
     assert sweep_temps(tmp_path, older_than=3600) == 1
     assert not temp.exists()
+
+
+async def test_renaming_a_file_onto_itself_frees_no_quota(sshnode: NodeUnderTest) -> None:
+    home, key = sshnode.keyed_user("alice", quota_bytes=10 * MiB)
+    async with sshnode.sftp_client("alice", key) as sftp:
+        async with sftp.open("a.bin", "wb") as f:
+            await f.write(b"a" * (4 * MiB))
+        os.link(home / "a.bin", home / "b.bin")       # another name of the same file
+        for old, new in (("a.bin", "a.bin"), ("a.bin", "./a.bin"), ("a.bin", "b.bin")) * 3:
+            await sftp.posix_rename(old, new)
+        async with sftp.open("c.bin", "wb") as f:
+            await f.write(b"c" * (4 * MiB))
+        with pytest.raises(asyncssh.SFTPError, match="quota"):
+            async with sftp.open("d.bin", "wb") as f:
+                await f.write(b"d" * (4 * MiB))
+    assert not (home / "d.bin").exists()
+
+
+async def test_a_close_the_client_sent_commits_though_it_left_at_once(
+        sshnode: NodeUnderTest) -> None:
+    """WRITE, CLOSE, then the channel's end (EOF and close) without waiting for the answers:
+    the client did close the file after its last write, so the upload is complete; only
+    handles a client leaves open are dropped."""
+    home, key = sshnode.keyed_user("alice")
+
+    def packet(kind: int, body: bytes) -> bytes:
+        return struct.pack(">IB", len(body) + 1, kind) + body
+
+    def string(data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + data
+
+    async with asyncssh.connect("127.0.0.1", sshnode.port, username="alice",
+                                client_keys=[str(key)], known_hosts=None) as conn:
+        writer, reader, _ = await conn.open_session(subsystem="sftp", encoding=None)
+        writer.write(packet(1, struct.pack(">I", 3)))                      # INIT
+        await reader.readexactly(struct.unpack(">I", await reader.readexactly(4))[0])
+        writer.write(packet(3, struct.pack(">I", 1) + string(b"sent.bin") +
+                            struct.pack(">II", 0x1a, 0)))                  # OPEN write|creat|trunc
+        reply = await reader.readexactly(struct.unpack(">I", await reader.readexactly(4))[0])
+        assert reply[0] == 102, reply                                      # HANDLE
+        handle = reply[9:]
+        writer.write(packet(6, struct.pack(">I", 2) + string(handle) + struct.pack(">Q", 0) +
+                            string(b"D" * 100_000)))                       # WRITE
+        writer.write(packet(4, struct.pack(">I", 3) + string(handle)))     # CLOSE
+        writer.write_eof()
+        writer.close()
+        await asyncio.sleep(0.5)
+    await sshnode.wait_idle()
+    assert (home / "sent.bin").read_bytes() == b"D" * 100_000
+    assert temps(home) == []

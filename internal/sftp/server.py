@@ -199,7 +199,9 @@ class NodeSFTPServer(asyncssh.SFTPServer):
         return upload
 
     def close(self, file_obj: object) -> Any:
-        aborted = _closed_by_cleanup(sys._getframe(1)) or self.channel.is_closing()
+        # A CLOSE the client sent commits, even when it closed the channel right after: its
+        # writes were all taken before it (requests are handled in order).
+        aborted = _closed_by_cleanup(sys._getframe(1))
         self._drop_handle()     # asyncssh forgets the handle whatever the close's outcome
         return self._close(file_obj, aborted)
 
@@ -263,6 +265,8 @@ class NodeSFTPServer(asyncssh.SFTPServer):
         self._need(Perm.SETSTAT, "change file attributes")
         if attrs.size is not None:
             check_range(attrs.size, 0)
+            # a new size rewrites the file's content (truncating it wipes it): an overwrite
+            self._need(Perm.OVERWRITE, "overwrite files")
         real = self._jail.resolve(path, follow=follow)
         flags = os.O_WRONLY if attrs.size is not None else os.O_RDONLY | os.O_NONBLOCK
         fd = self._jail.open(real, flags)
@@ -387,12 +391,17 @@ class NodeSFTPServer(asyncssh.SFTPServer):
         self._need(Perm.RENAME, "rename files")
         with self._jail.parent(oldpath) as (old_fd, old_name), \
                 self._jail.parent(newpath) as (new_fd, new_name):
-            os.stat(old_name, dir_fd=old_fd, follow_symlinks=False)
+            source = os.stat(old_name, dir_fd=old_fd, follow_symlinks=False)
             target = lstat_at(new_name, new_fd)
-            if target is not None:
+            if target is not None and os.path.samestat(source, target):
+                target = None   # the same file (its own name, or a hard link of it): POSIX
+                                # rename() changes nothing and nothing is freed
+            elif target is not None:
                 if not replace:
                     raise FileExistsError(errno.EEXIST, "the target exists")
                 self._need(Perm.OVERWRITE, "overwrite files")
+                if stat.S_ISDIR(target.st_mode):   # an empty one: renaming over removes it
+                    self._need(Perm.RMDIR, "remove directories")
             os.rename(old_name, new_name, src_dir_fd=old_fd, dst_dir_fd=new_fd)
         if target is not None and stat.S_ISREG(target.st_mode):
             self._charge(-target.st_size, -1)
