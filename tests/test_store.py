@@ -338,3 +338,24 @@ def test_postgres_lock_waits_are_bounded(pg_url, monkeypatch):
         assert store.get_user("alice") is None       # the lock is gone: answered again
     finally:
         store.close()
+
+
+def test_opening_a_current_store_takes_no_write_lock(sqlite_url):
+    """Admin commands open the store: while another process holds its write lock (a long
+    write, or an `sqlite3` shell in a transaction), reading users must not wait for it."""
+    import sqlite3
+    from internal.store.sqlite import sqlite_path
+    open_store(sqlite_url).close()                     # created and migrated
+    holder = sqlite3.connect(sqlite_path(sqlite_url), isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        store = open_store(sqlite_url)
+        try:
+            assert store.list_users() == []
+        finally:
+            store.close()
+        assert time.monotonic() - started < 5
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()

@@ -228,7 +228,19 @@ class SQLStore:
         for conn in idle:
             _quiet_close(conn)
 
+    def _schema_current(self) -> bool:
+        """Whether the schema is this edgegw's already: checked with a plain read, so opening a
+        store (every admin command does) does not wait for a write lock another process holds
+        (SQLite's BEGIN IMMEDIATE, PostgreSQL's schema lock) unless there is a migration to do."""
+        try:
+            rows = self._read("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+        except StoreError:
+            return False        # no version table yet: a new store
+        return int(rows[0][0]) == migrations.LATEST
+
     def _migrate(self) -> None:
+        if self._schema_current():
+            return
         with self._tx(schema=True) as cur:
             self._exec(cur, migrations.VERSION_TABLE.format(**migrations.TYPES[self.dialect]))
             self._exec(cur, "SELECT COALESCE(MAX(version), 0) FROM schema_version")
