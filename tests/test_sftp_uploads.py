@@ -298,3 +298,25 @@ async def test_a_close_the_client_sent_commits_though_it_left_at_once(
     await sshnode.wait_idle()
     assert (home / "sent.bin").read_bytes() == b"D" * 100_000
     assert temps(home) == []
+
+
+async def test_a_session_the_node_ends_is_audited_with_its_bytes(sshnode: NodeUnderTest) -> None:
+    """Shutting down (or a drain that timed out) ends running sessions: their record says so
+    and carries the bytes their open files moved, which asyncssh only hands back as it closes
+    those files after the connection ended."""
+    home, key = sshnode.keyed_user("alice")
+    async with asyncssh.connect("127.0.0.1", sshnode.port, username="alice",
+                                client_keys=[str(key)], known_hosts=None) as conn:
+        async with conn.start_sftp_client() as sftp:
+            f = await sftp.open("partial.bin", "wb")
+            await f.write(b"x" * MiB)
+            await sshnode.service.close()
+            with pytest.raises((asyncssh.Error, OSError)):
+                await f.write(b"y", MiB)
+    await sshnode.wait_idle()
+    sshnode.audit.flush()
+    ends = sshnode.store.query_audit(kind="session.disconnect")
+    assert len(ends) == 1
+    assert ends[0].detail["reason"] == "node shutting down"
+    assert ends[0].detail["bytes_in"] == MiB
+    assert not (home / "partial.bin").exists() and temps(home) == []

@@ -107,7 +107,7 @@ class SSHService:
         self._leases = SessionLeases(store, home.node_id)
         self._quotas = QuotaBook()
         self._active = 0
-        self._conns: set[asyncssh.SSHServerConnection] = set()
+        self._conns: dict[asyncssh.SSHServerConnection, Session] = {}
         self._tasks: set[asyncio.Task[SessionResult]] = set()
         self._listeners: list[Listener] = []
         self._bans: list[BanEntry] = []
@@ -233,10 +233,11 @@ class SSHService:
         conn: asyncssh.SSHServerConnection | None = None
         try:
             conn = await run_server(sock, options, banner_sent=banner_sent)
-            self._conns.add(conn)
+            self._conns[conn] = session
             self._revoker.track(session, conn)
             await self._leases.claim(session, conn)
             await conn.wait_closed()
+            await self._sftp_closed(session)
         except (asyncssh.Error, OSError, asyncio.TimeoutError, EOFError) as exc:
             session.reason = session.reason or _describe(exc)
         except asyncio.CancelledError:
@@ -248,7 +249,7 @@ class SSHService:
             if conn is None:
                 sock.close()
             else:
-                self._conns.discard(conn)
+                self._conns.pop(conn, None)
                 self._revoker.forget(session)
             self._leases.release(session.ctx.session_id)
             if not session.claimed.done():
@@ -303,6 +304,14 @@ class SSHService:
         if current is not None and current is not user:  # changed (root checked) meanwhile
             server.update(current, usage)
         return server
+
+    async def _sftp_closed(self, session: Session, timeout: float = 5.0) -> None:
+        """Until asyncssh has closed the handles the session's SFTP channels left open (after
+        the connection ends), so that their bytes are in the session's record."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while session in self._sftp and loop.time() < deadline:
+            await asyncio.sleep(0.01)
 
     def _sftp_exited(self, session: Session, server: NodeSFTPServer) -> None:
         servers = self._sftp.get(session)
@@ -362,7 +371,8 @@ class SSHService:
             self._refresher.cancel()
             self._refresher = None
         await self._revoker.close()
-        for conn in list(self._conns):
+        for conn, session in list(self._conns.items()):
+            session.reason = session.reason or "node shutting down"
             conn.disconnect(asyncssh.DISC_BY_APPLICATION, "server shutting down")
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5.0)
