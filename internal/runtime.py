@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import signal
@@ -51,6 +52,42 @@ def pid_files(home: NodeHome) -> list[Path]:
     return sorted(run_dir(home).glob("node-*.pid"))
 
 
+def write_pid_file(path: Path) -> int:
+    """Write this process's pid file and hold a lock on it until the process ends (the
+    returned descriptor stays open): a file nobody holds is a crashed node's, whose pid may
+    belong to another program by now (live_pid)."""
+    temp = path.with_name(f".{path.name}.new")   # locked before it has its name: a
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:                                        # sibling's check never sees it unlocked
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.replace(temp, path)
+    except BaseException:
+        os.close(fd)
+        temp.unlink(missing_ok=True)
+        raise
+    return fd
+
+
+def live_pid(path: Path) -> int | None:
+    """The pid in a node's pid file while that node runs; None, and the file removed, when
+    it is a leftover (its node was killed, or the host crashed)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:     # held: its node is running
+            text = os.read(fd, 64).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else None
+        path.unlink(missing_ok=True)
+        return None
+    finally:
+        os.close(fd)
+
+
 async def serve(home: NodeHome, opts: ServeOptions) -> None:
     store = await asyncio.to_thread(open_store, home.db_url)
     node_id = opts.node_id or home.node_id
@@ -82,6 +119,7 @@ async def serve(home: NodeHome, opts: ServeOptions) -> None:
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGTERM, drain.set)  # SIGTERM drains, as orchestrators expect
     ban_task = None
+    pid_fd = -1
     metrics = None
     try:
         if opts.metrics is not None:
@@ -96,7 +134,9 @@ async def serve(home: NodeHome, opts: ServeOptions) -> None:
                                             reuse_port=opts.reuse_port)
             log.info("serving SSH/SFTP directly on %s", opts.listen)
         run_dir(home).mkdir(exist_ok=True)
-        pid_file.write_text(f"{os.getpid()}\n")
+        for leftover in pid_files(home):
+            live_pid(leftover)              # removes those of nodes that did not stop cleanly
+        pid_fd = write_pid_file(pid_file)
         pushed: dict[str, float] = {}
         try:  # admission knows the bans before the first client
             await _sync_bans(node, defender, pushed)
@@ -130,6 +170,8 @@ async def serve(home: NodeHome, opts: ServeOptions) -> None:
         await asyncio.to_thread(audit.close)
         await asyncio.to_thread(store.close)
         pid_file.unlink(missing_ok=True)
+        if pid_fd >= 0:
+            os.close(pid_fd)
         log.info("node %s stopped", node_id)
 
 

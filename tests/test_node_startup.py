@@ -158,3 +158,33 @@ def _running(pid: int) -> bool:
             return f.read().split(") ", 1)[1][0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_drain_never_signals_a_process_a_crashed_node_left_its_pid_to(node_home: Path,
+                                                                       tmp_path: Path,
+                                                                       procs: list[Proc]) -> None:
+    """A node killed with SIGKILL (or a host crash) leaves its pid file; its pid may belong to
+    another program by now. A running node holds a lock on its file: one nobody holds is
+    removed, its pid left alone."""
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        run = node_home / "run"
+        run.mkdir(exist_ok=True)
+        (run / f"node-{bystander.pid}.pid").write_text(f"{bystander.pid}\n")
+        out = _run("internal", "drain", "--home", str(node_home), "--timeout", "5")
+        assert out.returncode == 1 and "no node is running" in out.stderr, out
+        assert bystander.poll() is None
+        assert not (run / f"node-{bystander.pid}.pid").exists()
+        node = Proc("node", edgegw_cmd("internal", "serve", "--home", str(node_home),
+                                       "--listen", "127.0.0.1:0", "--workers", "1"),
+                    tmp_path / "node.log").start()
+        procs.append(node)
+        node.wait_log(r"node \S+ started")
+        (run / f"node-{bystander.pid}.pid").write_text(f"{bystander.pid}\n")   # again
+        out = _run("internal", "drain", "--home", str(node_home), "--timeout", "30")
+        assert out.returncode == 0, out
+        assert f"draining 1 node process(es): {node.pid}" in out.stdout
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()

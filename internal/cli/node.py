@@ -143,17 +143,19 @@ def serve(home_dir: str, gateways: list[HostPort], listen: HostPort | None,
               help="Seconds to wait for the node processes to finish and exit.")
 def drain(home_dir: str, timeout: float) -> None:
     """Drain the nodes running on this home: no new sessions, let running ones end, exit."""
-    from internal.runtime import pid_files
+    from internal.runtime import live_pid, pid_files
 
     home = load_home(home_dir)
     pids: list[int] = []
     for path in pid_files(home):
         try:
-            pid = int(path.read_text().strip())
+            pid = live_pid(path)    # None: a crashed node's file, whose pid may be reused
+            if pid is None:
+                continue
             os.kill(pid, signal.SIGTERM)
             pids.append(pid)
-        except (ValueError, ProcessLookupError):
-            path.unlink(missing_ok=True)  # stale
+        except ProcessLookupError:
+            pass
         except PermissionError:
             raise click.ClickException(f"not allowed to signal node process in {path}") from None
     if not pids:
