@@ -18,7 +18,7 @@ from asyncssh.constants import FXF_CREAT, FXF_EXCL, FXF_READ, FXF_WRITE
 from internal.sftp.paths import is_temp_name
 from internal.sftp.uploads import _copy, exclusive_temp_name, sweep_temps
 from internal.store.base import Perm
-from tests.sshutil import NodeUnderTest, tree
+from tests.sshutil import NodeUnderTest, start_node, stop_node, tree
 
 MiB = 1 << 20
 
@@ -320,3 +320,31 @@ async def test_a_session_the_node_ends_is_audited_with_its_bytes(sshnode: NodeUn
     assert ends[0].detail["reason"] == "node shutting down"
     assert ends[0].detail["bytes_in"] == MiB
     assert not (home / "partial.bin").exists() and temps(home) == []
+
+
+async def test_a_crashed_sessions_temporary_goes_at_startup(sshnode: NodeUnderTest,
+                                                           tmp_path: Path) -> None:
+    """A node that starts sweeps what a crashed one left: temporaries nobody holds, a minute
+    old (not an hour), while a live upload's stays however long its client pauses."""
+    home, key = sshnode.keyed_user("alice")
+    left = home / ".edgegw-upload-0011223344556677.tmp"
+    left.write_bytes(b"x" * MiB)
+    os.utime(left, (time.time() - 120, time.time() - 120))
+    async with sshnode.sftp_client("alice", key) as sftp:
+        async with sftp.open("paused.bin", "wb") as f:
+            await f.write(b"p")
+            live = [home / n for n in temps(home) if home / n != left]
+            assert len(live) == 1
+            os.utime(live[0], (time.time() - 7200, time.time() - 7200))
+            restarted = await start_node(tmp_path)       # another node process, same home
+            try:
+                assert (await restarted.sftp("alice", key, "ls\n")).returncode == 0
+                for _ in range(100):
+                    if not left.exists():
+                        break
+                    await asyncio.sleep(0.05)
+                assert not left.exists()
+                assert live[0].exists()
+            finally:
+                await stop_node(restarted)
+    assert (home / "paused.bin").read_bytes() == b"p"

@@ -3,7 +3,8 @@
 An upload writes to a hidden temporary in the target directory and is renamed over the final
 name only when the client closes the handle. A client that vanishes mid-transfer leaves the old
 file (or nothing) under the final name; its temporary is removed when the session ends, and any
-left by a crash are swept at startup. A write into an existing file without truncation (resume,
+left by a crash are swept by the node (at startup, then every 15 minutes): those no live upload
+holds a lock on, once a minute old. A write into an existing file without truncation (resume,
 append, random access) starts from a copy of the file, so readers never see a half-rewritten
 file either. I/O is positional (`pread`/`pwrite`): one system call per SFTP request.
 """

@@ -42,7 +42,10 @@ log = logging.getLogger("edgegw.node.ssh")
 session_log = logging.getLogger("edgegw.node.session")
 
 REFRESH_INTERVAL = 1.0
-STALE_UPLOAD_AGE = 3600.0     # an upload temporary untouched this long belongs to a crashed session
+# An upload temporary no live upload holds (uploads.temp_in_use) and untouched this long is a
+# crashed session's; the sweep runs at startup and then every SWEEP_INTERVAL.
+STALE_UPLOAD_AGE = 60.0
+SWEEP_INTERVAL = 900.0
 SERVER_VERSION = "edgegw"
 # Channel flow control, client -> node. OpenSSH's sftp writes min(our limits@openssh.com answer,
 # 255 KiB) per request; a 256 KiB maximum packet lets each arrive as one SSH packet instead of
@@ -175,7 +178,7 @@ class SSHService:
         next_sweep = 0.0
         while True:
             if time.monotonic() >= next_sweep:
-                next_sweep = time.monotonic() + STALE_UPLOAD_AGE / 4
+                next_sweep = time.monotonic() + SWEEP_INTERVAL
                 try:
                     await asyncio.to_thread(self._sweep)
                 except Exception:
@@ -192,7 +195,8 @@ class SSHService:
 
     def _sweep(self) -> None:
         """Temporaries of uploads interrupted by a crash. Other nodes sharing the files root
-        may be writing theirs right now, so only the ones untouched for an hour go."""
+        may be writing theirs right now: a live upload holds a lock on its temporary, and only
+        those nobody holds and untouched for a minute go."""
         roots = {str(self.home.files_root)} | {u.home for u in self.store.list_users()}
         removed = sum(sweep_temps(r, older_than=STALE_UPLOAD_AGE)
                       for r in sorted(roots) if os.path.isdir(r))
