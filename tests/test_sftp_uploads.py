@@ -348,3 +348,25 @@ async def test_a_crashed_sessions_temporary_goes_at_startup(sshnode: NodeUnderTe
             finally:
                 await stop_node(restarted)
     assert (home / "paused.bin").read_bytes() == b"p"
+
+
+async def test_a_second_rewrite_of_a_file_waits_for_the_first(sshnode: NodeUnderTest) -> None:
+    """A write into an existing file works on a copy that replaces it at close: a second such
+    handle (same session or another) would silently undo the first one's blocks, so it is
+    refused, with a reason, until the first is closed."""
+    home, key = sshnode.keyed_user("alice")
+    (home / "db.bin").write_bytes(b"." * 8)
+    rw = FXF_READ | FXF_WRITE
+    async with sshnode.sftp_client("alice", key) as sftp, \
+            sshnode.sftp_client("alice", key) as other:
+        first = await sftp.open("db.bin", rw, encoding=None)
+        await first.write(b"AA", 0)
+        for client in (sftp, other):
+            with pytest.raises(asyncssh.SFTPFailure, match="being written through another"):
+                await client.open("db.bin", rw, encoding=None)
+        async with other.open("db.bin", "rb") as reader:        # reading is not held up
+            assert await reader.read() == b"." * 8
+        await first.close()
+        async with other.open("db.bin", rw, encoding=None) as second:
+            await second.write(b"BB", 6)
+    assert (home / "db.bin").read_bytes() == b"AA....BB"

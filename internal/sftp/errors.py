@@ -46,6 +46,8 @@ _ERRNO: dict[int, tuple[type[SFTPError], str]] = {
     errno.ENAMETOOLONG: (asyncssh.SFTPInvalidFilename, "the file name is too long"),
     errno.EINVAL: (asyncssh.SFTPInvalidParameter, "invalid argument"),
     errno.EXDEV: (asyncssh.SFTPFailure, "cannot move between file systems"),
+    errno.EBUSY: (asyncssh.SFTPFailure, "the file is being written through another handle; "
+                                        "try again once that one is closed"),
 }
 
 

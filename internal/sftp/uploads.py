@@ -151,6 +151,7 @@ class Upload(OpenFile):
         self.high = max(credit, self.size)   # quota is charged for growth beyond this mark
         self.new_file = new_file
         self.failed: Exception | None = None
+        self.original: tuple[int, tuple[int, int]] | None = None   # see _hold_original
 
     @classmethod
     def start(cls, jail: Jail, real: bytes, client_path: bytes, *, truncate: bool,
@@ -165,6 +166,7 @@ class Upload(OpenFile):
         fd = -1
         temp = exclusive_temp_name(name) if exclusive else new_temp_name()
         charged_file = False
+        held: tuple[int, tuple[int, int]] | None = None
         try:
             existing = lstat_at(name, dir_fd)
             if existing is None and not create:
@@ -180,18 +182,23 @@ class Upload(OpenFile):
             fd = _create_temp(temp, dir_fd)
             os.fchmod(fd, stat.S_IMODE(existing.st_mode) if existing else perms & 0o777)
             if existing is not None and not truncate:
-                src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-                try:
-                    _copy(src, fd)
-                finally:
-                    os.close(src)
+                # Written from a copy that replaces the file at commit: a second such writer
+                # would silently undo the first one's changes, so it is refused while the
+                # first holds the file (an upload that truncates replaces it whole, last one
+                # winning, as ever).
+                held = _hold_original(name, dir_fd)
+                _copy(held[0], fd)
             if append:   # only now: copy_file_range refuses an O_APPEND destination
                 fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
-            return cls(fd, client_path, dir_fd, temp, name, append=append,
-                       exclusive=exclusive, usage=usage,
-                       credit=existing.st_size if existing else 0, new_file=existing is None,
-                       readable=readable)
+            upload = cls(fd, client_path, dir_fd, temp, name, append=append,
+                         exclusive=exclusive, usage=usage,
+                         credit=existing.st_size if existing else 0, new_file=existing is None,
+                         readable=readable)
+            upload.original = held
+            return upload
         except BaseException:
+            if held is not None:
+                _let_go(held)
             if fd >= 0:
                 _live.discard(_live_key(dir_fd, temp))
                 os.close(fd)
@@ -277,12 +284,49 @@ class Upload(OpenFile):
         self._release()
 
     def _release(self) -> None:
+        if self.original is not None:
+            _let_go(self.original)
+            self.original = None
         if self.dir_fd >= 0:
             _live.discard(_live_key(self.dir_fd, self.temp))
         self.close()
         if self.dir_fd >= 0:
             fd, self.dir_fd = self.dir_fd, -1
             os.close(fd)
+
+
+# Files this process is rewriting from a copy, by (device, inode): see _hold_original.
+_rewriting: set[tuple[int, int]] = set()
+
+
+def _hold_original(name: bytes, dir_fd: int) -> tuple[int, tuple[int, int]]:
+    """Open the file a rewrite starts from and lock it for as long as the rewrite runs: in
+    this process by its identity, in others (nodes on shared storage too) with flock(). The
+    descriptor reads the copy. EBUSY while another rewrite holds it."""
+    src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    st = os.fstat(src)
+    key = (st.st_dev, st.st_ino)
+    try:
+        if key in _rewriting:
+            raise OSError(errno.EBUSY, "the file is being written through another handle")
+        try:
+            fcntl.flock(src, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OSError(errno.EBUSY, "the file is being written through another handle"
+                          ) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):   # no locks here
+                raise
+    except BaseException:
+        os.close(src)
+        raise
+    _rewriting.add(key)
+    return src, key
+
+
+def _let_go(held: tuple[int, tuple[int, int]]) -> None:
+    _rewriting.discard(held[1])
+    os.close(held[0])
 
 
 def _create_temp(temp: bytes, dir_fd: int) -> int:
