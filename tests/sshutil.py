@@ -19,6 +19,7 @@ import pytest
 from internal.audit import AuditLog
 from internal.defender import Defender
 from internal.home import NodeHome
+from internal.sftp.paths import QUOTA_LEDGER
 from internal.passwords import hash_password
 from internal.ssh import ciphers, libcrypto
 from internal.ssh.service import Listener, SSHService
@@ -191,6 +192,8 @@ async def sshnode(tmp_path: Path) -> AsyncIterator[NodeUnderTest]:
 
 
 def tree(root: Path) -> set[str]:
-    """Every name under `root` (relative), for "nothing else was created" checks."""
+    """Every name under `root` (relative), for "nothing else was created" checks; the quota
+    ledger of a user with a quota is the node's own (internal.sftp.quota)."""
     return {os.path.relpath(os.path.join(d, f), root)
-            for d, dirs, files in os.walk(root) for f in [*dirs, *files]}
+            for d, dirs, files in os.walk(root) for f in [*dirs, *files]
+            if f != QUOTA_LEDGER.decode()}

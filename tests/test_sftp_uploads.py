@@ -134,7 +134,7 @@ async def test_quota_files(sshnode: NodeUnderTest, tmp_path: Path) -> None:
     run = await sshnode.sftp("alice", key, "".join(f"put {tmp_path / 'x'} f{i}\n"
                                                    for i in range(3)))
     assert run.returncode != 0
-    assert sorted(os.listdir(home)) == ["f0", "f1"]
+    assert sorted(tree(home)) == ["f0", "f1"]
     # overwriting an existing file does not need a new slot
     run = await sshnode.sftp("alice", key, f"put {tmp_path / 'x'} f1\n")
     assert run.returncode == 0, run.output

@@ -43,6 +43,16 @@ def is_temp_name(name: bytes) -> bool:
     return name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)
 
 
+# The quota figures shared by the processes serving a user's root (internal.sftp.quota).
+QUOTA_LEDGER = b".edgegw-quota"
+
+
+def is_node_name(name: bytes) -> bool:
+    """Names in a user's root that are the node's, not the user's: never listed, opened,
+    counted or changed through SFTP."""
+    return is_temp_name(name) or name == QUOTA_LEDGER
+
+
 def lstat_at(name: bytes, dir_fd: int) -> os.stat_result | None:
     """The name's own status in a directory, or None when nothing has that name."""
     try:
@@ -95,7 +105,7 @@ class Jail:
         """
         local = self.local(path)
         name = posixpath.basename(local)
-        if is_temp_name(name):
+        if is_node_name(name):
             raise FileNotFoundError(errno.ENOENT, "no such file")
         if follow or local == self.root:
             real = os.path.realpath(local)

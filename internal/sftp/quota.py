@@ -1,19 +1,40 @@
 """Per-user storage quotas, enforced while data arrives rather than after the fact.
 
-The home is scanned once, when the first session of a user with a quota starts on this node;
-from then on every write, truncate, remove and rename adjusts the figures arithmetically, so a
-large upload costs no disk walk per block. Sessions of the same user share one `Usage`, so two
-parallel uploads cannot each use the whole remaining quota.
+A user's figures (bytes and files stored) live in a small ledger file in the user's root,
+shared by every process that serves that root: the workers of a node, and the nodes of a
+shared files root. It is read and changed under a lock, so parallel uploads through different
+processes cannot each use the whole remaining quota. The root is scanned when the first
+process takes the ledger (no other holds it: after a restart or a crash, the figures may be
+stale); from then on every write, truncate, remove and rename adjusts the figures
+arithmetically, so a large upload costs no disk walk per block. An upload takes its growth
+from the ledger CHUNK bytes at a time and gives back what it did not use when it ends.
+
+Where the file system has no locks (ENOLCK), each process keeps its own figures, as it would
+with one worker.
 """
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import os
 import stat
+import struct
 import threading
+from contextlib import contextmanager
+from typing import Iterator
 
-from internal.sftp.paths import is_temp_name
+from internal.sftp.paths import QUOTA_LEDGER, is_node_name
 from internal.store.base import User
+
+# Growth an upload takes from the shared figures at once (fewer locked updates per GB); what
+# it does not use goes back when it ends, so another process is refused at most that much
+# early, and only while the upload runs.
+CHUNK = 8 << 20
+_FIGURES = struct.Struct(">QQ")          # bytes, files, at the start of the ledger
+_MUTEX, _PRESENT = 0, 1                  # lock bytes: changing the figures; holding them
+_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", None)
+_OFD_SETLKW = getattr(fcntl, "F_OFD_SETLKW", None)
 
 
 class QuotaExceeded(Exception):
@@ -29,45 +50,162 @@ def _human(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-class Usage:
-    """What one user stores on this node, and the limits that apply to it."""
+def _lock(fd: int, kind: int, byte: int, *, wait: bool = True) -> None:
+    """A lock on one byte of the ledger, owned by this descriptor (an open file description
+    lock: a process's other descriptors of the file neither share nor drop it)."""
+    if _OFD_SETLK is None or _OFD_SETLKW is None:   # not Linux: per-process POSIX locks
+        flags = {fcntl.F_WRLCK: fcntl.LOCK_EX, fcntl.F_RDLCK: fcntl.LOCK_SH,
+                 fcntl.F_UNLCK: fcntl.LOCK_UN}[kind]
+        fcntl.lockf(fd, flags | (0 if wait else fcntl.LOCK_NB), 1, byte)
+        return
+    fcntl.fcntl(fd, _OFD_SETLKW if wait else _OFD_SETLK,
+                struct.pack("hhxxxxqqixxxx", kind, os.SEEK_SET, byte, 1, 0))
 
-    def __init__(self, username: str, used_bytes: int, used_files: int,
+
+class Ledger:
+    """One user's figures in their root, shared through the file system. Each process holding
+    it keeps a shared lock on one byte; the first to take it finds no other and rescans."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    @classmethod
+    def join(cls, root: str | bytes) -> "Ledger | None":
+        """Open and hold the ledger of `root`, rescanned if no other process holds it; None
+        where the file system has no locks. Blocking: run it in a thread."""
+        dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fd = os.open(QUOTA_LEDGER, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+        ledger = cls(fd)
+        try:
+            with ledger.locked():
+                try:
+                    _lock(fd, fcntl.F_WRLCK, _PRESENT, wait=False)
+                    ledger.write(*scan_home(root))    # alone: the figures may be stale
+                except BlockingIOError:
+                    pass                              # others hold it: their figures are live
+                _lock(fd, fcntl.F_RDLCK, _PRESENT)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                return None
+            raise
+        return ledger
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        _lock(self.fd, fcntl.F_WRLCK, _MUTEX)
+        try:
+            yield
+        finally:
+            _lock(self.fd, fcntl.F_UNLCK, _MUTEX)
+
+    def read(self) -> tuple[int, int]:
+        data = os.pread(self.fd, _FIGURES.size, 0)
+        return _FIGURES.unpack(data) if len(data) == _FIGURES.size else (0, 0)
+
+    def write(self, used_bytes: int, used_files: int) -> None:
+        os.pwrite(self.fd, _FIGURES.pack(max(used_bytes, 0), max(used_files, 0)), 0)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)      # and with it this process's hold
+
+
+class Usage:
+    """What one user stores, and the limits that apply to it: in the shared ledger, or (where
+    there is none) in this process alone."""
+
+    def __init__(self, username: str, ledger: Ledger | None, used_bytes: int, used_files: int,
                  limit_bytes: int | None, limit_files: int | None) -> None:
         self.username = username
-        self.bytes = used_bytes
-        self.files = used_files
         self.limit_bytes = limit_bytes
         self.limit_files = limit_files
+        self._ledger = ledger
+        self._local = (used_bytes, used_files)    # the figures without a ledger
+        self._reserved = 0                        # taken from the figures, not used yet
         self._lock = threading.Lock()   # SFTP work may run in worker threads
 
-    def charge(self, nbytes: int = 0, nfiles: int = 0) -> None:
-        """Take `nbytes`/`nfiles` from the quota, or raise QuotaExceeded and take nothing."""
-        with self._lock:
-            if nbytes > 0 and self.limit_bytes is not None \
-                    and self.bytes + nbytes > self.limit_bytes:
-                raise QuotaExceeded(
-                    f"quota exceeded: {self.username} may store {_human(self.limit_bytes)} and "
-                    f"already uses {_human(self.bytes)}; delete files or ask for a larger quota")
-            if nfiles > 0 and self.limit_files is not None \
-                    and self.files + nfiles > self.limit_files:
-                raise QuotaExceeded(
-                    f"quota exceeded: {self.username} may store {self.limit_files} files and "
-                    f"already has {self.files}; delete files or ask for a larger quota")
-            self.bytes += nbytes
-            self.files += nfiles
+    @contextmanager
+    def _figures(self) -> Iterator[list[int]]:
+        """The figures, to read and change in place, under the ledger's lock."""
+        if self._ledger is None:
+            figures = list(self._local)
+            yield figures
+            self._local = (figures[0], figures[1])
+            return
+        with self._ledger.locked():
+            figures = list(self._ledger.read())
+            before = list(figures)
+            yield figures
+            if figures != before:
+                self._ledger.write(figures[0], figures[1])
 
-    def reset(self, used_bytes: int, used_files: int) -> None:
-        """Figures from a new scan (the user's root moved)."""
+    def charge(self, nbytes: int = 0, nfiles: int = 0, *, ahead: bool = False) -> None:
+        """Take `nbytes`/`nfiles` from the quota, or raise QuotaExceeded and take nothing.
+        `ahead`: a stream of charges (an upload's writes) takes CHUNK at a time."""
         with self._lock:
-            self.bytes = used_bytes
-            self.files = used_files
+            if nfiles <= 0 and 0 < nbytes <= self._reserved:
+                self._reserved -= nbytes
+                return
+            need = max(nbytes - self._reserved, 0)
+            with self._figures() as figures:
+                used, files = figures
+                if need and self.limit_bytes is not None and used + need > self.limit_bytes:
+                    raise QuotaExceeded(
+                        f"quota exceeded: {self.username} may store {_human(self.limit_bytes)} "
+                        f"and already uses {_human(used)}; delete files or ask for a larger "
+                        "quota")
+                if nfiles > 0 and self.limit_files is not None \
+                        and files + nfiles > self.limit_files:
+                    raise QuotaExceeded(
+                        f"quota exceeded: {self.username} may store {self.limit_files} files "
+                        f"and already has {files}; delete files or ask for a larger quota")
+                take = need
+                if need and ahead:
+                    room = CHUNK if self.limit_bytes is None else self.limit_bytes - used
+                    take = max(need, min(CHUNK, room))
+                figures[0] = used + take
+                figures[1] = files + max(nfiles, 0)
+            if nbytes > 0:
+                self._reserved += take - nbytes
 
     def adjust(self, nbytes: int = 0, nfiles: int = 0) -> None:
         """Record a change that already happened (a removal, a commit); never refuses."""
+        with self._lock, self._figures() as figures:
+            figures[0] = max(0, figures[0] + nbytes)
+            figures[1] = max(0, figures[1] + nfiles)
+
+    def settle(self) -> None:
+        """Give back what was taken ahead and not used (an upload ended)."""
         with self._lock:
-            self.bytes = max(0, self.bytes + nbytes)
-            self.files = max(0, self.files + nfiles)
+            if self._reserved:
+                with self._figures() as figures:
+                    figures[0] = max(0, figures[0] - self._reserved)
+                self._reserved = 0
+
+    def used(self) -> tuple[int, int]:
+        """Bytes and files, as the figures say now."""
+        with self._lock, self._figures() as figures:
+            return figures[0], figures[1]
+
+    def move(self, ledger: Ledger | None, used_bytes: int, used_files: int) -> None:
+        """The user's root moved: the figures are the new root's from now on."""
+        self.settle()
+        with self._lock:
+            old, self._ledger = self._ledger, ledger
+            self._local = (used_bytes, used_files)
+        if old is not None:
+            old.close()
+
+    def close(self) -> None:
+        self.settle()
+        if self._ledger is not None:
+            self._ledger.close()
 
 
 def scan_home(root: str | bytes) -> tuple[int, int]:
@@ -87,15 +225,25 @@ def scan_home(root: str | bytes) -> tuple[int, int]:
                     continue
                 if stat.S_ISDIR(st.st_mode):
                     stack.append(entry.path)
-                elif stat.S_ISREG(st.st_mode) and not is_temp_name(entry.name):
+                elif stat.S_ISREG(st.st_mode) and not is_node_name(os.fsencode(entry.name)):
                     total += st.st_size
                     files += 1
     return total, files
 
 
+async def _open_figures(user: User) -> tuple[Ledger | None, int, int]:
+    """The shared ledger of the user's root, or (no locks there) a scan of this process's."""
+    ledger = await asyncio.to_thread(Ledger.join, user.home)
+    if ledger is not None:
+        return ledger, 0, 0
+    used, files = await asyncio.to_thread(scan_home, user.home)
+    return None, used, files
+
+
 class QuotaBook:
-    """The node's live `Usage` per user with a quota; dropped when the user's last session ends
-    so that changes made outside SFTP are picked up by the next scan."""
+    """This process's `Usage` per user with a quota; dropped (the ledger let go) when the
+    user's last session here ends, so that changes made outside SFTP are picked up by the
+    scan of whichever process takes the ledger first next."""
 
     def __init__(self) -> None:
         self._usage: dict[str, tuple[Usage, int]] = {}
@@ -108,8 +256,9 @@ class QuotaBook:
         async with self._lock:
             held = self._usage.get(user.name)
             if held is None:
-                used, files = await asyncio.to_thread(scan_home, user.home)
-                usage = Usage(user.name, used, files, user.quota_bytes, user.quota_files)
+                ledger, used, files = await _open_figures(user)
+                usage = Usage(user.name, ledger, used, files, user.quota_bytes,
+                              user.quota_files)
                 self._usage[user.name] = (usage, 1)
                 return usage
             usage, refs = held
@@ -127,7 +276,7 @@ class QuotaBook:
             usage = held[0]
             usage.limit_bytes, usage.limit_files = user.quota_bytes, user.quota_files
             if rescan:
-                usage.reset(*await asyncio.to_thread(scan_home, user.home))
+                usage.move(*await _open_figures(user))
 
     def release(self, username: str) -> None:
         held = self._usage.get(username)
@@ -136,5 +285,6 @@ class QuotaBook:
         usage, refs = held
         if refs <= 1:
             del self._usage[username]
+            usage.close()
         else:
             self._usage[username] = (usage, refs - 1)

@@ -29,7 +29,7 @@ from asyncssh.constants import FXF_APPEND, FXF_CREAT, FXF_EXCL, FXF_READ, FXF_TR
 
 from internal.sftp.errors import (REFUSALS, TooManyHandles, check_range, printable,
                                   sftp_error, sftp_op)
-from internal.sftp.paths import AccessDenied, Jail, is_temp_name, lstat_at
+from internal.sftp.paths import AccessDenied, Jail, is_node_name, lstat_at
 from internal.sftp.quota import Usage
 from internal.sftp.uploads import OpenFile, Upload, apply_attrs
 from internal.session import SessionContext
@@ -348,7 +348,7 @@ class NodeSFTPServer(asyncssh.SFTPServer):
             with os.scandir(fd) as entries:
                 for entry in entries:
                     name = os.fsencode(entry.name)
-                    if is_temp_name(name):
+                    if is_node_name(name):
                         continue
                     try:
                         st = entry.stat(follow_symlinks=False)

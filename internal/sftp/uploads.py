@@ -217,7 +217,7 @@ class Upload(OpenFile):
         if end > self.high:
             if self.usage is not None:
                 try:
-                    self.usage.charge(end - self.high)
+                    self.usage.charge(end - self.high, ahead=True)
                 except QuotaExceeded as exc:
                     self.failed = exc
                     raise
@@ -260,6 +260,7 @@ class Upload(OpenFile):
             replaced_size = replaced.st_size if replaced is not None else 0
             self.usage.adjust(final_size - replaced_size - (self.high - self.credit),
                               int(replaced is None) - int(self.new_file))
+            self.usage.settle()
         self._release()
 
     def _replace(self) -> os.stat_result | None:
@@ -281,6 +282,7 @@ class Upload(OpenFile):
         _unlink_quietly(self.temp, self.dir_fd)
         if self.usage is not None:
             self.usage.adjust(-(self.high - self.credit), -int(self.new_file))
+            self.usage.settle()
         self._release()
 
     def _release(self) -> None:

@@ -1,0 +1,113 @@
+"""Quota figures shared by every process serving a user's root: the ledger, and two real node
+processes on one home racing uploads for the last megabytes."""
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from internal.sftp.quota import CHUNK, Ledger, QuotaExceeded, Usage
+from tests.procs import Proc, edgegw_cmd, free_port
+from tests.sshutil import NodeUnderTest
+
+MiB = 1 << 20
+
+
+def _usage(root: Path, limit: int) -> Usage:
+    ledger = Ledger.join(str(root))
+    assert ledger is not None, "this file system has no locks"
+    return Usage("alice", ledger, 0, 0, limit, None)
+
+
+def test_the_ledger_is_shared_and_rescanned_by_the_first_to_take_it(tmp_path: Path) -> None:
+    (tmp_path / "old.bin").write_bytes(b"o" * MiB)
+    first = _usage(tmp_path, 10 * MiB)           # alone: scans the root
+    assert first.used() == (MiB, 1)
+    first.charge(3 * MiB)
+    second = _usage(tmp_path, 10 * MiB)          # another holder: the live figures, no scan
+    assert second.used() == (4 * MiB, 1)
+    with pytest.raises(QuotaExceeded, match="already uses 4.0 MiB"):
+        second.charge(7 * MiB)
+    second.charge(6 * MiB)
+    with pytest.raises(QuotaExceeded):
+        first.charge(1)
+    second.adjust(-6 * MiB)                      # say, a file was removed
+    first.close()
+    second.close()
+    third = _usage(tmp_path, 10 * MiB)           # nobody holds it now: figures from the disk
+    assert third.used() == (MiB, 1)
+    third.close()
+
+
+def test_an_upload_takes_ahead_and_gives_back_what_it_did_not_use(tmp_path: Path) -> None:
+    upload, other = _usage(tmp_path, 4 * CHUNK), _usage(tmp_path, 4 * CHUNK)
+    upload.charge(1000, ahead=True)              # one locked update for a chunk of writes
+    assert other.used() == (CHUNK, 0)
+    for _ in range(100):
+        upload.charge(1000, ahead=True)
+    assert other.used() == (CHUNK, 0)
+    upload.settle()                              # the upload ended
+    assert other.used() == (101_000, 0)
+    upload.charge(4 * CHUNK - 101_000 - 10, ahead=True)   # near the limit: only what is left
+    other.charge(10)
+    with pytest.raises(QuotaExceeded):
+        other.charge(1)
+    upload.close()
+    other.close()
+
+
+async def test_uploads_through_two_node_processes_share_one_quota(sshnode: NodeUnderTest,
+                                                                  tmp_path: Path) -> None:
+    """The default `--workers` runs one process per CPU, and nodes may share a files root:
+    two 8 MiB uploads racing for a 10 MiB quota through two processes store at most one."""
+    home, key = sshnode.keyed_user("alice", quota_bytes=10 * MiB)
+    port = free_port()
+    other = Proc("other", edgegw_cmd("internal", "serve", "--home", str(sshnode.home.path),
+                                     "--listen", f"127.0.0.1:{port}", "--workers", "1"),
+                 tmp_path / "other.log").start()
+    try:
+        await asyncio.to_thread(other.wait_log, r"serving SSH/SFTP directly")
+
+        async def upload(node_port: int, name: str) -> bool:
+            async with asyncssh.connect("127.0.0.1", node_port, username="alice",
+                                        client_keys=[str(key)], known_hosts=None) as conn:
+                async with conn.start_sftp_client() as sftp:
+                    try:
+                        async with sftp.open(name, "wb") as f:
+                            for i in range(32):
+                                await f.write(b"u" * (MiB // 4), i * (MiB // 4))
+                                await asyncio.sleep(0.005)   # interleave the two
+                        return True
+                    except asyncssh.SFTPError as exc:
+                        assert "quota exceeded" in exc.reason, exc.reason
+                        return False
+
+        stored = await asyncio.gather(upload(sshnode.port, "f0.bin"), upload(port, "f1.bin"))
+    finally:
+        other.stop()
+    assert sum(stored) <= 1, stored
+    on_disk = sum(p.stat().st_size for p in home.glob("f*.bin"))
+    assert on_disk <= 10 * MiB
+    assert sorted(p.name for p in home.glob("f*.bin")) == \
+        [f"f{i}.bin" for i, ok in enumerate(stored) if ok]
+
+
+if sys.platform != "linux":   # pragma: no cover
+    pytestmark = pytest.mark.skip(reason="the ledger's locks are tested on Linux")
+
+
+async def test_the_ledger_is_the_nodes_not_the_users(sshnode: NodeUnderTest) -> None:
+    home, key = sshnode.keyed_user("alice", quota_bytes=10 * MiB)
+    async with sshnode.sftp_client("alice", key) as sftp:
+        async with sftp.open("a.txt", "w") as f:
+            await f.write("a")
+        assert (home / ".edgegw-quota").exists()
+        assert ".edgegw-quota" not in await sftp.listdir(".")
+        for attempt in (sftp.open(".edgegw-quota"), sftp.remove(".edgegw-quota"),
+                        sftp.rename("a.txt", ".edgegw-quota"), sftp.stat(".edgegw-quota")):
+            with pytest.raises(asyncssh.SFTPNoSuchFile):
+                await attempt
+    assert (home / "a.txt").read_text() == "a"
