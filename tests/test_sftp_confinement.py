@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import asyncssh
@@ -156,6 +157,32 @@ def test_jail_mapping(tmp_path: Path) -> None:
         jail.client_path(b"/etc")
     with pytest.raises(ValueError):
         jail.virtual(b"a\0b")
+
+
+async def test_a_trailing_slash_names_a_directory(sshnode: NodeUnderTest, tmp_path: Path) -> None:
+    """Normalising the path must not drop what its trailing `/` says: `rm file/` removes
+    nothing (rm(1) and OpenSSH's server refuse it too), while directories work either way."""
+    home, key = sshnode.keyed_user("alice")
+    (home / "file.txt").write_text("keep me")
+    (home / "dir").mkdir()
+    os.symlink("dir", home / "dirlink")
+    for cmd in ("rm file.txt/", "rm file.txt/.", "rename file.txt/ moved.txt",
+                "chmod 600 file.txt/", "rmdir dirlink/", "cd file.txt/"):
+        run = await sshnode.sftp("alice", key, cmd + "\n")
+        assert run.returncode != 0, (cmd, run.output)
+    assert (home / "file.txt").read_text() == "keep me" and os.path.islink(home / "dirlink")
+    assert (home / "file.txt").stat().st_mode & 0o777 != 0o600
+    async with sshnode.sftp_client("alice", key) as sftp:
+        # SFTP v3 has no codes of its own for these: the reason carries them
+        with pytest.raises(asyncssh.SFTPError, match="not a directory"):
+            await sftp.stat("file.txt/")
+        with pytest.raises(asyncssh.SFTPError, match="not a regular file"):
+            await sftp.open("new.txt/", "w")     # no file "new.txt" either
+        assert await sftp.realpath("dir/.") == "/dir"
+        assert stat.S_ISDIR((await sftp.stat("dirlink/")).permissions or 0)
+    run = await sshnode.sftp("alice", key, "mkdir new/\ncd dir/\nls\ncd /\nrmdir dir/\n")
+    assert run.returncode == 0, run.output
+    assert tree(home) == {"file.txt", "dirlink", "new"}
 
 
 async def test_a_root_that_holds_the_node_home_is_refused_at_login(sshnode: NodeUnderTest,

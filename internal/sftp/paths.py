@@ -2,7 +2,9 @@
 
 Clients name paths as if the home were `/`. A client path is normalised lexically first (so `..`
 and absolute paths cannot climb above `/`), then resolved on disk with realpath semantics, and
-the result must still lie inside the home. Resolution happens on each operation, not once, so
+the result must still lie inside the home. Normalising drops a trailing `/`, which POSIX reads
+as "this must be a directory"; that meaning is kept by a check of its own (`remove file/` is
+refused, as `rm file/` is). Resolution happens on each operation, not once, so
 a symlink that points outside (planted on disk, or one made to escape later by moving the
 directory it lives in) never gives access. Between the check and the system call a concurrent
 rename could still swap a directory for a symlink, so descriptors are opened with O_NOFOLLOW and
@@ -61,6 +63,18 @@ def lstat_at(name: bytes, dir_fd: int) -> os.stat_result | None:
         return None
 
 
+def _require_directory(real: bytes, follow: bool) -> None:
+    """ENOTDIR if `real` exists and is not a directory (with `follow=False`, not one itself: a
+    link to a directory named with a trailing `/` is refused, as Linux refuses rmdir("link/")).
+    A path that does not exist passes: mkdir creates it, and every other call fails on its own."""
+    try:
+        st = os.stat(real, follow_symlinks=follow)
+    except OSError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory (the path ends in '/')")
+
+
 def new_temp_name() -> bytes:
     return TEMP_PREFIX + secrets.token_hex(8).encode() + TEMP_SUFFIX
 
@@ -80,6 +94,12 @@ class Jail:
             raise ValueError("path contains a NUL byte")
         norm = posixpath.normpath(posixpath.join(b"/", path))
         return b"/" + norm.lstrip(b"/")
+
+    @staticmethod
+    def names_directory(path: bytes) -> bool:
+        """The client path ends in `/` or `/.`, so it may only name a directory (the home's
+        own `/` is one anyway)."""
+        return path.endswith((b"/", b"/.")) and path.strip(b"/.") != b""
 
     def local(self, path: bytes) -> bytes:
         """Lexical mapping into the home, before any symlink is looked at."""
@@ -113,6 +133,8 @@ class Jail:
             real = posixpath.join(os.path.realpath(posixpath.dirname(local)), name)
         if not self.inside(real):
             raise AccessDenied("permission denied: the path leads outside your home directory")
+        if self.names_directory(path):
+            _require_directory(real, follow)
         return real
 
     def link_target(self, target: bytes, link_local: bytes) -> bytes:

@@ -173,6 +173,8 @@ class NodeSFTPServer(asyncssh.SFTPServer):
 
     async def _open(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> OpenFile:
         real = self._jail.resolve(path)
+        if self._jail.names_directory(path):    # "new/": POSIX open() says EISDIR too
+            raise IsADirectoryError(errno.EISDIR, "a path ending in '/' names a directory")
         vpath = self._jail.virtual(path)
         if not pflags & (FXF_WRITE | FXF_APPEND):
             self._need(Perm.DOWNLOAD, "download files")
