@@ -370,3 +370,27 @@ async def test_a_second_rewrite_of_a_file_waits_for_the_first(sshnode: NodeUnder
         async with other.open("db.bin", rw, encoding=None) as second:
             await second.write(b"BB", 6)
     assert (home / "db.bin").read_bytes() == b"AA....BB"
+
+
+async def test_rmdir_of_a_directory_that_lists_as_empty(sshnode: NodeUnderTest) -> None:
+    """A crash's temporary inside a directory does not keep it (it lists as empty); a live
+    upload into it does, with a reason, and a real file is never removed with it."""
+    home, key = sshnode.keyed_user("alice")
+    for d in ("crashed", "busy", "full"):
+        (home / d).mkdir()
+    left = home / "crashed" / ".edgegw-upload-0011223344556677.tmp"
+    left.write_bytes(b"left by a crash")
+    os.utime(left, (time.time() - 60, time.time() - 60))
+    (home / "full" / "kept.txt").write_text("kept")
+    async with sshnode.sftp_client("alice", key) as sftp:
+        assert set(await sftp.listdir("crashed")) <= {".", ".."}
+        await sftp.rmdir("crashed")
+        async with sftp.open("busy/upload.bin", "wb") as f:
+            await f.write(b"x" * 1000)
+            with pytest.raises(asyncssh.SFTPError, match="upload into it is in progress"):
+                await sftp.rmdir("busy")
+        assert (home / "busy" / "upload.bin").read_bytes() == b"x" * 1000
+        with pytest.raises(asyncssh.SFTPError, match="not empty"):
+            await sftp.rmdir("full")
+    assert not (home / "crashed").exists()
+    assert (home / "full" / "kept.txt").read_text() == "kept"

@@ -31,7 +31,7 @@ from internal.sftp.errors import (REFUSALS, TooManyHandles, check_range, printab
                                   sftp_error, sftp_op)
 from internal.sftp.paths import AccessDenied, Jail, is_node_name, lstat_at
 from internal.sftp.quota import Usage
-from internal.sftp.uploads import OpenFile, Upload, apply_attrs
+from internal.sftp.uploads import OpenFile, Upload, apply_attrs, clear_leftovers
 from internal.session import SessionContext
 from internal.store.base import Perm, User
 
@@ -373,8 +373,29 @@ class NodeSFTPServer(asyncssh.SFTPServer):
     def rmdir(self, path: bytes) -> None:
         self._need(Perm.RMDIR, "remove directories")
         with self._jail.parent(path) as (dfd, name):
-            os.rmdir(name, dir_fd=dfd)
+            try:
+                os.rmdir(name, dir_fd=dfd)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                self._rmdir_past_temps(dfd, name)
         self._audit("dir.rmdir", path)
+
+    def _rmdir_past_temps(self, dfd: int, name: bytes) -> None:
+        """A directory that lists as empty may still hold upload temporaries: a crash's
+        leftovers are removed and the rmdir retried; a live upload into it keeps it."""
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=dfd)   # one name in a verified directory, no link followed
+        try:
+            only_temps, live = clear_leftovers(fd)
+        finally:
+            os.close(fd)
+        if not only_temps:
+            raise OSError(errno.ENOTEMPTY, "the directory is not empty")
+        if live:
+            raise asyncssh.SFTPDirNotEmpty("the directory is not empty: an upload into it is "
+                                           "in progress")
+        os.rmdir(name, dir_fd=dfd)
 
     @sftp_op
     def remove(self, path: bytes) -> None:

@@ -426,6 +426,21 @@ def _unlink_quietly(name: bytes, dir_fd: int) -> None:
         log.error("cannot remove upload temporary %r: %s", name, exc)
 
 
+def clear_leftovers(dir_fd: int) -> tuple[bool, int]:
+    """For rmdir of a directory that lists as empty over SFTP yet is not empty on disk: if it
+    holds nothing but upload temporaries, remove those no live upload holds. Returns whether
+    it held only temporaries, and how many of them are live (an upload into it runs)."""
+    live = 0
+    for name in map(os.fsencode, os.listdir(dir_fd)):   # listdir(fd) gives str names
+        if not is_temp_name(name):
+            return False, 0
+        if temp_in_use(name, dir_fd):
+            live += 1
+        else:
+            _unlink_quietly(name, dir_fd)
+    return True, live
+
+
 def sweep_temps(root: str | bytes, older_than: float = 0.0) -> int:
     """Remove upload temporaries left under `root` by a crash: untouched for `older_than`
     seconds and held by no live upload. Returns how many went."""
