@@ -21,6 +21,7 @@ from internal.node import Node, NodeSettings
 from internal.session import SessionService
 from internal.ssh.revocation import DEFAULT_INTERVAL as RECHECK_INTERVAL
 from internal.store import open_store
+from internal.store.calls import store_call
 
 log = logging.getLogger("edgegw.node")
 
@@ -179,7 +180,7 @@ async def _sync_bans(node: Node, defender: Defender, pushed: dict[str, float]) -
     """Push every active ban (from this node's defender, another node or the operator) to the
     gateways, and lift the ones that were removed. Polling the store makes PostgreSQL-shared
     bans and `edgegw internal ban` changes reach every gateway without extra plumbing."""
-    current = {b.ip: b for b in await asyncio.to_thread(defender.active_bans)}
+    current = {b.ip: b for b in await store_call(defender.active_bans)}
     for ip, entry in current.items():
         if pushed.get(ip) != entry.until:
             node.push_ban(entry)

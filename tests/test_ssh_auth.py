@@ -3,7 +3,9 @@ expired users, session caps, brute-force bans, offers (`admit`) and the audit tr
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ import pytest
 
 from internal.session import SessionContext
 from internal.store.base import StoreError
+from internal.store.calls import STORE_THREADS
 from tests.sshutil import NodeUnderTest, start_node, stop_node
 
 
@@ -242,3 +245,45 @@ async def test_a_store_that_cannot_answer_is_not_the_clients_failure(
     await sshnode.wait_idle()
     reasons = [e.detail.get("reason") for e in sshnode.events("auth", username="alice")]
     assert reasons.count("store unavailable") == sshnode.defender.threshold + 2
+
+
+async def test_a_stalled_store_holds_up_logins_not_file_work(
+        sshnode: NodeUnderTest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logins waiting on a store that does not answer wait on the store's own threads, so
+    the SFTP work that runs on threads (here a resumed upload's copy) goes on meanwhile; once
+    the store answers, the logins go through."""
+    home, key = sshnode.add_user("alice")
+    assert key is not None
+    (Path(home.home) / "part.bin").write_bytes(b"a" * 1000)
+    real_get_user = sshnode.store.get_user
+    answer = threading.Event()
+    waiting = {"n": 0}
+
+    def stalled(name: str) -> Any:
+        waiting["n"] += 1
+        answer.wait(60)
+        return real_get_user(name)
+
+    async with client(sshnode, "alice", client_keys=[str(key)]) as conn:
+        async with conn.start_sftp_client() as sftp:
+            monkeypatch.setattr(sshnode.store, "get_user", stalled)
+            # as many stalled logins as asyncio's default executor has threads (cpus + 4),
+            # at most as many as the store's (more would queue for them)
+            stuck = min((os.cpu_count() or 1) + 4, STORE_THREADS)
+            logins = [asyncio.create_task(sshnode.sftp("alice", key, "pwd\n"))
+                      for _ in range(stuck + 2)]
+            try:
+                for _ in range(300):
+                    if waiting["n"] >= stuck:
+                        break
+                    await asyncio.sleep(0.05)
+                assert waiting["n"] >= stuck
+                f = await asyncio.wait_for(sftp.open("part.bin", "ab"), 10)
+                await f.write(b"b" * 1000)
+                await asyncio.wait_for(f.close(), 10)
+            finally:
+                answer.set()
+            runs = await asyncio.gather(*logins)
+    assert (Path(home.home) / "part.bin").read_bytes() == b"a" * 1000 + b"b" * 1000
+    assert [r.returncode for r in runs] == [0] * len(runs), [r.output for r in runs]
+    await sshnode.wait_idle()

@@ -22,6 +22,7 @@ from internal.ipmatch import user_allows_ip
 from internal.passwords import verify_password
 from internal.session import SessionContext
 from internal.store.base import Store, User
+from internal.store.calls import store_call
 
 log = logging.getLogger("edgegw.node.auth")
 
@@ -170,7 +171,7 @@ class NodeSSHServer(asyncssh.SSHServer):
         failure); it must not crash the connection."""
         for attempt in (1, 2):
             try:
-                return await asyncio.to_thread(self._store.get_user, username)
+                return await store_call(self._store.get_user, username)
             except Exception as exc:
                 if attempt == 2:
                     log.error("cannot read user %r from the store: %s", username, exc)
@@ -182,7 +183,7 @@ class NodeSSHServer(asyncssh.SSHServer):
         if not count or self._store_failed:
             return
         ip = self.session.ctx.client_ip
-        ban = await asyncio.to_thread(self._defender.record_failure, ip)
+        ban = await store_call(self._defender.record_failure, ip)
         if ban is not None:
             self.session.audit("auth", method=method, result="banned", until=ban.until)
             self._disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,

@@ -16,6 +16,7 @@ import asyncssh
 
 from internal.ssh.auth import Session
 from internal.store.base import Store, StoreError
+from internal.store.calls import store_call
 
 log = logging.getLogger("edgegw.node.auth")
 
@@ -54,8 +55,8 @@ class SessionLeases:
             return True
         sid = session.ctx.session_id
         try:
-            ok = await asyncio.to_thread(self.store.claim_session, sid, user.name, self.node_id,
-                                         user.max_sessions, until=time.time() + SESSION_LEASE)
+            ok = await store_call(self.store.claim_session, sid, user.name, self.node_id,
+                                  user.max_sessions, until=time.time() + SESSION_LEASE)
         except StoreError as exc:   # a broken store must not lock every capped user out
             log.error("session %s: cannot count %s's sessions in the store (allowed): %s",
                       sid, user.name, exc)
@@ -72,7 +73,7 @@ class SessionLeases:
 
         async def release() -> None:
             try:
-                await asyncio.to_thread(self.store.release_session, session_id)
+                await store_call(self.store.release_session, session_id)
             except StoreError as exc:
                 log.warning("session %s: cannot release its lease (it lapses in %.0fs): %s",
                             session_id, SESSION_LEASE, exc)
@@ -84,8 +85,8 @@ class SessionLeases:
         """Called every second or so; renews every third of the lease."""
         if self._held and time.monotonic() - self._renewed >= SESSION_LEASE / 3:
             self._renewed = time.monotonic()
-            await asyncio.to_thread(self.store.renew_sessions, list(self._held),
-                                    time.time() + SESSION_LEASE)
+            await store_call(self.store.renew_sessions, list(self._held),
+                             time.time() + SESSION_LEASE)
 
     async def close(self) -> None:
         if self._releasing:

@@ -20,6 +20,7 @@ import asyncssh
 
 from internal.ssh.auth import Session, account_refusal
 from internal.store.base import Store, StoreError, User
+from internal.store.calls import store_call
 
 log = logging.getLogger("edgegw.node.session")
 
@@ -88,7 +89,7 @@ class Revoker:
                 by_user.setdefault(session.user.name, []).append(session)
         if not by_user:
             return
-        found = await asyncio.to_thread(self.store.get_users, list(by_user))
+        found = await store_call(self.store.get_users, list(by_user))
         users = {u.name: u for u in found}
         now = time.time()
         for name, sessions in by_user.items():

@@ -37,6 +37,7 @@ from internal.ssh.leases import SessionLeases
 from internal.ssh.revocation import DEFAULT_INTERVAL as REVOKE_INTERVAL, Revoker
 from internal.ssh.transport import run_server
 from internal.store.base import BanEntry, Store, User
+from internal.store.calls import store_call
 
 log = logging.getLogger("edgegw.node.ssh")
 session_log = logging.getLogger("edgegw.node.session")
@@ -158,11 +159,11 @@ class SSHService:
         """Reload users, and bans unless the node's view is used (`banned`), now (the
         background task does this every second)."""
         if self._banned is None:
-            bans, users = await asyncio.gather(asyncio.to_thread(self.defender.active_bans),
-                                               asyncio.to_thread(self.store.list_users))
+            bans, users = await asyncio.gather(store_call(self.defender.active_bans),
+                                               store_call(self.store.list_users))
             self._bans = bans
         else:  # the node's ban sync already reads them every second
-            users = await asyncio.to_thread(self.store.list_users)
+            users = await store_call(self.store.list_users)
         now = time.time()
         usable = [u for u in users
                   if not u.disabled and (u.expires_at is None or u.expires_at > now)]

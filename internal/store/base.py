@@ -2,7 +2,7 @@
 
 Two backends implement it: SQLite (embedded default, one node) and PostgreSQL (several nodes
 sharing users, bans and the audit trail). Methods are synchronous and thread-safe; async code
-calls them through `asyncio.to_thread` or the audit writer's queue.
+calls them through `internal.store.calls.store_call` or the audit writer's queue.
 """
 from __future__ import annotations
 
