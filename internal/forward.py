@@ -1,5 +1,9 @@
 """Forward mode: relay each session to an existing TCP service (OpenSSH, another SFTP server)
-with the same C engine, instead of running the node's own SSH server."""
+with the same C engine, instead of running the node's own SSH server.
+
+The node knows no users here, only client addresses: a ban (the operator's `ban add`, or a
+defender on a shared store) refuses new sessions from the address and, within the recheck
+interval, ends the ones it already has."""
 from __future__ import annotations
 
 import asyncio
@@ -13,6 +17,7 @@ from edgegw.relay import Relay, RelayReport, create_relay
 from edgegw.sockio import connect_tcp
 from internal.audit import AuditLog
 from internal.session import SessionContext, SessionResult
+from internal.ssh.revocation import BANNED, DEFAULT_INTERVAL as RECHECK_INTERVAL
 
 log = logging.getLogger("edgegw.node.session")
 
@@ -22,8 +27,8 @@ CONNECT_TIMEOUT = 5.0
 class ForwardService:
     def __init__(self, target: HostPort, *, proxy_protocol: str | None = None,
                  capacity: int = 0, banned: Callable[[str], object] | None = None,
-                 audit: AuditLog | None = None,
-                 relay: Relay | None = None) -> None:
+                 audit: AuditLog | None = None, relay: Relay | None = None,
+                 recheck_interval: float = RECHECK_INTERVAL) -> None:
         self.target = target
         self.proxy_protocol = proxy_protocol
         self.capacity = capacity
@@ -32,14 +37,39 @@ class ForwardService:
         self._relay = relay or create_relay()
         self._relay_started = False
         self._waiting: dict[int, asyncio.Future[RelayReport]] = {}
+        self._relayed: dict[int, SessionContext] = {}   # sessions the relay holds
+        self._revoked: dict[int, str] = {}              # ... ended by end_banned(), and why
         self._next_id = 1
+        self._recheck_interval = recheck_interval
+        self._checker: asyncio.Task[None] | None = None
 
     @property
     def active(self) -> int:
         return len(self._waiting)
 
     async def start(self) -> None:
-        """Nothing to load: bans come from the node's memory."""
+        """Nothing to load (bans come from the node's memory); watch running sessions."""
+        if self._banned is not None and self._checker is None:
+            self._checker = asyncio.get_running_loop().create_task(self._check_loop())
+
+    async def _check_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._recheck_interval)
+            self.end_banned()
+
+    def end_banned(self) -> int:
+        """End the running sessions whose client address is banned now; how many."""
+        ended = 0
+        for rid, ctx in list(self._relayed.items()):
+            if rid in self._revoked or self._banned is None or not self._banned(ctx.client_ip):
+                continue
+            self._revoked[rid] = f"revoked: {BANNED}"
+            log.warning("session %s: client %s:%d: ending it: %s", ctx.session_id,
+                        ctx.client_ip, ctx.client_port, BANNED)
+            self._record("session.revoked", ctx, {"reason": BANNED, "result": "revoked"})
+            if self._relay.kill(rid):
+                ended += 1
+        return ended
 
     def admit(self, client_ip: str) -> str | None:
         if self._banned is not None and self._banned(client_ip):
@@ -78,15 +108,19 @@ class ForwardService:
             log.info("session %s: client %s:%d forwarded to %s", ctx.session_id, ctx.client_ip,
                      ctx.client_port, self.target)
             self._relay.add(rid, sock, upstream)
+            self._relayed[rid] = ctx
             report = await fut
         finally:
             self._waiting.pop(rid, None)
+            self._relayed.pop(rid, None)
+        revoked = self._revoked.pop(rid, None)
         result = SessionResult(None, report.bytes_a_to_b, report.bytes_b_to_a,
-                               report.reason.value)
-        self._record("session.disconnect", ctx, {"bytes_in": result.bytes_in,
-                                                 "bytes_out": result.bytes_out,
-                                                 "duration": round(report.duration, 3),
-                                                 "reason": result.reason})
+                               revoked or report.reason.value)
+        detail = {"bytes_in": result.bytes_in, "bytes_out": result.bytes_out,
+                  "duration": round(report.duration, 3), "reason": result.reason}
+        if revoked:     # counted apart, as the SSH service's (edgegw_node_audit_events_total)
+            detail["result"] = "revoked"
+        self._record("session.disconnect", ctx, detail)
         log.info("session %s: client %s:%d done (%s) in=%d out=%d", ctx.session_id,
                  ctx.client_ip, ctx.client_port, result.reason, result.bytes_in,
                  result.bytes_out)
@@ -103,5 +137,8 @@ class ForwardService:
                                client_port=ctx.client_port, gateway=ctx.gateway, detail=detail)
 
     async def close(self) -> None:
+        if self._checker is not None:
+            self._checker.cancel()
+            self._checker = None
         if self._relay_started:
             await self._relay.close()

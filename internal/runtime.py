@@ -101,7 +101,7 @@ async def serve(home: NodeHome, opts: ServeOptions) -> None:
     if opts.forward is not None:
         service = ForwardService(opts.forward, proxy_protocol=opts.forward_proxy_protocol,
                                  capacity=opts.capacity, banned=lambda ip: node.banned(ip),
-                                 audit=audit)
+                                 audit=audit, recheck_interval=opts.recheck_interval)
     else:
         from internal.ssh.service import SSHService
         service = SSHService(home, store, audit, defender, capacity=opts.capacity,

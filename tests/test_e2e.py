@@ -16,8 +16,8 @@ import pytest
 
 from edgegw.sockio import CC_AUTO, resolve_congestion
 from tests.procs import (
-    SSH_OPTS, GatewayProc, Proc, add_user, free_port, init_home, make_key, sftp_batch,
-    start_gateway, start_node,
+    SSH_OPTS, GatewayProc, Proc, add_user, edgegw_cmd, free_port, init_home, make_key,
+    sftp_batch, start_gateway, start_node,
 )
 
 
@@ -291,6 +291,42 @@ def test_forward_mode_sends_proxy_header(tmp_path: Path, node_home: Path, procs:
             conn.sendall(b"world")
             assert client.recv(5, socket.MSG_WAITALL) == b"world"
     upstream.close()
+
+
+def test_a_ban_ends_running_forwarded_sessions(tmp_path: Path, node_home: Path,
+                                               procs: list[Proc]) -> None:
+    """--forward knows no users, so a ban is all there is to revoke by: the banned address's
+    running session is cut within the recheck interval, another address's goes on."""
+    upstream = socket.create_server(("127.0.0.1", 0))
+    upstream.settimeout(20)
+    gw = start_gateway(tmp_path, node_home / "gateway-trust.pem")
+    procs.append(gw)
+    fwd = start_node(tmp_path, node_home, [gw], "--forward",
+                     f"127.0.0.1:{upstream.getsockname()[1]}", "--recheck-interval", "0.2")
+    procs.append(fwd)
+    clients, ends = [], []
+    try:
+        for ip in ("127.0.0.21", "127.0.0.22"):
+            c = socket.create_connection(("127.0.0.1", gw.external), 10, (ip, 0))
+            clients.append(c)
+            c.sendall(ip.encode())
+            conn, _ = upstream.accept()
+            ends.append(conn)
+            conn.settimeout(10)
+            assert conn.recv(16) == ip.encode()
+        subprocess.run(edgegw_cmd("internal", "ban", "add", "127.0.0.21", "--home",
+                                  str(node_home)), check=True, capture_output=True)
+        fwd.wait_log(r"client 127\.0\.0\.21:\d+: ending it: address banned", timeout=15)
+        clients[0].settimeout(10)
+        with contextlib.suppress(ConnectionResetError):
+            assert clients[0].recv(16) == b""
+        ends[1].sendall(b"still here")
+        clients[1].settimeout(10)
+        assert clients[1].recv(16) == b"still here"
+        fwd.wait_log(r"client 127\.0\.0\.21:\d+ done \(revoked: address banned\)")
+    finally:
+        for s in (*clients, *ends, upstream):
+            s.close()
 
 
 @pytest.mark.parametrize("backend", ["select", "python"])
