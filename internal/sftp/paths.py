@@ -27,7 +27,7 @@ TEMP_PREFIX = b".edgegw-upload-"
 TEMP_SUFFIX = b".tmp"
 _PROC_FD = b"/proc/self/fd/"
 _HAVE_PROC = os.path.isdir("/proc/self/fd")
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_PATH needs no read permission and opens FIFOs and devices without side effects; Linux-only,
 # like the /proc check, so elsewhere fall back to a non-blocking read-only open.
 _PATH_FLAGS = getattr(os, "O_PATH", os.O_RDONLY | os.O_NONBLOCK)
@@ -202,7 +202,7 @@ class Jail:
             raise AccessDenied("permission denied: the home directory itself cannot be "
                                "changed this way")
         parent, name = posixpath.split(real)
-        return self.open(parent, _DIR_FLAGS), name
+        return self.open(parent, DIR_FLAGS), name
 
     @contextmanager
     def parent(self, path: bytes) -> Iterator[tuple[int, bytes]]:
@@ -215,4 +215,4 @@ class Jail:
             os.close(dir_fd)
 
     def open_dir(self, real: bytes) -> int:
-        return self.open(real, _DIR_FLAGS)
+        return self.open(real, DIR_FLAGS)

@@ -29,7 +29,7 @@ from asyncssh.constants import FXF_APPEND, FXF_CREAT, FXF_EXCL, FXF_READ, FXF_TR
 
 from internal.sftp.errors import (REFUSALS, TooManyHandles, check_range, printable,
                                   sftp_error, sftp_op)
-from internal.sftp.paths import AccessDenied, Jail, is_node_name, lstat_at
+from internal.sftp.paths import DIR_FLAGS, AccessDenied, Jail, is_node_name, lstat_at
 from internal.sftp.quota import Usage
 from internal.sftp.uploads import OpenFile, Upload, apply_attrs, clear_leftovers
 from internal.session import SessionContext
@@ -384,8 +384,7 @@ class NodeSFTPServer(asyncssh.SFTPServer):
     def _rmdir_past_temps(self, dfd: int, name: bytes) -> None:
         """A directory that lists as empty may still hold upload temporaries: a crash's
         leftovers are removed and the rmdir retried; a live upload into it keeps it."""
-        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     dir_fd=dfd)   # one name in a verified directory, no link followed
+        fd = os.open(name, DIR_FLAGS, dir_fd=dfd)   # one name in a verified directory
         try:
             only_temps, live = clear_leftovers(fd)
         finally:
