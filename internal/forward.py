@@ -38,7 +38,7 @@ class ForwardService:
         self._relay_started = False
         self._waiting: dict[int, asyncio.Future[RelayReport]] = {}
         self._relayed: dict[int, SessionContext] = {}   # sessions the relay holds
-        self._revoked: dict[int, str] = {}              # ... ended by end_banned(), and why
+        self._revoked: set[int] = set()                 # ... ended by end_banned()
         self._next_id = 1
         self._recheck_interval = recheck_interval
         self._checker: asyncio.Task[None] | None = None
@@ -63,7 +63,7 @@ class ForwardService:
         for rid, ctx in list(self._relayed.items()):
             if rid in self._revoked or self._banned is None or not self._banned(ctx.client_ip):
                 continue
-            self._revoked[rid] = f"revoked: {BANNED}"
+            self._revoked.add(rid)
             log.warning("session %s: client %s:%d: ending it: %s", ctx.session_id,
                         ctx.client_ip, ctx.client_port, BANNED)
             self._record("session.revoked", ctx, {"reason": BANNED, "result": "revoked"})
@@ -113,9 +113,10 @@ class ForwardService:
         finally:
             self._waiting.pop(rid, None)
             self._relayed.pop(rid, None)
-        revoked = self._revoked.pop(rid, None)
+        revoked = rid in self._revoked
+        self._revoked.discard(rid)
         result = SessionResult(None, report.bytes_a_to_b, report.bytes_b_to_a,
-                               revoked or report.reason.value)
+                               f"revoked: {BANNED}" if revoked else report.reason.value)
         detail = {"bytes_in": result.bytes_in, "bytes_out": result.bytes_out,
                   "duration": round(report.duration, 3), "reason": result.reason}
         if revoked:     # counted apart, as the SSH service's (edgegw_node_audit_events_total)
