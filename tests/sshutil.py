@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -135,10 +135,10 @@ class NodeUnderTest:
                        err.decode(errors="replace"))
 
     async def start_sftp(self, user: str, key: Path, commands: str | None = None, *,
-                         bind: str | None = None, cwd: Path | None = None
-                         ) -> asyncio.subprocess.Process:
+                         bind: str | None = None, cwd: Path | None = None,
+                         options: Sequence[str] = ()) -> asyncio.subprocess.Process:
         args = ["sftp", "-b", "-", "-P", str(self.port), "-i", str(key),
-                "-o", "IdentitiesOnly=yes", *SSH_OPTS]
+                "-o", "IdentitiesOnly=yes", *SSH_OPTS, *options]
         if bind:
             args += ["-o", f"BindAddress={bind}"]
         args.append(f"{user}@127.0.0.1")

@@ -11,6 +11,7 @@ from typing import Any, Callable, TypeVar
 import asyncssh
 from asyncssh import SFTPError
 
+from internal.sftp.cutoffs import CutOffTooShort
 from internal.sftp.paths import AccessDenied
 from internal.sftp.quota import QuotaExceeded
 
@@ -63,7 +64,7 @@ def sftp_error(exc: BaseException) -> SFTPError:
         return asyncssh.SFTPQuotaExceeded(str(exc))
     if isinstance(exc, AccessDenied):
         return asyncssh.SFTPPermissionDenied(exc.strerror)
-    if isinstance(exc, TooManyHandles):
+    if isinstance(exc, (TooManyHandles, CutOffTooShort)):
         return asyncssh.SFTPFailure(str(exc))
     if isinstance(exc, OverflowError):
         # a client's 64-bit offset, size or time that the system call cannot take

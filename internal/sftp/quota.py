@@ -24,6 +24,7 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
+from internal.sftp import cutoffs
 from internal.sftp.paths import QUOTA_LEDGER, is_node_name
 from internal.store.base import User
 
@@ -209,7 +210,8 @@ class Usage:
 
 
 def scan_home(root: str | bytes) -> tuple[int, int]:
-    """Bytes and regular files under `root`, not following symlinks, temporaries excluded."""
+    """Bytes and regular files under `root`, not following symlinks, temporaries excluded
+    but for the bytes of cut-off overwrites (internal.sftp.cutoffs)."""
     total = files = 0
     stack = [os.fsencode(root)]
     while stack:
@@ -225,9 +227,13 @@ def scan_home(root: str | bytes) -> tuple[int, int]:
                     continue
                 if stat.S_ISDIR(st.st_mode):
                     stack.append(entry.path)
-                elif stat.S_ISREG(st.st_mode) and not is_node_name(os.fsencode(entry.name)):
-                    total += st.st_size
-                    files += 1
+                elif stat.S_ISREG(st.st_mode):
+                    name = os.fsencode(entry.name)
+                    if not is_node_name(name):
+                        total += st.st_size
+                        files += 1
+                    elif cutoffs.is_cutoff(name):     # data kept for a resume counts too
+                        total += st.st_size
     return total, files
 
 

@@ -27,6 +27,7 @@ import asyncssh
 from asyncssh import SFTPAttrs, SFTPError, SFTPName
 from asyncssh.constants import FXF_APPEND, FXF_CREAT, FXF_EXCL, FXF_READ, FXF_TRUNC, FXF_WRITE
 
+from internal.sftp import cutoffs
 from internal.sftp.errors import (REFUSALS, TooManyHandles, check_range, printable,
                                   sftp_error, sftp_op)
 from internal.sftp.paths import DIR_FLAGS, AccessDenied, Jail, is_node_name, lstat_at
@@ -71,6 +72,14 @@ class _Listing:
             return next(self._names)
         except StopIteration:
             raise StopAsyncIteration from None
+
+
+def _drop_kept(dir_fd: int, name: bytes, st: os.stat_result) -> int:
+    """A file that goes from its name takes the data kept for resuming its overwrite with it
+    (internal.sftp.cutoffs); returns the bytes freed."""
+    if not stat.S_ISREG(st.st_mode) or not st.st_size:
+        return 0
+    return cutoffs.drop(cutoffs.stem(name, st), dir_fd)
 
 
 def _closed_by_cleanup(caller: FrameType | None) -> bool:
@@ -212,8 +221,8 @@ class NodeSFTPServer(asyncssh.SFTPServer):
         result = "ok"
         try:
             if isinstance(handle, Upload):
-                if aborted:
-                    handle.abort()
+                if aborted:     # an overwrite keeps what it has for a resume: maybe fsync
+                    await asyncio.to_thread(handle.abort, keep=True, durable=self._durable)
                     result = "aborted: the client left without closing the file"
                 elif self._durable:
                     await asyncio.to_thread(handle.commit, durable=True)
@@ -404,8 +413,9 @@ class NodeSFTPServer(asyncssh.SFTPServer):
             if stat.S_ISDIR(st.st_mode):
                 raise IsADirectoryError(errno.EISDIR, "is a directory")
             os.unlink(name, dir_fd=dfd)
+            kept = _drop_kept(dfd, name, st)
         if stat.S_ISREG(st.st_mode):
-            self._charge(-st.st_size, -1)
+            self._charge(-st.st_size - kept, -1)
         self._audit("file.remove", path, size=st.st_size)
 
     # -- names ------------------------------------------------------------------------------
@@ -415,7 +425,8 @@ class NodeSFTPServer(asyncssh.SFTPServer):
                 self._jail.parent(newpath) as (new_fd, new_name):
             source = os.stat(old_name, dir_fd=old_fd, follow_symlinks=False)
             target = lstat_at(new_name, new_fd)
-            if target is not None and os.path.samestat(source, target):
+            moves = not (target is not None and os.path.samestat(source, target))
+            if not moves:
                 target = None   # the same file (its own name, or a hard link of it): POSIX
                                 # rename() changes nothing and nothing is freed
             elif target is not None:
@@ -425,6 +436,11 @@ class NodeSFTPServer(asyncssh.SFTPServer):
                 if stat.S_ISDIR(target.st_mode):   # an empty one: renaming over removes it
                     self._need(Perm.RMDIR, "remove directories")
             os.rename(old_name, new_name, src_dir_fd=old_fd, dst_dir_fd=new_fd)
+            kept = _drop_kept(old_fd, old_name, source) if moves else 0
+            if target is not None:
+                kept += _drop_kept(new_fd, new_name, target)
+        if kept:
+            self._charge(-kept)
         if target is not None and stat.S_ISREG(target.st_mode):
             self._charge(-target.st_size, -1)
         self._audit("file.rename", oldpath, to=os.fsdecode(self._jail.virtual(newpath)),

@@ -6,7 +6,8 @@ file (or nothing) under the final name; its temporary is removed when the sessio
 left by a crash are swept by the node (at startup, then every 15 minutes): those no live upload
 holds a lock on, once a minute old. A write into an existing file without truncation (resume,
 append, random access) starts from a copy of the file, so readers never see a half-rewritten
-file either. I/O is positional (`pread`/`pwrite`): one system call per SFTP request.
+file either; an overwrite that is cut off keeps what it had stored for a resume
+(internal.sftp.cutoffs). I/O is positional (`pread`/`pwrite`): one system call per SFTP request.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import Callable, Iterator
 
 from asyncssh import SFTPAttrs
 
+from internal.sftp import cutoffs
 from internal.sftp.paths import (TEMP_PREFIX, TEMP_SUFFIX, AccessDenied, Jail, is_temp_name,
                                  lstat_at, new_temp_name)
 from internal.sftp.quota import QuotaExceeded, Usage
@@ -102,8 +104,12 @@ def _live_key(dir_fd: int, name: bytes) -> tuple[int, int, bytes]:
     return st.st_dev, st.st_ino, name
 
 
-def temp_in_use(name: bytes, dir_fd: int) -> bool:
-    """Whether a live upload, in this process or another, is writing temporary `name`."""
+def temp_in_use(name: bytes, dir_fd: int, *, grace: bool = True) -> bool:
+    """Whether a live upload, in this process or another, is writing temporary `name`
+    (`grace=False`: only one that holds its lock; a crash's leftover touched a moment ago is
+    not live). Kept data of a cut-off overwrite is never in use."""
+    if cutoffs.is_kept(name):
+        return False
     if _live_key(dir_fd, name) in _live:
         return True
     try:
@@ -112,7 +118,7 @@ def temp_in_use(name: bytes, dir_fd: int) -> bool:
     except FileNotFoundError:
         return False
     try:
-        if time.time() - os.fstat(fd).st_mtime < _LOCK_GRACE:
+        if grace and time.time() - os.fstat(fd).st_mtime < _LOCK_GRACE:
             return True
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return False
@@ -152,6 +158,11 @@ class Upload(OpenFile):
         self.new_file = new_file
         self.failed: Exception | None = None
         self.original: tuple[int, tuple[int, int]] | None = None   # see _hold_original
+        # An overwrite of an existing file (internal.sftp.cutoffs): its stem, and how far from
+        # the start its temporary holds the new file without a gap, which is what a cut-off
+        # keeps for a resume.
+        self.stem: bytes | None = None
+        self.prefix = 0
 
     @classmethod
     def start(cls, jail: Jail, real: bytes, client_path: bytes, *, truncate: bool,
@@ -164,29 +175,50 @@ class Upload(OpenFile):
         """
         dir_fd, name = jail.open_parent(real)
         fd = -1
-        temp = exclusive_temp_name(name) if exclusive else new_temp_name()
+        temp = b""
         charged_file = False
         held: tuple[int, tuple[int, int]] | None = None
+        kept: tuple[int, int] | None = None
         try:
             existing = lstat_at(name, dir_fd)
             if existing is None and not create:
                 raise FileNotFoundError(errno.ENOENT, "no such file")
+            stem: bytes | None = None
             if existing is not None:
                 if exclusive:
                     raise FileExistsError(errno.EEXIST, "the file already exists")
                 if not stat.S_ISREG(existing.st_mode):
                     raise IsADirectoryError(errno.EISDIR, "not a regular file")
+                if existing.st_size and (truncate or not readable):
+                    stem = cutoffs.stem(name, existing)
             elif usage is not None:
                 usage.charge(nfiles=1)
                 charged_file = True
-            fd = _create_temp(temp, dir_fd)
-            os.fchmod(fd, stat.S_IMODE(existing.st_mode) if existing else perms & 0o777)
+            if stem is not None and truncate:     # uploaded whole: no resume needs the data
+                freed = cutoffs.drop(stem, dir_fd)
+                if freed and usage is not None:
+                    usage.adjust(-freed)
             if existing is not None and not truncate:
                 # Written from a copy that replaces the file at commit: a second such writer
                 # would silently undo the first one's changes, so it is refused while the
                 # first holds the file (an upload that truncates replaces it whole, last one
                 # winning, as ever).
                 held = _hold_original(name, dir_fd)
+                kept = _kept_for_resume(stem, dir_fd, existing.st_size)
+                if kept is None:
+                    stem = None         # an append to the file as it is: nothing to keep
+            temp = (exclusive_temp_name(name) if exclusive else
+                    cutoffs.live_name(stem) if stem is not None else new_temp_name())
+            fd = _create_temp(temp, dir_fd)
+            os.fchmod(fd, stat.S_IMODE(existing.st_mode) if existing else perms & 0o777)
+            prefix = 0
+            if kept is not None and stem is not None and existing is not None:
+                _copy(kept[0], fd, existing.st_size)    # the new file's start, not the old one
+                prefix = existing.st_size
+                freed = cutoffs.drop(stem, dir_fd)
+                if freed and usage is not None:
+                    usage.adjust(-freed)
+            elif held is not None:
                 _copy(held[0], fd)
             if append:   # only now: copy_file_range refuses an O_APPEND destination
                 fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
@@ -195,6 +227,7 @@ class Upload(OpenFile):
                          credit=existing.st_size if existing else 0, new_file=existing is None,
                          readable=readable)
             upload.original = held
+            upload.stem, upload.prefix = stem, prefix
             return upload
         except BaseException:
             if held is not None:
@@ -207,6 +240,9 @@ class Upload(OpenFile):
             if charged_file and usage is not None:
                 usage.adjust(nfiles=-1)
             raise
+        finally:
+            if kept is not None:
+                os.close(kept[0])
 
     def read(self, offset: int, size: int) -> bytes:
         if not self.readable:   # else the copy of an existing file would be readable
@@ -226,7 +262,8 @@ class Upload(OpenFile):
     def write(self, offset: int, data: bytes) -> int:
         if self.failed is not None:
             raise self.failed
-        end = (self.size if self.append else offset) + len(data)
+        pos = self.size if self.append else offset
+        end = pos + len(data)
         self._grow(end)
         try:
             n = _pwrite_all(self.fd, data, offset)
@@ -235,6 +272,8 @@ class Upload(OpenFile):
             raise
         if end > self.size:
             self.size = end
+        if pos <= self.prefix < end:
+            self.prefix = end
         self.bytes_written += n
         return n
 
@@ -242,6 +281,7 @@ class Upload(OpenFile):
         self._grow(size)
         os.ftruncate(self.fd, size)
         self.size = size
+        self.prefix = min(self.prefix, size)
 
     def commit(self, *, durable: bool) -> None:
         """Put the data under its final name, atomically; on any failure nothing changes."""
@@ -275,13 +315,26 @@ class Upload(OpenFile):
         os.replace(self.temp, self.name, src_dir_fd=d, dst_dir_fd=d)
         return replaced if replaced is not None and stat.S_ISREG(replaced.st_mode) else None
 
-    def abort(self) -> None:
-        """Drop the temporary and give back what it was charged; the final name is untouched."""
+    def abort(self, *, keep: bool = False, durable: bool = False) -> None:
+        """Drop the temporary and give back what it was charged; the final name is untouched.
+        `keep` (the client left without closing): an overwrite keeps the new data it holds up
+        to the old file's size, for a resume (internal.sftp.cutoffs)."""
         if self.dir_fd < 0:
             return
-        _unlink_quietly(self.temp, self.dir_fd)
+        kept = replaced = 0
+        if keep and self.stem is not None:
+            try:
+                replaced = cutoffs.keep(self.fd, self.dir_fd, self.temp, self.stem,
+                                        min(self.prefix, self.credit), durable=durable)
+                kept = min(self.prefix, self.credit)
+            except OSError as exc:
+                log.error("cannot keep a cut-off upload of %r for a resume: %s",
+                          self.client_path, exc)
+                _unlink_quietly(self.temp, self.dir_fd)
+        else:
+            _unlink_quietly(self.temp, self.dir_fd)
         if self.usage is not None:
-            self.usage.adjust(-(self.high - self.credit), -int(self.new_file))
+            self.usage.adjust(kept - replaced - (self.high - self.credit), -int(self.new_file))
             self.usage.settle()
         self._release()
 
@@ -329,6 +382,26 @@ def _hold_original(name: bytes, dir_fd: int) -> tuple[int, tuple[int, int]]:
 def _let_go(held: tuple[int, tuple[int, int]]) -> None:
     _rewriting.discard(held[1])
     os.close(held[0])
+
+
+def _kept_for_resume(stem: bytes | None, dir_fd: int, size: int) -> tuple[int, int] | None:
+    """What a resume of a file (of `size` bytes) whose overwrite was cut off starts from: the
+    kept data (descriptor, size), or None if there is none. A crash's leftover temporaries of
+    that overwrite become kept data first. Too little kept data is refused."""
+    if stem is None:
+        return None
+    prefix = stem + b"-"
+    for name in map(os.fsencode, os.listdir(dir_fd)):
+        if name.startswith(prefix) and not temp_in_use(name, dir_fd, grace=False):
+            cutoffs.adopt(name, dir_fd)
+    kept = cutoffs.open_kept(stem, dir_fd)
+    if kept is not None and kept[1] < size:
+        os.close(kept[0])
+        raise cutoffs.CutOffTooShort(
+            f"an upload replacing this file was cut off after {kept[1]} of the {size} bytes "
+            "it now holds, which still hold the old content: a resume cannot continue it, "
+            "upload the whole file again")
+    return kept
 
 
 def _create_temp(temp: bytes, dir_fd: int) -> int:
@@ -395,10 +468,11 @@ def _data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
         pos = end
 
 
-def _copy(src: int, dst: int) -> None:
-    """Copy a whole file between descriptors: in the kernel (reflink where the fs can), range
-    by range of data, so the copy keeps the source's holes."""
-    size = os.fstat(src).st_size
+def _copy(src: int, dst: int, size: int | None = None) -> None:
+    """Copy a whole file (or its first `size` bytes) between descriptors: in the kernel
+    (reflink where the fs can), range by range of data, so the copy keeps the source's holes."""
+    if size is None:
+        size = os.fstat(src).st_size
     ranges = list(_data_ranges(src, size))
     try:
         for start, end in ranges:
@@ -445,19 +519,36 @@ def sweep_temps(root: str | bytes, older_than: float = 0.0) -> int:
     """Remove upload temporaries left under `root` by a crash: untouched for `older_than`
     seconds and held by no live upload. Returns how many went."""
     removed = 0
-    limit = time.time() - older_than
+    now = time.time()
+    limit = now - older_than
     for dirpath, _dirs, files in os.walk(os.fsencode(root)):
         for name in files:
             if not (name.startswith(TEMP_PREFIX) and is_temp_name(name)):
                 continue
             path = os.path.join(dirpath, name)
             try:
-                if os.lstat(path).st_mtime <= limit and not _held(dirpath, name):
-                    os.unlink(path)
-                    removed += 1
+                mtime = os.lstat(path).st_mtime
+                if cutoffs.is_kept(name):
+                    if mtime <= now - cutoffs.KEEP:
+                        os.unlink(path)
+                        removed += 1
+                elif mtime <= limit and not _held(dirpath, name):
+                    if cutoffs.is_cutoff(name):     # a crashed overwrite: kept for a resume
+                        _adopt(dirpath, name)
+                    else:
+                        os.unlink(path)
+                        removed += 1
             except OSError as exc:
                 log.warning("cannot sweep upload temporary %r: %s", path, exc)
     return removed
+
+
+def _adopt(dirpath: bytes, name: bytes) -> None:
+    dir_fd = os.open(dirpath, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        cutoffs.adopt(name, dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def _held(dirpath: bytes, name: bytes) -> bool:

@@ -1,0 +1,162 @@
+"""Resuming an overwrite that was cut off: OpenSSH's reput must give the new file, never the old
+file's head with the new file's tail (internal.sftp.cutoffs)."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import struct
+import time
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from internal.sftp import cutoffs
+from internal.sftp.paths import QUOTA_LEDGER, is_temp_name
+from internal.sftp.quota import scan_home
+from internal.sftp.uploads import sweep_temps
+from tests.sshutil import NodeUnderTest, tree
+
+MiB = 1 << 20
+# OpenSSH's sftp -l (Kbit/s): slow enough to cut an upload off part way on loopback.
+SLOW = ["-l", "40000"]
+
+
+def temps(root: Path) -> dict[str, int]:
+    return {n: (root / n).stat().st_size for n in tree(root)
+            if is_temp_name(os.fsencode(os.path.basename(n)))}
+
+
+def ledger(root: Path) -> int:
+    """The bytes the user's quota ledger holds (no session may be running)."""
+    return struct.unpack(">QQ", (root / QUOTA_LEDGER.decode()).read_bytes()[:16])[0]
+
+
+def overwrite_setup(node: NodeUnderTest, tmp_path: Path, old_size: int
+                    ) -> tuple[Path, Path, Path, bytes, bytes]:
+    """A user with a quota and an old f.bin, and a new 24 MiB f.bin to upload over it:
+    (home, key, the new file's path, old, new)."""
+    home, key = node.keyed_user("alice", quota_bytes=1 << 30)
+    old, new = os.urandom(old_size), os.urandom(24 * MiB)
+    (home / "f.bin").write_bytes(old)
+    src = tmp_path / "f.bin"
+    src.write_bytes(new)
+    return home, key, src, old, new
+
+
+async def cut_off_put(node: NodeUnderTest, home: Path, key: Path, src: Path, name: str,
+                      after: int) -> None:
+    """`put src name`, the connection dropped once the upload holds more than `after` bytes."""
+    proc = await node.start_sftp("alice", key, options=SLOW)
+    assert proc.stdin is not None
+    proc.stdin.write(f"put {src} {name}\n".encode())
+    await proc.stdin.drain()
+    for _ in range(1000):
+        if any(size > after for size in temps(home).values()):
+            break
+        await asyncio.sleep(0.01)
+    else:
+        pytest.fail("the upload never got under way")
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    for pid in [proc.pid, *map(int, children)]:     # sftp and its ssh: the TCP connection drops
+        os.kill(pid, signal.SIGKILL)
+    await proc.wait()
+    await node.wait_idle()
+
+
+async def test_a_reput_after_a_cut_off_overwrite_gives_the_new_file(
+        sshnode: NodeUnderTest, tmp_path: Path) -> None:
+    home, key, src, old, new = overwrite_setup(sshnode, tmp_path, 2 * MiB)
+
+    await cut_off_put(sshnode, home, key, src, "f.bin", after=4 * MiB)
+    assert (home / "f.bin").read_bytes() == old               # the overwrite never happened
+    kept = temps(home)
+    assert list(kept.values()) == [len(old)], kept             # the new data, to the old size
+    assert ledger(home) == scan_home(home)[0] == len(old) * 2  # and it counts for the quota
+
+    run = await sshnode.sftp("alice", key, f"reput {src} f.bin\n")
+    assert run.returncode == 0, run.output
+    assert (home / "f.bin").read_bytes() == new
+    assert temps(home) == {}
+    assert ledger(home) == scan_home(home)[0] == len(new)
+
+
+async def test_a_resume_of_an_overwrite_cut_off_early_is_refused(
+        sshnode: NodeUnderTest, tmp_path: Path) -> None:
+    home, key, src, old, new = overwrite_setup(sshnode, tmp_path, 8 * MiB)
+
+    await cut_off_put(sshnode, home, key, src, "f.bin", after=256 * 1024)
+    (kept,) = temps(home).values()
+    assert 0 < kept < len(old)
+    run = await sshnode.sftp("alice", key, f"reput {src} f.bin\n")
+    assert run.returncode != 0
+    assert (home / "f.bin").read_bytes() == old
+    async with sshnode.sftp_client("alice", key) as sftp:     # OpenSSH shows no open's reason
+        with pytest.raises(asyncssh.SFTPFailure) as err:
+            await sftp.open("f.bin", "ab")
+    assert "cut off after" in err.value.reason, err.value.reason
+    assert "upload the whole file again" in err.value.reason
+    assert ledger(home) == scan_home(home)[0] == len(old) + kept
+
+    # an upload of the whole file is what the message says to do, and needs no kept data
+    run = await sshnode.sftp("alice", key, f"put {src} f.bin\n")
+    assert run.returncode == 0, run.output
+    assert (home / "f.bin").read_bytes() == new
+    assert temps(home) == {}
+    assert ledger(home) == scan_home(home)[0] == len(new)
+
+
+async def test_a_resume_continues_what_a_killed_node_left(sshnode: NodeUnderTest,
+                                                          tmp_path: Path) -> None:
+    """A node killed mid-overwrite leaves its temporary unlocked under the overwrite's stem."""
+    home, key = sshnode.keyed_user("alice")
+    old, new = os.urandom(MiB), os.urandom(3 * MiB)
+    (home / "f.bin").write_bytes(old)
+    stem = cutoffs.stem(b"f.bin", os.lstat(home / "f.bin"))
+    (home / cutoffs.live_name(stem).decode()).write_bytes(new[:2 * MiB])
+    src = tmp_path / "f.bin"
+    src.write_bytes(new)
+    run = await sshnode.sftp("alice", key, f"reput {src} f.bin\n")
+    assert run.returncode == 0, run.output
+    assert (home / "f.bin").read_bytes() == new
+    assert temps(home) == {}
+
+
+async def test_an_append_to_a_file_not_cut_off_appends(sshnode: NodeUnderTest,
+                                                       tmp_path: Path) -> None:
+    home, key = sshnode.keyed_user("alice")
+    (home / "log.txt").write_bytes(b"first\n")
+    (tmp_path / "log.txt").write_bytes(b"first\nsecond\n")
+    run = await sshnode.sftp("alice", key, f"reput {tmp_path / 'log.txt'} log.txt\n")
+    assert run.returncode == 0, run.output
+    assert (home / "log.txt").read_bytes() == b"first\nsecond\n"
+    assert temps(home) == {}
+
+
+def test_the_sweep_keeps_cut_off_data_for_a_day(tmp_path: Path) -> None:
+    st = os.lstat(tmp_path)
+    day_old, hour_old = time.time() - cutoffs.KEEP - 60, time.time() - 3600
+    expired = tmp_path / cutoffs.kept_name(cutoffs.stem(b"a", st)).decode()
+    recent = tmp_path / cutoffs.kept_name(cutoffs.stem(b"b", st)).decode()
+    crashed = tmp_path / cutoffs.live_name(cutoffs.stem(b"c", st)).decode()
+    for path, when in ((expired, day_old), (recent, hour_old), (crashed, hour_old)):
+        path.write_bytes(b"data")
+        os.utime(path, (when, when))
+    assert sweep_temps(tmp_path, older_than=60) == 1
+    adopted = cutoffs.kept_name(cutoffs.stem(b"c", st)).decode()
+    assert tree(tmp_path) == {recent.name, adopted}      # a crash's overwrite is kept too
+
+
+async def test_kept_data_goes_with_its_file(sshnode: NodeUnderTest) -> None:
+    """Removing or renaming a file drops what was kept for resuming its overwrite, and the
+    quota gives it back."""
+    home, key = sshnode.keyed_user("alice", quota_bytes=1 << 30)
+    for name in ("gone.bin", "moved.bin", "other.bin"):
+        (home / name).write_bytes(os.urandom(MiB))
+        kept = cutoffs.kept_name(cutoffs.stem(name.encode(), os.lstat(home / name)))
+        (home / kept.decode()).write_bytes(os.urandom(MiB // 2))
+    run = await sshnode.sftp("alice", key, "rm gone.bin\nrename moved.bin new.bin\n")
+    assert run.returncode == 0, run.output
+    assert list(temps(home).values()) == [MiB // 2]       # other.bin's, untouched
+    assert ledger(home) == scan_home(home)[0] == 2 * MiB + MiB // 2
