@@ -16,7 +16,8 @@ import pytest
 from asyncssh.constants import FXF_CREAT, FXF_EXCL, FXF_READ, FXF_WRITE
 
 from internal.sftp.paths import is_temp_name
-from internal.sftp.uploads import _copy, exclusive_temp_name, sweep_temps
+from internal.sftp.filecopy import copy_file
+from internal.sftp.uploads import exclusive_temp_name, sweep_temps
 from internal.store.base import Perm
 from tests.sshutil import NodeUnderTest, start_node, stop_node, tree
 
@@ -227,7 +228,7 @@ def test_copy_keeps_holes_without_copy_file_range(tmp_path: Path,
     with open(src, "rb") as s, open(dst, "w+b") as d:
         d.write(b"stale content")
         d.flush()
-        _copy(s.fileno(), d.fileno())
+        copy_file(s.fileno(), d.fileno())
     assert dst.read_bytes() == src.read_bytes()
     assert dst.stat().st_blocks * 512 < 4 * MiB
 

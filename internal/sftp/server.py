@@ -252,6 +252,18 @@ class NodeSFTPServer(asyncssh.SFTPServer):
         return file_obj.write(offset, data)
 
     @sftp_op
+    async def copy_data(self, src: OpenFile, src_offset: int, length: int, dst: OpenFile,
+                        offset: int) -> int:
+        """copy-data (OpenSSH's `cp`), whole and in the kernel. asyncssh's own copy loops over
+        read() and write() and takes a short read for the end of the file: with reads capped
+        at MAX_READ, every copy would stop at 255 KiB."""
+        check_range(src_offset, length)
+        check_range(offset, length)
+        if not isinstance(dst, Upload):
+            raise PermissionError(errno.EBADF, "the target was opened for reading only")
+        return await asyncio.to_thread(dst.copy_job(src, src_offset, length, offset))
+
+    @sftp_op
     def fstat(self, file_obj: OpenFile) -> os.stat_result:
         return os.fstat(file_obj.fd)
 

@@ -18,24 +18,23 @@ import logging
 import os
 import stat
 import time
-from typing import Callable, Iterator
+from typing import Callable
 
-from asyncssh import SFTPAttrs
+from asyncssh import SFTPAttrs, SFTPInvalidParameter
 
 from internal.sftp import cutoffs
+from internal.sftp.filecopy import copy_file, copy_range, pwrite_all
 from internal.sftp.paths import (TEMP_PREFIX, TEMP_SUFFIX, AccessDenied, Jail, is_temp_name,
                                  lstat_at, new_temp_name)
 from internal.sftp.quota import QuotaExceeded, Usage
 
 log = logging.getLogger(__name__)
 
-_COPY_CHUNK = 1 << 24
-
-
 class OpenFile:
     """A file opened for reading; counts bytes for the audit trail, not per-block events."""
 
     writable = False
+    readable = True
 
     def __init__(self, fd: int, client_path: bytes) -> None:
         self.fd = fd
@@ -74,19 +73,6 @@ class OpenFile:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> int:
-    """SFTP has no short writes: a write either stored every byte or failed. pwrite() may
-    store part (a disk filling up) and fail only on the next call, so loop until done."""
-    view = memoryview(data)
-    done = 0
-    while done < len(view):
-        n = os.pwrite(fd, view[done:], offset + done)
-        if n <= 0:
-            raise OSError(errno.EIO, "write stored nothing")
-        done += n
-    return done
 
 
 # Each upload holds an flock() on its temporary while it runs, so a sweep (or an exclusive
@@ -213,13 +199,13 @@ class Upload(OpenFile):
             os.fchmod(fd, stat.S_IMODE(existing.st_mode) if existing else perms & 0o777)
             prefix = 0
             if kept is not None and stem is not None and existing is not None:
-                _copy(kept[0], fd, existing.st_size)    # the new file's start, not the old one
+                copy_file(kept[0], fd, existing.st_size)    # the new file's start, not the old one
                 prefix = existing.st_size
                 freed = cutoffs.drop(stem, dir_fd)
                 if freed and usage is not None:
                     usage.adjust(-freed)
             elif held is not None:
-                _copy(held[0], fd)
+                copy_file(held[0], fd)
             if append:   # only now: copy_file_range refuses an O_APPEND destination
                 fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
             upload = cls(fd, client_path, dir_fd, temp, name, append=append,
@@ -266,7 +252,7 @@ class Upload(OpenFile):
         end = pos + len(data)
         self._grow(end)
         try:
-            n = _pwrite_all(self.fd, data, offset)
+            n = pwrite_all(self.fd, data, offset)
         except OSError as exc:
             self.failed = exc
             raise
@@ -274,6 +260,49 @@ class Upload(OpenFile):
             self.size = end
         if pos <= self.prefix < end:
             self.prefix = end
+        self.bytes_written += n
+        return n
+
+    def copy_job(self, src: OpenFile, src_offset: int, length: int, offset: int
+                 ) -> Callable[[], int]:
+        """A client's copy-data request: up to `length` bytes of `src` from `src_offset` (to
+        its end if `length` is 0) written at `offset`, in the kernel. Returns the copy, to run
+        in a thread; it returns the bytes copied. It works on duplicates of both descriptors
+        taken now, so a session that closes the handles meanwhile cannot turn it onto another
+        file."""
+        if not src.readable:
+            raise PermissionError(errno.EBADF, "the source was opened for writing only")
+        fds = os.dup(src.fd), os.dup(self.fd)
+
+        def copy() -> int:
+            try:
+                return self._copy_in(src, fds[0], fds[1], src_offset, length, offset)
+            finally:
+                os.close(fds[0])
+                os.close(fds[1])
+        return copy
+
+    def _copy_in(self, src: OpenFile, src_fd: int, dst_fd: int, src_offset: int, length: int,
+                 offset: int) -> int:
+        if self.failed is not None:
+            raise self.failed
+        src_size = os.fstat(src_fd).st_size
+        length = min(length or src_size, max(src_size - src_offset, 0))
+        pos = self.size if self.append else offset
+        if os.path.samestat(os.fstat(src_fd), os.fstat(dst_fd)) and \
+                src_offset < pos + length and pos < src_offset + length:
+            raise SFTPInvalidParameter("invalid argument: the source and target overlap")
+        self._grow(pos + length)
+        try:
+            n = copy_range(src_fd, src_offset, dst_fd, offset, length)
+        except OSError as exc:
+            self.failed = exc
+            raise
+        end = pos + n
+        self.size = max(self.size, end)
+        if pos <= self.prefix < end:
+            self.prefix = end
+        src.bytes_read += n
         self.bytes_written += n
         return n
 
@@ -445,50 +474,6 @@ def apply_attrs(fd: int, attrs: SFTPAttrs, resize: Callable[[int], None]) -> Non
 
 def _ns(sec: int | None, ns: int | None) -> int | None:
     return None if sec is None else sec * 1_000_000_000 + (ns or 0)
-
-
-def _data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
-    """The [start, end) ranges of `fd` that hold data: its holes (a sparse file) are skipped,
-    so copying a file of 8 GiB with nothing written reads and writes nothing."""
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:       # no data after pos: the rest is a hole
-                return
-            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-            yield pos, size                    # no SEEK_DATA here: treat it all as data
-            return
-        if start >= size:
-            return
-        yield start, end
-        pos = end
-
-
-def _copy(src: int, dst: int, size: int | None = None) -> None:
-    """Copy a whole file (or its first `size` bytes) between descriptors: in the kernel
-    (reflink where the fs can), range by range of data, so the copy keeps the source's holes."""
-    if size is None:
-        size = os.fstat(src).st_size
-    ranges = list(_data_ranges(src, size))
-    try:
-        for start, end in ranges:
-            pos = start
-            while pos < end and (n := os.copy_file_range(src, dst, min(_COPY_CHUNK, end - pos),
-                                                         pos, pos)):
-                pos += n
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-            raise
-        os.ftruncate(dst, 0)
-        for start, end in ranges:
-            pos = start
-            while pos < end and (chunk := os.pread(src, min(1 << 20, end - pos), pos)):
-                pos += _pwrite_all(dst, chunk, pos)
-    os.ftruncate(dst, size)
 
 
 def _unlink_quietly(name: bytes, dir_fd: int) -> None:

@@ -21,8 +21,8 @@ from asyncssh.channel import SSHServerChannel
 from asyncssh.constants import MSG_CHANNEL_DATA, MSG_CHANNEL_EOF, MSG_CHANNEL_EXTENDED_DATA
 from asyncssh.packet import SSHPacket
 from asyncssh.sftp import (FXP_DATA, FXP_READ, FXP_WRITE, MAX_SFTP_PACKET_LEN,
-                           MAX_SFTP_WRITE_LEN, SFTPBadMessage, SFTPLimits, SFTPNoConnection,
-                           SFTPServerHandler)
+                           MAX_SFTP_WRITE_LEN, SFTPBadMessage, SFTPInvalidHandle, SFTPLimits,
+                           SFTPNoConnection, SFTPServerHandler)
 from asyncssh.stream import SSHReader, SSHServerStreamSession, SSHWriter
 
 from internal.sftp.server import MAX_HANDLES, MAX_READ
@@ -133,8 +133,21 @@ class ViewSFTPHandler(SFTPServerHandler):
         packet.check_end()
         return SFTPLimits(MAX_SFTP_PACKET_LEN, MAX_READ, MAX_SFTP_WRITE_LEN, MAX_HANDLES)
 
+    async def _process_whole_copy(self, packet: SSHPacket) -> None:
+        """copy-data through the server's own copy (SFTPServer.copy_data), not asyncssh's
+        loop of reads and writes."""
+        src_handle, src_offset = packet.get_string(), packet.get_uint64()
+        length = packet.get_uint64()
+        dst_handle, offset = packet.get_string(), packet.get_uint64()
+        packet.check_end()
+        src, dst = self._file_handles.get(src_handle), self._file_handles.get(dst_handle)
+        if src is None or dst is None:
+            raise SFTPInvalidHandle("invalid file handle")
+        await self._server.copy_data(src, src_offset, length, dst, offset)
+
     _packet_handlers = {**SFTPServerHandler._packet_handlers, FXP_READ: _process_read_parts,
-                        b"limits@openssh.com": _process_our_limits}
+                        b"limits@openssh.com": _process_our_limits,
+                        b"copy-data": _process_whole_copy}
     _return_types = {**SFTPServerHandler._return_types, FXP_READ: _FXP_DATA_PARTS}
 
     async def recv_packet(self) -> SSHPacket:
