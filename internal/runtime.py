@@ -19,6 +19,7 @@ from internal.forward import ForwardService
 from internal.home import NodeHome
 from internal.node import Node, NodeSettings
 from internal.session import SessionService
+from internal.sftp.uploads import PARTIAL_SUFFIXES
 from internal.ssh.revocation import DEFAULT_INTERVAL as RECHECK_INTERVAL
 from internal.store import open_store
 from internal.store.calls import store_call
@@ -43,6 +44,8 @@ class ServeOptions:
     data_congestion: str = CC_AUTO   # sockio.resolve_congestion
     metrics: MetricsEndpoint | None = None   # serve Prometheus metrics (one process: its own)
     recheck_interval: float = RECHECK_INTERVAL   # seconds; internal.ssh.revocation
+    # names that are clients' own temporaries, written in place (Upload.start_in_place)
+    partial_suffixes: tuple[bytes, ...] = PARTIAL_SUFFIXES
 
 
 def run_dir(home: NodeHome) -> Path:
@@ -106,7 +109,8 @@ async def serve(home: NodeHome, opts: ServeOptions) -> None:
         from internal.ssh.service import SSHService
         service = SSHService(home, store, audit, defender, capacity=opts.capacity,
                              banned=lambda ip: node.banned(ip),
-                             recheck_interval=opts.recheck_interval)
+                             recheck_interval=opts.recheck_interval,
+                             partial_suffixes=opts.partial_suffixes)
     node = Node(home, service, NodeSettings(opts.gateways, capacity=opts.capacity,
                                             weight=opts.weight, drain_timeout=opts.drain_timeout,
                                             node_id=node_id, pool_size=opts.pool_size,

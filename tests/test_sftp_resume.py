@@ -8,6 +8,7 @@ import signal
 import struct
 import time
 from pathlib import Path
+from typing import Callable
 
 import asyncssh
 import pytest
@@ -16,7 +17,7 @@ from internal.sftp import cutoffs
 from internal.sftp.paths import QUOTA_LEDGER, is_temp_name
 from internal.sftp.quota import scan_home
 from internal.sftp.uploads import sweep_temps
-from tests.sshutil import NodeUnderTest, tree
+from tests.sshutil import NodeUnderTest, start_node, stop_node, tree
 
 MiB = 1 << 20
 # OpenSSH's sftp -l (Kbit/s): slow enough to cut an upload off part way on loopback.
@@ -45,15 +46,16 @@ def overwrite_setup(node: NodeUnderTest, tmp_path: Path, old_size: int
     return home, key, src, old, new
 
 
-async def cut_off_put(node: NodeUnderTest, home: Path, key: Path, src: Path, name: str,
-                      after: int) -> None:
-    """`put src name`, the connection dropped once the upload holds more than `after` bytes."""
+async def cut_off(node: NodeUnderTest, key: Path, command: str,
+                  under_way: Callable[[], bool]) -> None:
+    """Run `command` in OpenSSH's sftp, slowed down, and drop the connection once
+    `under_way()` says the upload has got far enough."""
     proc = await node.start_sftp("alice", key, options=SLOW)
     assert proc.stdin is not None
-    proc.stdin.write(f"put {src} {name}\n".encode())
+    proc.stdin.write(f"{command}\n".encode())
     await proc.stdin.drain()
     for _ in range(1000):
-        if any(size > after for size in temps(home).values()):
+        if under_way():
             break
         await asyncio.sleep(0.01)
     else:
@@ -63,6 +65,13 @@ async def cut_off_put(node: NodeUnderTest, home: Path, key: Path, src: Path, nam
         os.kill(pid, signal.SIGKILL)
     await proc.wait()
     await node.wait_idle()
+
+
+async def cut_off_put(node: NodeUnderTest, home: Path, key: Path, src: Path, name: str,
+                      after: int) -> None:
+    """`put src name`, the connection dropped once the upload holds more than `after` bytes."""
+    await cut_off(node, key, f"put {src} {name}",
+                  lambda: any(size > after for size in temps(home).values()))
 
 
 async def test_a_reput_after_a_cut_off_overwrite_gives_the_new_file(
@@ -160,3 +169,44 @@ async def test_kept_data_goes_with_its_file(sshnode: NodeUnderTest) -> None:
     assert run.returncode == 0, run.output
     assert list(temps(home).values()) == [MiB // 2]       # other.bin's, untouched
     assert ledger(home) == scan_home(home)[0] == 2 * MiB + MiB // 2
+
+
+async def test_a_clients_own_temporary_is_written_in_place_and_resumes(
+        sshnode: NodeUnderTest, tmp_path: Path) -> None:
+    """WinSCP uploads to NAME.filepart and renames it when done: such a name is written in
+    place, so a cut-off upload stays there and a resume continues it where it stopped."""
+    home, key = sshnode.keyed_user("alice", quota_bytes=1 << 30)
+    new = os.urandom(24 * MiB)
+    src = tmp_path / "f.bin"
+    src.write_bytes(new)
+    part = home / "f.bin.filepart"
+    await cut_off(sshnode, key, f"put {src} {part.name}",
+                  lambda: part.exists() and part.stat().st_size > 4 * MiB)
+    stored = part.read_bytes()
+    assert 4 * MiB < len(stored) < len(new) and new.startswith(stored)
+    assert temps(home) == {}
+    assert ledger(home) == scan_home(home)[0] == len(stored)
+
+    run = await sshnode.sftp("alice", key, f"reput {src} f.bin.filepart\n"
+                                           "rename f.bin.filepart f.bin\n")
+    assert run.returncode == 0, run.output
+    assert (home / "f.bin").read_bytes() == new
+    assert tree(home) == {"f.bin"}
+    assert ledger(home) == scan_home(home)[0] == len(new)
+    opens = sshnode.events("file.open", username="alice")
+    assert opens[-1].detail["resume"] is True and opens[-1].detail["in_place"] is True
+    closes = sshnode.events("file.close", username="alice")
+    assert closes[-1].detail["bytes_written"] == len(new) - len(stored)   # only the rest
+
+
+async def test_without_partial_suffixes_every_upload_is_whole(tmp_path: Path) -> None:
+    node = await start_node(tmp_path, partial_suffixes=())
+    try:
+        home, key = node.keyed_user("alice")
+        src = tmp_path / "f.bin"
+        src.write_bytes(os.urandom(24 * MiB))
+        await cut_off(node, key, f"put {src} f.bin.filepart",
+                      lambda: any(size > MiB for size in temps(home).values()))
+        assert tree(home) == set()          # cut off: nothing under the name
+    finally:
+        await stop_node(node)

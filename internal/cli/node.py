@@ -16,6 +16,7 @@ from edgegw.netaddr import HostPort
 from internal.cli.common import default_workers, home_option, load_home
 from internal.data_pool import DEFAULT_SIZE as DEFAULT_POOL_SIZE
 from internal.home import HomeError, NodeHome
+from internal.sftp.uploads import PARTIAL_SUFFIXES
 from internal.ssh.revocation import DEFAULT_INTERVAL as RECHECK_INTERVAL
 from internal.store.base import StoreError
 
@@ -82,6 +83,12 @@ def init(home_dir: str, db_url: str | None, node_id: str | None, files_root: str
                    "session whose user was removed, disabled or expired, whose address rules "
                    "no longer allow its client address, or whose address is banned, is ended; "
                    "a change of permissions, root or quota applies to its next operations.")
+@click.option("--partial-suffix", "partial_suffixes", multiple=True,
+              default=tuple(map(os.fsdecode, PARTIAL_SUFFIXES)), show_default=True, metavar="SUFFIX",
+              help="Uploads to names ending in SUFFIX are clients' own temporaries (WinSCP "
+                   "uploads to NAME.filepart, then renames it): written in place, not "
+                   "published whole at close, so a cut-off upload stays to be resumed. "
+                   "Repeatable; '' for none.")
 @metrics_options("logins, sessions, bytes, attached gateways; with --workers, their sum")
 @click.option("--reuse-port", is_flag=True, hidden=True,
               help="Share --listen with sibling worker processes (set by --workers).")
@@ -90,7 +97,8 @@ def serve(home_dir: str, gateways: list[HostPort], listen: HostPort | None,
           forward: HostPort | None, forward_proxy_protocol: str | None, capacity: int,
           weight: int, drain_timeout: float, node_id: str | None, workers: int,
           pool_size: int, congestion_gateway: str, recheck_interval: float,
-          metrics: MetricsEndpoint | None, reuse_port: bool, log_level: str) -> None:
+          partial_suffixes: tuple[str, ...], metrics: MetricsEndpoint | None, reuse_port: bool,
+          log_level: str) -> None:
     """Run the internal node: dial the gateways and serve the sessions they offer."""
     from internal.runtime import ServeOptions, serve as run_node
 
@@ -128,7 +136,8 @@ def serve(home_dir: str, gateways: list[HostPort], listen: HostPort | None,
                         weight=weight, drain_timeout=drain_timeout, node_id=node_id,
                         pool_size=pool_size, reuse_port=reuse_port,
                         data_congestion=congestion_gateway, metrics=metrics,
-                        recheck_interval=recheck_interval)
+                        recheck_interval=recheck_interval,
+                        partial_suffixes=tuple(os.fsencode(x) for x in partial_suffixes if x))
     try:
         eventloop.run(run_node(home, opts))
     except (HomeError, StoreError, OSError) as exc:

@@ -94,7 +94,10 @@ class NodeSFTPServer(asyncssh.SFTPServer):
 
     def __init__(self, chan: asyncssh.SSHServerChannel, session: SessionSink, user: User,
                  usage: Usage | None, *, durable: bool,
+                 partial_suffixes: tuple[bytes, ...] = (),
                  on_exit: Callable[[], None] | None = None) -> None:
+        """`partial_suffixes`: names ending so are the clients' own temporaries, written in
+        place (Upload.start_in_place)."""
         super().__init__(chan)
         self._session = session
         self._username = user.name
@@ -104,6 +107,7 @@ class NodeSFTPServer(asyncssh.SFTPServer):
         self._perms = user.permissions
         self._usage = usage
         self._durable = durable
+        self._partial_suffixes = tuple(x for x in partial_suffixes if x)
         self._on_exit = on_exit
 
     @property
@@ -198,15 +202,19 @@ class NodeSFTPServer(asyncssh.SFTPServer):
         else:
             self._need(Perm.UPLOAD, "upload files")
         truncate = bool(pflags & FXF_TRUNC)
+        in_place = bool(self._partial_suffixes) and real.endswith(self._partial_suffixes)
         start = functools.partial(
-            Upload.start, self._jail, real, vpath, truncate=truncate,
+            Upload.start_in_place if in_place else Upload.start, self._jail, real, vpath,
+            truncate=truncate,
             append=bool(pflags & FXF_APPEND), create=bool(pflags & FXF_CREAT),
             exclusive=bool(pflags & FXF_EXCL) or Perm.OVERWRITE not in self._perms,
             perms=0o644 if attrs.permissions is None else attrs.permissions, usage=self._usage,
             readable=bool(pflags & FXF_READ))
         # Resuming copies the existing file first: keep that off the event loop.
-        upload = await asyncio.to_thread(start) if exists and not truncate else start()
-        self._audit("file.open", path, mode="write", resume=exists and not truncate)
+        copies = exists and not truncate and not in_place
+        upload = await asyncio.to_thread(start) if copies else start()
+        self._audit("file.open", path, mode="write", resume=exists and not truncate,
+                    **({"in_place": True} if in_place else {}))
         return upload
 
     def close(self, file_obj: object) -> Any:

@@ -75,6 +75,9 @@ class OpenFile:
             os.close(fd)
 
 
+# Names that are clients' own temporaries by default (Upload.start_in_place): WinSCP's.
+PARTIAL_SUFFIXES = (b".filepart",)
+
 # Each upload holds an flock() on its temporary while it runs, so a sweep (or an exclusive
 # open) in any process tells a crashed session's leftover from a live upload, however long the
 # client pauses. Temporaries this process writes are also listed here, by directory and name:
@@ -149,6 +152,49 @@ class Upload(OpenFile):
         # keeps for a resume.
         self.stem: bytes | None = None
         self.prefix = 0
+        self.in_place = False           # see start_in_place
+
+    @classmethod
+    def start_in_place(cls, jail: Jail, real: bytes, client_path: bytes, *, truncate: bool,
+                       append: bool, exclusive: bool, create: bool, perms: int,
+                       usage: Usage | None, readable: bool = True) -> "Upload":
+        """Write the file itself, not a temporary: for the client's own temporary names (a
+        partial suffix such as WinSCP's `.filepart`), which the client renames when done, so
+        that what a cut-off upload stored stays there to be resumed."""
+        dir_fd, name = jail.open_parent(real)
+        charged_file = False
+        try:
+            existing = lstat_at(name, dir_fd)
+            if existing is None and usage is not None and create:
+                usage.charge(nfiles=1)
+                charged_file = True
+            flags = (os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+                     | (os.O_CREAT if create else 0) | (os.O_EXCL if exclusive else 0))
+            fd = os.open(name, flags, perms & 0o777, dir_fd=dir_fd)
+        except BaseException:
+            if charged_file and usage is not None:
+                usage.adjust(nfiles=-1)
+            os.close(dir_fd)
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise IsADirectoryError(errno.EISDIR, "not a regular file")
+            credit = st.st_size if existing is not None else 0
+            if truncate:
+                os.ftruncate(fd, 0)
+            if append:
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+        except BaseException:
+            os.close(fd)
+            os.close(dir_fd)
+            if charged_file and usage is not None:
+                usage.adjust(nfiles=-1)
+            raise
+        upload = cls(fd, client_path, dir_fd, name, name, append=append, exclusive=exclusive,
+                     usage=usage, credit=credit, new_file=existing is None, readable=readable)
+        upload.in_place = True
+        return upload
 
     @classmethod
     def start(cls, jail: Jail, real: bytes, client_path: bytes, *, truncate: bool,
@@ -314,6 +360,11 @@ class Upload(OpenFile):
 
     def commit(self, *, durable: bool) -> None:
         """Put the data under its final name, atomically; on any failure nothing changes."""
+        if self.in_place:
+            if durable:
+                os.fsync(self.fd)
+            self._settle_in_place()
+            return
         if self.failed is not None:
             self.abort()
             raise self.failed
@@ -350,6 +401,9 @@ class Upload(OpenFile):
         to the old file's size, for a resume (internal.sftp.cutoffs)."""
         if self.dir_fd < 0:
             return
+        if self.in_place:           # what was written stays, to be resumed
+            self._settle_in_place()
+            return
         kept = replaced = 0
         if keep and self.stem is not None:
             try:
@@ -364,6 +418,14 @@ class Upload(OpenFile):
             _unlink_quietly(self.temp, self.dir_fd)
         if self.usage is not None:
             self.usage.adjust(kept - replaced - (self.high - self.credit), -int(self.new_file))
+            self.usage.settle()
+        self._release()
+
+    def _settle_in_place(self) -> None:
+        """The quota of a file written in place: it holds what it holds, in place of what it
+        held (`credit`); the file itself was counted when it was created."""
+        if self.usage is not None:
+            self.usage.adjust(os.fstat(self.fd).st_size - self.high)
             self.usage.settle()
         self._release()
 

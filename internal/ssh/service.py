@@ -30,7 +30,7 @@ from internal.ipmatch import ip_in, user_allows_ip
 from internal.session import SessionContext, SessionResult
 from internal.sftp.quota import QuotaBook, Usage
 from internal.sftp.server import NodeSFTPServer
-from internal.sftp.uploads import sweep_temps
+from internal.sftp.uploads import PARTIAL_SUFFIXES, sweep_temps
 from internal.ssh.algorithms import algorithm_options
 from internal.ssh.auth import NodeSSHServer, Session, SessionCounter
 from internal.ssh.leases import SessionLeases
@@ -87,17 +87,20 @@ class SSHService:
                  capacity: int = 0, login_timeout: float = 30.0,
                  durable_uploads: bool = True,
                  banned: Callable[[str], bool] | None = None,
-                 recheck_interval: float = REVOKE_INTERVAL) -> None:
+                 recheck_interval: float = REVOKE_INTERVAL,
+                 partial_suffixes: tuple[bytes, ...] = PARTIAL_SUFFIXES) -> None:
         """`banned`: the node's view of the bans (the one it pushes to gateways), so a client a
         gateway lets through after an unban is not refused here by an older copy.
         `recheck_interval`: seconds between two checks of running sessions against their
-        accounts and the bans (`internal.ssh.revocation`)."""
+        accounts and the bans (`internal.ssh.revocation`).
+        `partial_suffixes`: names that are clients' own temporaries, written in place."""
         self.home = home
         self.store = store
         self.audit = audit
         self.defender = defender
         self.capacity = capacity
         self.durable_uploads = durable_uploads
+        self.partial_suffixes = partial_suffixes
         # HomeError, naming the file, for an unreadable host key or none at all
         self._options = asyncssh.SSHServerConnectionOptions(
             server_host_keys=home.host_keys(), login_timeout=login_timeout,
@@ -303,6 +306,7 @@ class SSHService:
         await asyncio.to_thread(os.makedirs, user.home, 0o750, True)
         usage = await self._quotas.acquire(user)
         server = NodeSFTPServer(chan, session, user, usage, durable=self.durable_uploads,
+                                partial_suffixes=self.partial_suffixes,
                                 on_exit=lambda: self._sftp_exited(session, server))
         self._sftp.setdefault(session, set()).add(server)
         current = session.user
