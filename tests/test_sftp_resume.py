@@ -16,7 +16,7 @@ import pytest
 from internal.sftp import cutoffs
 from internal.sftp.paths import QUOTA_LEDGER, is_temp_name
 from internal.sftp.quota import scan_home
-from internal.sftp.uploads import sweep_temps
+from internal.sftp.temps import sweep_temps
 from tests.sshutil import NodeUnderTest, start_node, stop_node, tree
 
 MiB = 1 << 20

@@ -17,7 +17,7 @@ from asyncssh.constants import FXF_CREAT, FXF_EXCL, FXF_READ, FXF_WRITE
 
 from internal.sftp.paths import is_temp_name
 from internal.sftp.filecopy import copy_file
-from internal.sftp.uploads import exclusive_temp_name, sweep_temps
+from internal.sftp.temps import exclusive_temp_name, sweep_temps
 from internal.store.base import Perm
 from tests.sshutil import NodeUnderTest, start_node, stop_node, tree
 

@@ -5,7 +5,8 @@ from internal.sftp.errors import sftp_error
 from internal.sftp.paths import AccessDenied, Jail
 from internal.sftp.quota import QuotaBook, QuotaExceeded, Usage
 from internal.sftp.server import NodeSFTPServer
-from internal.sftp.uploads import OpenFile, Upload, sweep_temps
+from internal.sftp.temps import sweep_temps
+from internal.sftp.uploads import OpenFile, Upload
 
 __all__ = ["AccessDenied", "Jail", "NodeSFTPServer", "OpenFile", "QuotaBook", "QuotaExceeded",
            "Upload", "Usage", "sftp_error", "sweep_temps"]

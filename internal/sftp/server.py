@@ -32,7 +32,8 @@ from internal.sftp.errors import (REFUSALS, TooManyHandles, check_range, printab
                                   sftp_error, sftp_op)
 from internal.sftp.paths import DIR_FLAGS, AccessDenied, Jail, is_node_name, lstat_at
 from internal.sftp.quota import Usage
-from internal.sftp.uploads import OpenFile, Upload, apply_attrs, clear_leftovers
+from internal.sftp.temps import clear_leftovers
+from internal.sftp.uploads import OpenFile, Upload, apply_attrs
 from internal.session import SessionContext
 from internal.store.base import Perm, User
 

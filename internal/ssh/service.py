@@ -30,7 +30,8 @@ from internal.ipmatch import ip_in, user_allows_ip
 from internal.session import SessionContext, SessionResult
 from internal.sftp.quota import QuotaBook, Usage
 from internal.sftp.server import NodeSFTPServer
-from internal.sftp.uploads import PARTIAL_SUFFIXES, sweep_temps
+from internal.sftp.temps import sweep_temps
+from internal.sftp.uploads import PARTIAL_SUFFIXES
 from internal.ssh.algorithms import algorithm_options
 from internal.ssh.auth import NodeSSHServer, Session, SessionCounter
 from internal.ssh.leases import SessionLeases
@@ -43,7 +44,7 @@ log = logging.getLogger("edgegw.node.ssh")
 session_log = logging.getLogger("edgegw.node.session")
 
 REFRESH_INTERVAL = 1.0
-# An upload temporary no live upload holds (uploads.temp_in_use) and untouched this long is a
+# An upload temporary no live upload holds (temps.temp_in_use) and untouched this long is a
 # crashed session's; the sweep runs at startup and then every SWEEP_INTERVAL.
 STALE_UPLOAD_AGE = 60.0
 SWEEP_INTERVAL = 900.0
