@@ -210,3 +210,15 @@ async def test_without_partial_suffixes_every_upload_is_whole(tmp_path: Path) ->
         assert tree(home) == set()          # cut off: nothing under the name
     finally:
         await stop_node(node)
+
+
+async def test_rmdir_gives_back_what_was_kept_in_it(sshnode: NodeUnderTest) -> None:
+    home, key = sshnode.keyed_user("alice", quota_bytes=1 << 30)
+    (home / "d").mkdir()
+    (home / "f.bin").write_bytes(os.urandom(MiB))
+    stale = cutoffs.kept_name(cutoffs.stem(b"gone.bin", os.lstat(home / "f.bin")))
+    (home / "d" / stale.decode()).write_bytes(os.urandom(MiB // 2))   # its file went earlier
+    run = await sshnode.sftp("alice", key, "rmdir d\n")
+    assert run.returncode == 0, run.output
+    assert tree(home) == {"f.bin"}
+    assert ledger(home) == scan_home(home)[0] == MiB

@@ -416,9 +416,11 @@ class NodeSFTPServer(asyncssh.SFTPServer):
         leftovers are removed and the rmdir retried; a live upload into it keeps it."""
         fd = os.open(name, DIR_FLAGS, dir_fd=dfd)   # one name in a verified directory
         try:
-            only_temps, live = clear_leftovers(fd)
+            only_temps, live, freed = clear_leftovers(fd)
         finally:
             os.close(fd)
+        if freed:
+            self._charge(-freed)
         if not only_temps:
             raise OSError(errno.ENOTEMPTY, "the directory is not empty")
         if live:

@@ -98,19 +98,25 @@ def unlink_quietly(name: bytes, dir_fd: int) -> None:
         log.error("cannot remove upload temporary %r: %s", name, exc)
 
 
-def clear_leftovers(dir_fd: int) -> tuple[bool, int]:
+def clear_leftovers(dir_fd: int) -> tuple[bool, int, int]:
     """For rmdir of a directory that lists as empty over SFTP yet is not empty on disk: if it
     holds nothing but upload temporaries, remove those no live upload holds. Returns whether
-    it held only temporaries, and how many of them are live (an upload into it runs)."""
-    live = 0
+    it held only temporaries, how many of them are live (an upload into it runs), and the
+    bytes of cut-off overwrites removed (the quota counts those)."""
+    live = freed = 0
     for name in map(os.fsencode, os.listdir(dir_fd)):   # listdir(fd) gives str names
         if not is_temp_name(name):
-            return False, 0
+            return False, 0, freed
         if temp_in_use(name, dir_fd):
             live += 1
-        else:
-            unlink_quietly(name, dir_fd)
-    return True, live
+            continue
+        if cutoffs.is_cutoff(name):
+            try:
+                freed += os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_size
+            except FileNotFoundError:
+                continue
+        unlink_quietly(name, dir_fd)
+    return True, live, freed
 
 
 def sweep_temps(root: str | bytes, older_than: float = 0.0) -> int:
