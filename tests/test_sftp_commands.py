@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import stat
 from pathlib import Path
 
@@ -71,3 +72,13 @@ async def test_reget_resumes_a_download(sshnode: NodeUnderTest, tmp_path: Path) 
     assert part.read_bytes() == data
     closes = sshnode.events("file.close", username="alice")
     assert closes[-1].detail["bytes_read"] == len(data) - (MiB + 7)   # only the rest was sent
+
+
+async def test_a_long_listing_names_the_user_as_owner(sshnode: NodeUnderTest) -> None:
+    home, key = sshnode.keyed_user("alice")
+    (home / "a.txt").write_text("x")
+    run = await sshnode.sftp("alice", key, "ls -l\n")
+    assert run.returncode == 0, run.output
+    (line,) = [x for x in run.stdout.splitlines() if x.endswith(" a.txt")]
+    assert line.split()[2:4] == ["alice", "alice"], line
+    assert pwd.getpwuid(os.getuid()).pw_name not in run.stdout.replace("alice", "")

@@ -349,6 +349,15 @@ class NodeSFTPServer(asyncssh.SFTPServer):
         return self._jail.client_path(self._jail.resolve(path))
 
     # -- directories ------------------------------------------------------------------------
+    def format_user(self, uid: int | None) -> str:
+        """A long listing (`ls -l`) names the user as the owner of their files: they are
+        theirs, and the node's own account (its name, root or not) is not the client's
+        business. It also spares a passwd lookup per entry."""
+        return self._username
+
+    def format_group(self, gid: int | None) -> str:
+        return self._username
+
     def scandir(self, path: bytes) -> AsyncIterator[SFTPName]:
         """OPENDIR: the directory is read whole now, so errors are reported here and its
         descriptor is closed at once; the handle counts against MAX_HANDLES until dropped."""
