@@ -222,3 +222,19 @@ async def test_rmdir_gives_back_what_was_kept_in_it(sshnode: NodeUnderTest) -> N
     assert run.returncode == 0, run.output
     assert tree(home) == {"f.bin"}
     assert ledger(home) == scan_home(home)[0] == MiB
+
+
+async def test_kept_data_that_expires_leaves_the_quota(sshnode: NodeUnderTest) -> None:
+    home, key = sshnode.keyed_user("alice", quota_bytes=1 << 30)
+    (home / "f.bin").write_bytes(os.urandom(MiB))
+    stale = cutoffs.kept_name(cutoffs.stem(b"gone.bin", os.lstat(home / "f.bin")))
+    kept = home / stale.decode()
+    kept.write_bytes(os.urandom(MiB // 2))
+    day_old = time.time() - cutoffs.KEEP - 60
+    os.utime(kept, (day_old, day_old))
+    async with sshnode.sftp_client("alice", key) as sftp:    # its session holds the ledger
+        assert await sftp.listdir(".") == [".", "..", "f.bin"]
+        assert ledger(home) == MiB + MiB // 2
+        await asyncio.to_thread(sshnode.service._sweep)      # the node's periodic sweep
+        assert not kept.exists()
+        assert ledger(home) == scan_home(home)[0] == MiB

@@ -69,6 +69,7 @@ class Ledger:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self.rescanned = False
 
     @classmethod
     def join(cls, root: str | bytes) -> "Ledger | None":
@@ -86,6 +87,7 @@ class Ledger:
                 try:
                     _lock(fd, fcntl.F_WRLCK, _PRESENT, wait=False)
                     ledger.write(*scan_home(root))    # alone: the figures may be stale
+                    ledger.rescanned = True
                 except BlockingIOError:
                     pass                              # others hold it: their figures are live
                 _lock(fd, fcntl.F_RDLCK, _PRESENT)
@@ -235,6 +237,24 @@ def scan_home(root: str | bytes) -> tuple[int, int]:
                     elif cutoffs.is_cutoff(name):     # data kept for a resume counts too
                         total += st.st_size
     return total, files
+
+
+def give_back(root: str | bytes, nbytes: int) -> None:
+    """`nbytes` the node removed from `root` outside any session (cut-off data that expired):
+    taken off the root's ledger if it has one, so processes holding it see them gone now
+    rather than at their next rescan. Blocking."""
+    if not os.path.exists(os.path.join(os.fsencode(root), QUOTA_LEDGER)):
+        return          # a user without a quota
+    ledger = Ledger.join(root)
+    if ledger is None:
+        return
+    try:
+        if not ledger.rescanned:        # a fresh scan has them gone already
+            with ledger.locked():
+                used, files = ledger.read()
+                ledger.write(used - nbytes, files)
+    finally:
+        ledger.close()
 
 
 async def _open_figures(user: User) -> tuple[Ledger | None, int, int]:

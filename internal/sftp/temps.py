@@ -9,6 +9,7 @@ import hashlib
 import logging
 import os
 import time
+from typing import Callable
 
 from internal.sftp import cutoffs
 from internal.sftp.paths import TEMP_PREFIX, TEMP_SUFFIX, is_temp_name
@@ -119,9 +120,11 @@ def clear_leftovers(dir_fd: int) -> tuple[bool, int, int]:
     return True, live, freed
 
 
-def sweep_temps(root: str | bytes, older_than: float = 0.0) -> int:
+def sweep_temps(root: str | bytes, older_than: float = 0.0,
+                expired: Callable[[bytes, int], None] | None = None) -> int:
     """Remove upload temporaries left under `root` by a crash: untouched for `older_than`
-    seconds and held by no live upload. Returns how many went."""
+    seconds and held by no live upload; and cut-off data kept longer than cutoffs.KEEP, each
+    reported to `expired(directory, size)` (the quota counts it). Returns how many went."""
     removed = 0
     now = time.time()
     limit = now - older_than
@@ -134,8 +137,11 @@ def sweep_temps(root: str | bytes, older_than: float = 0.0) -> int:
                 mtime = os.lstat(path).st_mtime
                 if cutoffs.is_kept(name):
                     if mtime <= now - cutoffs.KEEP:
+                        size = os.lstat(path).st_size
                         os.unlink(path)
                         removed += 1
+                        if expired is not None:
+                            expired(dirpath, size)
                 elif mtime <= limit and not _held(dirpath, name):
                     if cutoffs.is_cutoff(name):     # a crashed overwrite: kept for a resume
                         _adopt(dirpath, name)

@@ -28,7 +28,7 @@ from internal.defender import Defender
 from internal.home import NodeHome
 from internal.ipmatch import ip_in, user_allows_ip
 from internal.session import SessionContext, SessionResult
-from internal.sftp.quota import QuotaBook, Usage
+from internal.sftp.quota import QuotaBook, Usage, give_back
 from internal.sftp.server import NodeSFTPServer
 from internal.sftp.temps import sweep_temps
 from internal.sftp.uploads import PARTIAL_SUFFIXES
@@ -202,11 +202,26 @@ class SSHService:
         """Temporaries of uploads interrupted by a crash. Other nodes sharing the files root
         may be writing theirs right now: a live upload holds a lock on its temporary, and only
         those nobody holds and untouched for a minute go."""
-        roots = {str(self.home.files_root)} | {u.home for u in self.store.list_users()}
-        removed = sum(sweep_temps(r, older_than=STALE_UPLOAD_AGE)
+        homes = [os.fsencode(u.home) for u in self.store.list_users()]
+        roots = {str(self.home.files_root)} | set(map(os.fsdecode, homes))
+        freed: dict[bytes, int] = {}
+
+        def expired(directory: bytes, size: int) -> None:   # kept cut-off data: quota
+            for home in homes:
+                if directory == home or directory.startswith(home.rstrip(b"/") + b"/"):
+                    freed[home] = freed.get(home, 0) + size
+                    return
+
+        removed = sum(sweep_temps(r, older_than=STALE_UPLOAD_AGE, expired=expired)
                       for r in sorted(roots) if os.path.isdir(r))
+        for home, size in freed.items():
+            try:
+                give_back(home, size)
+            except OSError as exc:
+                log.warning("cannot give %d bytes back to the quota of %r: %s", size, home, exc)
         if removed:
-            log.info("removed %d upload temporaries left by an earlier run", removed)
+            log.info("removed %d upload temporaries left by an earlier run or kept too long",
+                     removed)
 
     # -- sessions ---------------------------------------------------------------------------
     def spawn(self, sock: socket.socket, ctx: SessionContext) -> asyncio.Task[SessionResult]:
