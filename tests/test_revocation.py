@@ -40,11 +40,11 @@ async def rnode(tmp_path: Path) -> AsyncIterator[NodeUnderTest]:
         await stop_node(n)
 
 
-async def cli(home: Path, *args: str) -> str:
+async def cli(home: Path, *args: str, stdin: str | None = None) -> str:
     """`edgegw internal ARGS --home HOME` in a subprocess, as an administrator runs it."""
     res = await asyncio.to_thread(
         subprocess.run, edgegw_cmd("internal", *args, "--home", str(home)),
-        capture_output=True, text=True, timeout=60)
+        capture_output=True, text=True, timeout=60, input=stdin)
     assert res.returncode == 0, res.stdout + res.stderr
     return res.stdout
 
@@ -476,3 +476,30 @@ def test_every_worker_and_node_on_a_shared_store(tmp_path: Path, pg_url: str,
     logs = "".join(p.text() for p in procs[1:])
     assert logs.count("revoked: address not allowed for this user") >= 3
     assert "revoked: user disabled" in logs
+
+
+async def test_removing_a_key_ends_the_sessions_it_opened(rnode: NodeUnderTest,
+                                                          tmp_path: Path) -> None:
+    _, old_key = rnode.keyed_user("alice")
+    new_key = make_key(tmp_path / "new_key")
+    await cli(rnode.home.path, "user", "set", "alice", "--add-key", f"{new_key}.pub")
+    async with session(rnode, "alice", old_key) as (old_conn, _), \
+            session(rnode, "alice", new_key) as (new_conn, new_sftp):
+        await cli(rnode.home.path, "user", "set", "alice", "--remove-key", f"{old_key}.pub")
+        await ended(old_conn)
+        await still_open(new_conn, new_sftp)
+    await rnode.wait_idle()
+    assert revocations(rnode, "alice") == ["its key was removed"]
+
+
+async def test_changing_the_password_ends_the_sessions_it_opened(rnode: NodeUnderTest) -> None:
+    _, key = rnode.keyed_user("alice", password="first secret")
+    async with asyncssh.connect("127.0.0.1", rnode.port, username="alice", password="first secret",
+                                client_keys=None, known_hosts=None) as by_password, \
+            session(rnode, "alice", key) as (by_key, key_sftp):
+        await cli(rnode.home.path, "user", "set", "alice", "--password-stdin",
+                  stdin="second secret\n")
+        await ended(by_password)
+        await still_open(by_key, key_sftp)
+    await rnode.wait_idle()
+    assert revocations(rnode, "alice") == ["the password was changed"]

@@ -40,6 +40,8 @@ class Session:
         self.reason = ""                    # why it ended, once known
         self.revoked = ""                   # why the node ended it (internal.ssh.revocation)
         self.claimed: asyncio.Future[bool] | None = None   # the store's session-cap answer
+        # what the client proved itself with: the key's wire form, or the password's hash
+        self.credential: tuple[str, bytes | str | None] | None = None
         self._audit_log = audit_log
 
     @property
@@ -85,6 +87,19 @@ def account_refusal(user: User | None, ip: str, now: float | None = None) -> str
         return "user expired"
     if not user_allows_ip(user, ip):
         return "address not allowed for this user"
+    return None
+
+
+def credential_refusal(session: Session, user: User) -> str | None:
+    """Why `session` may not go on under the newer record `user` although the account still
+    allows it: the key it logged in with was removed, or the password it gave was changed."""
+    if session.credential is None:
+        return None
+    method, proof = session.credential
+    if method == "publickey" and proof not in _key_blobs(user):
+        return "its key was removed"
+    if method == "password" and proof != user.password_hash:
+        return "the password was changed"
     return None
 
 
@@ -142,6 +157,7 @@ class NodeSSHServer(asyncssh.SSHServer):
         ok = await asyncio.to_thread(verify_password, stored, password)
         if ok and self._candidate is not None:
             self._method = "password"
+            self.session.credential = ("password", stored)
             return True
         await self._failed("password")
         return False
@@ -149,6 +165,7 @@ class NodeSSHServer(asyncssh.SSHServer):
     async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         if self._candidate is not None and key.public_data in self._keys:
             self._method = "publickey"
+            self.session.credential = ("publickey", key.public_data)
             return True
         # A client tries each key it has; count that as one failure, not one per key.
         await self._failed("publickey", count=not self._key_failure_counted)

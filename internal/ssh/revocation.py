@@ -4,8 +4,9 @@ Every `interval` seconds each node process reads again, in one store query, the 
 users with sessions in that process (no query at all while it has none). A session whose
 account is gone, disabled or expired, whose address rules no longer allow its REAL client
 address (`auth.account_refusal`, the rules a login is refused by), or whose address is banned,
-is ended: one log line, a `session.revoked` audit event, and a disconnect whose audit event and
-result carry the reason. Otherwise a changed record is handed to the service (`Apply`), so the
+is ended, as is one that logged in with a key since removed from the account or a password
+since changed: one log line, a `session.revoked` audit event, and a disconnect whose audit
+event and result carry the reason. Otherwise a changed record is handed to the service (`Apply`), so the
 session's next SFTP operations follow the new permissions, root and quota. Every process checks
 its own sessions, so all workers and all nodes on a shared store end theirs within an interval.
 """
@@ -18,7 +19,7 @@ from typing import Awaitable, Callable
 
 import asyncssh
 
-from internal.ssh.auth import Session, account_refusal
+from internal.ssh.auth import Session, account_refusal, credential_refusal
 from internal.store.base import Store, StoreError, User
 from internal.store.calls import store_call
 
@@ -100,6 +101,8 @@ class Revoker:
                     continue
                 ip = session.ctx.client_ip
                 why = account_refusal(user, ip, now) or (BANNED if self._banned(ip) else None)
+                if why is None and user is not None and session.user != user:
+                    why = credential_refusal(session, user)
                 if why is not None:
                     self.revoke(session, why)
                 else:
