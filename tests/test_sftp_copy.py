@@ -26,7 +26,8 @@ async def test_cp_copies_the_whole_file(sshnode: NodeUnderTest) -> None:
     assert (home / "b.bin").read_bytes() == data
     assert (home / "old.bin").read_bytes() == data     # truncated, then copied over
     closes = sshnode.events("file.close", username="alice")
-    assert [e.detail["bytes_written"] for e in closes if e.detail["path"] == "/b.bin"] == [len(data)]
+    written = [e.detail["bytes_written"] for e in closes if e.detail["path"] == "/b.bin"]
+    assert written == [len(data)]
 
 
 async def test_a_copy_of_a_range(sshnode: NodeUnderTest) -> None:

@@ -84,7 +84,8 @@ def init(home_dir: str, db_url: str | None, node_id: str | None, files_root: str
                    "no longer allow its client address, or whose address is banned, is ended; "
                    "a change of permissions, root or quota applies to its next operations.")
 @click.option("--partial-suffix", "partial_suffixes", multiple=True,
-              default=tuple(map(os.fsdecode, PARTIAL_SUFFIXES)), show_default=True, metavar="SUFFIX",
+              default=tuple(map(os.fsdecode, PARTIAL_SUFFIXES)), show_default=True,
+              metavar="SUFFIX",
               help="Uploads to names ending in SUFFIX are clients' own temporaries (WinSCP "
                    "uploads to NAME.filepart, then renames it): written in place, not "
                    "published whole at close, so a cut-off upload stays to be resumed. "

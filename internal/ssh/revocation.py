@@ -6,9 +6,10 @@ account is gone, disabled or expired, whose address rules no longer allow its RE
 address (`auth.account_refusal`, the rules a login is refused by), or whose address is banned,
 is ended, as is one that logged in with a key since removed from the account or a password
 since changed: one log line, a `session.revoked` audit event, and a disconnect whose audit
-event and result carry the reason. Otherwise a changed record is handed to the service (`Apply`), so the
-session's next SFTP operations follow the new permissions, root and quota. Every process checks
-its own sessions, so all workers and all nodes on a shared store end theirs within an interval.
+event and result carry the reason. Otherwise a changed record is handed to the service
+(`Apply`), so the session's next SFTP operations follow the new permissions, root and quota.
+Every process checks its own sessions, so all workers and all nodes on a shared store end
+theirs within an interval.
 """
 from __future__ import annotations
 
