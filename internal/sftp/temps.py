@@ -9,7 +9,8 @@ import hashlib
 import logging
 import os
 import time
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from internal.sftp import cutoffs
 from internal.sftp.paths import TEMP_PREFIX, TEMP_SUFFIX, is_temp_name
@@ -61,6 +62,7 @@ def exclusive_temp_name(name: bytes) -> bytes:
     the file existed, though the file appears under its name only when complete."""
     digest = hashlib.blake2b(name, digest_size=8).hexdigest().encode()
     return TEMP_PREFIX + b"x" + digest + TEMP_SUFFIX
+
 
 def forget(dir_fd: int, name: bytes) -> None:
     """This process no longer writes temporary `name` (renamed, kept or removed)."""
@@ -134,17 +136,17 @@ def sweep_temps(root: str | bytes, older_than: float = 0.0,
                 continue
             path = os.path.join(dirpath, name)
             try:
-                mtime = os.lstat(path).st_mtime
+                st = os.lstat(path)
                 if cutoffs.is_kept(name):
-                    if mtime <= now - cutoffs.KEEP:
-                        size = os.lstat(path).st_size
+                    if st.st_mtime <= now - cutoffs.KEEP:
                         os.unlink(path)
                         removed += 1
                         if expired is not None:
-                            expired(dirpath, size)
-                elif mtime <= limit and not _held(dirpath, name):
+                            expired(dirpath, st.st_size)
+                elif st.st_mtime <= limit and not _held(dirpath, name):
                     if cutoffs.is_cutoff(name):     # a crashed overwrite: kept for a resume
-                        _adopt(dirpath, name)
+                        with _opened(dirpath) as dir_fd:
+                            cutoffs.adopt(name, dir_fd)
                     else:
                         os.unlink(path)
                         removed += 1
@@ -153,17 +155,15 @@ def sweep_temps(root: str | bytes, older_than: float = 0.0,
     return removed
 
 
-def _adopt(dirpath: bytes, name: bytes) -> None:
+@contextmanager
+def _opened(dirpath: bytes) -> Iterator[int]:
     dir_fd = os.open(dirpath, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        cutoffs.adopt(name, dir_fd)
+        yield dir_fd
     finally:
         os.close(dir_fd)
 
 
 def _held(dirpath: bytes, name: bytes) -> bool:
-    dir_fd = os.open(dirpath, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
+    with _opened(dirpath) as dir_fd:
         return temp_in_use(name, dir_fd)
-    finally:
-        os.close(dir_fd)

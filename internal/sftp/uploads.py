@@ -27,6 +27,7 @@ from internal.sftp.quota import QuotaExceeded, Usage
 
 log = logging.getLogger(__name__)
 
+
 class OpenFile:
     """A file opened for reading; counts bytes for the audit trail, not per-block events."""
 
@@ -177,9 +178,7 @@ class Upload(OpenFile):
                 usage.charge(nfiles=1)
                 charged_file = True
             if stem is not None and truncate:     # uploaded whole: no resume needs the data
-                freed = cutoffs.drop(stem, dir_fd)
-                if freed and usage is not None:
-                    usage.adjust(-freed)
+                _drop_kept(stem, dir_fd, usage)
             if existing is not None and not truncate:
                 # Written from a copy that replaces the file at commit: a second such writer
                 # would silently undo the first one's changes, so it is refused while the
@@ -197,9 +196,7 @@ class Upload(OpenFile):
             if kept is not None and stem is not None and existing is not None:
                 copy_file(kept[0], fd, existing.st_size)    # the new file's start, not the old one
                 prefix = existing.st_size
-                freed = cutoffs.drop(stem, dir_fd)
-                if freed and usage is not None:
-                    usage.adjust(-freed)
+                _drop_kept(stem, dir_fd, usage)
             elif held is not None:
                 copy_file(held[0], fd)
             if append:   # only now: copy_file_range refuses an O_APPEND destination
@@ -252,12 +249,16 @@ class Upload(OpenFile):
         except OSError as exc:
             self.failed = exc
             raise
-        if end > self.size:
-            self.size = end
+        self._stored(pos, n)
+        return n
+
+    def _stored(self, pos: int, n: int) -> None:
+        """`n` bytes were written at `pos`: the size, the gapless prefix and the count follow."""
+        end = pos + n
+        self.size = max(self.size, end)
         if pos <= self.prefix < end:
             self.prefix = end
         self.bytes_written += n
-        return n
 
     def copy_job(self, src: OpenFile, src_offset: int, length: int, offset: int
                  ) -> Callable[[], int]:
@@ -294,12 +295,8 @@ class Upload(OpenFile):
         except OSError as exc:
             self.failed = exc
             raise
-        end = pos + n
-        self.size = max(self.size, end)
-        if pos <= self.prefix < end:
-            self.prefix = end
+        self._stored(pos, n)
         src.bytes_read += n
-        self.bytes_written += n
         return n
 
     def truncate(self, size: int) -> None:
@@ -423,6 +420,13 @@ def _hold_original(name: bytes, dir_fd: int) -> tuple[int, tuple[int, int]]:
 def _let_go(held: tuple[int, tuple[int, int]]) -> None:
     _rewriting.discard(held[1])
     os.close(held[0])
+
+
+def _drop_kept(stem: bytes, dir_fd: int, usage: Usage | None) -> None:
+    """Remove an overwrite's kept data, giving its bytes back to the quota."""
+    freed = cutoffs.drop(stem, dir_fd)
+    if freed and usage is not None:
+        usage.adjust(-freed)
 
 
 def _kept_for_resume(stem: bytes | None, dir_fd: int, size: int) -> tuple[int, int] | None:
