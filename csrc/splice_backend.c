@@ -221,8 +221,12 @@ static int pump(struct relay_worker *w, struct relay_session *s, int d, int *err
                 : splice(x->pipe.rfd, NULL, dst, NULL, x->len, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
             if (n > 0) {
                 x->len -= (uint32_t)n;
-                if (x->buf != NULL)
+                if (x->buf != NULL) {
                     x->off += (uint32_t)n;
+                    if (x->len == 0)
+                        drop_spill(w, x); /* at once: with a buffer held, what comes next
+                                             (into a pipe, maybe) would be sent from it */
+                }
                 moved += (uint64_t)n;
             } else if (n < 0 && errno == EINTR) {
                 continue;

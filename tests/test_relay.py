@@ -576,9 +576,10 @@ def test_add_racing_close_loses_no_session(backend: str) -> None:
 
 # Out of descriptors when bytes must wait for a full destination: with no pipe to be had, the
 # splice backend copies through a buffer of the session's own, so the session goes on and
-# every byte arrives, in order. In a child process, as the test lowers its open-files limit.
+# every byte arrives, in order; also when descriptors come back mid-session and the direction
+# takes a pipe again. In a child process, as the test lowers its open-files limit.
 _EMFILE_SCRIPT = """
-import hashlib, json, os, resource, socket, threading, time
+import hashlib, json, os, resource, socket, sys, threading, time
 from edgegw import _relay
 ls = socket.create_server(("127.0.0.1", 0))
 def pair(rcvbuf=0):
@@ -612,6 +613,11 @@ thread = threading.Thread(target=writer)
 thread.start()
 time.sleep(0.5)                      # the destination stays full a while: the rest must wait
 stalled = engine.stats()["buffers_in_use"]
+if sys.argv[1] == "give-back":       # other sessions ended: the next pipe2() succeeds
+    for fd in fill:
+        os.close(fd)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    time.sleep(0.3)                  # past the engine's pipe retry delay
 got, n = hashlib.sha256(), 0
 while chunk := node.recv(1 << 16):
     got.update(chunk)
@@ -632,9 +638,10 @@ print(json.dumps({"stalled": stalled, "intact": got.digest() == sent.digest(), "
 
 
 @pytest.mark.skipif("splice" not in C_BACKENDS, reason="C engine with splice() not available")
-def test_no_descriptor_for_a_pipe_copies_instead() -> None:
-    out = subprocess.run([sys.executable, "-c", _EMFILE_SCRIPT], capture_output=True,
-                         text=True, timeout=60)
+@pytest.mark.parametrize("descriptors", ["kept-out", "give-back"])
+def test_no_descriptor_for_a_pipe_copies_instead(descriptors: str) -> None:
+    out = subprocess.run([sys.executable, "-c", _EMFILE_SCRIPT, descriptors],
+                         capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["stalled"] == 1      # the bytes the full destination refused, in a buffer
