@@ -111,3 +111,26 @@ async def test_the_ledger_is_the_nodes_not_the_users(sshnode: NodeUnderTest) -> 
             with pytest.raises(asyncssh.SFTPNoSuchFile):
                 await attempt
     assert (home / "a.txt").read_text() == "a"
+
+
+async def test_no_link_leads_to_the_ledger(sshnode: NodeUnderTest) -> None:
+    """Neither a link the user makes nor one found on disk reaches the ledger: truncating it
+    through a link would reset the user's figures."""
+    home, key = sshnode.keyed_user("alice", quota_bytes=10 * MiB)
+    async with sshnode.sftp_client("alice", key) as sftp:
+        async with sftp.open("a.bin", "wb") as f:
+            await f.write(b"a" * MiB)
+        ledger = (home / ".edgegw-quota").read_bytes()
+        for target in (".edgegw-quota", "/.edgegw-quota", "sub/../.edgegw-quota"):
+            with pytest.raises(asyncssh.SFTPPermissionDenied, match="node's own files"):
+                await sftp.symlink(target, "q")
+        (home / "planted").symlink_to(".edgegw-quota")     # restored from a backup, say
+        for attempt in (sftp.setstat("planted", asyncssh.SFTPAttrs(size=0)),
+                        sftp.open("planted", "wb"), sftp.open("planted"),
+                        sftp.stat("planted"), sftp.truncate("planted", 0)):
+            with pytest.raises(asyncssh.SFTPNoSuchFile):
+                await attempt
+        assert (home / ".edgegw-quota").read_bytes() == ledger
+        with pytest.raises(asyncssh.SFTPFailure, match="quota exceeded"):
+            async with sftp.open("b.bin", "wb") as f:
+                await f.write(b"b" * (10 * MiB))

@@ -133,6 +133,9 @@ class Jail:
             real = posixpath.join(os.path.realpath(posixpath.dirname(local)), name)
         if not self.inside(real):
             raise AccessDenied("permission denied: the path leads outside your home directory")
+        if is_node_name(posixpath.basename(real)):
+            # a symlink to the quota ledger or a temporary: the node's files stay the node's
+            raise FileNotFoundError(errno.ENOENT, "no such file")
         if self.names_directory(path):
             _require_directory(real, follow)
         return real
@@ -148,9 +151,13 @@ class Jail:
             dest = self.local(target)
         else:
             dest = posixpath.normpath(posixpath.join(link_dir, target))
-        if not self.inside(dest) or not self.inside(os.path.realpath(dest)):
+        real = os.path.realpath(dest)
+        if not self.inside(dest) or not self.inside(real):
             raise AccessDenied("permission denied: a link may only point inside your home "
                                "directory")
+        if is_node_name(posixpath.basename(dest)) or is_node_name(posixpath.basename(real)):
+            raise AccessDenied("permission denied: a link may not point to the node's own "
+                               "files")
         return posixpath.relpath(dest, link_dir)
 
     # -- descriptors -----------------------------------------------------------------------
