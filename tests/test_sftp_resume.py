@@ -238,3 +238,29 @@ async def test_kept_data_that_expires_leaves_the_quota(sshnode: NodeUnderTest) -
         await asyncio.to_thread(sshnode.service._sweep)      # the node's periodic sweep
         assert not kept.exists()
         assert ledger(home) == scan_home(home)[0] == MiB
+
+
+async def test_a_failed_resume_keeps_what_it_resumed_from(sshnode: NodeUnderTest) -> None:
+    """An overwrite cut off, then a resume that fails (here: over quota) and is closed: the
+    data kept for resuming stays, so the next resume still gives the new file, not the new
+    file's tail on the old file's head."""
+    K = 1024
+    home, key = sshnode.keyed_user("alice", quota_bytes=550 * K)
+    old, new = os.urandom(300 * K), os.urandom(400 * K)
+    (home / "f.bin").write_bytes(old)
+    (home / "other.bin").write_bytes(os.urandom(200 * K))
+    stem = cutoffs.stem(b"f.bin", os.lstat(home / "f.bin"))
+    (home / cutoffs.kept_name(stem).decode()).write_bytes(new[:300 * K])   # a cut-off's
+    resume = asyncssh.FXF_WRITE | asyncssh.FXF_CREAT       # OpenSSH's reput: no truncation
+    async with sshnode.sftp_client("alice", key) as sftp:
+        with pytest.raises(asyncssh.SFTPFailure, match="quota exceeded"):
+            async with sftp.open("f.bin", resume, encoding=None) as f:    # and its close
+                await f.write(new[300 * K:] + b"x" * (300 * K), 300 * K)
+        assert (home / "f.bin").read_bytes() == old
+        assert list(temps(home).values()) == [300 * K]
+        await sftp.remove("other.bin")                     # room again
+        async with sftp.open("f.bin", resume, encoding=None) as f:
+            await f.write(new[300 * K:], 300 * K)
+    assert (home / "f.bin").read_bytes() == new
+    assert temps(home) == {}
+    assert ledger(home) == scan_home(home)[0] == len(new)

@@ -397,3 +397,29 @@ async def test_rmdir_of_a_directory_that_lists_as_empty(sshnode: NodeUnderTest) 
             await sftp.rmdir("full")
     assert not (home / "crashed").exists()
     assert (home / "full" / "kept.txt").read_text() == "kept"
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_a_durable_commit_syncs_the_data_and_then_the_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exists: bool) -> None:
+    """Without the directory's fsync after the rename a power cut may bring back the old file
+    (or nothing) after the client was told its upload was stored."""
+    from internal.sftp.paths import Jail
+    from internal.sftp.uploads import Upload
+    if exists:
+        (tmp_path / "f.bin").write_bytes(b"old")
+    jail = Jail(tmp_path)
+    upload = Upload.start(jail, jail.resolve(b"f.bin"), b"/f.bin", truncate=True,
+                          append=False, exclusive=False, create=True, perms=0o644, usage=None)
+    upload.write(0, b"new data")
+    synced: list[tuple[str, bool]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        is_dir = os.path.isdir(f"/proc/self/fd/{fd}")
+        synced.append(("dir" if is_dir else "file", (tmp_path / "f.bin").exists()
+                       and (tmp_path / "f.bin").read_bytes() == b"new data"))
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    upload.commit(durable=True)
+    assert synced == [("file", False), ("dir", True)]

@@ -312,8 +312,11 @@ class Upload(OpenFile):
                 os.fsync(self.fd)
             self._settle_in_place()
             return
+        # A failed overwrite keeps what it has for a resume, as a cut-off one does: its data
+        # may have started from kept data, and a resume without it would splice the new
+        # file's tail onto the old file's head.
         if self.failed is not None:
-            self.abort()
+            self.abort(keep=True, durable=durable)
             raise self.failed
         try:
             if durable:
@@ -321,8 +324,14 @@ class Upload(OpenFile):
             final_size = os.fstat(self.fd).st_size
             replaced = self._replace()
         except BaseException:
-            self.abort()
+            self.abort(keep=True, durable=durable)
             raise
+        if durable:     # the new name too: else a power cut may bring back the old file
+            try:
+                os.fsync(self.dir_fd)
+            except OSError as exc:
+                log.error("cannot sync the directory of %r after storing it: %s",
+                          self.client_path, exc)
         if self.usage is not None:
             replaced_size = replaced.st_size if replaced is not None else 0
             self.usage.adjust(final_size - replaced_size - (self.high - self.credit),
@@ -344,8 +353,8 @@ class Upload(OpenFile):
 
     def abort(self, *, keep: bool = False, durable: bool = False) -> None:
         """Drop the temporary and give back what it was charged; the final name is untouched.
-        `keep` (the client left without closing): an overwrite keeps the new data it holds up
-        to the old file's size, for a resume (internal.sftp.cutoffs)."""
+        `keep` (the client left without closing, or the upload failed): an overwrite keeps the
+        new data it holds up to the old file's size, for a resume (internal.sftp.cutoffs)."""
         if self.dir_fd < 0:
             return
         if self.in_place:           # what was written stays, to be resumed
