@@ -423,3 +423,33 @@ def test_a_durable_commit_syncs_the_data_and_then_the_name(
     monkeypatch.setattr(os, "fsync", fsync)
     upload.commit(durable=True)
     assert synced == [("file", False), ("dir", True)]
+
+
+async def test_a_left_handle_that_fails_to_close_does_not_stop_the_cleanup(
+        sshnode: NodeUnderTest, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Handles a client leaves open are closed when its channel ends; one that fails (here:
+    a.bin's abort, say the disk failing) is logged and the others are still closed."""
+    from internal.sftp.uploads import Upload
+    home, key = sshnode.keyed_user("alice")
+    abort = Upload.abort
+
+    def failing_abort(self: Upload, **kw: bool) -> None:
+        if self.client_path == b"/a.bin":
+            raise OSError(errno.EIO, "Input/output error")
+        abort(self, **kw)
+    monkeypatch.setattr(Upload, "abort", failing_abort)
+    async with asyncssh.connect("127.0.0.1", sshnode.port, username="alice",
+                                client_keys=[str(key)], known_hosts=None) as conn:
+        sftp = await conn.start_sftp_client()
+        for name in ("a.bin", "b.bin"):
+            f = await sftp.open(name, "wb")
+            await f.write(b"x" * 100_000)
+        conn.abort()
+    await sshnode.wait_idle()
+    deadline = time.monotonic() + 5
+    while sum(is_temp_name(os.fsencode(os.path.basename(n))) for n in tree(home)) > 1:
+        assert time.monotonic() < deadline, tree(home)
+        await asyncio.sleep(0.02)
+    assert "closing /a.bin after the session ended failed" in caplog.text
+    assert not (home / "a.bin").exists() and not (home / "b.bin").exists()

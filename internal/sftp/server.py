@@ -223,7 +223,20 @@ class NodeSFTPServer(asyncssh.SFTPServer):
         # writes were all taken before it (requests are handled in order).
         aborted = _closed_by_cleanup(sys._getframe(1))
         self._drop_handle()     # asyncssh forgets the handle whatever the close's outcome
+        if aborted:
+            return self._close_left(file_obj)
         return self._close(file_obj, aborted)
+
+    async def _close_left(self, handle: OpenFile) -> None:
+        """A handle the client left open when its channel ended. A failure is logged, not
+        raised: asyncssh's cleanup would stop at it, leaving the other handles (descriptors,
+        temporaries, quota shares) and the session's end to nobody."""
+        try:
+            await self._close(handle, True)
+        except Exception as exc:
+            log.error("user=%s client=%s: closing %s after the session ended failed: %s",
+                      self._username, self._session.ctx.client_ip,
+                      printable(os.fsdecode(handle.client_path)), exc)
 
     @sftp_op
     async def _close(self, handle: OpenFile, aborted: bool) -> None:

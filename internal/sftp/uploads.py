@@ -332,12 +332,14 @@ class Upload(OpenFile):
             except OSError as exc:
                 log.error("cannot sync the directory of %r after storing it: %s",
                           self.client_path, exc)
-        if self.usage is not None:
-            replaced_size = replaced.st_size if replaced is not None else 0
-            self.usage.adjust(final_size - replaced_size - (self.high - self.credit),
-                              int(replaced is None) - int(self.new_file))
-            self.usage.settle()
-        self._release()
+        try:
+            if self.usage is not None:
+                replaced_size = replaced.st_size if replaced is not None else 0
+                self.usage.adjust(final_size - replaced_size - (self.high - self.credit),
+                                  int(replaced is None) - int(self.new_file))
+                self.usage.settle()
+        finally:    # a ledger that cannot be written must not cost the descriptors too
+            self._release()
 
     def _replace(self) -> os.stat_result | None:
         d = self.dir_fd
@@ -372,18 +374,23 @@ class Upload(OpenFile):
                 temps.unlink_quietly(self.temp, self.dir_fd)
         else:
             temps.unlink_quietly(self.temp, self.dir_fd)
-        if self.usage is not None:
-            self.usage.adjust(kept - replaced - (self.high - self.credit), -int(self.new_file))
-            self.usage.settle()
-        self._release()
+        try:
+            if self.usage is not None:
+                self.usage.adjust(kept - replaced - (self.high - self.credit),
+                                  -int(self.new_file))
+                self.usage.settle()
+        finally:
+            self._release()
 
     def _settle_in_place(self) -> None:
         """The quota of a file written in place: it holds what it holds, in place of what it
         held (`credit`); the file itself was counted when it was created."""
-        if self.usage is not None:
-            self.usage.adjust(os.fstat(self.fd).st_size - self.high)
-            self.usage.settle()
-        self._release()
+        try:
+            if self.usage is not None:
+                self.usage.adjust(os.fstat(self.fd).st_size - self.high)
+                self.usage.settle()
+        finally:
+            self._release()
 
     def _release(self) -> None:
         if self.original is not None:
