@@ -163,3 +163,21 @@ async def test_listing_skips_entries_that_vanish(sshnode: NodeUnderTest,
         names = await sftp.listdir("many")
     assert not armed[0], "the listing did not go through os.scandir(fd)"
     assert sorted(names) == sorted({".", ".."} | {f"f{i:02d}" for i in range(1, 20, 2)})
+
+
+async def test_a_plain_rename_never_replaces_a_file_that_appears_late(
+        sshnode: NodeUnderTest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SFTP's RENAME must not replace its target. Another session's upload can land on the
+    target between the node's check and the rename: the rename itself refuses to replace
+    (here the check is made to see nothing, as it would just before such an upload)."""
+    import internal.sftp.server as server
+    home, key = sshnode.keyed_user("alice")
+    (home / "a.txt").write_text("a")
+    (home / "b.txt").write_text("uploaded meanwhile")
+    monkeypatch.setattr(server, "lstat_at", lambda name, dir_fd: None)
+    async with sshnode.sftp_client("alice", key) as sftp:
+        with pytest.raises(asyncssh.SFTPFailure):
+            await sftp.rename("a.txt", "b.txt")
+        await sftp.rename("a.txt", "c.txt")
+    assert (home / "b.txt").read_text() == "uploaded meanwhile"
+    assert (home / "c.txt").read_text() == "a"

@@ -32,6 +32,7 @@ from internal.sftp.errors import (REFUSALS, TooManyHandles, check_range, printab
                                   sftp_error, sftp_op)
 from internal.sftp.paths import DIR_FLAGS, AccessDenied, Jail, is_node_name, lstat_at
 from internal.sftp.quota import Usage
+from internal.sftp.renameat import rename_noreplace
 from internal.sftp.temps import clear_leftovers
 from internal.sftp.uploads import OpenFile, Upload, apply_attrs
 from internal.session import SessionContext
@@ -480,7 +481,10 @@ class NodeSFTPServer(asyncssh.SFTPServer):
                 self._need(Perm.OVERWRITE, "overwrite files")
                 if stat.S_ISDIR(target.st_mode):   # an empty one: renaming over removes it
                     self._need(Perm.RMDIR, "remove directories")
-            os.rename(old_name, new_name, src_dir_fd=old_fd, dst_dir_fd=new_fd)
+            if moves and not replace:   # the target may appear after the check above
+                rename_noreplace(old_name, new_name, src_dir_fd=old_fd, dst_dir_fd=new_fd)
+            else:
+                os.rename(old_name, new_name, src_dir_fd=old_fd, dst_dir_fd=new_fd)
             kept = _drop_kept(old_fd, old_name, source) if moves else 0
             if target is not None:
                 kept += _drop_kept(new_fd, new_name, target)
