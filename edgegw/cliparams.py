@@ -90,8 +90,9 @@ def metrics_options(what: str) -> Callable[[F], F]:
                               "authenticate scrapers with --metrics-client-ca. Default: not "
                               "served."),
             click.option("--metrics-allow", multiple=True, metavar="CIDR", callback=networks,
-                         help="Answer scrapes from these addresses only (repeatable); others "
-                              "get 403. Default: any that can connect."),
+                         help="Answer scrapes from these addresses only (repeatable); "
+                              "others' connections are closed at accept. Default: any that "
+                              "can connect."),
             click.option("--metrics-cert", default=None, metavar="PEM",
                          type=click.Path(dir_okay=False, path_type=Path),
                          help="Serve the metrics over HTTPS (https://HOST:PORT/metrics) "

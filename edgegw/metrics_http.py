@@ -3,16 +3,19 @@
 A scrape endpoint needs no more than this, and the gateway lives in a DMZ: no web framework,
 no keep-alive, no request body. The request head is capped and must arrive in time; anything
 else gets a plain status line (400, 404, 405, 408, 431) and a closed connection, and a log line.
-Given networks to allow, it answers a request from anywhere else 403; given a certificate,
-it speaks HTTPS only (and given a client CA, to scrapers with a certificate from it), and a
+Given networks to allow, it closes a connection from anywhere else at accept, before TLS and
+before it takes a scrape slot (said in a log line at most every 10 s); given a certificate, it
+speaks HTTPS only (and given a client CA, to scrapers with a certificate from it), and a
 failed handshake is a log line and a closed connection.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +32,7 @@ log = logging.getLogger("edgegw.metrics")
 MAX_HEAD = 8192          # request line and headers
 HEAD_TIMEOUT = 5.0       # seconds to send them
 MAX_CONNECTIONS = 16     # scrapes at once; more are closed at accept
+REFUSED_LOG_EVERY = 10.0  # seconds between log lines about sources off --metrics-allow
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,8 @@ class MetricsServer:
         self._lsock: socket.socket | None = None
         self._acceptor: Acceptor | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._refused = 0                       # refused connections not yet logged
+        self._refused_logged = -math.inf        # when the last refusal was logged
 
     @property
     def address(self) -> tuple[str, int]:
@@ -105,6 +111,11 @@ class MetricsServer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _accepted(self, sock: socket.socket, addr: tuple) -> None:
+        # Before TLS and before a slot: a source off the list must not hold scrape slots.
+        if not self._allowed(addr[0]):
+            sock.close()
+            self._refused_log(addr[0])
+            return
         if len(self._tasks) >= MAX_CONNECTIONS:
             log.warning("metrics: connection from %s dropped: %d scrapes already open",
                         addr[0], len(self._tasks))
@@ -157,8 +168,6 @@ class MetricsServer:
             return _bad(ip, "431 Request Header Fields Too Large", "request head too large")
         except asyncio.IncompleteReadError:
             return _bad(ip, "400 Bad Request", "connection closed inside the request head")
-        if not self._allowed(ip):   # read first: closing on unread bytes would reset the reply
-            return _bad(ip, "403 Forbidden", "address not in --metrics-allow", logging.WARNING)
         parts = head.split(b"\r\n", 1)[0].split(b" ")
         if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
             return _bad(ip, "400 Bad Request", f"not an HTTP/1 request line: {parts[:3]!r:.80}")
@@ -168,6 +177,19 @@ class MetricsServer:
         if target != b"/metrics":
             return _bad(ip, "404 Not Found", f"path {target[:80]!r}")
         return "200 OK", generate_latest(self.registry), method == b"HEAD"
+
+    def _refused_log(self, ip: str) -> None:
+        """One line per REFUSED_LOG_EVERY seconds, with the count since: a flood of
+        refused connections must not become a flood of log lines."""
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged < REFUSED_LOG_EVERY:
+            return
+        more = f" (and {self._refused - 1} more since the last such line)" \
+            if self._refused > 1 else ""
+        log.warning("metrics: connection from %s closed: address not in --metrics-allow%s",
+                    ip, more)
+        self._refused_logged, self._refused = now, 0
 
     def _allowed(self, ip: str) -> bool:
         if not self.endpoint.allow:

@@ -6,6 +6,7 @@ itself is the sans-IO `edgegw.pnc.Connection`; this module only moves its bytes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import socket
@@ -14,7 +15,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from edgegw.gateway.peers import Peer
-from edgegw.pnc import Connection, RemoteProtocolError, Role
+from edgegw.pnc import MAX_TEXT, Connection, LocalProtocolError, RemoteProtocolError, Role
 from edgegw.pnc.events import (
     PROTOCOL_VERSION, Accept, Ban, Closed, Event, GatewayHello, Goodbye, Load, NodeHello, Ping,
     Pong, Reject, Unban,
@@ -34,6 +35,23 @@ READ_SIZE = 65536
 # meanwhile goes out at once, after them (frames stay in order).
 REPORT_DELAY = 0.05
 
+# A node id shown in a reason is cut to this many characters of its repr: it is the peer's.
+SHOWN_ID = 80
+
+
+def fit_reason(reason: str) -> str:
+    """`reason` cut to the PNC's text cap (UTF-8 bytes, on a character boundary), so that a
+    long id or address in it cannot make the frame unsendable."""
+    raw = reason.encode("utf-8")
+    if len(raw) <= MAX_TEXT:
+        return reason
+    return raw[:MAX_TEXT - 3].decode("utf-8", "ignore") + "..."
+
+
+def _show_id(node_id: str) -> str:
+    text = repr(node_id)
+    return text if len(text) <= SHOWN_ID else text[:SHOWN_ID - 3] + "..."
+
 
 class NodeLink:
     def __init__(self, gw: "Gateway", sock: socket.socket, addr: tuple) -> None:
@@ -51,6 +69,9 @@ class NodeLink:
     def send(self, event: Event) -> None:
         if self.writer is None or self.writer.is_closing():
             return
+        if isinstance(event, (Goodbye, Closed)):   # reasons may quote what the peer sent
+            if (reason := fit_reason(event.reason)) is not event.reason:
+                event = dataclasses.replace(event, reason=reason)
         data = self.conn.send(event)
         if isinstance(event, Closed):
             self._reports.append(data)
@@ -113,9 +134,9 @@ class NodeLink:
                 # killed supervisor) would split one node's sessions, leases and metrics; a
                 # node that restarted before its old link timed out is let in once it has.
                 log.warning("pnc peer %s refused: node id %s is already attached from %s",
-                            self.addr, hello.node_id, other.address)
-                self.send(Goodbye(f"node id {hello.node_id} is already attached to gateway "
-                                  f"{cfg.gateway_id}"))
+                            self.addr, _show_id(hello.node_id), other.address)
+                self.send(Goodbye(f"node id {_show_id(hello.node_id)} is already attached to "
+                                  f"gateway {cfg.gateway_id}"))
                 return
             self.peer = Peer(hello.node_id, self.addr, self.send, pool_key,
                              capacity=hello.capacity, weight=max(1, hello.weight),
@@ -131,6 +152,8 @@ class NodeLink:
                 heartbeat.cancel()
         except RemoteProtocolError as exc:
             log.warning("pnc peer %s: protocol error: %s; closing", self.addr, exc)
+        except LocalProtocolError as exc:   # our bug: one line, not a traceback per link
+            log.error("pnc peer %s: cannot send to it (%s); closing", self.addr, exc)
         except asyncio.TimeoutError:
             log.warning("pnc peer %s: no hello in time; closing", self.addr)
         except (ConnectionError, OSError, ssl.SSLError) as exc:
@@ -154,7 +177,8 @@ class NodeLink:
         while True:
             data = await reader.read(READ_SIZE)
             if not data:
-                log.info("node %s closed the pnc", self.peer.describe() if self.peer else self.addr)
+                log.info("node %s closed the pnc",
+                         self.peer.describe() if self.peer else self.addr)
                 return
             for event in self.conn.receive_data(data):
                 if self._handle(event):
