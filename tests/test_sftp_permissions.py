@@ -1,6 +1,10 @@
 """Per-user permissions: each SFTP operation needs its permission, and says so when refused."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import asyncssh
@@ -86,3 +90,45 @@ async def test_renaming_over_an_empty_directory_removes_it(sshnode: NodeUnderTes
         with pytest.raises(asyncssh.SFTPPermissionDenied, match="may not remove directories"):
             await sftp.posix_rename("new", "old")
     assert (home / "new").is_dir() and (home / "old").is_dir()
+
+
+_MODE_BACK_SCRIPT = """
+import os, sys
+from asyncssh import SFTPAttrs
+from internal.sftp.paths import PATH_FLAGS, Jail
+from internal.sftp.uploads import apply_attrs
+os.setgid(65534)
+os.setuid(65534)                     # no CAP_DAC_OVERRIDE now, as a node run without root
+jail = Jail(sys.argv[1])
+for name in (b"f", b"d"):
+    fd = jail.open(jail.resolve(name), PATH_FLAGS)
+    try:
+        apply_attrs(fd, SFTPAttrs(permissions=0o750, mtime=1_000_000_000), lambda size: None)
+    finally:
+        os.close(fd)
+    st = os.stat(os.path.join(jail.root, name))
+    print(name.decode(), oct(st.st_mode & 0o777), st.st_mtime)
+"""
+
+
+def test_a_mode_000_can_be_changed_back_without_root() -> None:
+    """chmod needs no access to the content: a user who set mode 000 on a file or directory
+    gets it back where the node runs as an ordinary account (here, nobody)."""
+    with tempfile.TemporaryDirectory() as top:      # pytest's own tmp is root's only
+        os.chmod(top, 0o755)
+        _mode_back(Path(top) / "home")
+
+
+def _mode_back(home: Path) -> None:
+    home.mkdir()
+    (home / "f").write_text("x")
+    (home / "d").mkdir()
+    for p in (home, home / "f", home / "d"):
+        os.chown(p, 65534, 65534)
+    (home / "f").chmod(0)
+    (home / "d").chmod(0)
+    out = subprocess.run([sys.executable, "-c", _MODE_BACK_SCRIPT, str(home)],
+                         capture_output=True, text=True, timeout=30,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["f 0o750 1000000000.0", "d 0o750 1000000000.0"]

@@ -30,7 +30,7 @@ _HAVE_PROC = os.path.isdir("/proc/self/fd")
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_PATH needs no read permission and opens FIFOs and devices without side effects; Linux-only,
 # like the /proc check, so elsewhere fall back to a non-blocking read-only open.
-_PATH_FLAGS = getattr(os, "O_PATH", os.O_RDONLY | os.O_NONBLOCK)
+PATH_FLAGS = getattr(os, "O_PATH", os.O_RDONLY | os.O_NONBLOCK)
 
 
 class AccessDenied(PermissionError):
@@ -187,7 +187,7 @@ class Jail:
     def open_path(self, path: bytes, *, follow: bool = True) -> int:
         """A verified O_PATH descriptor of what a client path names, for calls that only look
         (fstat, fstatvfs). With `follow=False` it is the last component itself."""
-        fd = self.open(self.resolve(path, follow=follow), _PATH_FLAGS)
+        fd = self.open(self.resolve(path, follow=follow), PATH_FLAGS)
         if follow and stat.S_ISLNK(os.fstat(fd).st_mode):
             # resolve() saw no link there; one was swapped in since, and O_NOFOLLOW caught it
             os.close(fd)

@@ -30,7 +30,8 @@ from asyncssh.constants import FXF_APPEND, FXF_CREAT, FXF_EXCL, FXF_READ, FXF_TR
 from internal.sftp import cutoffs
 from internal.sftp.errors import (REFUSALS, TooManyHandles, check_range, printable,
                                   sftp_error, sftp_op)
-from internal.sftp.paths import DIR_FLAGS, AccessDenied, Jail, is_node_name, lstat_at
+from internal.sftp.paths import (DIR_FLAGS, PATH_FLAGS, AccessDenied, Jail, is_node_name,
+                                 lstat_at)
 from internal.sftp.quota import Usage
 from internal.sftp.renameat import rename_noreplace
 from internal.sftp.temps import clear_leftovers
@@ -314,9 +315,13 @@ class NodeSFTPServer(asyncssh.SFTPServer):
             # a new size rewrites the file's content (truncating it wipes it): an overwrite
             self._need(Perm.OVERWRITE, "overwrite files")
         real = self._jail.resolve(path, follow=follow)
-        flags = os.O_WRONLY if attrs.size is not None else os.O_RDONLY | os.O_NONBLOCK
+        # mode and times need no access to the content: an O_PATH descriptor (a user may put
+        # a file of mode 000 back to 644 when the node runs without root)
+        flags = os.O_WRONLY if attrs.size is not None else PATH_FLAGS
         fd = self._jail.open(real, flags)
         try:
+            if stat.S_ISLNK(os.fstat(fd).st_mode):  # O_PATH opens a link itself; not its mode
+                raise OSError(errno.ELOOP, "a symbolic link's own attributes cannot be set")
             apply_attrs(fd, attrs, functools.partial(self._resize_fd, fd))
         finally:
             os.close(fd)

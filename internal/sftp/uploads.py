@@ -16,7 +16,7 @@ import fcntl
 import logging
 import os
 import stat
-from typing import Callable
+from typing import Any, Callable
 
 from asyncssh import SFTPAttrs, SFTPInvalidParameter
 
@@ -473,12 +473,26 @@ def apply_attrs(fd: int, attrs: SFTPAttrs, resize: Callable[[int], None]) -> Non
     if attrs.size is not None:
         resize(attrs.size)
     if attrs.permissions is not None:
-        os.fchmod(fd, attrs.permissions & 0o777)
+        _by_fd(os.fchmod, os.chmod, fd, attrs.permissions & 0o777)
     atime, mtime = _ns(attrs.atime, attrs.atime_ns), _ns(attrs.mtime, attrs.mtime_ns)
     if atime is not None or mtime is not None:
         st = os.fstat(fd)
-        os.utime(fd, ns=(st.st_atime_ns if atime is None else atime,
-                         st.st_mtime_ns if mtime is None else mtime))
+        times = (st.st_atime_ns if atime is None else atime,
+                 st.st_mtime_ns if mtime is None else mtime)
+        _by_fd(lambda f, t: os.utime(f, ns=t), lambda p, t: os.utime(p, ns=t), fd, times)
+
+
+def _by_fd(on_fd: Callable[[int, Any], None], on_path: Callable[[bytes, Any], None],
+           fd: int, arg: Any) -> None:
+    """fchmod/futimens on `fd`; an O_PATH descriptor (a SETSTAT of mode or times, which
+    needs no read access: a file of mode 000 must be able to get its mode back) refuses them
+    with EBADF, so the call goes through its /proc name, which is that very file."""
+    try:
+        on_fd(fd, arg)
+    except OSError as exc:
+        if exc.errno != errno.EBADF:
+            raise
+        on_path(b"/proc/self/fd/%d" % fd, arg)
 
 
 def _ns(sec: int | None, ns: int | None) -> int | None:
