@@ -1,6 +1,7 @@
 """Addresses as operators write them: HOST:PORT, [IPv6]:PORT, CIDR lists."""
 from __future__ import annotations
 
+import codecs
 import ipaddress
 from dataclasses import dataclass
 
@@ -31,13 +32,28 @@ def parse_hostport(text: str, *, default_host: str = "") -> HostPort:
     host = host or default_host
     if not host:
         raise ValueError(f"{text!r}: missing host")
+    _check_host(text, host)
+    # int() alone takes '+22', ' 22', '1_0' and non-ASCII digits such as '２２'
+    if not (port_text.isascii() and port_text.isdigit()):
+        raise ValueError(f"{text!r}: port {port_text!r} is not a number")
+    if len(port_text.lstrip("0")) > 5 or int(port_text) > 65535:
+        raise ValueError(f"{text!r}: port {port_text} is out of range 0-65535")
+    return HostPort(host, int(port_text))
+
+
+def _check_host(text: str, host: str) -> None:
+    """A name the resolver can take: getaddrinfo encodes it with the 'idna' codec and raises
+    UnicodeError (not OSError) for an empty label, one over 63 characters or a bad character,
+    which would surface as a traceback or end a redial loop."""
     try:
-        port = int(port_text)
+        ipaddress.ip_address(host)
+        return
     except ValueError:
-        raise ValueError(f"{text!r}: port {port_text!r} is not a number") from None
-    if not 0 <= port <= 65535:
-        raise ValueError(f"{text!r}: port {port} is out of range 0-65535")
-    return HostPort(host, port)
+        pass
+    try:  # the codec itself: str.encode wraps its reason in "encoding with ... failed (...)"
+        codecs.lookup("idna").encode(host)
+    except UnicodeError as exc:
+        raise ValueError(f"{text!r}: {host!r} is not a valid host name ({exc})") from None
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network

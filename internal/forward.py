@@ -98,7 +98,8 @@ class ForwardService:
                     build = proxyproto.build_v2 if self.proxy_protocol == "v2" else proxyproto.build_v1
                     dst = upstream.getpeername()[:2]
                     await loop.sock_sendall(upstream, build((ctx.client_ip, ctx.client_port), dst))
-            except (OSError, asyncio.TimeoutError) as exc:
+            # UnicodeError: a target name the resolver's idna codec refuses (not an OSError)
+            except (OSError, UnicodeError, asyncio.TimeoutError) as exc:
                 if upstream is not None:
                     upstream.close()
                 log.warning("session %s: client %s:%d: cannot reach %s: %s", ctx.session_id,

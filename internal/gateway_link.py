@@ -96,7 +96,9 @@ class GatewayLink:
                 log.warning("gateway %s: TLS failed: %s", self.target, exc)
             except RemoteProtocolError as exc:
                 log.warning("gateway %s: protocol error: %s", self.target, exc)
-            except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+            # UnicodeError: a name the resolver's idna codec refuses (it is not an OSError);
+            # logged and redialed like any other failure rather than ending the task
+            except (OSError, UnicodeError, asyncio.TimeoutError, ConnectionError) as exc:
                 log.log(logging.INFO if attempt else logging.WARNING,
                         "gateway %s: %s", self.target, exc or type(exc).__name__)
             if self._stopping:

@@ -1,13 +1,21 @@
 """Bad command lines and config get one clear line and a non-zero exit, never a traceback."""
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import socket
+import ssl
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from edgegw.netaddr import HostPort, parse_hostport
+from edgegw.pnc.events import Closed, NodeHello, Offer
+from internal.forward import ForwardService
+from internal.gateway_link import GatewayLink
+from internal.session import SessionContext
 from tests.procs import edgegw_cmd
 
 
@@ -31,6 +39,7 @@ def test_gateway_bad_inputs(tmp_path: Path, node_home: Path) -> None:
         (_serve(key_file), "contains a private key"),
         (_serve(trust, external="nohostport"), "expected HOST:PORT"),
         (_serve(trust, external="127.0.0.1:99999"), "out of range"),
+        (_serve(trust, external="a..b:22"), "'a..b' is not a valid host name"),
         (_serve(trust, external=f"127.0.0.1:{busy.getsockname()[1]}"), "cannot listen on"),
         ([*_serve(trust), "--proxy-protocol-from", "10.0.0.0/33"], "not an IP address"),
         ([*_serve(trust), "--metrics", "127.0.0.1:0", "--metrics-allow", "x"],
@@ -80,6 +89,15 @@ def test_gateway_bad_inputs(tmp_path: Path, node_home: Path) -> None:
     (["internal", "drain", "--home", "/nonexistent/home"], "not an edgegw node home"),
     (["internal", "serve", "--gateway", "127.0.0.1:1", "--drain-timeout", "nan"],
      "'nan' is not a number of seconds"),
+    # a name getaddrinfo's idna codec refuses: a traceback (--listen), a dead link (--gateway)
+    (["internal", "serve", "--home", "/nonexistent/home", "--listen", "a..b:0"],
+     "Invalid value for '--listen': 'a..b:0': 'a..b' is not a valid host name"),
+    (["internal", "serve", "--home", "/nonexistent/home", "--gateway", "a..b:1"],
+     "Invalid value for '--gateway': 'a..b:1': 'a..b' is not a valid host name"),
+    (["internal", "serve", "--home", "/nonexistent/home", "--forward", f"{'x' * 64}.example:22"],
+     "Invalid value for '--forward'"),
+    (["internal", "serve", "--home", "/nonexistent/home", "--gateway", "gw.example:+22"],
+     "port '+22' is not a number"),
 ])
 def test_node_bad_inputs(args: list[str], message: str) -> None:
     res = _run(*args, env={k: v for k, v in os.environ.items() if k != "EDGEGW_HOME"})
@@ -108,3 +126,76 @@ def test_node_serve_needs_a_gateway_or_listen(node_home: Path) -> None:
     corrupt.write_text("{not json")
     res = _run("internal", "serve", "--home", str(node_home), "--gateway", "127.0.0.1:1")
     assert res.returncode != 0 and "cannot read" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("text,message", [
+    ("a..b:1", "'a..b' is not a valid host name (label empty or too long)"),
+    (f"{'x' * 64}.example:1", "is not a valid host name"),
+    (".:1", "is not a valid host name"),
+    ("gw\udcff.example:1", "is not a valid host name"),      # a byte argv could not decode
+    ("gw.example:+22", "port '+22' is not a number"),
+    ("gw.example: 22", "port ' 22' is not a number"),
+    ("gw.example:1_0", "port '1_0' is not a number"),
+    ("gw.example:\uff12\uff12", "is not a number"),          # fullwidth digits: int() takes them
+    ("gw.example:-1", "is not a number"),
+    ("gw.example:65536", "out of range 0-65535"),
+    ("gw.example:" + "9" * 5000, "out of range 0-65535"),   # int() itself refuses 5000 digits
+])
+def test_parse_hostport_refuses_what_the_resolver_or_int_would_mangle(text: str,
+                                                                     message: str) -> None:
+    with pytest.raises(ValueError) as exc:
+        parse_hostport(text)
+    assert message in str(exc.value)
+
+
+def test_parse_hostport_takes_names_addresses_and_ascii_ports() -> None:
+    assert parse_hostport("b\u00fccher.example:22") == HostPort("b\u00fccher.example", 22)
+    assert parse_hostport("gw.example.:0022") == HostPort("gw.example.", 22)
+    assert parse_hostport("[fe80::1%eth0]:65535") == HostPort("fe80::1%eth0", 65535)
+    assert parse_hostport(":0", default_host="0.0.0.0") == HostPort("0.0.0.0", 0)
+
+
+class _Owner:
+    node_id = "n1"
+
+    def hello(self) -> NodeHello:
+        raise AssertionError("never connected")
+
+    def on_attached(self, link: GatewayLink) -> None: ...
+    def on_detached(self, link: GatewayLink) -> None: ...
+    def on_offer(self, link: GatewayLink, offer: Offer) -> None: ...
+    def on_closed(self, link: GatewayLink, closed: Closed) -> None: ...
+
+
+async def test_gateway_link_redials_a_name_the_resolver_refuses(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """UnicodeError (from the idna codec) is no OSError: it ended the link task silently."""
+    link = GatewayLink(_Owner(), HostPort("a..b", 1), ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER),
+                       backoff_base=0.01, backoff_max=0.02)
+    task = asyncio.create_task(link.run_forever())
+    try:
+        with caplog.at_level(logging.INFO, logger="edgegw.node.pnc"):
+            await asyncio.sleep(0.5)
+        assert not task.done(), task
+        dials = [r for r in caplog.records if "label empty or too long" in r.getMessage()]
+        assert len(dials) >= 2 and dials[0].levelno == logging.WARNING, caplog.text
+    finally:
+        await link.stop()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_forward_to_a_name_the_resolver_refuses_is_unreachable() -> None:
+    class Relay:
+        def start(self, done: object) -> None: ...
+        async def close(self) -> None: ...
+
+    service = ForwardService(HostPort("a..b", 22), relay=Relay())  # type: ignore[arg-type]
+    a, b = socket.socketpair()
+    try:
+        result = await service.serve_socket(a, SessionContext("0" * 16, "192.0.2.1", 4000, "g"))
+    finally:
+        a.close()
+        b.close()
+        await service.close()
+    assert result.reason == "upstream unreachable" and service.active == 0

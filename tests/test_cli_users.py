@@ -1,6 +1,7 @@
 """The admin CLI: users, bans and the audit trail, through the real command line."""
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -13,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgegw.cli import main
+from internal.cli.parse import MIN_TIME
 from internal.home import NodeHome
 from internal.passwords import verify_password
 from internal.store import Perm, StoreError, open_store
@@ -164,7 +166,11 @@ def test_largest_values_are_stored_and_shown(home):
     assert (bob.quota_bytes, bob.quota_files, bob.max_sessions) == ((1 << 63) - 1,) * 2 + (
         (1 << 31) - 1,)
     assert "9999-12-31T23:59:59Z" in cli(home, "user", "list").output
-    cli(home, "user", "set", "bob", "--expires", "0001-01-01")
+    s = open_store(NodeHome.load(home).db_url)    # --expires refuses the past: store it directly
+    try:
+        s.update_user(dataclasses.replace(bob, expires_at=MIN_TIME))
+    finally:
+        s.close()
     assert "0001-01-01T00:00:00Z" in cli(home, "user", "show", "bob").output
 
 
@@ -320,3 +326,115 @@ def test_unreachable_store_is_a_clean_error(tmp_path):
 def test_missing_home_is_a_clean_error(tmp_path):
     assert "not an edgegw node home" in cli(tmp_path / "nothing", "user", "list", code=1).output
     assert os.path.exists(tmp_path) and not (tmp_path / "nothing").exists()
+
+
+@pytest.mark.parametrize("perm", ["", ",", " , "])
+def test_an_empty_perm_list_is_a_usage_error(home, perm):
+    """Not "every permission" (add read `or ALL_PERMS`) nor "none at all" (set)."""
+    out = cli(home, "user", "add", "bob", "--perm", perm, code=2).output
+    assert "--perm needs at least one permission" in out, out
+    assert _user(home, "bob")[0] is None
+    cli(home, "user", "add", "alice", "--perm", "list,download")
+    out = cli(home, "user", "set", "alice", "--perm", perm, code=2).output
+    assert "--perm needs at least one permission" in out, out
+    alice, events = _user(home, "alice")
+    assert alice.permissions == {Perm.LIST, Perm.DOWNLOAD}
+    assert [e.kind for e in events] == ["user.add"]
+    cli(home, "user", "set", "alice", "--perm", f"upload{perm}")    # a stray comma is fine
+    assert _user(home, "alice")[0].permissions == {Perm.UPLOAD}
+
+
+def test_expires_duration_means_from_now(home):
+    """`audit --since 30d` looks 30 days back; `--expires 30d` is 30 days ahead."""
+    before = dt.datetime.now(dt.timezone.utc).timestamp()
+    cli(home, "user", "add", "bob", "--expires", "30d")
+    after = dt.datetime.now(dt.timezone.utc).timestamp()
+    bob = _user(home, "bob")[0]
+    assert before + 30 * 86400 <= bob.expires_at <= after + 30 * 86400
+    cli(home, "user", "set", "bob", "--expires", "1h30m")
+    bob = _user(home, "bob")[0]
+    now = dt.datetime.now(dt.timezone.utc).timestamp()
+    assert before + 5400 <= bob.expires_at <= now + 5400
+    out = CliRunner().invoke(main, ["internal", "user", "add", "--help"]).output
+    assert "DATE|ISO|DURATION|never" in out and "DURATION from now" in out, out
+
+
+@pytest.mark.parametrize("value,message", [
+    ("2020-01-01", "'2020-01-01' is in the past"),
+    ("2026-01-31T18:00+01:00", "is in the past"),
+    ("0001-01-01", "is in the past"),
+    ("0s", "'0s' is not more than zero"),
+])
+def test_expires_in_the_past_is_refused(home, value, message):
+    cli(home, "user", "add", "bob", "--expires", "2999-01-01")
+    for args in (["user", "add", "carol", "--expires", value],
+                 ["user", "set", "bob", "--expires", value]):
+        out = cli(home, *args, code=2).output
+        assert "Invalid value for '--expires'" in out and message in out, (args, out)
+    assert _user(home, "carol")[0] is None
+    bob, events = _user(home, "bob")
+    assert bob.expires_at == dt.datetime(2999, 1, 1, tzinfo=dt.timezone.utc).timestamp()
+    assert [e.kind for e in events] == ["user.add"]
+
+
+def _raw(home: Path, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    """The real command line; str arguments holding surrogates go out as the bytes argv had."""
+    return subprocess.run([sys.executable, "-m", "edgegw", "internal", *args, "--home",
+                           str(home)], input=stdin, capture_output=True, timeout=60)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_arguments_that_are_not_utf8_are_clean_errors(request, tmp_path, backend):
+    """Non-UTF-8 bytes in argv (decoded as surrogates) or on stdin: one line, no traceback,
+    nothing stored and no directory left behind."""
+    home = tmp_path / "home"
+    NodeHome.init(home, db_url=request.getfixturevalue("pg_url") if backend == "postgres"
+                  else None)
+    cli(home, "user", "add", "alice")
+    stray = tmp_path / "x"
+    for args, stdin in [
+        (("user", "show", "\udcff"), b""),
+        (("user", "set", "al\udcffice", "--disable"), b""),
+        (("audit", "--user", "\udcff"), b""),
+        (("audit", "--kind", "user.\udcff"), b""),
+        (("ban", "add", "192.0.2.1", "--reason", "\udcff"), b""),
+        (("user", "add", "carol", "--home-dir", str(stray / "\udcff")), b""),
+        (("user", "set", "alice", "--home-dir", str(stray / "a" / "b\udcff")), b""),
+        (("user", "add", "dave", "--password-stdin"), b"pass\xffword\n"),
+        (("user", "set", "alice", "--password-stdin"), b"\xff\n"),
+    ]:
+        r = _raw(home, *args, stdin=stdin)
+        err = r.stderr.decode("utf-8", "replace")
+        assert r.returncode == 1, (args, err)
+        assert "is not valid UTF-8" in err and "Traceback" not in err, (args, err)
+        assert len(err.strip().splitlines()) == 1, (args, err)
+    assert "'/" in _raw(home, "user", "add", "carol", "--home-dir",
+                        str(stray / "\udcff")).stderr.decode()             # names the path
+    assert b"\\xff" in _raw(home, "user", "show", "\udcff").stderr          # as it was typed
+    assert not stray.exists()
+    alice, events = _user(home, "alice")
+    assert alice.password_hash is None and not alice.disabled
+    assert [e.kind for e in events] == ["user.add"]
+    assert _user(home, "carol")[0] is None and _user(home, "dave")[0] is None
+    assert cli(home, "ban", "list", "--json").output == ""
+
+
+def test_a_failed_add_or_set_leaves_no_home_directory(home, tmp_path, monkeypatch):
+    """The directory is made before the store change commits; if that fails, it goes."""
+    from internal.store.sql import SQLStore
+
+    cli(home, "user", "add", "alice", "--home-dir", str(tmp_path / "alice"))
+    (tmp_path / "kept").mkdir()
+
+    def audit_down(self, events):
+        raise StoreError("audit table unavailable")
+
+    monkeypatch.setattr(SQLStore, "append_audit", audit_down)
+    cli(home, "user", "add", "bob", "--home-dir", str(tmp_path / "new" / "bob"), code=1)
+    cli(home, "user", "add", "carol", code=1)
+    cli(home, "user", "set", "alice", "--home-dir", str(tmp_path / "other"), code=1)
+    cli(home, "user", "set", "alice", "--home-dir", str(tmp_path / "kept"), code=1)
+    assert not (tmp_path / "new").exists() and not (tmp_path / "other").exists()
+    assert not NodeHome.load(home).user_home("carol").exists()
+    assert (tmp_path / "kept").is_dir() and (tmp_path / "alice").is_dir()   # not ours to remove
+    assert _user(home, "alice")[0].home == str(tmp_path / "alice")

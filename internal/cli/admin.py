@@ -24,8 +24,35 @@ def home_store(home: NodeHome) -> Iterator[Store]:
         yield store
     except StoreError as exc:
         raise click.ClickException(str(exc)) from None
+    except UnicodeError as exc:
+        # a name, reason or path with bytes that are not UTF-8 (argv is decoded with
+        # surrogateescape): the store's driver cannot encode it
+        what = exc.object if isinstance(exc, UnicodeEncodeError) else None
+        raise click.ClickException(not_utf8(what) if isinstance(what, str) else
+                                   f"the store cannot take or give this text: {exc}") from None
     finally:
         store.close()
+
+
+def shown(text: str) -> str:
+    """`text` quoted for an error message, bytes that are not UTF-8 as the \\xNN typed."""
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeError:    # a surrogate that no undecodable byte gives: show it escaped
+        return ascii(text)
+    return f"'{text}'" if len(text) <= 60 else f"'{text[:50]}...' ({len(text)} characters)"
+
+
+def not_utf8(text: str) -> str:
+    return f"{shown(text)} is not valid UTF-8; the store keeps names, reasons and paths as text"
+
+
+def require_utf8(text: str) -> None:
+    """Refuse text the store could not keep, before anything (a directory) is made for it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeError:
+        raise click.ClickException(not_utf8(text)) from None
 
 
 @contextmanager

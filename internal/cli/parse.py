@@ -90,11 +90,39 @@ def parse_time(text: str, *, now: float | None = None) -> float:
         raise
     except ValueError:
         pass
+    return _parse_iso(text, "or 10m / 2h / 1d ago")
+
+
+def parse_expiry(text: str, *, now: float | None = None) -> float:
+    """When an account expires: an ISO time or date as parse_time, but `30d`/`12h` means that
+    long FROM now; a time already past is refused (the account would be dead on arrival)."""
+    now = time.time() if now is None else now
+    raw = text.strip()
+    try:
+        seconds: float | None = parse_duration(raw)
+    except OutOfRange:
+        raise
+    except ValueError:
+        seconds = None
+    if seconds is not None:
+        if seconds <= 0:
+            raise ValueError(f"{text!r} is not more than zero (examples: 12h, 30d, 1w)")
+        return now + seconds
+    ts = _parse_iso(text, "or 30d / 12h from now")
+    if ts <= now:
+        raise ValueError(f"{text!r} is in the past (now is {format_time(now)}); give a later "
+                         "time, or a duration from now such as 30d")
+    return ts
+
+
+def _parse_iso(text: str, hint: str) -> float:
+    """An ISO time or date, UTC unless it says otherwise, as a timestamp datetime can show."""
+    raw = text.strip()
     try:
         when = dt.datetime.fromisoformat(raw.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
         raise ValueError(f"{text!r} is not a time (examples: 2025-06-30, 2025-06-30T14:00, "
-                         "2025-06-30T14:00+02:00, or 10m / 2h / 1d ago)") from None
+                         f"2025-06-30T14:00+02:00, {hint})") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.timezone.utc)
     ts = when.timestamp()
@@ -163,5 +191,5 @@ OPTIONAL_SESSIONS = _Type("N|none", _counter(MAX_INT32), optional=True)
 DURATION = _Type("DURATION", parse_duration)
 POSITIVE_DURATION = _Type("DURATION", parse_positive_duration)
 TIME = _Type("TIME", parse_time)
-OPTIONAL_TIME = _Type("TIME|never", parse_time, optional=True)
+EXPIRY = _Type("DATE|ISO|DURATION|never", parse_expiry, optional=True)
 CIDR = _Type("CIDR", canonical_cidr)

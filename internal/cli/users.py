@@ -6,16 +6,18 @@ import json
 import os
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
 import asyncssh
 import click
 
-from internal.cli.admin import admin_change, home_store, record_admin
+from internal.cli.admin import admin_change, home_store, record_admin, require_utf8
 from internal.cli.common import home_option, load_home
-from internal.cli.parse import (CIDR, OPTIONAL_COUNT, OPTIONAL_SESSIONS, OPTIONAL_SIZE,
-                                OPTIONAL_TIME, format_time)
+from internal.cli.parse import (CIDR, EXPIRY, OPTIONAL_COUNT, OPTIONAL_SESSIONS,
+                                OPTIONAL_SIZE, format_time)
 from internal.home import NodeHome
 from internal.passwords import hash_password
 from internal.store import ALL_PERMS, AlreadyExists, NotFound, Perm, User
@@ -53,9 +55,11 @@ def _common_options(keep: Any) -> Callable[[Any], Any]:
         (("--perm-preset",), dict(type=click.Choice(sorted(PRESETS)), default=None,
                                   help="all; readonly = list,download; "
                                        "writeonly = upload,overwrite,mkdir (a drop box).")),
-        (("--expires", "expires_at"), dict(type=OPTIONAL_TIME, default=keep, metavar="DATE|ISO|never",
-                              help="Refuse logins from this time on (UTC unless an offset is "
-                                   "given), e.g. 2026-01-31 or 2026-01-31T18:00+01:00.")),
+        (("--expires", "expires_at"), dict(
+            type=EXPIRY, default=keep, metavar="DATE|ISO|DURATION|never",
+            help="Refuse logins from this time on: a date or ISO time (UTC unless an offset is "
+                 "given), e.g. 2026-01-31 or 2026-01-31T18:00+01:00; a DURATION from now, "
+                 "e.g. 12h, 30d, 1w; or never. A time already past is refused.")),
         (("--quota-bytes",), dict(type=OPTIONAL_SIZE, default=keep, metavar="SIZE|none",
                                   help="Storage quota, binary units: 500M, 10G, 1T.")),
         (("--quota-files",), dict(type=OPTIONAL_COUNT, default=keep, metavar="N|none",
@@ -90,13 +94,15 @@ def add(name: str, home_dir: str, key_files: tuple[str, ...], password_stdin: bo
     _check_name(name)
     keys = _dedupe([k for f in key_files for k in load_key_file(f)])
     password_hash = _read_password() if password_stdin else None
-    perms = _perms(opts.pop("perms"), opts.pop("perm_preset")) or ALL_PERMS
+    perms = _perms(opts.pop("perms"), opts.pop("perm_preset"))
+    if perms is None:   # not `or`: an empty set must never widen to every permission
+        perms = ALL_PERMS
     user_root = opts.pop("user_root")
-    with admin_change(home) as store:
+    with _undo_mkdirs() as made, admin_change(home) as store:
         if store.get_user(name) is not None:
             raise click.ClickException(f"user {name!r} already exists; change it with "
                                        f"`edgegw internal user set {name}`")
-        root = _make_root(home, name, user_root)
+        root = _make_root(home, name, user_root, made)
         u = User(name=name, home=str(root), password_hash=password_hash, keys=keys,
                  permissions=perms, allow_cidrs=_dedupe(opts.pop("allow")),
                  deny_cidrs=_dedupe(opts.pop("deny")), disabled=opts.pop("disabled"), **opts)
@@ -140,7 +146,7 @@ def set_(name: str, home_dir: str, **o: Any) -> None:
         raise click.UsageError("--password-stdin and --clear-password contradict each other")
     new_password = _read_password() if o["password_stdin"] else None
     add_keys = [k for f in o["add_keys"] for k in load_key_file(f)]
-    with admin_change(home) as store:
+    with _undo_mkdirs() as made, admin_change(home) as store:
         old = _get(store, name)
         u = dataclasses.replace(old, keys=list(old.keys), allow_cidrs=list(old.allow_cidrs),
                                 deny_cidrs=list(old.deny_cidrs))
@@ -164,7 +170,7 @@ def set_(name: str, home_dir: str, **o: Any) -> None:
             if o[f] is not KEEP:
                 setattr(u, f, o[f])
         if o["user_root"] is not None:
-            u.home = str(_make_root(home, name, o["user_root"]))
+            u.home = str(_make_root(home, name, o["user_root"], made))
         changes = _diff(old, u)
         if not changes:
             click.echo(f"{name}: nothing to change")
@@ -303,6 +309,9 @@ def _perms(items: tuple[str, ...], preset: str | None) -> frozenset[Perm] | None
         return None
     names = [p.strip().lower() for item in items for p in item.split(",") if p.strip()]
     known = {p.value: p for p in Perm}
+    if not names:   # --perm '' or ',': refused, neither "all" (add) nor "none" (set)
+        raise click.UsageError("--perm needs at least one permission; choose from "
+                               f"{', '.join(known)}")
     bad = [n for n in names if n not in known]
     if bad:
         raise click.BadParameter(f"unknown permission {', '.join(bad)}; choose from "
@@ -312,11 +321,17 @@ def _perms(items: tuple[str, ...], preset: str | None) -> frozenset[Perm] | None
 
 def _read_password() -> str:
     stdin = sys.stdin
-    if stdin.isatty():
-        pw = click.prompt("Password", hide_input=True, confirmation_prompt=True)
-    else:
-        lines = stdin.read().splitlines()
-        pw = lines[0] if lines else ""
+    # bytes that are not UTF-8 fail to decode (strict stdin) or arrive as surrogates
+    # (surrogateescape) that argon2 cannot encode: either way, one clear line
+    try:
+        if stdin.isatty():
+            pw = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+        else:
+            lines = stdin.read().splitlines()
+            pw = lines[0] if lines else ""
+        pw.encode("utf-8")
+    except UnicodeError:
+        raise click.ClickException("the password is not valid UTF-8 text") from None
     if not pw:
         raise click.ClickException("no password on stdin (pipe it in, e.g. "
                                    "`printf %s \"$PW\" | edgegw internal user ...`)")
@@ -329,11 +344,29 @@ def _check_name(name: str) -> None:
                                  "not starting with '.', '@' or '-'", param_hint="NAME")
 
 
-def _make_root(home: NodeHome, name: str, path: str | None) -> Path:
+@contextmanager
+def _undo_mkdirs() -> Iterator[list[Path]]:
+    """Collects the directories _make_root creates and removes them (while empty) if the
+    command then fails, so a refused add or set leaves no stray home directory behind."""
+    made: list[Path] = []
+    try:
+        yield made
+    except BaseException:
+        for d in reversed(made):
+            try:
+                d.rmdir()
+            except OSError:     # not empty (someone's files), or never made
+                pass
+        raise
+
+
+def _make_root(home: NodeHome, name: str, path: str | None, made: list[Path]) -> Path:
     root = Path(path).expanduser().resolve() if path else home.user_home(name)
     _check_root(home, root)
+    require_utf8(str(root))   # stored as text: refuse it before the directory exists
     try:
         if not root.is_dir():
+            made.extend(d for d in (*reversed(root.parents), root) if not d.exists())
             root.mkdir(parents=True)
             os.chmod(root, 0o750)
     except OSError as exc:
