@@ -264,3 +264,22 @@ async def test_a_failed_resume_keeps_what_it_resumed_from(sshnode: NodeUnderTest
     assert (home / "f.bin").read_bytes() == new
     assert temps(home) == {}
     assert ledger(home) == scan_home(home)[0] == len(new)
+
+
+async def test_a_clients_own_temporary_has_one_writer_at_a_time(
+        sshnode: NodeUnderTest) -> None:
+    """A client resuming x.filepart while its dead session's handle still writes it would
+    have both count the file's growth: the second writer is refused until the first closes."""
+    home, key = sshnode.keyed_user("alice", quota_bytes=1 << 30)
+    async with sshnode.sftp_client("alice", key) as first, \
+            sshnode.sftp_client("alice", key) as second:
+        f = await first.open("x.filepart", "wb")
+        await f.write(b"a" * 100_000)
+        with pytest.raises(asyncssh.SFTPFailure, match="another handle"):
+            await second.open("x.filepart", "ab")
+        assert list(tree(home)) == ["x.filepart"]       # the refusal left it as it was
+        await f.close()
+        async with second.open("x.filepart", "ab") as g:
+            await g.write(b"b" * 50_000)
+    assert (home / "x.filepart").read_bytes() == b"a" * 100_000 + b"b" * 50_000
+    assert ledger(home) == scan_home(home)[0] == 150_000

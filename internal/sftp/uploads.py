@@ -127,16 +127,23 @@ class Upload(OpenFile):
                 usage.adjust(nfiles=-1)
             os.close(dir_fd)
             raise
+        held: tuple[int, tuple[int, int]] | None = None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise IsADirectoryError(errno.EISDIR, "not a regular file")
+            # One writer at a time: each handle counts the file's growth from the size it
+            # saw, so two (a client resuming while its dead session's handle lingers) would
+            # charge the quota twice.
+            held = _hold_original(name, dir_fd)
             credit = st.st_size if existing is not None else 0
             if truncate:
                 os.ftruncate(fd, 0)
             if append:
                 fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
         except BaseException:
+            if held is not None:
+                _let_go(held)
             os.close(fd)
             os.close(dir_fd)
             if charged_file and usage is not None:
@@ -145,6 +152,7 @@ class Upload(OpenFile):
         upload = cls(fd, client_path, dir_fd, name, name, append=append, exclusive=exclusive,
                      usage=usage, credit=credit, new_file=existing is None, readable=readable)
         upload.in_place = True
+        upload.original = held
         return upload
 
     @classmethod
