@@ -90,6 +90,16 @@ MAX_SNDBUF = 64 << 20
               help="Connections not yet authenticated held at once on the PNC port, and on the "
                    "Data port; at this many that port takes no more until one ends (the next "
                    "wait in the kernel's backlog).")
+@click.option("--max-handshakes-per-address", default=128, show_default=True,
+              type=click.IntRange(0),
+              help="Of those, how many one source address may hold on each port; more are "
+                   "closed at once, so that one host cannot fill --max-handshakes and leave "
+                   "the nodes waiting. Each node worker opens its whole --pool-size (32) of Data "
+                   "connections at once: raise it for hosts with more than four workers "
+                   "(--workers defaults to one per CPU). 0: no limit.")
+@click.option("--proof-timeout", default=2.0, show_default=True, type=Seconds(0.1),
+              help="Seconds a Data connection has to prove itself after the challenge (the "
+                   "node answers at once: one round trip).")
 @click.option("--proxy-protocol-from", multiple=True, metavar="CIDR", callback=networks,
               help="Accept PROXY protocol v1/v2 headers from these load balancers (repeatable).")
 @metrics_options("sessions, bytes, nodes, refusals")
@@ -101,6 +111,7 @@ def serve(external: HostPort, pnc: HostPort, data: HostPort, trust: Path, gatewa
           relay_coalesce_us: int,
           relay_sched: str, sndbuf_client: int, sndbuf_node: int, congestion_client: str,
           congestion_node: str, max_waiting: int, max_per_address: int, max_handshakes: int,
+          max_handshakes_per_address: int, proof_timeout: float,
           proxy_protocol_from: tuple[Network, ...],
           metrics: MetricsEndpoint | None, log_level: str) -> None:
     """Run the gateway (DMZ): relay SFTP clients to internal nodes; holds no keys or files."""
@@ -121,6 +132,7 @@ def serve(external: HostPort, pnc: HostPort, data: HostPort, trust: Path, gatewa
         sndbuf_node=sndbuf_node, congestion_client=congestion_client,
         congestion_node=congestion_node, max_pending=max_waiting,
         max_per_address=max_per_address, max_handshaking=max_handshakes,
+        max_handshaking_per_address=max_handshakes_per_address, proof_timeout=proof_timeout,
         proxy_protocol_from=proxy_protocol_from,
         metrics=metrics)
     try:

@@ -19,7 +19,8 @@ class GatewayConfig:
     gateway_id: str = "gateway"
     offer_timeout: float = 2.0        # node must answer an offer within this
     data_timeout: float = 5.0         # accepted offer must be proven on the Data port within this
-    proof_timeout: float = 5.0        # a Data connection must send its proof within this
+    proof_timeout: float = 2.0        # a Data connection must send its proof within this; the
+                                      # proof follows the challenge at once, so one round trip
     grace_period: float = 10.0        # hold clients this long while no node is attached
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 3.0    # a node silent this long gets no offers and is dropped
@@ -40,6 +41,9 @@ class GatewayConfig:
     max_per_address: int = 0          # client connections held at once per source address; 0: any
     max_handshaking: int = 256        # unauthenticated PNC or Data connections at once, each;
                                       # at the cap that listener pauses accepting
+    max_handshaking_per_address: int = 128   # of those, per port from one source address; more
+                                      # are closed at accept. 0: any. A node worker's pool fill
+                                      # dials pool_size (32) at once: room for four workers
     proxy_protocol_from: tuple[Network, ...] = field(
         default_factory=tuple)
     metrics: MetricsEndpoint | None = None   # where Prometheus scrapes; None: not served

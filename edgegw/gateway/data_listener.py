@@ -19,6 +19,7 @@ log = logging.getLogger("edgegw.gateway.data")
 
 async def handle_data_connection(gw: "Gateway", sock: socket.socket, addr: tuple) -> None:
     where = f"{addr[0]}:{addr[1]}"
+    say = gw.data_log.log   # anyone can dial this port: one line per connection is a flood
     loop = asyncio.get_running_loop()
     handed_over = False
     try:
@@ -30,12 +31,13 @@ async def handle_data_connection(gw: "Gateway", sock: socket.socket, addr: tuple
         if proof.kind == dataauth.KIND_SESSION:
             offer = gw.offers.claim(proof.ident)
             if offer is None:
-                log.warning("data connection from %s: no live offer %016x (unknown, used or "
-                            "expired); closed", where, proof.ident)
+                say("no_offer", logging.WARNING, "data connection from %s: no live offer %016x "
+                    "(unknown, used or expired); closed", where, proof.ident)
                 return
             if not dataauth.verify_session_proof(proof, offer.secret, nonce):
-                log.warning("data connection from %s: wrong proof for offer %016x; closed",
-                            where, proof.ident)
+                say("wrong_proof", logging.WARNING,
+                    "data connection from %s: wrong proof for offer %016x; closed", where,
+                    proof.ident)
                 return
             offer.data.set_result(sock)
             handed_over = True
@@ -47,15 +49,16 @@ async def handle_data_connection(gw: "Gateway", sock: socket.socket, addr: tuple
                     log.debug("node %s: pooled data connection %d ready (%d idle)",
                               peer.node_id, proof.ident, len(peer.pool))
                     return
-            log.warning("data connection from %s: pool proof matches no attached node; closed",
-                        where)
+            say("no_node", logging.WARNING,
+                "data connection from %s: pool proof matches no attached node; closed", where)
     except asyncio.TimeoutError:
-        log.warning("data connection from %s: no proof within %.1fs; closed", where,
-                    gw.config.proof_timeout)
+        say("timeout", logging.WARNING, "data connection from %s: no proof within %.1fs; closed",
+            where, gw.config.proof_timeout)
     except RemoteProtocolError as exc:
-        log.warning("data connection from %s: bad proof (%s); closed", where, exc)
+        say("bad_proof", logging.WARNING, "data connection from %s: bad proof (%s); closed", where,
+            exc)
     except (ConnectionError, OSError) as exc:
-        log.info("data connection from %s: %s", where, exc)
+        say("lost", logging.INFO, "data connection from %s: %s", where, exc)
     finally:
         if not handed_over:
             sock.close()

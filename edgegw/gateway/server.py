@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import math
 import socket
 import time
 from collections import Counter
@@ -19,6 +18,7 @@ from edgegw.acceptor import Acceptor
 from edgegw.gateway.bans import BanTable
 from edgegw.gateway.config import GatewayConfig
 from edgegw.gateway.data_listener import handle_data_connection
+from edgegw.gateway.data_listener import log as data_log
 from edgegw.gateway.dispatch import dispatch_client
 from edgegw.gateway.metrics import GatewayCollector, GatewayCounters
 from edgegw.gateway.node_link import NodeLink
@@ -26,6 +26,7 @@ from edgegw.gateway.offers import OfferTable
 from edgegw.gateway.peers import Peer, PeerRegistry
 from edgegw.gateway.proxy_accept import read_proxy_header
 from edgegw.gateway.tls import NODE_TLS_NAME, gateway_context
+from edgegw.logthrottle import LogThrottle
 from edgegw.metrics_http import MetricsServer, registry_of
 from edgegw.netaddr import ip_in_networks, normalize_ip
 from edgegw.pnc.events import Closed
@@ -68,7 +69,11 @@ class Gateway:
         self._pending_clients = 0
         self._per_address: Counter[str] = Counter()   # client connections held, by source
         self._handshaking = {"pnc": 0, "data": 0}   # connections not yet authenticated
-        self._cap_logged = {"pnc": -math.inf, "data": -math.inf}   # when last said
+        # the same, by source address (only those with one open: the table cannot grow)
+        self._handshaking_from: dict[str, Counter[str]] = {"pnc": Counter(), "data": Counter()}
+        self.log_limited = LogThrottle(log)   # lines a flood of connections would repeat
+        self.data_log = LogThrottle(data_log)
+        self._cap_log = LogThrottle(log, CAP_LOG_EVERY)
         self.counters = GatewayCounters()
         self.metrics: MetricsServer | None = None
 
@@ -138,7 +143,9 @@ class Gateway:
                        handler: Callable[[socket.socket, tuple], Awaitable[None]],
                        sock: socket.socket, addr: tuple) -> None:
         if name in self._handshaking:   # counted here, so that the cap holds within a batch
-            self._handshake_started(name)
+            if not self._handshake_started(name, addr[0]):
+                sock.close()
+                return
         task = asyncio.create_task(self._guarded(name, handler, sock, addr))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -167,20 +174,23 @@ class Gateway:
                 return
             ip, port = real
         if self.bans.banned(ip):
-            log.info("client %s:%d dropped: address is banned", ip, port)
+            self.log_limited.log("banned", logging.INFO, "client %s:%d dropped: address is banned",
+                                 ip, port)
             self.counters.refused["banned"] += 1
             sock.close()
             return
         cap = self.config.max_per_address
         if cap and self._per_address[ip] >= cap:
-            log.info("client %s:%d dropped: %d connections from that address already "
-                     "(--max-per-address)", ip, port, self._per_address[ip])
+            self.log_limited.log("address_limit", logging.INFO,
+                                 "client %s:%d dropped: %d connections from that address "
+                                 "already (--max-per-address)", ip, port, self._per_address[ip])
             self.counters.refused["address_limit"] += 1
             sock.close()
             return
         if self._pending_clients >= self.config.max_pending:
-            log.warning("client %s:%d dropped: %d clients already waiting for a node", ip, port,
-                        self._pending_clients)
+            self.log_limited.log("waiting_limit", logging.WARNING,
+                                 "client %s:%d dropped: %d clients already waiting for a node",
+                                 ip, port, self._pending_clients)
             self.counters.refused["waiting_limit"] += 1
             sock.close()
             return
@@ -205,7 +215,8 @@ class Gateway:
         # Counted as handshaking by _spawn_handler; NodeLink.run says once, whatever happens,
         # when the TLS handshake verified the node or failed.
         set_nodelay(sock)  # asyncio only does it for sockets made with proto=IPPROTO_TCP
-        await NodeLink(self, sock, addr).run(on_authenticated=lambda: self._authenticated("pnc"))
+        await NodeLink(self, sock, addr).run(
+            on_authenticated=lambda: self._authenticated("pnc", addr[0]))
 
     async def _on_data(self, sock: socket.socket, addr: tuple) -> None:
         try:
@@ -214,26 +225,42 @@ class Gateway:
             set_keepalive(sock)  # pooled ones idle between sessions
             await handle_data_connection(self, sock, addr)
         finally:
-            self._authenticated("data")
+            self._authenticated("data", addr[0])
 
-    def _handshake_started(self, name: str) -> None:
+    def _handshake_started(self, name: str, ip: str) -> bool:
         """Unauthenticated connections cost a task each until their deadline: at the cap the
         listener stops accepting, and the next ones wait in the kernel's backlog until one
         ends. Dropping them instead dropped a node's own Data connections whenever a burst of
-        clients made it dial faster than the gateway's loop took the proofs."""
+        clients made it dial faster than the gateway's loop took the proofs.
+
+        One source address may hold only max_handshaking_per_address of them: more are closed
+        here (False), so that one host cannot fill the cap and leave the nodes in the backlog.
+        """
+        per_address = self.config.max_handshaking_per_address
+        held = self._handshaking_from[name]
+        if per_address and held[ip] >= per_address:
+            self.log_limited.log(f"{name}_address_limit", logging.WARNING,
+                                 "%s connection from %s closed: %d from that address not yet "
+                                 "authenticated (--max-handshakes-per-address)", name, ip,
+                                 held[ip])
+            return False
+        held[ip] += 1
         self._handshaking[name] += 1
         acceptor = self._acceptors.get(name)
         if self._handshaking[name] >= self.config.max_handshaking and acceptor is not None \
                 and not acceptor.paused:
-            acceptor.pause()
-            now = time.monotonic()   # a flood pauses it again each time a slot frees
-            if now - self._cap_logged[name] >= CAP_LOG_EVERY:
-                self._cap_logged[name] = now
-                log.warning("%s listener: %d connections not yet authenticated; accepting more "
-                            "once one is (said once per %.0fs)", name, self._handshaking[name],
-                            CAP_LOG_EVERY)
+            acceptor.pause()   # a flood pauses it again each time a slot frees
+            self._cap_log.log(name, logging.WARNING,
+                              "%s listener: %d connections not yet authenticated; accepting "
+                              "more once one is (said once per %.0fs)", name,
+                              self._handshaking[name], CAP_LOG_EVERY)
+        return True
 
-    def _authenticated(self, name: str) -> None:
+    def _authenticated(self, name: str, ip: str) -> None:
+        held = self._handshaking_from[name]
+        held[ip] -= 1
+        if held[ip] <= 0:
+            del held[ip]
         self._handshaking[name] -= 1
         acceptor = self._acceptors.get(name)
         if self._handshaking[name] < self.config.max_handshaking and acceptor is not None \
