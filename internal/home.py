@@ -15,9 +15,11 @@ import datetime as _dt
 import json
 import os
 import secrets
+import shutil
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import asyncssh
 from cryptography import x509
@@ -28,6 +30,9 @@ from cryptography.x509.oid import NameOID
 CONFIG_NAME = "node.json"
 HOST_KEY_ALGS = ("ssh-ed25519", "ecdsa-sha2-nistp256")
 TLS_NAME = "edgegw-node"  # the name gateways expect in a node certificate's SAN
+# what internal.store.open_store takes; checked before init writes anything
+STORE_SCHEMES = ("sqlite", "postgresql", "postgres", "postgresql+psycopg")
+SQLITE_PREFIX = "sqlite:///"
 
 
 class HomeError(Exception):
@@ -133,9 +138,10 @@ class NodeHome:
             raise HomeError(f"cannot read {cfg_path}: JSON nested too deeply") from None
         if not isinstance(cfg, dict):
             raise HomeError(f"{cfg_path} is not a JSON object; re-create the home")
-        try:
-            home = cls(path=root, node_id=str(cfg["node_id"]), db_url=str(cfg["db"]),
-                       files_root=Path(cfg.get("files_root") or root / "files"))
+        try:   # relative paths (hand-edited) are the home's, never the cwd's
+            home = cls(path=root, node_id=str(cfg["node_id"]),
+                       db_url=_sqlite_under(str(cfg["db"]), root),
+                       files_root=root / Path(cfg.get("files_root") or "files").expanduser())
         except KeyError as exc:
             raise HomeError(f"{cfg_path} lacks field {exc}; re-create the home") from None
         except TypeError as exc:
@@ -152,28 +158,47 @@ class NodeHome:
     @classmethod
     def init(cls, path: str | os.PathLike[str], *, db_url: str | None = None,
              node_id: str | None = None, files_root: str | None = None,
-             ca_dir: str | os.PathLike[str] | None = None) -> "NodeHome":
+             ca_dir: str | os.PathLike[str] | None = None,
+             check_store: Callable[[str], None] | None = None) -> "NodeHome":
+        """Create the home. Everything that can be refused (store URL, CA) is checked before
+        anything is written; `check_store(url)` (open and migrate it) runs before node.json;
+        on any failure what this call created is removed, so a retry starts clean."""
         root = Path(path).expanduser().resolve()
-        if (root / CONFIG_NAME).exists():
+        try:
+            initialised = (root / CONFIG_NAME).exists()
+        except OSError as exc:
+            raise _home_error("read", exc, root / CONFIG_NAME) from None
+        if initialised:
             raise HomeError(f"{root} is already initialised; pick another directory")
-        root.mkdir(parents=True, exist_ok=True)
-        os.chmod(root, 0o700)
         node_id = node_id or f"node-{secrets.token_hex(4)}"
-        db_url = db_url or f"sqlite:///{root / 'edgegw.db'}"
+        # a relative SQLite path is the cwd's now: store it absolute, as later commands run
+        # from anywhere
+        db_url = _absolute_store_url(db_url) if db_url else f"{SQLITE_PREFIX}{root / 'edgegw.db'}"
         files = Path(files_root).expanduser().resolve() if files_root else root / "files"
-        files.mkdir(parents=True, exist_ok=True)
-        (root / "ssh").mkdir(mode=0o700, exist_ok=True)
-        (root / "pnc").mkdir(mode=0o700, exist_ok=True)
-        for alg in HOST_KEY_ALGS:
-            write_host_key(root / "ssh", alg)
         ca = load_ca(Path(ca_dir)) if ca_dir else None
-        key_pem, cert_pem = make_node_certificate(node_id, ca=ca)
-        _write_private(root / "pnc" / "node.key", key_pem)
-        (root / "pnc" / "node.crt").write_bytes(cert_pem)
-        # With a CA the gateway trusts the CA (one file for every node), else this node itself.
-        (root / "gateway-trust.pem").write_bytes(ca[2] if ca else cert_pem)
-        cfg = {"node_id": node_id, "db": db_url, "files_root": str(files)}
-        (root / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+        undo = _Undo()
+        try:
+            undo.mkdir(root)
+            undo.chmod(root, 0o700)
+            undo.mkdir(files)
+            undo.mkdir(root / "ssh", 0o700)
+            undo.mkdir(root / "pnc", 0o700)
+            if check_store is not None:   # before the keys: a refused store fails fast
+                undo.store(db_url)
+                check_store(db_url)
+            for alg in HOST_KEY_ALGS:
+                undo.files.append(write_host_key(root / "ssh", alg))
+                undo.files.append(undo.files[-1].with_name(undo.files[-1].name + ".pub"))
+            key_pem, cert_pem = make_node_certificate(node_id, ca=ca)
+            undo.write(root / "pnc" / "node.key", key_pem, private=True)
+            undo.write(root / "pnc" / "node.crt", cert_pem)
+            # With a CA the gateway trusts the CA (one file for every node), else this node.
+            undo.write(root / "gateway-trust.pem", ca[2] if ca else cert_pem)
+            cfg = {"node_id": node_id, "db": db_url, "files_root": str(files)}
+            undo.write(root / CONFIG_NAME, (json.dumps(cfg, indent=2) + "\n").encode())
+        except BaseException:
+            undo.run()
+            raise
         return cls.load(root)
 
 
@@ -186,8 +211,15 @@ def write_host_key(ssh_dir: Path, alg: str) -> Path:
         n += 1
         path = ssh_dir / f"host_{short}{n}_key"
     key = asyncssh.generate_private_key(alg, comment=f"edgegw host key {short}")
-    _write_private(path, key.export_private_key())
-    path.with_name(path.name + ".pub").write_bytes(key.export_public_key())
+    pub = path.with_name(path.name + ".pub")
+    try:
+        _write_private(path, key.export_private_key())
+        pub.write_bytes(key.export_public_key())
+    except OSError as exc:
+        if not isinstance(exc, FileExistsError):   # a part-written key, or one without .pub
+            for p in (path, pub):
+                p.unlink(missing_ok=True)
+        raise _home_error("write host key", exc, path) from None
     return path
 
 
@@ -214,15 +246,24 @@ def make_node_certificate(node_id: str, days: int = 3650,
 
 def make_ca(directory: Path, name: str = "edgegw node CA", days: int = 3650) -> Path:
     """An operator CA (ca.key, ca.crt) for signing node certificates; keep ca.key offline."""
-    directory.mkdir(parents=True, exist_ok=True)
-    if (directory / "ca.key").exists():
+    try:
+        exists = (directory / "ca.key").exists()
+    except OSError as exc:
+        raise _home_error("read", exc, directory / "ca.key") from None
+    if exists:
         raise HomeError(f"{directory} already holds a CA")
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     cert = _as_anchor(_cert_builder(subject, key, days)).issuer_name(subject).sign(
         key, hashes.SHA256())
-    _write_private(directory / "ca.key", _key_pem(key))
-    (directory / "ca.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    undo = _Undo()
+    try:   # a half-written CA would refuse the retry ("already holds a CA")
+        undo.mkdir(directory)
+        undo.write(directory / "ca.key", _key_pem(key), private=True)
+        undo.write(directory / "ca.crt", cert.public_bytes(serialization.Encoding.PEM))
+    except BaseException:
+        undo.run()
+        raise
     return directory / "ca.crt"
 
 
@@ -269,3 +310,105 @@ def _write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+
+
+def _home_error(what: str, exc: OSError, path: Path) -> HomeError:
+    """One line naming the path (and the one at fault, when that is a parent)."""
+    reason = exc.strerror or str(exc)
+    if exc.filename is not None and os.fsdecode(exc.filename) != str(path):
+        reason = f"{os.fsdecode(exc.filename)}: {reason}"
+    return HomeError(f"cannot {what} {path}: {reason}")
+
+
+def _absolute_store_url(url: str) -> str:
+    """`url` checked as open_store will take it; a SQLite path made absolute (cwd-relative)."""
+    scheme = url.partition("://")[0].lower()
+    if scheme not in STORE_SCHEMES:   # the scheme only: the rest may hold a password
+        raise HomeError(f"unknown store URL scheme {scheme!r}: use sqlite:///PATH or "
+                        "postgresql://USER@HOST/DB")
+    if scheme != "sqlite":
+        return url
+    from internal.store import StoreError
+    from internal.store.sqlite import sqlite_path
+    try:
+        return f"{SQLITE_PREFIX}{sqlite_path(url)}"
+    except StoreError as exc:
+        raise HomeError(str(exc)) from None
+
+
+def _sqlite_under(url: str, root: Path) -> str:
+    """A relative SQLite path in node.json resolved against the home `root`."""
+    rel = url[len(SQLITE_PREFIX):] if url.startswith(SQLITE_PREFIX) else ""
+    if not rel or rel == ":memory:" or rel.startswith("~") or Path(rel).is_absolute():
+        return url   # not SQLite, absolute, or refused with its own message by open_store
+    return f"{SQLITE_PREFIX}{root / rel}"
+
+
+@dataclass
+class _Undo:
+    """What an init (or CA creation) created, removed again when it fails: never anything
+    that existed before it started."""
+
+    dirs: list[Path] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+    modes: list[tuple[Path, int]] = field(default_factory=list)
+
+    def mkdir(self, path: Path, mode: int = 0o777) -> None:
+        for d in (*reversed(path.parents), path):
+            try:
+                if d.is_dir():
+                    continue
+                d.mkdir(mode)
+            except FileExistsError:
+                if d.is_dir():  # created meanwhile by someone else: theirs
+                    continue
+                raise HomeError(f"cannot create directory {path}: {d} exists and is not a "
+                                "directory") from None
+            except OSError as exc:
+                raise _home_error("create directory", exc, path) from None
+            self.dirs.append(d)
+
+    def chmod(self, path: Path, mode: int) -> None:
+        try:
+            old = path.stat().st_mode & 0o7777
+            os.chmod(path, mode)
+        except OSError as exc:
+            raise _home_error("set the mode of", exc, path) from None
+        self.modes.append((path, old))
+
+    def write(self, path: Path, data: bytes, *, private: bool = False) -> None:
+        try:
+            if private:
+                _write_private(path, data)
+            else:   # O_EXCL: never write over (nor later remove) a file that was there
+                with open(path, "xb") as f:
+                    f.write(data)
+        except FileExistsError as exc:
+            raise _home_error("write", exc, path) from None
+        except OSError as exc:
+            self.files.append(path)   # created, then the write failed: ours to remove
+            raise _home_error("write", exc, path) from None
+        self.files.append(path)
+
+    def store(self, db_url: str) -> None:
+        """A SQLite store (and its journals) that opening it will create."""
+        if not db_url.startswith(SQLITE_PREFIX):
+            return   # a server store: its schema is harmless to keep
+        db = Path(db_url[len(SQLITE_PREFIX):])
+        for p in (db, *(db.with_name(db.name + s) for s in ("-wal", "-shm", "-journal"))):
+            if not os.path.lexists(p):
+                self.files.append(p)
+
+    def run(self) -> None:
+        for f in reversed(self.files):
+            try:
+                f.unlink(missing_ok=True)
+            except OSError:
+                pass
+        for path, mode in reversed(self.modes):
+            try:
+                os.chmod(path, mode)
+            except OSError:
+                pass
+        for d in reversed(self.dirs):  # everything in a directory this call made is its own
+            shutil.rmtree(d, ignore_errors=True)

@@ -12,7 +12,7 @@ import asyncssh
 import click
 
 from internal.cli.common import home_option, load_home
-from internal.home import NodeHome, write_host_key
+from internal.home import HomeError, NodeHome, write_host_key
 
 ALGORITHMS = ("ssh-ed25519", "ecdsa-sha2-nistp256")   # no RSA: nothing to gain, SHA-1 risk
 
@@ -61,7 +61,10 @@ def list_keys(home_dir: str) -> None:
 def rotate(home_dir: str, alg: str) -> None:
     """Add a new host key; the old ones stay until you remove them."""
     home = load_home(home_dir)
-    path = write_host_key(home.ssh_dir, alg)
+    try:
+        path = write_host_key(home.ssh_dir, alg)
+    except HomeError as exc:   # e.g. ssh/ removed: the path and reason, no traceback
+        raise click.ClickException(str(exc)) from None
     click.echo(f"added {describe(path, _load(path))}")
     click.echo("restart the node to offer it; remove the old key once clients have it")
 

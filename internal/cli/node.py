@@ -36,14 +36,19 @@ from internal.store.base import StoreError
 def init(home_dir: str, db_url: str | None, node_id: str | None, files_root: str | None,
          ca_dir: str | None) -> None:
     """Create a node home: SSH host keys, PNC certificate, store, gateway-trust.pem."""
-    try:
+    from internal.store import open_store
+
+    def check_store(url: str) -> None:
+        open_store(url).close()  # creates the schema now, so errors show here, not later
+
+    try:   # a store that cannot be opened fails the init and leaves no half-built home
         home = NodeHome.init(home_dir, db_url=db_url, node_id=node_id, files_root=files_root,
-                             ca_dir=ca_dir)
-        from internal.store import open_store
-        open_store(home.db_url).close()  # creates the schema now, so errors show here
+                             ca_dir=ca_dir, check_store=check_store)
     except (HomeError, StoreError) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"initialised {home.path} (node {home.node_id}, store {home.db_url})")
+    from internal.store.sql import _redact
+    # stdout ends up in provisioning logs: no password from the URL
+    click.echo(f"initialised {home.path} (node {home.node_id}, store {_redact(home.db_url)})")
     click.echo(f"copy {home.trust_file} to the gateway and pass it as --trust")
 
 

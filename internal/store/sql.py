@@ -7,10 +7,12 @@ Connections come from a small pool, so the store is safe to share between thread
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from contextlib import contextmanager
 from typing import Any, ClassVar, Collection, Iterator
+from urllib.parse import unquote
 
 from internal.store import migrations
 from internal.store.base import (ALL_PERMS, AlreadyExists, AuditEvent, BanEntry, NotFound, Perm,
@@ -395,7 +397,12 @@ def _loads(text: str, default: Any = None) -> Any:
 
 
 def _redact(url: str) -> str:
-    """The URL without a password, for error messages and logs."""
+    """The URL without a password, for error messages and logs: `user:PASS@` and query
+    parameters such as ?password= and ?sslpassword= (libpq takes them percent-encoded)."""
+    # libpq has no fragment: a '#' is part of the value
+    url = re.sub(r"([?&])([^=&]*)=([^&]*)",
+                 lambda m: f"{m[1]}{m[2]}=***" if unquote(m[2]).lower().endswith("password")
+                 else m[0], url)
     scheme, sep, rest = url.partition("://")
     creds, at, host = rest.rpartition("@")
     if not at or ":" not in creds:
