@@ -195,7 +195,9 @@ class NodeHome:
             # With a CA the gateway trusts the CA (one file for every node), else this node.
             undo.write(root / "gateway-trust.pem", ca[2] if ca else cert_pem)
             cfg = {"node_id": node_id, "db": db_url, "files_root": str(files)}
-            undo.write(root / CONFIG_NAME, (json.dumps(cfg, indent=2) + "\n").encode())
+            # 0600: a PostgreSQL URL may carry a password (better: libpq's ~/.pgpass)
+            undo.write(root / CONFIG_NAME, (json.dumps(cfg, indent=2) + "\n").encode(),
+                       private=True)
         except BaseException:
             undo.run()
             raise

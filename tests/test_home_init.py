@@ -183,4 +183,6 @@ def test_init_on_postgres_prints_no_password(tmp_path: Path, pg_url: str) -> Non
                f"{pg_url}?password=secret")   # trust auth: any password is taken
     assert res.returncode == 0, res.stderr
     assert f"store {pg_url}?password=***)" in res.stdout and "secret" not in res.stdout
-    assert json.loads((tmp_path / "h" / "node.json").read_text())["db"].endswith("=secret")
+    cfg = tmp_path / "h" / "node.json"
+    assert json.loads(cfg.read_text())["db"].endswith("=secret")
+    assert stat.S_IMODE(cfg.stat().st_mode) == 0o600   # readable by the node's user only
