@@ -1,5 +1,5 @@
 """Gateway hardening: ban lookups that do not grow with the table, --metrics-allow enforced at
-accept, and a node id too long to quote whole in a Goodbye."""
+accept, a node id too long to quote whole in a Goodbye, and a node that sends without reading."""
 from __future__ import annotations
 
 import asyncio
@@ -18,7 +18,7 @@ from edgegw.gateway.bans import BanTable
 from edgegw.metrics_http import MetricsEndpoint, MetricsServer, registry_of
 from edgegw.netaddr import HostPort, parse_networks
 from edgegw.pnc import MAX_TEXT, Connection, Role
-from edgegw.pnc.events import PROTOCOL_VERSION, Closed, GatewayHello, Goodbye, NodeHello
+from edgegw.pnc.events import PROTOCOL_VERSION, Closed, GatewayHello, Goodbye, NodeHello, Ping
 from tests.procs import Proc, start_gateway
 from tests.test_gateway_metrics import _One
 from tests.test_gateway_units import _link_with_node
@@ -207,3 +207,56 @@ async def test_session_reports_with_long_reasons_still_go_out() -> None:
     (report,) = node.receive_data(b"".join(writer.writes))
     assert isinstance(report, Closed) and report.reason.endswith("...")
     assert len(report.reason.encode()) <= MAX_TEXT
+
+
+# -- a node that sends and never reads ----------------------------------------------------------
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_a_node_that_never_reads_cannot_grow_the_gateways_buffers(
+        tmp_path: Path, node_home: Path, procs: list[Proc]) -> None:
+    """A node flooding Pings (each answered with a Pong) while it reads nothing: the gateway
+    stops reading it once its writes back up, instead of buffering Pongs without bound, and
+    the heartbeat detaches the node that fell silent."""
+    from internal.home import NodeHome   # the node's certificate, as a node presents it
+    home = NodeHome(node_home, "", "", node_home)
+    gw = start_gateway(tmp_path, node_home / "gateway-trust.pem")
+    procs.append(gw)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(home.tls_cert, home.tls_key)
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)     # takes little of the Pongs
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+    raw.settimeout(10)
+    raw.connect(("127.0.0.1", gw.pnc))
+    tls = ctx.wrap_socket(raw, server_side=True)         # the gateway is the TLS client
+    try:
+        conn = Connection(Role.NODE)
+        tls.sendall(conn.send(NodeHello(PROTOCOL_VERSION, "flood", 10, 1, 0, False)))
+        while not conn.receive_data(tls.recv(65536)):    # its GatewayHello; then read nothing
+            pass
+        gw.wait_log(r"node flood attached")
+        before = _rss_kb(gw.pid)
+        pings = conn.send(Ping(1)) * 5000                # 65 kB of Pings
+        limit = 12 << 20
+        sent = 0
+        tls.settimeout(2.0)
+        try:
+            while sent < limit:
+                tls.sendall(pings)
+                sent += len(pings)
+        except OSError:   # a timeout: the gateway stopped reading us; or it detached us
+            pass
+        grown = _rss_kb(gw.pid) - before
+        # what it did not take waits in the kernel's buffers (a few MB on loopback)
+        assert sent < limit, "the gateway kept reading Pings it could not answer"
+        assert grown < 8 << 10, f"the gateway grew by {grown} kB"
+        gw.wait_log(r"node flood@\S+ silent for [\d.]+s: detaching it", timeout=15)
+        assert "Traceback" not in gw.text()
+    finally:
+        tls.close()
+    assert gw.popen is not None and gw.popen.poll() is None

@@ -25,6 +25,11 @@ def _connect(port: int, source: str, timeout: float = 5.0) -> socket.socket:
                                     source_address=(source, 0))
 
 
+def _refused_sample(listener: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return ("edgegw_gateway_handshakes_refused_total",
+            (("listener", listener), ("reason", "address_limit")))
+
+
 def _first_byte(sock: socket.socket) -> bytes:
     """What the gateway said first: b"" if it closed the connection without a word."""
     try:
@@ -40,10 +45,12 @@ def test_one_address_cannot_hold_every_handshake_slot(tmp_path: Path, node_home:
     --max-handshakes-per-address of them are held (the rest closed at accept), so a node's
     connection from 127.0.0.2 is served (challenge, or TLS ClientHello) before the idle ones'
     deadlines, instead of waiting in the backlog until they pass."""
+    mport = free_port()
     gw = start_gateway(tmp_path, node_home / "gateway-trust.pem", "--max-handshakes", "8",
                        "--max-handshakes-per-address", "4", "--proof-timeout",
-                       str(PROOF_TIMEOUT))
+                       str(PROOF_TIMEOUT), "--metrics", f"127.0.0.1:{mport}")
     procs.append(gw)
+    gw.wait_log(rf"metrics at http://127.0.0.1:{mport}/metrics")
     number = gw.data if port == "data" else gw.pnc
     idle_deadline = TLS_HANDSHAKE_TIMEOUT if port == "pnc" else PROOF_TIMEOUT
     started = time.monotonic()
@@ -60,6 +67,11 @@ def test_one_address_cannot_hold_every_handshake_slot(tmp_path: Path, node_home:
         assert said == (dataauth.CHALLENGE_MAGIC[:1] if port == "data" else b"\x16")
         assert time.monotonic() - started < idle_deadline   # not after they timed out
         assert "Traceback" not in gw.text()
+        # the refusals are counted for their listener, and only there
+        m = scrape(mport)
+        other = "pnc" if port == "data" else "data"
+        assert m[_refused_sample(port)] == 4
+        assert m[_refused_sample(other)] == 0
     finally:
         for s in idle if probe is None else (*idle, probe):
             s.close()
@@ -104,6 +116,8 @@ def test_a_flood_of_refused_connections_logs_a_bounded_number_of_lines(
             s.close()
     m = scrape(mport)
     assert m[("edgegw_gateway_clients_refused_total", (("reason", "address_limit"),))] == flood
+    assert m[_refused_sample("data")] == flood   # exact, though the log line is throttled
+    assert m[_refused_sample("pnc")] == 0
     for line in (r"data connection from 127\.0\.0\.1 closed: 2 from that address",
                  r"client 127\.0\.0\.3:\d+ dropped: 1 connections from that address",
                  r"data connection from 127\.0\.0\.2:\d+: bad proof",

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 # why a client was closed before it reached a node (the `reason` label)
 REFUSED_REASONS = ("banned", "address_limit", "waiting_limit", "no_node", "rejected")
+# listeners whose unauthenticated connections are capped per source address
+HANDSHAKE_LISTENERS = ("pnc", "data")
 
 
 @dataclass
@@ -31,6 +33,8 @@ class GatewayCounters:
     upload_bytes: int = 0          # client -> node, of finished sessions
     download_bytes: int = 0
     refused: Counter[str] = field(default_factory=Counter)     # by REFUSED_REASONS
+    # PNC/Data connections closed at accept by --max-handshakes-per-address, by listener
+    handshakes_refused: Counter[str] = field(default_factory=Counter)
 
     def session_finished(self, report: RelayReport) -> None:
         self.finished[report.reason.value] += 1
@@ -93,6 +97,13 @@ class GatewayCollector(Collector):
         for name, n in gw.handshaking.items():
             handshakes.add_metric([name], n)
         yield handshakes
+        hs_refused = CounterMetricFamily(
+            "edgegw_gateway_handshakes_refused",
+            "PNC and Data connections closed at accept, by listener and why "
+            "(address_limit: --max-handshakes-per-address).", labels=["listener", "reason"])
+        for name in HANDSHAKE_LISTENERS:
+            hs_refused.add_metric([name, "address_limit"], counters.handshakes_refused[name])
+        yield hs_refused
         yield GaugeMetricFamily("edgegw_gateway_bans", "Addresses banned now.",
                                 value=len(gw.bans))
 

@@ -174,6 +174,7 @@ class NodeLink:
                 return hello, events[1:]
 
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
+        assert self.writer is not None
         while True:
             data = await reader.read(READ_SIZE)
             if not data:
@@ -183,6 +184,11 @@ class NodeLink:
             for event in self.conn.receive_data(data):
                 if self._handle(event):
                     return
+            # What we read may have made us write (a Pong per Ping): a node that sends and
+            # never reads would grow our write buffer without bound. Read no more from it
+            # until it takes what we wrote; if it never does, it falls silent and the
+            # heartbeat detaches it.
+            await self.writer.drain()
 
     def _handle(self, event: Event) -> bool:
         """Apply one event; True means the link should close."""

@@ -243,6 +243,7 @@ class Gateway:
                                  "%s connection from %s closed: %d from that address not yet "
                                  "authenticated (--max-handshakes-per-address)", name, ip,
                                  held[ip])
+            self.counters.handshakes_refused[name] += 1
             return False
         held[ip] += 1
         self._handshaking[name] += 1
