@@ -287,3 +287,66 @@ async def test_a_stalled_store_holds_up_logins_not_file_work(
     assert (Path(home.home) / "part.bin").read_bytes() == b"a" * 1000 + b"b" * 1000
     assert [r.returncode for r in runs] == [0] * len(runs), [r.output for r in runs]
     await sshnode.wait_idle()
+
+
+async def test_a_key_blob_asyncssh_cannot_decode_ends_only_that_connection(
+        sshnode: NodeUnderTest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ssh-rsa key blob with a negative exponent makes asyncssh's key decoder raise
+    OverflowError (not KeyImportError) before the node's policy is asked: asyncssh ends the
+    connection and hands that error to the handshake. serve_socket reports it in the result
+    like any other client failure; it does not raise into the node's session task."""
+    _, key = sshnode.add_user("alice")
+    assert key is not None
+    from asyncssh.packet import MPInt, String
+
+    class BadKey:
+        algorithm = b"ssh-rsa"
+        public_data = String(b"ssh-rsa") + MPInt(-3) + MPInt(12345)
+
+    offered: list[bool] = []
+
+    async def one_bad_key(self: Any) -> Any:   # client side only: the node is a server
+        if offered:
+            return None
+        offered.append(True)
+        return BadKey()
+
+    monkeypatch.setattr(asyncssh.SSHClientConnection, "public_key_auth_requested", one_bad_key)
+    node_end, client_end = tcp_pair()
+    ctx = SessionContext("00112233445566aa", "203.0.113.7", 40000, "gw-1")
+    served = asyncio.create_task(sshnode.service.serve_socket(node_end, ctx))
+    with pytest.raises((asyncssh.Error, OSError)):
+        async with asyncssh.connect(sock=client_end, username="alice", known_hosts=None,
+                                    preferred_auth="publickey"):
+            pass
+    assert offered
+    result = await asyncio.wait_for(served, 10)
+    assert result.username is None and result.reason
+    monkeypatch.undo()
+    assert sshnode.service.active == 0
+    async with client(sshnode, "alice", client_keys=[str(key)]):   # the node serves on
+        pass
+    events = sshnode.events(session_id=ctx.session_id)
+    assert events and events[-1].kind == "session.disconnect"
+
+
+async def test_a_stored_key_that_breaks_the_decoder_is_skipped(sshnode: NodeUnderTest) -> None:
+    """A user's key line that asyncssh cannot decode is logged and skipped, whatever the
+    decoder raises: an ssh-rsa blob with a negative exponent raises OverflowError, which
+    broke every login of that user (password or another key) and each re-check of its
+    running sessions."""
+    import base64
+
+    from asyncssh.packet import MPInt, String
+    bad = "ssh-rsa " + base64.b64encode(String(b"ssh-rsa") + MPInt(-3) +
+                                        MPInt(12345)).decode()
+    user, key = sshnode.add_user("alice", password="correct horse")
+    assert key is not None
+    sshnode.update_user("alice", keys=[bad, *user.keys])
+    async with client(sshnode, "alice", password="correct horse"):
+        pass
+    async with client(sshnode, "alice", client_keys=[str(key)]) as conn:
+        async with conn.start_sftp_client() as sftp:
+            sshnode.update_user("alice", keys=[*user.keys, bad])   # still has its key
+            await sshnode.service._revoker.check()
+            assert await sftp.listdir(".") == [".", ".."]

@@ -218,3 +218,90 @@ class TestOnUvloop:
             decrypts: dict[str, int], monkeypatch: pytest.MonkeyPatch) -> None:
         await test_whole_reads_open_packets_in_place(sshnode, tmp_path, cipher, decrypts,
                                                      monkeypatch)
+
+
+def _plain_packet(payload: bytes) -> bytes:
+    """A packet as sent before the first key exchange: no cipher, block size 8."""
+    padlen = -(5 + len(payload)) % 8
+    if padlen < 4:
+        padlen += 8
+    body = bytes((padlen,)) + payload + bytes(padlen)
+    return len(body).to_bytes(4, "big") + body
+
+
+async def test_a_first_read_of_16k_and_more_starts_the_key_exchange(
+        sshnode: NodeUnderTest) -> None:
+    """A client that sends its version line, KEXINIT and more (here SSH_MSG_IGNOREs) in one
+    write: the node's first read is READ_KEEP_MIN bytes or more, handed over as a view of
+    the read buffer, and the version line must still be parsed from it (asyncssh's parser
+    searches it with bytes.find) and answered with the node's KEXINIT."""
+    from asyncssh.packet import Byte, NameList, String, UInt32
+    from internal.session import SessionContext
+    from tests.test_ssh_auth import tcp_pair
+
+    kexinit = b"".join((Byte(20), os.urandom(16), NameList([b"curve25519-sha256"]),
+                        NameList([b"ssh-ed25519"]), NameList([b"aes128-ctr"]) * 2,
+                        NameList([b"hmac-sha2-256"]) * 2, NameList([b"none"]) * 2,
+                        NameList([]) * 2, Byte(0), UInt32(0)))
+    ignores = b"".join(_plain_packet(Byte(2) + String(bytes(1000))) for _ in range(20))
+    hello = b"SSH-2.0-test\r\n" + _plain_packet(kexinit) + ignores
+    assert len(hello) >= READ_KEEP_MIN
+    node_end, client_end = tcp_pair()
+    client_end.sendall(hello)           # all of it waits in the node's socket: one read
+    served = asyncio.create_task(sshnode.service.serve_socket(
+        node_end, SessionContext("00112233445566bb", "203.0.113.8", 40000, "gw-1")))
+    client_end.setblocking(False)
+    loop = asyncio.get_running_loop()
+    got = b""
+    try:
+        while b"\n" not in got or len(got) < got.index(b"\n") + 6:
+            chunk = await asyncio.wait_for(loop.sock_recv(client_end, 65536), 10)
+            if not chunk:
+                break
+            got += chunk
+    finally:
+        client_end.close()
+    assert got.startswith(b"SSH-2.0-edgegw"), got
+    first = got[got.index(b"\n") + 1:]
+    assert len(first) >= 6 and first[5] == 20, got    # the node's KEXINIT
+    await asyncio.wait_for(served, 10)
+
+
+async def test_a_packet_trickling_in_pins_no_read_buffers(sshnode: NodeUnderTest) -> None:
+    """Reads of READ_KEEP_MIN bytes and more come as views of a READ_SIZE buffer of their
+    own. A packet arriving in many such reads (a slow or hostile client, before it has
+    authenticated) must not keep a whole buffer alive per read: 16 KiB reads of a 240 KiB
+    packet pinned 15 buffers of 256 KiB, some 4 MiB for 240 KiB received."""
+    import tracemalloc
+
+    from internal.session import SessionContext
+    from internal.ssh.transport import READ_SIZE
+    from tests.test_ssh_auth import tcp_pair
+
+    node_end, client_end = tcp_pair()
+    served = asyncio.create_task(sshnode.service.serve_socket(
+        node_end, SessionContext("00112233445566cc", "203.0.113.9", 40000, "gw-1")))
+    client_end.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_sendall(client_end, b"SSH-2.0-test\r\n")
+        await asyncio.sleep(0.2)
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            pktlen = 250_000      # within the node's packet limit; never completed
+            await loop.sock_sendall(client_end, pktlen.to_bytes(4, "big") + bytes(4))
+            sent = 8
+            while sent < pktlen - 20_000:
+                await loop.sock_sendall(client_end, bytes(READ_KEEP_MIN))
+                sent += READ_KEEP_MIN
+                await asyncio.sleep(0.01)     # one read each
+            await asyncio.sleep(0.1)
+            held = tracemalloc.get_traced_memory()[0] - base
+        finally:
+            tracemalloc.stop()
+        assert sshnode.service.active == 1            # still waiting for the packet's end
+        assert held < 2 * sent + READ_SIZE, (held, sent)
+    finally:
+        client_end.close()
+    await asyncio.wait_for(served, 10)

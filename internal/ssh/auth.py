@@ -219,6 +219,6 @@ def _key_blobs(user: User) -> set[bytes]:
     for line in user.keys:
         try:
             blobs.add(asyncssh.import_public_key(line).public_data)
-        except (asyncssh.KeyImportError, ValueError) as exc:
+        except Exception as exc:   # asyncssh's decoders raise more than KeyImportError
             log.warning("user %s: ignoring unusable public key: %s", user.name, exc)
     return blobs

@@ -269,6 +269,17 @@ class SSHService:
             if conn is not None:
                 conn.abort()
             raise
+        except Exception as exc:
+            # asyncssh ends a connection whose handling raised anything else (e.g. a client's
+            # key blob its decoder chokes on with OverflowError) and hands that to the
+            # handshake: one client's doing, not the node's. After the handshake it is ours.
+            session.reason = session.reason or _describe(exc)
+            if conn is None:
+                log.debug("session %s: handshake failed", ctx.session_id, exc_info=True)
+            else:
+                log.error("session %s: ended on an unexpected error", ctx.session_id,
+                          exc_info=True)
+                conn.abort()
         finally:
             if conn is None:
                 sock.close()

@@ -148,14 +148,16 @@ class NodeServerConnection(SSHServerConnection):
                 # A large packet often arrives in many reads (always so through a relay).
                 # Joining each read onto what is buffered would copy the packet over and over:
                 # keep the reads aside until the whole packet is there, then join once.
-                self._held.append(data)
+                self._held.append(_unpinned(data))
                 self._held_len += len(data)
                 self._reset_keepalive_timer()
                 return
         elif handler == self._recv_pkthdr:
             need = self._recv_blocksize - len(buf)
-        else:   # the version line
+        else:   # the version line, or a packet being handled asynchronously
             need = 0
+            if handler == self._recv_version and isinstance(data, memoryview):
+                data = data.tobytes()   # asyncssh's parser calls bytes.find() on it
         if need > 0 and (buf or self._held) and need <= len(data):
             # Most reads end inside a packet. Joining the next read whole onto that leftover
             # would copy every byte received once more: join only the head that completes
@@ -175,6 +177,11 @@ class NodeServerConnection(SSHServerConnection):
         else:
             self._inpbuf = buf + data
         self._recv_data()
+        # What is left waits for the next read: it must not pin a whole read buffer.
+        self._inpbuf = _unpinned(self._inpbuf)
+        if self._recv_handler == self._recv_packet and isinstance(self._packet, memoryview):
+            # a pending packet's rest is in _inpbuf: only its first block is read from here
+            self._packet = self._packet[:self._recv_blocksize].tobytes()
 
     def _recv_pkthdr(self) -> bool:
         # asyncssh slices `_inpbuf` once per packet; over a memoryview that costs nothing,
@@ -235,6 +242,16 @@ class NodeServerConnection(SSHServerConnection):
         logger = (handler or self).logger
         if getattr(logger, "_debug_level", 3) >= 3:
             (handler or self).log_sent_packet(pkttype, seq, bytes((pkttype,)) + b"".join(args))
+
+
+def _unpinned(data: Any) -> Any:
+    """`data`, copied out if it is a view that keeps alive a buffer mostly not its own (a
+    large read's, `ReadInto`): kept across reads, such views let a client that sends a
+    packet in 16 KiB pieces make the node hold 256 KiB per piece. Views that fill a good
+    part of their buffer are kept as they are (no copy on the bulk path)."""
+    if isinstance(data, memoryview) and len(data) * 4 < len(data.obj):
+        return data.tobytes()
+    return data
 
 
 class _SpareBuffer(threading.local):
