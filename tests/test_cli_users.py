@@ -97,6 +97,15 @@ def test_bad_key_line_and_empty_password(home, tmp_path, pubkey):
                                                         str(bad), code=1).output
     assert "no password on stdin" in cli(home, "user", "add", "bob", "--password-stdin",
                                          input="", code=1).output
+    # an ssh-rsa blob with a negative exponent: asyncssh raises OverflowError, not its own
+    import base64
+
+    from asyncssh.packet import MPInt, String
+    overflow = tmp_path / "overflow.pub"
+    overflow.write_text("ssh-rsa " + base64.b64encode(String(b"ssh-rsa") + MPInt(-3) +
+                                                      MPInt(12345)).decode() + "\n")
+    assert "line 1 is not an OpenSSH public key" in cli(home, "user", "add", "bob", "--key",
+                                                        str(overflow), code=1).output
     empty = tmp_path / "empty.pub"
     empty.write_text("# nothing here\n")
     assert "holds no public key" in cli(home, "user", "add", "bob", "--key", str(empty),

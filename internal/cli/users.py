@@ -250,7 +250,7 @@ def load_key_file(path: str) -> list[str]:
             continue
         try:
             key = asyncssh.import_public_key(line)
-        except (asyncssh.KeyImportError, ValueError) as exc:
+        except Exception as exc:   # asyncssh's decoders raise more than KeyImportError
             raise click.ClickException(f"{path} line {n} is not an OpenSSH public key "
                                        f"({exc}); options such as from=... are not supported, "
                                        "use --allow-ip") from None
@@ -263,7 +263,7 @@ def load_key_file(path: str) -> list[str]:
 def _fingerprint(line: str) -> str:
     try:
         return str(asyncssh.import_public_key(line).get_fingerprint())
-    except (asyncssh.KeyImportError, ValueError):
+    except Exception:   # e.g. OverflowError from a stored blob with a negative exponent
         return "(unreadable key)"
 
 
