@@ -165,8 +165,9 @@ class DataPool:
             if link.connected:
                 self.fill()   # the rest of the pool, which stopped dialing
         me = asyncio.current_task()
+        proven_at = asyncio.get_running_loop().time()
         if me is not None:
-            self._proven[me] = asyncio.get_running_loop().time()
+            self._proven[me] = proven_at
         try:
             wire = await recv_exact(sock, dataauth.ASSIGN_LEN)
             assignment = dataauth.parse_assignment(wire, gateway.pool_key, nonce, ident)
@@ -179,6 +180,13 @@ class DataPool:
             # Closed unassigned (gateway restart, link down): the done-callback replaces it.
             log.debug("pooled data connection to %s closed: %s", link.target, exc)
             sock.close()
+            if asyncio.get_running_loop().time() - proven_at < STALE_AFTER:
+                # Closed right after its proof: the gateway does not take them (it dropped
+                # this link, or is hostile). Count it as a failed dial, or the pool would
+                # replace it at once, in a tight loop.
+                self._proven.pop(me, None)  # type: ignore[arg-type]
+                self._failures += 1
+                await asyncio.sleep(0.5)
             return
         except asyncio.CancelledError:   # pool closing (link down, node stopping), or stale
             sock.close()

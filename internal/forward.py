@@ -39,6 +39,8 @@ class ForwardService:
         self._waiting: dict[int, asyncio.Future[RelayReport]] = {}
         self._relayed: dict[int, SessionContext] = {}   # sessions the relay holds
         self._revoked: set[int] = set()                 # ... ended by end_banned()
+        self._serving: dict[int, asyncio.Task[object]] = {}   # ... and the tasks serving them
+        self._closing = False
         self._next_id = 1
         self._recheck_interval = recheck_interval
         self._checker: asyncio.Task[None] | None = None
@@ -105,15 +107,29 @@ class ForwardService:
                 log.warning("session %s: client %s:%d: cannot reach %s: %s", ctx.session_id,
                             ctx.client_ip, ctx.client_port, self.target, exc or "timeout")
                 return SessionResult(None, 0, 0, "upstream unreachable")
+            if self._closing:   # the relay is closed or closing: the node is stopping
+                upstream.close()
+                return SessionResult(None, 0, 0, "node shutting down")
             self._record("session.connect", ctx, {"forward": str(self.target)})
             log.info("session %s: client %s:%d forwarded to %s", ctx.session_id, ctx.client_ip,
                      ctx.client_port, self.target)
-            self._relay.add(rid, sock, upstream)
+            try:
+                self._relay.add(rid, sock, upstream)
+            except (OSError, RuntimeError) as exc:   # a failed add leaves us the sockets
+                upstream.close()
+                log.error("session %s: the relay refused it: %s", ctx.session_id, exc)
+                self._record("session.disconnect", ctx, {"bytes_in": 0, "bytes_out": 0,
+                                                         "reason": f"relay error: {exc}"})
+                return SessionResult(None, 0, 0, "relay error")
             self._relayed[rid] = ctx
+            task = asyncio.current_task()
+            if task is not None:
+                self._serving[rid] = task
             report = await fut
         finally:
             self._waiting.pop(rid, None)
             self._relayed.pop(rid, None)
+            self._serving.pop(rid, None)
         revoked = rid in self._revoked
         self._revoked.discard(rid)
         result = SessionResult(None, report.bytes_a_to_b, report.bytes_b_to_a,
@@ -139,8 +155,14 @@ class ForwardService:
                                client_port=ctx.client_port, gateway=ctx.gateway, detail=detail)
 
     async def close(self) -> None:
+        """End every session and wait (briefly) for them to report."""
+        self._closing = True
         if self._checker is not None:
             self._checker.cancel()
             self._checker = None
+        serving = list(self._serving.values())
         if self._relay_started:
-            await self._relay.close()
+            await self._relay.close()   # reports every running session (SHUTDOWN)
+        # Let them record their session.disconnect: the node cancels what is left after this.
+        if serving:
+            await asyncio.wait(serving, timeout=5.0)

@@ -144,6 +144,10 @@ class GatewayLink:
                 for event in self._conn.receive_data(data):
                     if self._handle(event):
                         return
+                # Read on only once the gateway takes our answers (pongs, accepts): one that
+                # sends without reading would otherwise have them queued in memory without
+                # end. If it stays silent meanwhile, the heartbeat drops the link.
+                await self._writer.drain()
         finally:
             self.connected = False
             if heartbeat is not None:

@@ -62,6 +62,10 @@ class Node:
         self._load_timer: asyncio.TimerHandle | None = None
         self._bans: dict[str, BanEntry] = {}
         self._pools: dict[GatewayLink, DataPool] = {}
+        # Sessions admitted that the service does not count yet (their Data connection is being
+        # dialed, or their task has not run): capacity must count them, or offers read together
+        # all find the node free.
+        self._starting = 0
         self.idle = asyncio.Event()
         self.idle.set()
 
@@ -143,11 +147,15 @@ class Node:
             link.send(Reject(offer.session_id, reason, retry_elsewhere=reason in RETRYABLE))
             return
         link.send(Accept(offer.session_id))
+        self._starting += 1
         self._spawn(self._dial_and_serve(link, offer))
 
     def _admit(self, link: GatewayLink, sid: str, ip: str, port: int) -> str | None:
         """Why the client may not start a session here, or None."""
         reason = "draining" if self.draining else self.service.admit(ip)
+        capacity = self.settings.capacity
+        if reason is None and capacity and self.active + self._starting >= capacity:
+            reason = "capacity"
         if reason is not None:
             log.info("session %s from %s: client %s:%d rejected: %s", sid, link.gateway_id,
                      ip, port, reason)
@@ -207,9 +215,11 @@ class Node:
         if reason is not None:
             sock.close()
             return
+        self._starting += 1
         self._spawn(self._serve(link, session_id, ip, port, sock, banner_sent=bool(banner)))
 
     async def _dial_and_serve(self, link: GatewayLink, offer: Offer) -> None:
+        sock = None
         try:
             sock = await dial_session(link.data_addr, offer.session_id, offer.secret,
                                       self.settings.data_congestion)
@@ -217,6 +227,9 @@ class Node:
             log.warning("session %016x: could not open the Data connection to %s: %s",
                         offer.session_id, link.gateway_id, exc or "timeout")
             return
+        finally:
+            if sock is None:
+                self._starting -= 1   # admitted, but it will not be served
         await self._serve(link, offer.session_id, offer.client_ip, offer.client_port, sock)
 
     async def _serve(self, link: GatewayLink, session_id: int, ip: str, port: int,
@@ -226,6 +239,8 @@ class Node:
         self.idle.clear()
         self._send_load()
         try:
+            # the service counts it from here: serve_socket counts before its first await
+            self._starting -= 1
             result = await self.service.serve_socket(sock, ctx, banner_sent=banner_sent)
             log.debug("session %s ended: %s", sid, result.reason)
         finally:

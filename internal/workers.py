@@ -120,6 +120,7 @@ def _supervise(argv: list[str], workers: int, node_id: str, run_dir: Path,
     done: set[int] = set()           # worker indexes that are over
     crashes: list[float] = []        # when workers died (but at first start): crash guard
     stopping = False
+    stop_signal = signal.SIGTERM     # what stop_all sent, for workers started after it
     failure: str | None = None       # why the supervisor gave up
     env = dict(os.environ, **({MULTIPROC_ENV: metrics_dir} if metrics_dir else {}),
                **{SUPERVISOR_ENV: str(os.getpid())})
@@ -127,6 +128,8 @@ def _supervise(argv: list[str], workers: int, node_id: str, run_dir: Path,
     def spawn(index: int) -> None:
         procs[index] = subprocess.Popen(worker_args(argv, index, node_id), env=env)
         log.info("worker %d started (pid %d)", index, procs[index].pid)
+        if stopping:    # the signal came while it was being started: stop_all missed it
+            procs[index].send_signal(stop_signal)
 
     def is_ready(proc: subprocess.Popen[bytes]) -> bool:
         # the pid file goes when the worker exits cleanly, so remember it while it is there
@@ -135,8 +138,9 @@ def _supervise(argv: list[str], workers: int, node_id: str, run_dir: Path,
         return proc.pid in ready
 
     def stop_all(sig: int) -> None:
-        nonlocal stopping
+        nonlocal stopping, stop_signal
         stopping = True
+        stop_signal = sig
         done.update(due)            # restarts not yet made are off
         due.clear()
         for proc in procs.values():
@@ -160,8 +164,7 @@ def _supervise(argv: list[str], workers: int, node_id: str, run_dir: Path,
         time.sleep(POLL_INTERVAL)
         now = time.monotonic()
         for index, when in list(due.items()):
-            if now >= when:
-                del due[index]
+            if now >= when and due.pop(index, None) is not None:   # stop_all may clear due
                 spawn(index)
         for index, proc in list(procs.items()):
             if index in done or index in due:

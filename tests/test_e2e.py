@@ -329,6 +329,43 @@ def test_a_ban_ends_running_forwarded_sessions(tmp_path: Path, node_home: Path,
             s.close()
 
 
+def test_forwarded_session_running_at_shutdown_is_audited(tmp_path: Path, node_home: Path,
+                                                           procs: list[Proc]) -> None:
+    """A forwarded session still running when the node stops gets its session.disconnect:
+    the relay's shutdown reports reached sessions the node then cancelled, which recorded
+    nothing, and the trail showed a session that never ended."""
+    from internal.home import NodeHome
+    from internal.store import open_store
+
+    upstream = socket.create_server(("127.0.0.1", 0))
+    upstream.settimeout(20)
+    gw = start_gateway(tmp_path, node_home / "gateway-trust.pem")
+    procs.append(gw)
+    fwd = start_node(tmp_path, node_home, [gw], "--forward",
+                     f"127.0.0.1:{upstream.getsockname()[1]}")
+    procs.append(fwd)
+    client = socket.create_connection(("127.0.0.1", gw.external), 10, ("127.0.0.23", 0))
+    try:
+        client.sendall(b"hello")
+        conn, _ = upstream.accept()
+        with conn:
+            conn.settimeout(10)
+            assert conn.recv(5, socket.MSG_WAITALL) == b"hello"
+            fwd.wait_log(r"client 127\.0\.0\.23:\d+ forwarded to")
+            assert fwd.stop(signal.SIGINT) == 0
+            assert conn.recv(16) == b""       # the node let go of the upstream end
+    finally:
+        client.close()
+        upstream.close()
+    store = open_store(NodeHome.load(node_home).db_url)
+    try:
+        events = store.query_audit(ip="127.0.0.23")
+    finally:
+        store.close()
+    assert [e.kind for e in events] == ["session.connect", "session.disconnect"], events
+    assert events[1].detail["reason"] == "shutdown" and events[1].detail["bytes_in"] == 5
+
+
 @pytest.mark.parametrize("backend", ["select", "python"])
 def test_other_relay_backends_end_to_end(tmp_path: Path, node_home: Path, procs: list[Proc],
                                          alice: tuple[str, Path], backend: str) -> None:

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -188,3 +189,36 @@ def test_drain_never_signals_a_process_a_crashed_node_left_its_pid_to(node_home:
     finally:
         bystander.kill()
         bystander.wait()
+
+
+# The supervisor, with SIGTERM arriving while it starts its first worker: the moment a service
+# manager stops a node that is still starting (run as a real process, the timing forced).
+_STOPPED_WHILE_STARTING = """
+import os, signal, subprocess, sys
+real = subprocess.Popen
+class Popen(real):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if "--node-id" in args[0] and not getattr(Popen, "fired", False):   # a worker
+            Popen.fired = True
+            os.kill(os.getpid(), signal.SIGTERM)
+subprocess.Popen = Popen
+sys.argv[0] = "edgegw"
+from edgegw.cli import main
+main()
+"""
+
+
+def test_supervisor_stopped_while_it_starts_workers_stops_them_all(node_home: Path,
+                                                                   tmp_path: Path,
+                                                                   procs: list[Proc]) -> None:
+    """A stop signal while the supervisor was still starting workers reached only those it
+    had recorded: the others served on, and the supervisor waited for them forever."""
+    node = Proc("node", [sys.executable, "-c", _STOPPED_WHILE_STARTING, "internal", "serve",
+                         "--home", str(node_home), "--listen", "127.0.0.1:0", "--workers", "2"],
+                tmp_path / "node.log").start()
+    procs.append(node)
+    _wait_exit(node, 30)    # non-zero: a worker stopped before it was up dies of the signal
+    assert node.count(r"worker \d started") == 2
+    assert not any(_running(_worker_pid(node, index)) for index in (1, 2)), node.text()
+

@@ -281,3 +281,34 @@ async def test_node_pool_dials_again_after_the_gateway_refused_it(monkeypatch) -
         pool.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_node_pool_backs_off_when_the_gateway_closes_them_after_the_proof() -> None:
+    """A gateway that reads the proof and closes the connection at once (it no longer counts
+    this link among its nodes, or a hostile one) made the pool redial in a tight loop: every
+    proof counted as a working dial, so each close was replaced at once (thousands of dials a
+    second). Such a close now counts as a failed dial, and the pool backs off."""
+    dials = 0
+
+    async def gateway(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal dials
+        dials += 1
+        try:
+            await _proven(reader, writer)
+        finally:
+            writer.close()
+
+    server, port = await _data_port(gateway)
+    link = _FakeLink(port)
+    link.connected = True
+    pool = DataPool(link, 4, lambda a, s: s.close())  # type: ignore[arg-type]
+    try:
+        pool.fill()
+        await asyncio.sleep(1.5)
+        # the first batch, then at most a few more after a backoff (it was thousands)
+        assert 4 <= dials <= 16, dials
+    finally:
+        link.connected = False
+        pool.close()
+        server.close()
+        await server.wait_closed()
