@@ -56,11 +56,12 @@ def _check_host(text: str, host: str) -> None:
         raise ValueError(f"{text!r}: {host!r} is not a valid host name ({exc})") from None
 
 
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def ip_in_networks(ip: str, nets: tuple[Network, ...] | list[Network]) -> bool:
-    addr = ipaddress.ip_address(ip)
+    addr = canonical_address(ip)
     return any(addr.version == net.version and addr in net for net in nets)
 
 
@@ -68,15 +69,35 @@ def parse_networks(items: list[str] | tuple[str, ...]) -> tuple[Network, ...]:
     nets = []
     for item in items:
         try:
-            nets.append(ipaddress.ip_network(item.strip(), strict=False))
+            # as addresses are compared: no zone, IPv4-mapped as IPv4 (else it never matches)
+            nets.append(canonical_network(item.strip()))
         except ValueError:
             raise ValueError(f"{item!r} is not an IP address or CIDR (e.g. 10.0.0.0/8)") from None
     return tuple(nets)
 
 
-def normalize_ip(ip: str) -> str:
-    """Canonical text of an address; IPv4-mapped IPv6 (::ffff:a.b.c.d) becomes plain IPv4."""
+def canonical_address(ip: str) -> Address:
+    """An address as the gateway compares it: without an IPv6 zone (%eth0), and IPv4-mapped
+    IPv6 (::ffff:a.b.c.d) as plain IPv4."""
     addr = ipaddress.ip_address(ip.split("%", 1)[0])
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
-    return str(addr)
+    return addr
+
+
+def canonical_network(ip_or_cidr: str) -> Network:
+    """A network in the form canonical_address's addresses are matched against: without a
+    zone (a zoned address never equals the zoneless one a lookup uses), and an IPv4-mapped
+    network of /96 or longer as the IPv4 network."""
+    net = ipaddress.ip_network(ip_or_cidr, strict=False)
+    if isinstance(net, ipaddress.IPv6Network):
+        mapped = net.network_address.ipv4_mapped
+        if mapped is not None and net.prefixlen >= 96:
+            return ipaddress.IPv4Network((mapped, net.prefixlen - 96))
+        net = ipaddress.IPv6Network((int(net.network_address), net.prefixlen))  # drops the zone
+    return net
+
+
+def normalize_ip(ip: str) -> str:
+    """Canonical text of an address (see canonical_address)."""
+    return str(canonical_address(ip))

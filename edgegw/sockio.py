@@ -16,8 +16,11 @@ def listen_socket(addr: HostPort, backlog: int = 1024, *, reuse_port: bool = Fal
     `reuse_port` lets several worker processes share the port (the kernel spreads clients);
     `congestion` is the TCP congestion control its connections start with (see
     set_congestion: "" keeps the kernel's default)."""
-    infos = socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM,
-                               flags=socket.AI_PASSIVE)
+    try:
+        infos = socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:   # a host name that does not resolve
+        raise _listen_error(addr, exc) from None
     family = infos[0][0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -32,8 +35,15 @@ def listen_socket(addr: HostPort, backlog: int = 1024, *, reuse_port: bool = Fal
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        raise OSError(exc.errno, f"cannot listen on {addr}: {exc.strerror}") from None
+        raise _listen_error(addr, exc) from None
     return sock
+
+
+def _listen_error(addr: HostPort, exc: OSError) -> OSError:
+    """One line for the operator (no '[Errno 98]' in front), the errno kept for code."""
+    err = OSError(f"cannot listen on {addr}: {exc.strerror or exc}")
+    err.errno = exc.errno
+    return err
 
 
 _handed_out: set[int] = set()

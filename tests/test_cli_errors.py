@@ -82,6 +82,23 @@ def test_gateway_bad_inputs(tmp_path: Path, node_home: Path) -> None:
         busy.close()
 
 
+@pytest.mark.parametrize("option", ["--external", "--pnc", "--data", "--metrics"])
+def test_gateway_listen_address_that_does_not_resolve(node_home: Path, option: str) -> None:
+    """A host name the resolver refuses (.invalid never resolves) is one error line naming
+    the address, not the resolver's bare '[Errno -2] ...'."""
+    args = _serve(node_home / "gateway-trust.pem")
+    if option == "--metrics":
+        args += ["--metrics", "nosuch.invalid:2222"]
+    else:
+        args[args.index(option) + 1] = "nosuch.invalid:2222"
+    res = _run(*args)
+    assert res.returncode != 0
+    errors = [line for line in res.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and errors[0].startswith(
+        "Error: cannot listen on nosuch.invalid:2222: "), res.stderr
+    assert "Traceback" not in res.stderr and "Errno" not in res.stderr
+
+
 @pytest.mark.parametrize("args,message", [
     (["internal", "serve", "--home", "/nonexistent/home", "--gateway", "127.0.0.1:1"],
      "not an edgegw node home"),

@@ -1,5 +1,6 @@
 """Gateway hardening: ban lookups that do not grow with the table, --metrics-allow enforced at
-accept, a node id too long to quote whole in a Goodbye, and a node that sends without reading."""
+accept, a node id too long to quote whole in a Goodbye, a node that sends without reading, and
+one that opens pooled Data connections without end."""
 from __future__ import annotations
 
 import asyncio
@@ -15,12 +16,13 @@ import pytest
 from edgegw import metrics_http
 from edgegw.gateway import node_link
 from edgegw.gateway.bans import BanTable
+from edgegw.gateway.peers import MAX_POOLED
 from edgegw.metrics_http import MetricsEndpoint, MetricsServer, registry_of
 from edgegw.netaddr import HostPort, parse_networks
-from edgegw.pnc import MAX_TEXT, Connection, Role
+from edgegw.pnc import MAX_TEXT, Connection, Role, dataauth
 from edgegw.pnc.events import PROTOCOL_VERSION, Closed, GatewayHello, Goodbye, NodeHello, Ping
-from tests.procs import Proc, start_gateway
-from tests.test_gateway_metrics import _One
+from tests.procs import Proc, free_port, start_gateway
+from tests.test_gateway_metrics import _One, wait_for
 from tests.test_gateway_units import _link_with_node
 
 # -- bans ---------------------------------------------------------------------------------------
@@ -56,6 +58,27 @@ def test_host_and_network_bans_with_expiry() -> None:
     assert bans.remove("198.51.100.0/24") and not bans.banned("198.51.100.77", now + 40)
     assert not bans.banned("192.0.2.1", now + 61)           # every one expires
     assert not bans.banned("2001:db8:1::42", now + 61) and len(bans) == 0
+
+
+def test_bans_are_stored_in_the_form_lookups_ask_for() -> None:
+    """Clients are looked up without an IPv6 zone and with IPv4-mapped addresses as IPv4: a
+    ban written with a zone, or as an IPv4-mapped network, must be stored that way too, or it
+    never matches (and cannot be lifted by the plain address)."""
+    bans = BanTable()
+    now = 1_000_000.0
+    bans.add("fe80::1%eth0", now + 60)
+    assert bans.banned("fe80::1", now) and bans.banned("fe80::1%eth1", now)
+    bans.add("fe80::1", now + 90)                            # the same ban, extended
+    assert len(bans) == 1 and bans.banned("fe80::1", now + 80)
+    bans.add("fe80::%eth0/64", now + 60)
+    bans.add("::ffff:198.51.100.0/120", now + 60)            # IPv4-mapped: 198.51.100.0/24
+    assert bans.banned("fe80::77", now) and not bans.banned("fe80:1::77", now)
+    assert bans.banned("198.51.100.9", now) and bans.banned("::ffff:198.51.100.9", now)
+    assert not bans.banned("198.51.101.9", now) and len(bans) == 3
+    assert bans.remove("fe80::/64") and not bans.banned("fe80::77", now)
+    assert bans.remove("fe80::1") and not bans.banned("fe80::1", now)
+    assert bans.remove("198.51.100.0/24") and not bans.banned("198.51.100.9", now)
+    assert len(bans) == 0
 
 
 def test_extended_then_lifted_bans_leave_no_stale_expiry() -> None:
@@ -258,5 +281,62 @@ def test_a_node_that_never_reads_cannot_grow_the_gateways_buffers(
         gw.wait_log(r"node flood@\S+ silent for [\d.]+s: detaching it", timeout=15)
         assert "Traceback" not in gw.text()
     finally:
+        tls.close()
+    assert gw.popen is not None and gw.popen.poll() is None
+
+
+# -- a node whose pool refill loops ---------------------------------------------------------------
+
+
+def test_a_node_cannot_pool_data_connections_without_bound(
+        tmp_path: Path, node_home: Path, procs: list[Proc]) -> None:
+    """A node (a bug in its refill, or a hostile host with its certificate) proving pooled
+    Data connections without end: the gateway keeps MAX_POOLED of them for it and closes the
+    rest once proven, counted, in a throttled log line, instead of filling its descriptor
+    table until client accepts fail."""
+    from internal.home import NodeHome   # the node's certificate, as a node presents it
+    home = NodeHome(node_home, "", "", node_home)
+    mport = free_port()
+    gw = start_gateway(tmp_path, node_home / "gateway-trust.pem", "--heartbeat-timeout", "120",
+                       "--metrics", f"127.0.0.1:{mport}")
+    procs.append(gw)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(home.tls_cert, home.tls_key)
+    raw = socket.create_connection(("127.0.0.1", gw.pnc), timeout=10)
+    tls = ctx.wrap_socket(raw, server_side=True)         # the gateway is the TLS client
+    pooled: list[socket.socket] = []
+    extra = 3
+    try:
+        conn = Connection(Role.NODE)
+        tls.sendall(conn.send(NodeHello(PROTOCOL_VERSION, "looper", 0, 1, 0, False)))
+        events: list[object] = []
+        while not events:
+            events = conn.receive_data(tls.recv(65536))
+        hello = events[0]
+        assert isinstance(hello, GatewayHello)
+        gw.wait_log(r"node looper attached")
+        for ident in range(1, MAX_POOLED + extra + 1):   # one after another, as a refill
+            s = socket.create_connection(("127.0.0.1", hello.data_port), timeout=10)
+            pooled.append(s)
+            nonce = dataauth.parse_challenge(s.recv(dataauth.CHALLENGE_LEN, socket.MSG_WAITALL))
+            s.sendall(dataauth.pool_proof(hello.pool_key, ident, nonce))
+        refused = ("edgegw_gateway_pooled_data_refused_total", ())
+        held = ("edgegw_gateway_node_pooled_data", (("node", "looper"),))
+        m = wait_for(mport, lambda m: m.get(refused) == extra and m.get(held) == MAX_POOLED)
+        assert (m.get(refused), m.get(held)) == (extra, MAX_POOLED)
+        closed = 0
+        for s in pooled:                                 # the gateway's closes have been sent
+            s.setblocking(False)
+            try:
+                closed += s.recv(1) == b""
+            except BlockingIOError:                      # held, waiting for an assignment
+                pass
+        assert closed == extra
+        line = r"node looper already holds \d+ pooled data connections; closed"
+        assert 1 <= gw.count(line) <= 2, gw.text()[-4000:]
+        assert "Traceback" not in gw.text()
+    finally:
+        for s in pooled:
+            s.close()
         tls.close()
     assert gw.popen is not None and gw.popen.poll() is None

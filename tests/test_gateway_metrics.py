@@ -18,11 +18,18 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 from edgegw import metrics_http
+from edgegw.gateway.config import GatewayConfig
+from edgegw.gateway.dispatch import dispatch_client
+from edgegw.gateway.metrics import GatewayCollector
+from edgegw.gateway.peers import Peer, PooledData
+from edgegw.gateway.server import Gateway
 from edgegw.metrics_http import MetricsEndpoint, MetricsServer, registry_of, tls_context
 from edgegw.netaddr import HostPort
+from edgegw.pnc import dataauth
+from edgegw.sockio import recv_exact
 from internal.home import NodeHome, make_node_certificate
 from tests.procs import Proc, edgegw_cmd, free_port, sftp_batch, start_gateway, start_node
-from tests.relay_helpers import open_fds
+from tests.relay_helpers import Listener, open_fds, sees_end
 
 
 def make_cert(directory: Path, name: str = "metrics") -> tuple[Path, Path]:
@@ -149,6 +156,76 @@ def test_a_scrape_follows_sessions_nodes_and_refusals(tmp_path: Path, node_home:
     assert m[("edgegw_gateway_clients_refused_total", (("reason", "banned"),))] == 1
     assert m[("edgegw_gateway_bans", ())] == 1
     assert gw.stop() == 0
+
+
+def _refused(reason: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return ("edgegw_gateway_clients_refused_total", (("reason", reason),))
+
+
+def test_clients_without_a_valid_proxy_header_are_counted(tmp_path: Path, node_home: Path,
+                                                           procs: list[Proc]) -> None:
+    """Connections from a --proxy-protocol-from balancer that do not start with a valid PROXY
+    header are closed, and counted as proxy_header (they were closed uncounted); the log has
+    one line for them (a balancer's health checks repeat them for ever)."""
+    mport = free_port()
+    gw = start_gateway(tmp_path, node_home / "gateway-trust.pem", "--proxy-protocol-from",
+                       "127.0.0.1/32", "--metrics", f"127.0.0.1:{mport}")
+    procs.append(gw)
+    gw.wait_log(rf"metrics at http://127.0.0.1:{mport}/metrics")
+    for first in (b"SSH-2.0-OpenSSH_9.6\r\n",            # a balancer not sending headers
+                  b"PROXY TCP4 nonsense\r\n") * 3:       # a malformed one
+        with socket.create_connection(("127.0.0.1", gw.external), timeout=10) as c:
+            c.sendall(first)
+            try:
+                assert c.recv(1) == b""
+            except ConnectionResetError:                  # closed with our bytes unread
+                pass
+    m = wait_for(mport, lambda m: m[_refused("proxy_header")] == 6)
+    assert m[_refused("proxy_header")] == 6
+    assert sum(v for (name, _), v in m.items()
+               if name == "edgegw_gateway_clients_refused_total") == 6   # and only there
+    assert "Traceback" not in gw.text()
+    assert gw.text().count("(trusted balancer)") == 1, gw.text()
+
+
+async def test_a_client_the_relay_cannot_take_is_counted(node_home: Path) -> None:
+    """A node accepts the client on a pooled Data connection, but the relay engine refuses
+    the pair (here: closed; out of memory or descriptors, a relay process gone): both
+    connections are closed and the client is counted as relay_error (it was counted
+    nowhere)."""
+    here = HostPort("127.0.0.1", 0)
+    gw = Gateway(GatewayConfig(here, here, here, node_home / "gateway-trust.pem"))
+    await gw.relay.close()
+    key, nonce = bytes(range(32)), bytes(32)
+    peer = Peer("n1", "127.0.0.1:1", lambda event: None, key)
+    gw.attach(peer)
+    listener = Listener()
+    try:
+        client_far, client = listener.pair()
+        node_end, gw_data = listener.pair()
+        gw_data.setblocking(False)
+        peer.pool.append(PooledData(gw_data, nonce, 9))
+
+        async def node() -> None:
+            loop = asyncio.get_running_loop()
+            wire = await recv_exact(node_end, dataauth.ASSIGN_LEN)
+            dataauth.parse_assignment(wire, key, nonce, 9)
+            await loop.sock_sendall(node_end, bytes((dataauth.ANSWER_ACCEPT,)))
+
+        answered = asyncio.create_task(node())
+        client.setblocking(False)
+        assert await dispatch_client(gw, client, "192.0.2.1", 40000) is False
+        await answered
+        for far in (client_far, node_end):               # both see their connection end
+            assert await sees_end(far, 5)
+        refused = {s.labels["reason"]: s.value for fam in GatewayCollector(gw).collect()
+                   if fam.name == "edgegw_gateway_clients_refused" for s in fam.samples}
+        assert refused["relay_error"] == 1
+        assert sum(refused.values()) == 1
+    finally:
+        for s in (client_far, node_end):
+            s.close()
+        listener.close()
 
 
 def test_https_scrapes_by_certificate_from_metrics_allow_only(

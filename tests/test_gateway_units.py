@@ -15,7 +15,7 @@ from edgegw.gateway import node_link
 from edgegw.gateway.bans import BanTable
 from edgegw.gateway.offers import OfferTable, PeerLost
 from edgegw.gateway.peers import Peer, PeerRegistry
-from edgegw.netaddr import HostPort, normalize_ip, parse_hostport, parse_networks
+from edgegw.netaddr import HostPort, ip_in_networks, normalize_ip, parse_hostport, parse_networks
 from edgegw.pnc import Connection, Role
 from edgegw.pnc.events import (
     PROTOCOL_VERSION, Accept, Closed, GatewayHello, NodeHello, Offer, Ping,
@@ -168,3 +168,12 @@ async def test_anything_else_goes_out_at_once_after_held_reports() -> None:
     assert node.receive_data(writer.writes[1]) == [Closed(7, 1, 2, 3, "eof"), offer]
     await asyncio.sleep(node_link.REPORT_DELAY * 2)
     assert len(writer.writes) == 2              # nothing left behind to flush
+
+
+def test_allow_lists_match_addresses_in_the_form_clients_arrive() -> None:
+    """--proxy-protocol-from and --metrics-allow: an IPv4-mapped network matches IPv4 clients,
+    a zoned one the zoneless address, and a mapped client address an IPv4 network."""
+    assert ip_in_networks("10.1.2.3", parse_networks(["::ffff:10.0.0.0/104"]))
+    assert ip_in_networks("fe80::1", parse_networks(["fe80::1%eth0"]))
+    assert ip_in_networks("::ffff:10.1.2.3", parse_networks(["10.0.0.0/8"]))
+    assert not ip_in_networks("11.1.2.3", parse_networks(["::ffff:10.0.0.0/104"]))

@@ -7,23 +7,14 @@ bans are scanned. Expired bans leave through a heap ordered by expiry, a few per
 from __future__ import annotations
 
 import heapq
-import ipaddress
 import itertools
 import time
 
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+from edgegw.netaddr import Address, Network, canonical_address, canonical_network
+
+# Entries are normalized as lookups normalize addresses (no zone, IPv4-mapped as IPv4):
+# otherwise fe80::1%eth0 or ::ffff:a.b.c.d would be stored in a form no lookup ever asks for.
 _Key = Address | Network
-
-
-def _network(ip_or_cidr: str) -> Network:
-    """The ban's network; an IPv4-mapped IPv6 one as plain IPv4, the form lookups use."""
-    net = ipaddress.ip_network(ip_or_cidr, strict=False)
-    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96:
-        mapped = net.network_address.ipv4_mapped
-        if mapped is not None:
-            return ipaddress.IPv4Network((mapped, net.prefixlen - 96))
-    return net
 
 
 def _key(net: Network) -> _Key:
@@ -39,7 +30,7 @@ class BanTable:
         self._seq = itertools.count()   # ties on expiry never compare keys
 
     def add(self, ip_or_cidr: str, until: float) -> None:
-        key = _key(_network(ip_or_cidr))
+        key = _key(canonical_network(ip_or_cidr))
         until = max(until, self._until(key))
         if isinstance(key, Network):
             self._networks[key] = until
@@ -52,7 +43,7 @@ class BanTable:
             heapq.heapify(self._expiry)
 
     def remove(self, ip_or_cidr: str) -> bool:
-        key = _key(_network(ip_or_cidr))
+        key = _key(canonical_network(ip_or_cidr))
         if isinstance(key, Network):
             return self._networks.pop(key, None) is not None
         return self._hosts.pop(key, None) is not None
@@ -62,9 +53,7 @@ class BanTable:
             return False
         now = time.time() if now is None else now
         self._expire(now)
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
+        addr = canonical_address(ip)
         if self._hosts.get(addr, 0.0) > now:
             return True
         return any(addr.version == net.version and addr in net and until > now

@@ -6,7 +6,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING
 
-from edgegw.gateway.peers import PooledData
+from edgegw.gateway.peers import MAX_POOLED, PooledData
 from edgegw.pnc import RemoteProtocolError
 from edgegw.pnc import dataauth
 from edgegw.sockio import recv_exact
@@ -44,6 +44,14 @@ async def handle_data_connection(gw: "Gateway", sock: socket.socket, addr: tuple
         else:
             for peer in gw.peers.peers:
                 if dataauth.verify_pool_proof(proof, peer.pool_key, nonce):
+                    if len(peer.pool) >= MAX_POOLED:
+                        # A refill that loops (a bug, or a hostile node host) would otherwise
+                        # hold descriptors without bound, and client accepts would fail.
+                        gw.counters.pooled_refused += 1
+                        say("pool_limit", logging.WARNING,
+                            "data connection from %s: node %s already holds %d pooled data "
+                            "connections; closed", where, peer.node_id, len(peer.pool))
+                        return
                     peer.pool.append(PooledData(sock, nonce, proof.ident))
                     handed_over = True
                     log.debug("node %s: pooled data connection %d ready (%d idle)",

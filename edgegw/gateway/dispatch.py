@@ -76,6 +76,11 @@ async def dispatch_client(gw: "Gateway", sock: socket.socket, ip: str, port: int
 async def _offer_to(gw: "Gateway", peer: Peer, ip: str, port: int,
                     who: str) -> tuple[int, socket.socket] | None | bool:
     """Offer the client to one node. (id, data socket) if paired; None: try another; False: give up."""
+    if not peer.alive:
+        # Detached while a pooled connection of its was tried: its link is gone, so an offer
+        # would go nowhere, and fail_peer (which ends open offers at once) has already run.
+        log.info("client %s: node %s was detached; trying another node", who, peer.node_id)
+        return None
     cfg = gw.config
     lifetime = cfg.offer_timeout + cfg.data_timeout  # answer, then prove the Data connection
     offer = gw.offers.create(peer, ip, port, lifetime, gw.sessions)

@@ -19,8 +19,11 @@ from edgegw.relay import FinishReason, RelayReport
 if TYPE_CHECKING:
     from edgegw.gateway.server import Gateway
 
-# why a client was closed before it reached a node (the `reason` label)
-REFUSED_REASONS = ("banned", "address_limit", "waiting_limit", "no_node", "rejected")
+# why a client was closed before it reached a node (the `reason` label); proxy_header: no
+# valid PROXY header from a --proxy-protocol-from balancer; relay_error: a node took it but
+# the relay engine could not (out of memory or descriptors, a relay process gone)
+REFUSED_REASONS = ("banned", "address_limit", "waiting_limit", "no_node", "rejected",
+                   "proxy_header", "relay_error")
 # listeners whose unauthenticated connections are capped per source address
 HANDSHAKE_LISTENERS = ("pnc", "data")
 
@@ -35,6 +38,7 @@ class GatewayCounters:
     refused: Counter[str] = field(default_factory=Counter)     # by REFUSED_REASONS
     # PNC/Data connections closed at accept by --max-handshakes-per-address, by listener
     handshakes_refused: Counter[str] = field(default_factory=Counter)
+    pooled_refused: int = 0        # proven Data connections closed: their node's pool was full
 
     def session_finished(self, report: RelayReport) -> None:
         self.finished[report.reason.value] += 1
@@ -104,6 +108,10 @@ class GatewayCollector(Collector):
         for name in HANDSHAKE_LISTENERS:
             hs_refused.add_metric([name, "address_limit"], counters.handshakes_refused[name])
         yield hs_refused
+        yield CounterMetricFamily(
+            "edgegw_gateway_pooled_data_refused",
+            "Pre-opened Data connections closed once proven because their node already held "
+            "as many as the gateway keeps for one node.", value=counters.pooled_refused)
         yield GaugeMetricFamily("edgegw_gateway_bans", "Addresses banned now.",
                                 value=len(gw.bans))
 

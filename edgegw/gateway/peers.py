@@ -12,6 +12,13 @@ from typing import Callable, NamedTuple
 from edgegw.pnc.events import Event
 
 
+# Pre-opened Data connections the gateway holds for one node (one PNC peer: each worker of a
+# node is its own peer, with its own pool key). A node keeps --pool-size of them (default 32,
+# at most 256); twice that maximum leaves room for replacements crossing used ones, while a
+# node whose refill loops cannot take the gateway's descriptor table from the clients.
+MAX_POOLED = 512
+
+
 class PooledData(NamedTuple):
     """A pre-opened Data connection, with what its assignment must be bound to."""
 

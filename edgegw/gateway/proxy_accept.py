@@ -6,28 +6,34 @@ import logging
 import socket
 
 from edgegw import proxyproto
+from edgegw.logthrottle import LogThrottle
 from edgegw.netaddr import normalize_ip
 from edgegw.sockio import recv_exact
-
-log = logging.getLogger("edgegw.gateway.proxy")
 
 HEADER_TIMEOUT = 5.0
 
 
-async def read_proxy_header(sock: socket.socket, ip: str, port: int) -> tuple[str, int] | None:
+async def read_proxy_header(sock: socket.socket, ip: str, port: int,
+                            say: LogThrottle) -> tuple[str, int] | None:
     """The client address the header carries (the balancer's own when it has none), or None
-    when the header is missing or malformed (the caller closes the connection)."""
+    when the header is missing or malformed (the caller closes the connection). Failures
+    are logged through `say`: a balancer's health checks often come without a header, every
+    few seconds, for ever (edgegw_gateway_clients_refused{reason="proxy_header"} counts
+    every one)."""
     try:
         info = await asyncio.wait_for(_read(sock), HEADER_TIMEOUT)
     except proxyproto.ProxyProtocolError as exc:
-        log.warning("connection from %s:%d (trusted balancer): %s; closed", ip, port, exc)
+        say.log("proxy_malformed", logging.WARNING,
+                "connection from %s:%d (trusted balancer): %s; closed", ip, port, exc)
         return None
     except asyncio.TimeoutError:
-        log.warning("connection from %s:%d: no PROXY header within %.0fs; closed", ip, port,
-                    HEADER_TIMEOUT)
+        say.log("proxy_timeout", logging.WARNING,
+                "connection from %s:%d: no PROXY header within %.0fs; closed", ip, port,
+                HEADER_TIMEOUT)
         return None
     except (ConnectionError, OSError) as exc:
-        log.info("connection from %s:%d closed during PROXY header: %s", ip, port, exc)
+        say.log("proxy_closed", logging.INFO,
+                "connection from %s:%d closed during PROXY header: %s", ip, port, exc)
         return None
     if info.src is None:
         return ip, port

@@ -168,8 +168,9 @@ class Gateway:
         ip = addr[0] if sock.family == socket.AF_INET else normalize_ip(addr[0])
         port = addr[1]
         if self.config.proxy_protocol_from and ip_in_networks(ip, self.config.proxy_protocol_from):
-            real = await read_proxy_header(sock, ip, port)
+            real = await read_proxy_header(sock, ip, port, self.log_limited)
             if real is None:
+                self.counters.refused["proxy_header"] += 1
                 sock.close()
                 return
             ip, port = real
@@ -306,6 +307,7 @@ class Gateway:
                       session_id, ip, port, exc)
             client.close()
             data.close()   # the node sees its Data connection end
+            self.counters.refused["relay_error"] += 1
             return False
         self.sessions[session_id] = _Session(peer, f"{ip}:{port}", ip)
         peer.active += 1  # until the node's next Load report says otherwise
