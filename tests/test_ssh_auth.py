@@ -350,3 +350,24 @@ async def test_a_stored_key_that_breaks_the_decoder_is_skipped(sshnode: NodeUnde
             sshnode.update_user("alice", keys=[*user.keys, bad])   # still has its key
             await sshnode.service._revoker.check()
             assert await sftp.listdir(".") == [".", ".."]
+
+
+async def test_one_connection_has_a_bounded_number_of_tries(sshnode: NodeUnderTest) -> None:
+    """As OpenSSH's MaxAuthTries: a connection offering key after key is ended after
+    MAX_AUTH_TRIES failures, so it cannot write audit events without end (keys count once
+    towards a ban). A client whose right key comes within the limit still logs in."""
+    from internal.ssh.auth import MAX_AUTH_TRIES
+    _, key = sshnode.add_user("alice")
+    assert key is not None
+    wrong = [asyncssh.generate_private_key("ssh-ed25519") for _ in range(MAX_AUTH_TRIES + 5)]
+    with pytest.raises((asyncssh.PermissionDenied, asyncssh.DisconnectError)):
+        async with client(sshnode, "alice", client_keys=wrong):
+            pass
+    await sshnode.wait_idle()
+    failed = sshnode.events("auth", username="alice")
+    assert [e.detail["result"] for e in failed] == ["failed"] * MAX_AUTH_TRIES
+    assert sshnode.events("session.disconnect", username="alice")[-1].detail["reason"] == \
+        "too many authentication failures"
+    async with client(sshnode, "alice",
+                      client_keys=[*wrong[:MAX_AUTH_TRIES - 1], asyncssh.read_private_key(key)]):
+        pass

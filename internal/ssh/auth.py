@@ -26,6 +26,12 @@ from internal.store.calls import store_call
 
 log = logging.getLogger("edgegw.node.auth")
 
+# Failed attempts (keys offered, passwords given) one connection may make before it is ended,
+# as OpenSSH's MaxAuthTries (6 there; a few more here for clients with many keys in an agent).
+# Every attempt is audited: without a cap one connection could write thousands of audit events
+# in its login time, as keys count once towards the defender's bans.
+MAX_AUTH_TRIES = 10
+
 
 class Session:
     """One SSH connection's identity and counters, shared by auth, SFTP and the service."""
@@ -117,6 +123,7 @@ class NodeSSHServer(asyncssh.SSHServer):
         self._keys: set[bytes] = set()
         self._method = ""
         self._key_failure_counted = False
+        self._tries = 0     # failed attempts on this connection (MAX_AUTH_TRIES)
         self._store_failed = False   # the user could not be read: not the client's failure
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
@@ -197,14 +204,19 @@ class NodeSSHServer(asyncssh.SSHServer):
 
     async def _failed(self, method: str, *, count: bool = True) -> None:
         self.session.audit("auth", method=method, result="failed")
-        if not count or self._store_failed:
-            return
-        ip = self.session.ctx.client_ip
-        ban = await store_call(self._defender.record_failure, ip)
-        if ban is not None:
-            self.session.audit("auth", method=method, result="banned", until=ban.until)
+        self._tries += 1
+        if count and not self._store_failed:
+            ip = self.session.ctx.client_ip
+            ban = await store_call(self._defender.record_failure, ip)
+            if ban is not None:
+                self.session.audit("auth", method=method, result="banned", until=ban.until)
+                self._disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
+                                 "too many failed logins from your address", "banned")
+                return
+        if self._tries >= MAX_AUTH_TRIES:
             self._disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
-                             "too many failed logins from your address", "banned")
+                             "too many authentication failures", "too many authentication "
+                             "failures")
 
     def _disconnect(self, code: int, message: str, reason: str) -> None:
         self.session.reason = reason
