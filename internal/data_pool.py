@@ -40,9 +40,9 @@ QUIET = 0.02
 STALE_AFTER = 1.0
 
 # After MAX_FAILURES dials in a row failed, the pool stops dialing and tries a single one
-# after a backoff that doubles from RETRY_MIN to RETRY_MAX (with jitter): a gateway that
-# refused or dropped them (a restart, its handshake cap full during a flood) gets them back
-# once it takes them again, without being dialed in a loop meanwhile.
+# after a backoff that doubles from RETRY_MIN to RETRY_MAX (with jitter) per retry that fails:
+# a gateway that refused or dropped them (a restart, its handshake cap full during a flood)
+# gets them back once it takes them again, without being dialed in a loop meanwhile.
 MAX_FAILURES = 3
 RETRY_MIN = 1.0
 RETRY_MAX = 30.0
@@ -62,6 +62,11 @@ class DataPool:
         self._proven: dict[asyncio.Task[None], float] = {}   # loop time each was proven at
         self._next_ident = 1
         self._failures = 0
+        # Backoff rounds since a connection last served or lived (a mere proof is not enough:
+        # a gateway that closes them right after it must still see the backoff grow). The
+        # delay doubles per round, not per failed dial: a whole pool failing at once (a
+        # gateway restart) is one round, not 32 doublings.
+        self._rounds = 0
         self._last_use = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._retry: asyncio.TimerHandle | None = None
@@ -87,8 +92,9 @@ class DataPool:
     def _schedule_retry(self) -> None:
         if self._retry is not None or self._waiting or not self.link.connected:
             return   # one already planned, or a dial still out decides first
-        delay = min(RETRY_MAX, RETRY_MIN * 2 ** (self._failures - MAX_FAILURES))
+        delay = min(RETRY_MAX, RETRY_MIN * 2 ** min(self._rounds, 30))
         delay *= random.uniform(0.8, 1.2)
+        self._rounds += 1
         log.warning("pooled data connections to %s: %d dials in a row failed; trying again in "
                     "%.1fs (sessions are offered over the PNC meanwhile)", self.link.target,
                     self._failures, delay)
@@ -187,9 +193,12 @@ class DataPool:
                 self._proven.pop(me, None)  # type: ignore[arg-type]
                 self._failures += 1
                 await asyncio.sleep(0.5)
+            else:
+                self._rounds = 0   # it lived: the gateway took it
             return
         except asyncio.CancelledError:   # pool closing (link down, node stopping), or stale
             sock.close()
             raise
         self._last_use = asyncio.get_running_loop().time()
+        self._rounds = 0
         self.on_assigned(assignment, sock)

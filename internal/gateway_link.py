@@ -25,6 +25,12 @@ log = logging.getLogger("edgegw.node.pnc")
 READ_SIZE = 65536
 CONNECT_TIMEOUT = 5.0
 
+# The node pings at the heartbeat interval of the gateway's hello and drops a link silent for
+# three of them. That value is the gateway's (up to 2**32 ms on the wire): bounded, so that a
+# gateway cannot make the node ping in a tight loop, nor switch its silence detection off.
+HEARTBEAT_MIN = 0.05   # the gateway's own --heartbeat-interval minimum
+HEARTBEAT_MAX = 10.0   # a link silent for 30 s is dropped, whatever the gateway says
+
 
 def node_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -61,6 +67,7 @@ class GatewayLink:
         self._conn: Connection | None = None
         self._stopping = False
         self._last_seen = 0.0
+        self._interval = 1.0   # heartbeat interval, seconds (the gateway's, bounded)
 
     @property
     def data_addr(self) -> HostPort:
@@ -131,6 +138,7 @@ class GatewayLink:
         self._writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         self._conn = Connection(Role.NODE)
         self.connected = True
+        self._interval = 1.0
         heartbeat: asyncio.Task[None] | None = None
         try:
             self.send(self.owner.hello())
@@ -162,6 +170,12 @@ class GatewayLink:
             self.gateway = event
             log.info("attached to gateway %s at %s (data port %d)", event.gateway_id,
                      self.target, event.data_port)
+            asked = event.heartbeat_interval_ms / 1000
+            self._interval = min(max(asked, HEARTBEAT_MIN), HEARTBEAT_MAX)
+            if self._interval != asked:
+                log.warning("gateway %s asks for a heartbeat every %gs; using %gs (from %gs "
+                            "to %gs)", self.target, asked, self._interval, HEARTBEAT_MIN,
+                            HEARTBEAT_MAX)
             self.owner.on_attached(self)
         elif isinstance(event, Offer):
             self.owner.on_offer(self, event)
@@ -177,8 +191,8 @@ class GatewayLink:
     async def _heartbeat(self) -> None:
         seq = 0
         while True:
-            interval = (self.gateway.heartbeat_interval_ms / 1000) if self.gateway else 1.0
-            await asyncio.sleep(max(interval, 0.05))
+            interval = self._interval
+            await asyncio.sleep(interval)
             silent = time.monotonic() - self._last_seen
             if silent > max(self.heartbeat_timeout, 3 * interval):
                 log.warning("gateway %s silent for %.1fs; reconnecting", self.target, silent)

@@ -51,11 +51,17 @@ def parse_ip(ip: str) -> Address:
 
 
 def ip_in(ip: str, cidrs: Iterable[str]) -> bool:
-    """True when `ip` lies in one of `cidrs`; an unparsable `ip` or rule never matches."""
+    """True when `ip` lies in one of `cidrs` (a ban list); an unparsable rule never matches.
+
+    Fails closed, like Defender.banned: an unparsable `ip` counts as in (banned). None should
+    arrive (the PNC codec and Data assignments carry valid addresses only), so this refuses no
+    real client.
+    """
     try:
         addr = parse_ip(ip)
     except ValueError:
-        return False
+        log.warning("treating unparsable client address %r as banned", ip)
+        return True
     return any(addr in net for net in _networks(cidrs, strict=False))
 
 

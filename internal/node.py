@@ -63,8 +63,9 @@ class Node:
         self._bans: dict[str, BanEntry] = {}
         self._pools: dict[GatewayLink, DataPool] = {}
         # Sessions admitted that the service does not count yet (their Data connection is being
-        # dialed, or their task has not run): capacity must count them, or offers read together
-        # all find the node free.
+        # dialed, or their task has not run): capacity, load and drain must count them, or offers
+        # read together all find the node free and a drain ends (and cuts off) a client just
+        # accepted.
         self._starting = 0
         self.idle = asyncio.Event()
         self.idle.set()
@@ -102,7 +103,8 @@ class Node:
 
     @property
     def active(self) -> int:
-        return self.service.active
+        """Sessions running or admitted and starting."""
+        return self.service.active + self._starting
 
     # -- LinkOwner ------------------------------------------------------------------------
 
@@ -142,19 +144,28 @@ class Node:
         pool = self._pools.get(link)
         if pool is not None:
             pool.offered()
+        # expires_ms counts from when the gateway sent the offer, so it has lapsed by this
+        # deadline at the latest; the gateway refuses a proof after it (its own lifetime check),
+        # and a Data connection proven later would only be closed under the session.
+        deadline = asyncio.get_running_loop().time() + offer.expires_ms / 1000
+        if offer.expires_ms == 0:
+            log.info("session %s from %s: client %s:%d: the offer has already expired", sid,
+                     link.gateway_id, offer.client_ip, offer.client_port)
+            link.send(Reject(offer.session_id, "offer expired", retry_elsewhere=True))
+            return
         reason = self._admit(link, sid, offer.client_ip, offer.client_port)
         if reason is not None:
             link.send(Reject(offer.session_id, reason, retry_elsewhere=reason in RETRYABLE))
             return
         link.send(Accept(offer.session_id))
-        self._starting += 1
-        self._spawn(self._dial_and_serve(link, offer))
+        self._admitted()
+        self._spawn(self._dial_and_serve(link, offer, deadline))
 
     def _admit(self, link: GatewayLink, sid: str, ip: str, port: int) -> str | None:
         """Why the client may not start a session here, or None."""
         reason = "draining" if self.draining else self.service.admit(ip)
         capacity = self.settings.capacity
-        if reason is None and capacity and self.active + self._starting >= capacity:
+        if reason is None and capacity and self.active >= capacity:
             reason = "capacity"
         if reason is not None:
             log.info("session %s from %s: client %s:%d rejected: %s", sid, link.gateway_id,
@@ -171,7 +182,8 @@ class Node:
     # -- bans (from the defender or the operator) -----------------------------------------
 
     def banned(self, ip: str) -> bool:
-        """From memory: the bans last read from the store (refreshed every second)."""
+        """From memory: the bans last read from the store (refreshed every second); an
+        unparsable address counts as banned, as with the Defender."""
         now = time.time()
         return ip_in(ip, [b.ip for b in self._bans.values() if b.until > now])
 
@@ -215,28 +227,41 @@ class Node:
         if reason is not None:
             sock.close()
             return
-        self._starting += 1
+        self._admitted()
         self._spawn(self._serve(link, session_id, ip, port, sock, banner_sent=bool(banner)))
 
-    async def _dial_and_serve(self, link: GatewayLink, offer: Offer) -> None:
+    def _admitted(self) -> None:
+        """A session was admitted: it counts as active (and the node as busy) from here."""
+        self._starting += 1
+        self.idle.clear()
+
+    async def _dial_and_serve(self, link: GatewayLink, offer: Offer, deadline: float) -> None:
         sock = None
+        loop = asyncio.get_running_loop()
         try:
-            sock = await dial_session(link.data_addr, offer.session_id, offer.secret,
-                                      self.settings.data_congestion)
+            # no longer than the offer lives: the gateway would refuse the proof
+            sock = await asyncio.wait_for(
+                dial_session(link.data_addr, offer.session_id, offer.secret,
+                             self.settings.data_congestion), max(deadline - loop.time(), 0))
         except (OSError, asyncio.TimeoutError, ConnectionError, RemoteProtocolError) as exc:
-            log.warning("session %016x: could not open the Data connection to %s: %s",
-                        offer.session_id, link.gateway_id, exc or "timeout")
+            if loop.time() >= deadline:
+                log.warning("session %016x: the offer from %s expired before its Data "
+                            "connection was proven; dropped", offer.session_id, link.gateway_id)
+            else:
+                log.warning("session %016x: could not open the Data connection to %s: %s",
+                            offer.session_id, link.gateway_id, exc or "timeout")
             return
         finally:
             if sock is None:
                 self._starting -= 1   # admitted, but it will not be served
+                if self.active == 0:
+                    self.idle.set()
         await self._serve(link, offer.session_id, offer.client_ip, offer.client_port, sock)
 
     async def _serve(self, link: GatewayLink, session_id: int, ip: str, port: int,
                      sock: socket.socket, *, banner_sent: bool = False) -> None:
         sid = f"{session_id:016x}"
         ctx = SessionContext(sid, ip, port, link.gateway_id)
-        self.idle.clear()
         self._send_load()
         try:
             # the service counts it from here: serve_socket counts before its first await

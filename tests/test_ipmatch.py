@@ -37,7 +37,8 @@ def test_ip_in():
     assert ip_in("10.2.3.4", ["::ffff:10.0.0.0/104"])
     assert not ip_in("11.0.0.1", ["10.0.0.0/8"])
     assert not ip_in("::1", ["0.0.0.0/0"])
-    assert not ip_in("garbage", ["0.0.0.0/0"])
+    assert ip_in("garbage", ["10.0.0.0/8"])         # ban lists fail closed (as the Defender)
+    assert ip_in("", [])
     assert not ip_in("10.0.0.1", ["garbage"])
     assert not ip_in("10.0.0.1", [])
 

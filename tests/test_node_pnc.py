@@ -8,16 +8,21 @@ import socket
 import ssl
 from pathlib import Path
 
+import pytest
+
 from edgegw.netaddr import HostPort
 from edgegw.pnc import Connection, Role, dataauth
 from edgegw.pnc.events import (
-    PROTOCOL_VERSION, Accept, Closed, Event, GatewayHello, NodeHello, Offer, Ping, Reject,
+    PROTOCOL_VERSION, Accept, Closed, Event, GatewayHello, Load, NodeHello, Offer, Ping, Reject,
 )
 from edgegw.sockio import recv_exact
+import internal.gateway_link as gateway_link
+from internal.defender import Defender
 from internal.forward import ForwardService
 from internal.gateway_link import GatewayLink, node_tls_context
 from internal.home import NodeHome
 from internal.node import Node, NodeSettings
+from internal.store.base import Store
 
 
 class ScriptedGateway:
@@ -30,6 +35,8 @@ class ScriptedGateway:
         for s in (self.pnc, self.data):
             s.setblocking(False)
         self.held: list[socket.socket] = []
+        self.dialed = 0                                  # Data connections accepted
+        self.challenge_gate: asyncio.Event | None = None  # set: send the challenge
         self._pending: list[Event] = []   # events read but not asked for yet
         self._data_task: asyncio.Task[None] | None = None
 
@@ -65,6 +72,9 @@ class ScriptedGateway:
         loop = asyncio.get_running_loop()
         while True:
             sock, _ = await loop.sock_accept(self.data)
+            self.dialed += 1
+            if self.challenge_gate is not None:
+                await self.challenge_gate.wait()
             _, challenge = dataauth.make_challenge()
             await loop.sock_sendall(sock, challenge)
             await recv_exact(sock, dataauth.PROOF_LEN)
@@ -168,3 +178,165 @@ async def test_gateway_that_sends_without_reading_cannot_fill_the_node_memory(
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await gw.close()
+
+
+def _forwarding_node(node_home: Path, gw: ScriptedGateway, upstream: socket.socket,
+                     **settings: object) -> Node:
+    """A node of forward mode (no SSH keys or users needed) attached to `gw` only."""
+    service = ForwardService(HostPort("127.0.0.1", upstream.getsockname()[1]))
+    return Node(NodeHome.load(node_home), service,
+                NodeSettings([gw.pnc_addr], pool_size=0, node_id="n1",
+                             **settings))  # type: ignore[arg-type]
+
+
+async def test_drain_waits_for_a_session_whose_data_connection_is_being_dialed(
+        node_home: Path) -> None:
+    """A session accepted while its Data connection was still being dialed did not clear
+    `idle` (nor count in `active`): a drain then ended at once, and stopping the node cut off
+    the client it had just accepted. It now counts as active and the drain waits for it."""
+    upstream = socket.create_server(("127.0.0.1", 0))
+    upstream.setblocking(False)
+    gw = ScriptedGateway()
+    gw.challenge_gate = asyncio.Event()      # the Data dial hangs until the test lets it go
+    node = _forwarding_node(node_home, gw, upstream, drain_timeout=10.0)
+    node.start()
+    loop = asyncio.get_running_loop()
+    writer = drain = None
+    far_end = None
+    try:
+        reader, writer, conn = await gw.attach()
+        writer.write(conn.send(GatewayHello(PROTOCOL_VERSION, "gw", gw.data.getsockname()[1],
+                                            1000, bytes(32)))
+                     + conn.send(Offer(7, bytes([7]) * 32, "192.0.2.1", 4007, 5000)))
+        assert await gw.next_event(reader, conn, Accept, Reject) == Accept(7)
+        while gw.dialed == 0:                # the node is dialing
+            await asyncio.sleep(0.01)
+        drain = asyncio.create_task(node.drain())
+        await asyncio.sleep(0.5)
+        assert not drain.done()              # it used to end here, with the session cut off
+        load = await gw.next_event(reader, conn, Load)
+        assert isinstance(load, Load) and load.draining
+        assert load.active == 1              # the starting session is load
+        gw.challenge_gate.set()              # the dial completes: the session is served
+        far_end, _ = await asyncio.wait_for(loop.sock_accept(upstream), 5)
+        await asyncio.sleep(0.2)
+        assert not drain.done()
+        far_end.close()                      # the session ends on both sides
+        while not gw.held:
+            await asyncio.sleep(0.01)
+        gw.held[0].close()
+        await asyncio.wait_for(drain, 5)     # then the drain ends
+        assert node.active == 0
+    finally:
+        if drain is not None and not drain.done():
+            drain.cancel()
+        if writer is not None:
+            writer.close()
+        if far_end is not None:
+            far_end.close()
+        await node.close()
+        await gw.close()
+        upstream.close()
+
+
+async def test_expired_offers_are_neither_accepted_nor_dialed_late(
+        node_home: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The node ignored Offer.expires_ms: it accepted an offer that had already lapsed and
+    dialed it, and a Data connection proven after the offer lapsed (the gateway refuses it)
+    was served as a session anyway (a forward to the upstream, audit records, a confusing
+    log). Now a lapsed offer is declined and a dial stops when the offer lapses."""
+    upstream = socket.create_server(("127.0.0.1", 0))
+    upstream.setblocking(False)
+    gw = ScriptedGateway()
+    gw.challenge_gate = asyncio.Event()      # the Data port answers late (a full backlog)
+    node = _forwarding_node(node_home, gw, upstream)
+    node.start()
+    loop = asyncio.get_running_loop()
+    writer = None
+    try:
+        reader, writer, conn = await gw.attach()
+        writer.write(conn.send(GatewayHello(PROTOCOL_VERSION, "gw", gw.data.getsockname()[1],
+                                            1000, bytes(32)))
+                     + conn.send(Offer(1, bytes([1]) * 32, "192.0.2.1", 4001, 0)))
+        assert await gw.next_event(reader, conn, Accept, Reject) == \
+            Reject(1, "offer expired", retry_elsewhere=True)
+        await asyncio.sleep(0.2)
+        assert gw.dialed == 0
+
+        writer.write(conn.send(Offer(2, bytes([2]) * 32, "192.0.2.1", 4002, 300)))
+        assert await gw.next_event(reader, conn, Accept, Reject) == Accept(2)
+        await asyncio.sleep(0.6)             # the offer lapses while the node dials
+        assert gw.dialed == 1
+        assert node.active == 0 and node.idle.is_set()
+        assert "expired before its Data connection was proven" in caplog.text
+        gw.challenge_gate.set()              # too late: nothing may be proven nor served
+        await asyncio.sleep(0.3)
+        assert not gw.held
+        try:
+            far_end, _ = await asyncio.wait_for(loop.sock_accept(upstream), 0.3)
+        except asyncio.TimeoutError:
+            pass
+        else:
+            far_end.close()
+            raise AssertionError("the lapsed offer was served")
+    finally:
+        if writer is not None:
+            writer.close()
+        await node.close()
+        await gw.close()
+        upstream.close()
+
+
+@pytest.mark.parametrize("interval_ms", [0xFFFF_FFFF, 1])
+async def test_gateway_heartbeat_interval_is_bounded(
+        node_home: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        interval_ms: int) -> None:
+    """The node took the gateway's heartbeat interval as it came: up to 2**32 ms, so the
+    gateway could switch the node's pings and its silence detection off (a link to a hung
+    gateway was never dropped). It is now bounded both ways, with a warning."""
+    monkeypatch.setattr(gateway_link, "HEARTBEAT_MAX", 0.2, raising=False)  # short test
+    home = NodeHome.load(node_home)
+    gw = ScriptedGateway()
+    link = GatewayLink(_Owner(), gw.pnc_addr, node_tls_context(home.tls_cert, home.tls_key),
+                       heartbeat_timeout=0.5)
+    task = asyncio.create_task(link.run_forever())
+    loop = asyncio.get_running_loop()
+    writer = None
+    try:
+        reader, writer, conn = await gw.attach()
+        writer.write(conn.send(GatewayHello(PROTOCOL_VERSION, "gw", 1, interval_ms, bytes(32))))
+        t0 = loop.time()
+        pings = 0
+        # The gateway reads but never answers: the node must ping, then drop the link.
+        while True:
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            if not data:
+                break
+            pings += sum(isinstance(e, Ping) for e in conn.receive_data(data))
+        elapsed = loop.time() - t0
+        assert "asks for a heartbeat every" in caplog.text
+        if interval_ms > 1000:
+            assert pings >= 1 and elapsed < 2.0, (pings, elapsed)
+        else:   # 1 ms: at most one ping per HEARTBEAT_MIN, not a tight loop
+            assert pings <= elapsed / 0.05 + 2, (pings, elapsed)
+    finally:
+        if writer is not None:
+            writer.transport.abort()
+        await link.stop()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await gw.close()
+
+
+def test_node_and_defender_agree_on_unparsable_addresses(node_home: Path, store: Store) -> None:
+    """Node.banned (what admission uses) took an unparsable client address as not banned,
+    Defender.banned as banned. Both fail closed now (none reaches them: the PNC codec and
+    Data assignments carry valid addresses only)."""
+    node = Node(NodeHome.load(node_home), ForwardService(HostPort("127.0.0.1", 9)),
+                NodeSettings([], pool_size=0, node_id="n1"))
+    defender = Defender(store)
+    for ip in ("nonsense", "", "10.0.0.1/8"):
+        assert defender.banned(ip) is not None
+        assert node.banned(ip) is True
+    assert defender.banned("192.0.2.1") is None
+    assert node.banned("192.0.2.1") is False

@@ -312,3 +312,40 @@ async def test_node_pool_backs_off_when_the_gateway_closes_them_after_the_proof(
         pool.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_node_pool_backoff_starts_at_retry_min_when_the_whole_pool_fails(caplog) -> None:  # type: ignore[no-untyped-def]
+    """A full pool whose dials all fail at once (a gateway restart, a firewall) counted each
+    failure as a doubling: 32 failures gave 2**29 s, capped to RETRY_MAX, so the first retry
+    came after 30 s. The backoff now doubles per round of failures: about RETRY_MIN, then
+    twice that, one dial per round."""
+    import internal.data_pool as data_pool
+    dialed: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    async def gateway(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        dialed.append(loop.time())
+        writer.close()                       # refused before the challenge
+
+    server, port = await _data_port(gateway)
+    link = _FakeLink(port)
+    link.connected = True
+    pool = DataPool(link, 32, lambda a, s: s.close())  # type: ignore[arg-type]
+    caplog.set_level("WARNING", logger="edgegw.node.pool")
+    try:
+        pool.fill()
+        deadline = loop.time() + 3 * data_pool.RETRY_MIN + 3
+        while len(dialed) < 34 and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        assert len(dialed) >= 34, f"{len(dialed)} dials; {caplog.text}"
+        first_retry, second_retry = dialed[32] - dialed[31], dialed[33] - dialed[32]
+        # each retry: 0.5 s after the failure, then RETRY_MIN * 2**round with ±20 % jitter
+        least = data_pool.RETRY_MIN
+        assert 0.5 + 0.8 * least <= first_retry <= 0.5 + 1.2 * least + 0.5, first_retry
+        assert 0.5 + 1.6 * least <= second_retry <= 0.5 + 2.4 * least + 0.5, second_retry
+        assert len(dialed) == 34             # one dial per round, not the whole pool
+    finally:
+        link.connected = False
+        pool.close()
+        server.close()
+        await server.wait_closed()
