@@ -3,13 +3,15 @@ processes on one home racing uploads for the last megabytes."""
 from __future__ import annotations
 
 import asyncio
+import struct
 import sys
 from pathlib import Path
 
 import asyncssh
 import pytest
 
-from internal.sftp.quota import CHUNK, Ledger, QuotaExceeded, Usage
+from internal.sftp.paths import QUOTA_LEDGER
+from internal.sftp.quota import CHUNK, Ledger, QuotaExceeded, Usage, scan_home
 from tests.procs import Proc, edgegw_cmd, free_port
 from tests.sshutil import NodeUnderTest
 
@@ -134,3 +136,63 @@ async def test_no_link_leads_to_the_ledger(sshnode: NodeUnderTest) -> None:
         with pytest.raises(asyncssh.SFTPFailure, match="quota exceeded"):
             async with sftp.open("b.bin", "wb") as f:
                 await f.write(b"b" * (10 * MiB))
+
+
+def _ledger(home: Path) -> tuple[int, int]:
+    """The figures of the user's ledger (bytes, files)."""
+    return struct.unpack(">QQ", (home / QUOTA_LEDGER.decode()).read_bytes()[:16])
+
+
+async def test_a_new_size_is_not_counted_twice_under_an_upload_in_place(
+        sshnode: NodeUnderTest) -> None:
+    """A SETSTAT of the size of a file an upload writes in place (x.filepart) would be counted
+    by both: truncating it gave its bytes back twice, and the figures fell below what is
+    stored, for a quota without end. It waits for the upload, as a second writer does."""
+    home, key = sshnode.keyed_user("alice", quota_bytes=10 * MiB)
+    (home / "other.bin").write_bytes(b"o" * 300_000)
+    async with sshnode.sftp_client("alice", key) as sftp:
+        async with sftp.open("x.filepart", "wb") as f:
+            await f.write(b"a" * 100_000)
+            with pytest.raises(asyncssh.SFTPFailure, match="another handle"):
+                await sftp.truncate("x.filepart", 0)
+        assert _ledger(home) == scan_home(home) == (400_000, 2)
+        await sftp.truncate("x.filepart", 10)            # once the upload is closed
+        assert _ledger(home) == scan_home(home) == (300_010, 2)
+
+
+async def test_a_new_size_counts_for_every_name_of_the_file(sshnode: NodeUnderTest) -> None:
+    """The quota counts a file once per name (hard links too, as its rescan does): a new size
+    changes them all. Counted once, growing a linked file and removing its names stored the
+    growth for nothing."""
+    home, key = sshnode.keyed_user("alice", quota_bytes=10 * MiB)
+    async with sshnode.sftp_client("alice", key) as sftp:
+        async with sftp.open("x", "wb") as f:
+            await f.write(b"x" * 1000)
+        await sftp.link("x", "y")
+        await sftp.truncate("x", 100_000)
+        assert _ledger(home) == scan_home(home) == (200_000, 2)
+        with pytest.raises(asyncssh.SFTPFailure, match="quota exceeded"):
+            await sftp.truncate("y", 6 * MiB)           # 12 MiB for the two names
+        await sftp.truncate("y", 10)
+        assert _ledger(home) == scan_home(home) == (20, 2)
+
+
+async def test_a_file_written_in_place_grows_under_one_name(sshnode: NodeUnderTest) -> None:
+    """An upload in place (x.filepart) grows every hard link of its file, and would count the
+    growth once: linked before or during the upload, growth is refused."""
+    home, key = sshnode.keyed_user("alice", quota_bytes=10 * MiB)
+    async with sshnode.sftp_client("alice", key) as sftp:
+        async with sftp.open("x.filepart", "wb") as f:
+            await f.write(b"a" * 10)
+            await sftp.link("x.filepart", "y")
+            with pytest.raises(asyncssh.SFTPFailure, match="other names"):
+                await f.write(b"a" * 100_000, 10)
+        assert _ledger(home) == scan_home(home) == (20, 2)
+        async with sftp.open("x.filepart", "ab") as f:
+            with pytest.raises(asyncssh.SFTPFailure, match="other names"):
+                await f.write(b"b" * 100_000)
+        await sftp.remove("y")
+        async with sftp.open("x.filepart", "ab") as f:     # one name again
+            await f.write(b"b" * 100_000)
+    assert (home / "x.filepart").read_bytes() == b"a" * 10 + b"b" * 100_000
+    assert _ledger(home) == scan_home(home) == (100_010, 1)

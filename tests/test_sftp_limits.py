@@ -116,6 +116,21 @@ async def test_offsets_beyond_a_file_are_invalid_arguments(
     assert "Traceback" not in caplog.text
 
 
+async def test_a_write_of_nothing_costs_nothing(sshnode: NodeUnderTest) -> None:
+    """A WRITE (or copy-data) of no bytes stores nothing, wherever it points: it was charged
+    to the quota up to its offset, and past the quota failed the whole upload."""
+    home, key = sshnode.keyed_user("alice", quota_bytes=1 << 20)
+    (home / "src").write_bytes(b"src")
+    async with sshnode.sftp_client("alice", key) as sftp:
+        h = sftp._handler
+        async with sftp.open("src", "rb") as src, sftp.open("up.bin", "wb") as up:
+            await up.write(b"data")
+            await h.write(up._handle, 2**40, b"")
+            await sftp.remote_copy(src, up, 10, 0, 2**40)     # from past the source's end
+            assert (await up.stat()).size == 4
+    assert (home / "up.bin").read_bytes() == b"data"
+
+
 async def test_a_client_that_stops_reading_stops_being_answered(sshnode: NodeUnderTest) -> None:
     """READs cost a client 30 bytes each and their answers 255 KiB: sent by the thousand with
     the client's socket left unread, they once made the node hold every answer. Now the node

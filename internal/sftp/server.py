@@ -35,7 +35,7 @@ from internal.sftp.paths import (DIR_FLAGS, PATH_FLAGS, AccessDenied, Jail, is_n
 from internal.sftp.quota import Usage
 from internal.sftp.renameat import rename_noreplace
 from internal.sftp.temps import clear_leftovers
-from internal.sftp.uploads import OpenFile, Upload, apply_attrs
+from internal.sftp.uploads import OpenFile, Upload, apply_attrs, no_other_writer
 from internal.session import SessionContext
 from internal.store.base import Perm, User
 
@@ -301,12 +301,15 @@ class NodeSFTPServer(asyncssh.SFTPServer):
 
     # -- attributes -------------------------------------------------------------------------
     def _resize_fd(self, fd: int, size: int) -> None:
-        old = os.fstat(fd).st_size
-        if size > old:
-            self._charge(size - old)
+        st = os.fstat(fd)
+        # the quota counts a file once per name (as its rescan does): every hard link of it
+        # grows or shrinks with it
+        change = (size - st.st_size) * max(st.st_nlink, 1)
+        if change > 0:
+            self._charge(change)
         os.ftruncate(fd, size)
-        if size < old:
-            self._charge(size - old)
+        if change < 0:
+            self._charge(change)
 
     def _setstat(self, path: bytes, attrs: SFTPAttrs, follow: bool) -> None:
         self._need(Perm.SETSTAT, "change file attributes")
@@ -322,7 +325,11 @@ class NodeSFTPServer(asyncssh.SFTPServer):
         try:
             if stat.S_ISLNK(os.fstat(fd).st_mode):  # O_PATH opens a link itself; not its mode
                 raise OSError(errno.ELOOP, "a symbolic link's own attributes cannot be set")
-            apply_attrs(fd, attrs, functools.partial(self._resize_fd, fd))
+            if attrs.size is None:
+                apply_attrs(fd, attrs, functools.partial(self._resize_fd, fd))
+            else:   # not under an upload writing it in place: both would count the change
+                with no_other_writer(fd):
+                    apply_attrs(fd, attrs, functools.partial(self._resize_fd, fd))
         finally:
             os.close(fd)
         self._audit("file.setstat", path, **_attr_detail(attrs))

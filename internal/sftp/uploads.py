@@ -16,7 +16,8 @@ import fcntl
 import logging
 import os
 import stat
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from asyncssh import SFTPAttrs, SFTPInvalidParameter
 
@@ -238,6 +239,11 @@ class Upload(OpenFile):
 
     def _grow(self, end: int) -> None:
         if end > self.high:
+            if self.in_place and os.fstat(self.fd).st_nlink > 1:
+                # The quota counts a file once per name, as its rescan does: growth written
+                # in place would grow every hard link of it, and be counted for one name only.
+                raise OSError(errno.EMLINK, "the file has other names (hard links): a file "
+                                            "written in place may grow under one name only")
             if self.usage is not None:
                 try:
                     self.usage.charge(end - self.high, ahead=True)
@@ -249,6 +255,8 @@ class Upload(OpenFile):
     def write(self, offset: int, data: bytes) -> int:
         if self.failed is not None:
             raise self.failed
+        if not data:    # stores nothing: neither a charge for `offset` nor a new size
+            return 0
         pos = self.size if self.append else offset
         end = pos + len(data)
         self._grow(end)
@@ -293,6 +301,8 @@ class Upload(OpenFile):
             raise self.failed
         src_size = os.fstat(src_fd).st_size
         length = min(length or src_size, max(src_size - src_offset, 0))
+        if not length:      # nothing to copy (at or past the source's end): as a write of nothing
+            return 0
         pos = self.size if self.append else offset
         if os.path.samestat(os.fstat(src_fd), os.fstat(dst_fd)) and \
                 src_offset < pos + length and pos < src_offset + length:
@@ -420,7 +430,24 @@ def _hold_original(name: bytes, dir_fd: int) -> tuple[int, tuple[int, int]]:
     """Open the file a rewrite starts from and lock it for as long as the rewrite runs: in
     this process by its identity, in others (nodes on shared storage too) with flock(). The
     descriptor reads the copy. EBUSY while another rewrite holds it."""
-    src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    return _hold(os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd))
+
+
+@contextmanager
+def no_other_writer(fd: int) -> Iterator[None]:
+    """Hold the open file `fd` as a rewrite does while the caller changes it outside any
+    upload (a SETSTAT of a path's size): EBUSY while an upload writes or rewrites it. A file
+    written in place counts its own growth for the quota, so a resize the quota also counted
+    would count it twice (or give it back twice)."""
+    held = _hold(os.dup(fd))
+    try:
+        yield
+    finally:
+        _let_go(held)
+
+
+def _hold(src: int) -> tuple[int, tuple[int, int]]:
+    """_hold_original on a descriptor of the file (closed here if it cannot be held)."""
     st = os.fstat(src)
     key = (st.st_dev, st.st_ino)
     try:
