@@ -11,6 +11,7 @@ import atexit
 import collections
 import json
 import logging
+import math
 import threading
 import time
 from dataclasses import fields as dc_fields
@@ -108,17 +109,24 @@ class AuditLog:
 
     def _event(self, kind: str, extra: dict[str, Any]) -> AuditEvent:
         known = {k: extra.pop(k) for k in list(extra) if k in _FIELDS}
+        # Whatever the fields hold, the event must be one the store takes: a value it refuses
+        # (a port beyond its integer column, NaN for a NOT NULL time, NUL in PostgreSQL text,
+        # a key json.dumps(sort_keys=True) cannot order) fails the whole batch at every retry,
+        # and the writer, retrying it for ever, stores no event after it.
         given = extra.pop("detail", None)
         detail = dict(given) if isinstance(given, dict) else {} if given is None else {"detail": given}
         detail.update(extra)
-        ts = _number(known.pop("ts", None), float) or time.time()
+        detail = {str(k): v for k, v in detail.items()}
+        ts = _number(known.pop("ts", None), float)
+        if not ts or not math.isfinite(ts):
+            ts = time.time()
         raw_port = known.pop("client_port", 0)
         port = _number(raw_port, int)
-        if port is None:
+        if port is None or not 0 <= port <= 65535:
             detail["client_port"] = repr(raw_port)
-        return AuditEvent(kind=str(kind), node_id=self.node_id, detail=detail, ts=ts,
-                          client_port=port or 0,
-                          **{k: str(v) if v is not None else "" for k, v in known.items()})
+            port = 0
+        return AuditEvent(kind=_text(kind), node_id=self.node_id, detail=detail, ts=ts,
+                          client_port=port, **{k: _text(v) for k, v in known.items()})
 
     def _run(self) -> None:
         backoff = 0.1
@@ -158,6 +166,19 @@ def _number(value: Any, kind: type) -> Any:
         return kind(value or 0)
     except (TypeError, ValueError, OverflowError):
         return None
+
+
+def _text(value: Any) -> str:
+    """A column's text as every store takes it: no NUL (PostgreSQL refuses it), no lone
+    surrogate (not encodable as UTF-8); both kept visible as escapes."""
+    if value is None:
+        return ""
+    text = str(value).replace("\0", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def _describe(event: AuditEvent) -> str:

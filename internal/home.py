@@ -39,6 +39,16 @@ class HomeError(Exception):
     """The home directory is missing, incomplete or unreadable; the message says how to fix it."""
 
 
+def resolve_path(path: str | os.PathLike[str], what: str) -> Path:
+    """`path` with `~` expanded, made absolute, symlinks resolved. pathlib raises RuntimeError
+    for a `~user` that does not exist and (Python 3.11) for a symlink loop, ValueError for text
+    the file system cannot take: each is one HomeError naming `what`, not a traceback."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise HomeError(f"cannot use {path} as {what}: {exc}") from None
+
+
 @dataclass(frozen=True)
 class NodeHome:
     path: Path
@@ -64,9 +74,12 @@ class NodeHome:
 
     def host_key_paths(self) -> list[Path]:
         """Host keys in preference order (newest first among the same algorithm)."""
-        keys = sorted(self.ssh_dir.glob("host_*_key"), key=lambda p: (p.stat().st_mtime, p.name),
-                      reverse=True)
-        return keys
+        def newest(p: Path) -> tuple[float, str]:
+            try:
+                return p.stat().st_mtime, p.name
+            except OSError:   # a dangling symlink, removed meanwhile: reading it says so
+                return 0.0, p.name
+        return sorted(self.ssh_dir.glob("host_*_key"), key=newest, reverse=True)
 
     def host_keys(self) -> list[asyncssh.SSHKey]:
         """The host keys to serve, in host_key_paths order; a clear error for an unreadable
@@ -75,7 +88,8 @@ class NodeHome:
         for path in self.host_key_paths():
             try:
                 keys.append(asyncssh.read_private_key(path))
-            except (OSError, asyncssh.KeyImportError) as exc:
+            except Exception as exc:   # a damaged key: asyncssh's decoders raise ValueError,
+                # UnicodeDecodeError, ASN1 errors... beyond KeyImportError
                 reason = getattr(exc, "strerror", None) or str(exc)
                 raise HomeError(f"cannot read host key {path}: {reason}") from None
         if not keys:
@@ -125,7 +139,7 @@ class NodeHome:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "NodeHome":
-        root = Path(path).expanduser().resolve()
+        root = resolve_path(path, "the node home")
         cfg_path = root / CONFIG_NAME
         try:
             cfg = json.loads(cfg_path.read_text())
@@ -139,9 +153,13 @@ class NodeHome:
         if not isinstance(cfg, dict):
             raise HomeError(f"{cfg_path} is not a JSON object; re-create the home")
         try:   # relative paths (hand-edited) are the home's, never the cwd's
+            files = Path(cfg.get("files_root") or "files")
+            try:
+                files = files.expanduser()
+            except RuntimeError as exc:   # a ~user that does not exist
+                raise HomeError(f"{cfg_path}: field 'files_root': {exc}") from None
             home = cls(path=root, node_id=str(cfg["node_id"]),
-                       db_url=_sqlite_under(str(cfg["db"]), root),
-                       files_root=root / Path(cfg.get("files_root") or "files").expanduser())
+                       db_url=_sqlite_under(str(cfg["db"]), root), files_root=root / files)
         except KeyError as exc:
             raise HomeError(f"{cfg_path} lacks field {exc}; re-create the home") from None
         except TypeError as exc:
@@ -163,7 +181,7 @@ class NodeHome:
         """Create the home. Everything that can be refused (store URL, CA) is checked before
         anything is written; `check_store(url)` (open and migrate it) runs before node.json;
         on any failure what this call created is removed, so a retry starts clean."""
-        root = Path(path).expanduser().resolve()
+        root = resolve_path(path, "the node home")
         try:
             initialised = (root / CONFIG_NAME).exists()
         except OSError as exc:
@@ -174,7 +192,7 @@ class NodeHome:
         # a relative SQLite path is the cwd's now: store it absolute, as later commands run
         # from anywhere
         db_url = _absolute_store_url(db_url) if db_url else f"{SQLITE_PREFIX}{root / 'edgegw.db'}"
-        files = Path(files_root).expanduser().resolve() if files_root else root / "files"
+        files = resolve_path(files_root, "the files root") if files_root else root / "files"
         ca = load_ca(Path(ca_dir)) if ca_dir else None
         undo = _Undo()
         try:

@@ -37,6 +37,29 @@ def test_odd_fields_never_raise(store):
     assert y.username == "" and y.client_ip == "123"
 
 
+def test_values_the_store_refuses_do_not_wedge_the_trail(store):
+    """Each of these made the store refuse the batch (integer overflow, NOT NULL time, NUL in
+    PostgreSQL text, unencodable text, keys sort_keys cannot order) at every retry: the
+    writer retried for ever and no later event was ever stored."""
+    log = AuditLog(store, "n", max_backoff=0.1)
+    try:
+        log.record("port", client_port=2**64)
+        log.record("nan", ts=float("nan"))
+        log.record("nul", username="a\x00b", gateway="g\x00")
+        log.record("surrogate", session_id="\udcff", client_ip="\ud800")
+        log.record("keys", detail={1: "one", "b": 2})
+        log.record("after")
+        assert log.flush(5.0)
+    finally:
+        log.close(timeout=1.0)
+    events = {e.kind: e for e in store.query_audit()}
+    assert list(events) == ["port", "nan", "nul", "surrogate", "keys", "after"]
+    assert events["port"].client_port == 0 and events["port"].detail["client_port"] == str(2**64)
+    assert events["nan"].ts > 0 and events["nul"].username == "a\\x00b"
+    assert events["surrogate"].session_id == "\\udcff"
+    assert events["keys"].detail == {"1": "one", "b": 2}
+
+
 def test_events_survive_close_in_order(store):
     log = AuditLog(store, "n")
     for i in range(1200):                       # more than one batch

@@ -122,6 +122,32 @@ def test_node_bad_inputs(args: list[str], message: str) -> None:
     assert "Traceback" not in res.stderr
 
 
+def test_damaged_or_dangling_host_keys_are_one_line(node_home: Path) -> None:
+    """A host key bit-flipped on disk makes asyncssh raise ValueError (not KeyImportError), a
+    dangling host_*_key symlink fails the sort by mtime: `hostkey list` and `serve` name the
+    file in one Error: line."""
+    import base64
+    key = node_home / "ssh" / "host_ecdsa_key"
+    lines = key.read_text().splitlines()
+    body = base64.b64decode("".join(lines[1:-1]))
+    at = body.rfind(b"\x00\x00\x00\x08nistp256")      # the private section's curve name
+    body = body[:at] + b"\x00\x00\x00\x08nistp999" + body[at + 12:]
+    key.write_text(f"{lines[0]}\n{base64.encodebytes(body).decode()}{lines[-1]}\n")
+    serve = ["internal", "serve", "--home", str(node_home), "--listen", "127.0.0.1:0",
+             "--workers", "1"]
+    for args in (["internal", "hostkey", "list", "--home", str(node_home)], serve):
+        res = _run(*args)
+        assert res.returncode == 1 and "Traceback" not in res.stderr, (args, res.stderr)
+        assert res.stderr.startswith(f"Error: cannot read host key {key}: "), res.stderr
+    key.unlink()
+    dangling = node_home / "ssh" / "host_gone_key"
+    dangling.symlink_to(node_home / "nonexistent")
+    for args in (["internal", "hostkey", "list", "--home", str(node_home)], serve):
+        res = _run(*args)
+        assert res.returncode == 1 and "Traceback" not in res.stderr, (args, res.stderr)
+        assert res.stderr.startswith(f"Error: cannot read host key {dangling}: "), res.stderr
+
+
 def test_node_serve_needs_a_gateway_or_listen(node_home: Path) -> None:
     res = _run("internal", "serve", "--home", str(node_home))
     assert res.returncode != 0 and "--gateway" in res.stderr

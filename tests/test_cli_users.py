@@ -326,6 +326,29 @@ def test_cli_on_postgres_home(tmp_path, pg_url, pubkey):
     assert [e.kind for e in _user(home, "alice")[1]] == ["user.add"]
 
 
+def test_concurrent_add_of_one_user_keeps_the_winners_home(tmp_path, pg_url, monkeypatch):
+    """Two nodes sharing a PostgreSQL store and a files root add the same user at once. The
+    one whose insert loses must not remove the home directory the winner's user now has
+    (it made the directory first, the winner found it there and kept it)."""
+    from internal.store.sql import SQLStore
+    files = tmp_path / "files"
+    a = NodeHome.init(tmp_path / "a", db_url=pg_url, files_root=str(files)).path
+    b = NodeHome.init(tmp_path / "b", db_url=pg_url, files_root=str(files)).path
+    add_user, other = SQLStore.add_user, []
+
+    def add_user_after_the_other_node(store, user):
+        if not other:   # the other node's `user add` runs between this one's check and insert
+            other.append(edgegw(b, "user", "add", "alice"))
+        return add_user(store, user)
+    monkeypatch.setattr(SQLStore, "add_user", add_user_after_the_other_node)
+    out = cli(a, "user", "add", "alice", code=1).output
+    assert "already exists" in out, out
+    assert other[0].returncode == 0, other[0].stderr
+    alice, events = _user(a, "alice")
+    assert alice.home == str(files / "alice") and (files / "alice").is_dir()
+    assert [(e.kind, e.node_id) for e in events] == [("user.add", NodeHome.load(b).node_id)]
+
+
 def test_unreachable_store_is_a_clean_error(tmp_path):
     NodeHome.init(tmp_path / "h", db_url="postgresql://postgres@127.0.0.1:1/x?connect_timeout=2")
     r = cli(tmp_path / "h", "user", "list", code=1)
@@ -384,6 +407,23 @@ def test_expires_in_the_past_is_refused(home, value, message):
     bob, events = _user(home, "bob")
     assert bob.expires_at == dt.datetime(2999, 1, 1, tzinfo=dt.timezone.utc).timestamp()
     assert [e.kind for e in events] == ["user.add"]
+
+
+def test_a_compact_iso_date_is_not_taken_for_seconds(home):
+    """Python reads 20300101 as the date 2030-01-01; a bare number is also seconds. Taken as
+    seconds, --expires 20300101 expired the account in 235 days and --since 20250630 looked
+    back 234 days: the ambiguity is refused instead, seconds without a unit still work."""
+    cli(home, "user", "add", "bob", "--expires", "2999-01-01")
+    for args in (["user", "set", "bob", "--expires", "20300101"],
+                 ["user", "add", "carol", "--expires", "20300101"],
+                 ["audit", "--since", "20250630"]):
+        out = cli(home, *args, code=2).output
+        assert "is ambiguous" in out and ("2030-01-01" in out or "2025-06-30" in out), (args, out)
+    bob, events = _user(home, "bob")
+    assert bob.expires_at == dt.datetime(2999, 1, 1, tzinfo=dt.timezone.utc).timestamp()
+    assert [e.kind for e in events] == ["user.add"] and _user(home, "carol")[0] is None
+    cli(home, "user", "set", "bob", "--expires", "3600")     # no date: seconds from now
+    cli(home, "audit", "--since", "20250630s")
 
 
 def _raw(home: Path, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:

@@ -186,3 +186,35 @@ def test_init_on_postgres_prints_no_password(tmp_path: Path, pg_url: str) -> Non
     cfg = tmp_path / "h" / "node.json"
     assert json.loads(cfg.read_text())["db"].endswith("=secret")
     assert stat.S_IMODE(cfg.stat().st_mode) == 0o600   # readable by the node's user only
+
+
+def test_paths_pathlib_cannot_resolve_are_one_line(tmp_path: Path) -> None:
+    """An unknown ~user or a symlink loop makes pathlib raise RuntimeError (Python 3.11): each
+    path option, and node.json's files_root, must give one Error: line instead."""
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    nobody = "~edgegw-no-such-user/x"
+    home = tmp_path / "home"
+    assert _run("internal", "init", "--home", str(home)).returncode == 0
+    cases = [
+        (["init", "--home", nobody], "cannot use ~edgegw-no-such-user/x as the node home"),
+        (["init", "--home", str(loop / "h")], "Symlink loop"),
+        (["init", "--home", str(tmp_path / "h"), "--files-root", nobody],
+         "as the files root"),
+        (["init", "--home", str(tmp_path / "h"), "--db", f"sqlite:///{loop}/x.db"],
+         "Symlink loop"),
+        (["init", "--home", str(tmp_path / "h"), "--db", f"sqlite:///{nobody}.db"],
+         "cannot open sqlite:///~edgegw-no-such-user/x.db"),
+        (["user", "list", "--home", nobody], "as the node home"),
+        (["user", "add", "bob", "--home", str(home), "--home-dir", str(loop / "bob")],
+         "as a user's root"),
+    ]
+    for args, message in cases:
+        res = _run("internal", *args)
+        assert res.returncode == 1 and "Traceback" not in res.stderr, (args, res.stderr)
+        assert res.stderr.startswith("Error: ") and message in res.stderr, (args, res.stderr)
+    assert not (tmp_path / "h").exists()
+    cfg = json.loads((home / "node.json").read_text())
+    (home / "node.json").write_text(json.dumps({**cfg, "files_root": nobody}))
+    with pytest.raises(HomeError, match="field 'files_root'"):
+        NodeHome.load(home)

@@ -20,7 +20,7 @@ ALGORITHMS = ("ssh-ed25519", "ecdsa-sha2-nistp256")   # no RSA: nothing to gain,
 def _load(path: Path) -> asyncssh.SSHKey:
     try:
         return asyncssh.read_private_key(path)
-    except (OSError, asyncssh.KeyImportError) as exc:
+    except Exception as exc:   # a damaged key raises more than KeyImportError (ValueError...)
         raise click.ClickException(f"cannot read host key {path}: {exc}") from None
 
 

@@ -80,10 +80,24 @@ def parse_positive_duration(text: str) -> float:
     return seconds
 
 
+def _refuse_compact_date(raw: str) -> None:
+    """A bare number that is also an ISO date (20250630: Python reads YYYYMMDD) must not be
+    taken silently as that many seconds (234 days): the operator meant the date."""
+    if not (raw.isascii() and raw.isdigit()):
+        return
+    try:
+        day = dt.date.fromisoformat(raw)
+    except ValueError:
+        return
+    raise ValueError(f"{raw!r} is ambiguous: write the date as {day.isoformat()}, or seconds "
+                     f"with a unit ({raw}s)")
+
+
 def parse_time(text: str, *, now: float | None = None) -> float:
     """An ISO time or date (UTC unless it says otherwise), or `10m`/`2h`/`1d` meaning that long ago."""
     now = time.time() if now is None else now
     raw = text.strip()
+    _refuse_compact_date(raw)
     try:
         return now - parse_duration(raw)
     except OutOfRange:
@@ -98,6 +112,7 @@ def parse_expiry(text: str, *, now: float | None = None) -> float:
     long FROM now; a time already past is refused (the account would be dead on arrival)."""
     now = time.time() if now is None else now
     raw = text.strip()
+    _refuse_compact_date(raw)
     try:
         seconds: float | None = parse_duration(raw)
     except OutOfRange:

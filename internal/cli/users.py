@@ -18,7 +18,7 @@ from internal.cli.admin import admin_change, home_store, record_admin, require_u
 from internal.cli.common import home_option, load_home
 from internal.cli.parse import (CIDR, EXPIRY, OPTIONAL_COUNT, OPTIONAL_SESSIONS,
                                 OPTIONAL_SIZE, format_time)
-from internal.home import NodeHome
+from internal.home import HomeError, NodeHome, resolve_path
 from internal.passwords import hash_password
 from internal.store import ALL_PERMS, AlreadyExists, NotFound, Perm, User
 
@@ -102,7 +102,7 @@ def add(name: str, home_dir: str, key_files: tuple[str, ...], password_stdin: bo
         if store.get_user(name) is not None:
             raise click.ClickException(f"user {name!r} already exists; change it with "
                                        f"`edgegw internal user set {name}`")
-        root = _make_root(home, name, user_root, made)
+        root = _root_path(home, name, user_root)
         u = User(name=name, home=str(root), password_hash=password_hash, keys=keys,
                  permissions=perms, allow_cidrs=_dedupe(opts.pop("allow")),
                  deny_cidrs=_dedupe(opts.pop("deny")), disabled=opts.pop("disabled"), **opts)
@@ -111,6 +111,10 @@ def add(name: str, home_dir: str, key_files: tuple[str, ...], password_stdin: bo
         except AlreadyExists:
             raise click.ClickException(f"user {name!r} already exists; change it with "
                                        f"`edgegw internal user set {name}`") from None
+        # The row first, the directory after: an add of the same name on another node sharing
+        # the store waits on this row and fails before it makes (and then removes, undoing)
+        # the directory this user may already be using.
+        _create_root(root, made)
         record_admin(store, home, "user.add", username=name, detail=_describe(u))
     click.echo(f"added user {name} (home {root})")
     if not keys and password_hash is None:
@@ -361,9 +365,21 @@ def _undo_mkdirs() -> Iterator[list[Path]]:
 
 
 def _make_root(home: NodeHome, name: str, path: str | None, made: list[Path]) -> Path:
-    root = Path(path).expanduser().resolve() if path else home.user_home(name)
+    return _create_root(_root_path(home, name, path), made)
+
+
+def _root_path(home: NodeHome, name: str, path: str | None) -> Path:
+    """The user's root directory, checked, not yet made."""
+    try:
+        root = resolve_path(path, "a user's root") if path else home.user_home(name)
+    except HomeError as exc:
+        raise click.ClickException(str(exc)) from None
     _check_root(home, root)
     require_utf8(str(root))   # stored as text: refuse it before the directory exists
+    return root
+
+
+def _create_root(root: Path, made: list[Path]) -> Path:
     try:
         if not root.is_dir():
             made.extend(d for d in (*reversed(root.parents), root) if not d.exists())

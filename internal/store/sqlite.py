@@ -60,4 +60,7 @@ def sqlite_path(url: str) -> Path:
     if path == ":memory:":
         raise StoreError("in-memory SQLite cannot be shared between threads and processes; "
                          "give a file path")
-    return Path(path).expanduser().resolve()
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError, ValueError) as exc:   # an unknown ~user, a symlink loop
+        raise StoreError(f"cannot open {url}: {exc}") from None
