@@ -177,6 +177,22 @@ async def test_a_new_size_counts_for_every_name_of_the_file(sshnode: NodeUnderTe
         assert _ledger(home) == scan_home(home) == (20, 2)
 
 
+async def test_a_new_size_the_file_system_refuses_is_not_charged(
+        sshnode: NodeUnderTest) -> None:
+    """A SETSTAT of size is charged before the file grows; if the file system refuses the
+    size (EFBIG: ext4 and others stop at 16 TiB), the charge is given back."""
+    home, key = sshnode.keyed_user("alice", quota_bytes=2 ** 62)
+    async with sshnode.sftp_client("alice", key) as sftp:
+        async with sftp.open("x", "wb") as f:
+            await f.write(b"x" * 1000)
+        try:
+            await sftp.truncate("x", 2 ** 61)
+        except asyncssh.SFTPError:
+            pass   # refused by the file system (ext4); on tmpfs it is taken
+        size = (home / "x").stat().st_size
+        assert _ledger(home) == scan_home(home) == (size, 1)
+
+
 async def test_a_file_written_in_place_grows_under_one_name(sshnode: NodeUnderTest) -> None:
     """An upload in place (x.filepart) grows every hard link of its file, and would count the
     growth once: linked before or during the upload, growth is refused."""

@@ -307,7 +307,12 @@ class NodeSFTPServer(asyncssh.SFTPServer):
         change = (size - st.st_size) * max(st.st_nlink, 1)
         if change > 0:
             self._charge(change)
-        os.ftruncate(fd, size)
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            if change > 0:   # charged for growth that did not happen (EFBIG, ENOSPC...)
+                self._charge(-change)
+            raise
         if change < 0:
             self._charge(change)
 
