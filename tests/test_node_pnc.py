@@ -4,9 +4,11 @@ with the PNC state machine."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 from pathlib import Path
+from typing import AsyncIterator
 
 import pytest
 
@@ -134,19 +136,36 @@ class _Owner:
     def on_closed(self, link: GatewayLink, closed: Closed) -> None: ...
 
 
+@contextlib.asynccontextmanager
+async def _link_to_script(node_home: Path, heartbeat_timeout: float
+                          ) -> AsyncIterator[tuple[GatewayLink, asyncio.StreamReader,
+                                                   asyncio.StreamWriter, Connection]]:
+    """A node's PNC link (hello only) attached to a scripted gateway: the link, and the
+    gateway's reader, writer and PNC state; all stopped after."""
+    home = NodeHome.load(node_home)
+    gw = ScriptedGateway()
+    link = GatewayLink(_Owner(), gw.pnc_addr, node_tls_context(home.tls_cert, home.tls_key),
+                       heartbeat_timeout=heartbeat_timeout)
+    task = asyncio.create_task(link.run_forever())
+    writer = None
+    try:
+        reader, writer, conn = await gw.attach()
+        yield link, reader, writer, conn
+    finally:
+        if writer is not None:
+            writer.transport.abort()
+        await link.stop()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await gw.close()
+
+
 async def test_gateway_that_sends_without_reading_cannot_fill_the_node_memory(
         node_home: Path) -> None:
     """A gateway that floods the PNC (pings) and reads nothing: the node queued every answer
     in memory (more than twice what the gateway sent, without end). It now stops reading until
     the gateway takes its answers, and drops the link when the gateway stays silent."""
-    home = NodeHome.load(node_home)
-    gw = ScriptedGateway()
-    link = GatewayLink(_Owner(), gw.pnc_addr, node_tls_context(home.tls_cert, home.tls_key),
-                       heartbeat_timeout=1.0)
-    task = asyncio.create_task(link.run_forever())
-    writer = None
-    try:
-        reader, writer, conn = await gw.attach()
+    async with _link_to_script(node_home, 1.0) as (link, reader, writer, conn):
         writer.write(conn.send(GatewayHello(PROTOCOL_VERSION, "gw", 1, 300, bytes(32))))
         writer.transport.pause_reading()              # never read the node's answers again
         chunk = b"".join(conn.send(Ping(i)) for i in range(40_000))   # ~0.5 MiB
@@ -171,13 +190,6 @@ async def test_gateway_that_sends_without_reading_cannot_fill_the_node_memory(
         assert most_queued < 1 << 20, (most_queued, sent)
         assert sent < 32 << 20, sent
         assert dropped        # by its heartbeat: it saw nothing from the gateway meanwhile
-    finally:
-        if writer is not None:
-            writer.transport.abort()
-        await link.stop()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await gw.close()
 
 
 def _forwarding_node(node_home: Path, gw: ScriptedGateway, upstream: socket.socket,
@@ -295,15 +307,8 @@ async def test_gateway_heartbeat_interval_is_bounded(
     gateway could switch the node's pings and its silence detection off (a link to a hung
     gateway was never dropped). It is now bounded both ways, with a warning."""
     monkeypatch.setattr(gateway_link, "HEARTBEAT_MAX", 0.2, raising=False)  # short test
-    home = NodeHome.load(node_home)
-    gw = ScriptedGateway()
-    link = GatewayLink(_Owner(), gw.pnc_addr, node_tls_context(home.tls_cert, home.tls_key),
-                       heartbeat_timeout=0.5)
-    task = asyncio.create_task(link.run_forever())
     loop = asyncio.get_running_loop()
-    writer = None
-    try:
-        reader, writer, conn = await gw.attach()
+    async with _link_to_script(node_home, 0.5) as (link, reader, writer, conn):
         writer.write(conn.send(GatewayHello(PROTOCOL_VERSION, "gw", 1, interval_ms, bytes(32))))
         t0 = loop.time()
         pings = 0
@@ -319,13 +324,6 @@ async def test_gateway_heartbeat_interval_is_bounded(
             assert pings >= 1 and elapsed < 2.0, (pings, elapsed)
         else:   # 1 ms: at most one ping per HEARTBEAT_MIN, not a tight loop
             assert pings <= elapsed / 0.05 + 2, (pings, elapsed)
-    finally:
-        if writer is not None:
-            writer.transport.abort()
-        await link.stop()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await gw.close()
 
 
 def test_node_and_defender_agree_on_unparsable_addresses(node_home: Path, store: Store) -> None:

@@ -3,8 +3,10 @@ node's one-byte answer, with every answer, a silence, a close and garbage."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from types import SimpleNamespace
+from typing import AsyncIterator
 
 import pytest
 
@@ -169,6 +171,23 @@ async def _data_port(handler) -> tuple[asyncio.AbstractServer, int]:  # type: ig
     return server, server.sockets[0].getsockname()[1]
 
 
+@contextlib.asynccontextmanager
+async def _pool_on(handler, size: int) -> AsyncIterator[DataPool]:  # type: ignore[no-untyped-def]
+    """A pool of `size`, filling, against a Data port served by `handler`; closed after."""
+    server, port = await _data_port(handler)
+    link = _FakeLink(port)
+    link.connected = True
+    pool = DataPool(link, size, lambda a, s: s.close())  # type: ignore[arg-type]
+    try:
+        pool.fill()
+        yield pool
+    finally:
+        link.connected = False
+        pool.close()
+        server.close()
+        await server.wait_closed()
+
+
 @pytest.mark.parametrize("forge", [False, True])
 async def test_node_pool_checks_the_assignment(forge: bool, caplog) -> None:  # type: ignore[no-untyped-def]
     """A good assignment reaches the node with the client's address; a forged one (another
@@ -226,12 +245,7 @@ async def test_node_replaces_pooled_connections_the_gateway_lost(monkeypatch) ->
             await closed.put(proof.ident)
         writer.close()
 
-    server, port = await _data_port(gateway)
-    link = _FakeLink(port)
-    link.connected = True
-    pool = DataPool(link, 1, lambda a, s: s.close())  # type: ignore[arg-type]
-    try:
-        pool.fill()
+    async with _pool_on(gateway, 1) as pool:
         first = await asyncio.wait_for(proven.get(), 5)
         pool.offered()                       # too soon: it may still be in the gateway's pool
         await asyncio.sleep(0.4)
@@ -240,11 +254,6 @@ async def test_node_replaces_pooled_connections_the_gateway_lost(monkeypatch) ->
         assert await asyncio.wait_for(closed.get(), 5) == first
         second = await asyncio.wait_for(proven.get(), 5)
         assert second != first
-    finally:
-        link.connected = False
-        pool.close()
-        server.close()
-        await server.wait_closed()
 
 
 async def test_node_pool_dials_again_after_the_gateway_refused_it(monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -268,19 +277,9 @@ async def test_node_pool_dials_again_after_the_gateway_refused_it(monkeypatch) -
         await reader.read(1)
         writer.close()
 
-    server, port = await _data_port(gateway)
-    link = _FakeLink(port)
-    link.connected = True
-    pool = DataPool(link, 4, lambda a, s: s.close())  # type: ignore[arg-type]
-    try:
-        pool.fill()
+    async with _pool_on(gateway, 4):
         idents = {await asyncio.wait_for(proven.get(), 10) for _ in range(4)}
         assert len(idents) == 4 and refuse == 0
-    finally:
-        link.connected = False
-        pool.close()
-        server.close()
-        await server.wait_closed()
 
 
 async def test_node_pool_backs_off_when_the_gateway_closes_them_after_the_proof() -> None:
@@ -298,20 +297,10 @@ async def test_node_pool_backs_off_when_the_gateway_closes_them_after_the_proof(
         finally:
             writer.close()
 
-    server, port = await _data_port(gateway)
-    link = _FakeLink(port)
-    link.connected = True
-    pool = DataPool(link, 4, lambda a, s: s.close())  # type: ignore[arg-type]
-    try:
-        pool.fill()
+    async with _pool_on(gateway, 4):
         await asyncio.sleep(1.5)
         # the first batch, then at most a few more after a backoff (it was thousands)
         assert 4 <= dials <= 16, dials
-    finally:
-        link.connected = False
-        pool.close()
-        server.close()
-        await server.wait_closed()
 
 
 async def test_node_pool_backoff_starts_at_retry_min_when_the_whole_pool_fails(caplog) -> None:  # type: ignore[no-untyped-def]
@@ -327,13 +316,8 @@ async def test_node_pool_backoff_starts_at_retry_min_when_the_whole_pool_fails(c
         dialed.append(loop.time())
         writer.close()                       # refused before the challenge
 
-    server, port = await _data_port(gateway)
-    link = _FakeLink(port)
-    link.connected = True
-    pool = DataPool(link, 32, lambda a, s: s.close())  # type: ignore[arg-type]
     caplog.set_level("WARNING", logger="edgegw.node.pool")
-    try:
-        pool.fill()
+    async with _pool_on(gateway, 32):
         deadline = loop.time() + 3 * data_pool.RETRY_MIN + 3
         while len(dialed) < 34 and loop.time() < deadline:
             await asyncio.sleep(0.05)
@@ -344,8 +328,3 @@ async def test_node_pool_backoff_starts_at_retry_min_when_the_whole_pool_fails(c
         assert 0.5 + 0.8 * least <= first_retry <= 0.5 + 1.2 * least + 0.5, first_retry
         assert 0.5 + 1.6 * least <= second_retry <= 0.5 + 2.4 * least + 0.5, second_retry
         assert len(dialed) == 34             # one dial per round, not the whole pool
-    finally:
-        link.connected = False
-        pool.close()
-        server.close()
-        await server.wait_closed()
