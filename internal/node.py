@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import socket
 import time
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ class Node:
         self.links = [GatewayLink(self, gw, tls, backoff_max=settings.backoff_max)
                       for gw in settings.gateways]
         self._tasks: set[asyncio.Task[None]] = set()
+        self._direct: set[asyncio.Task[None]] = set()   # sessions of direct (--listen) clients
         self._link_tasks: list[asyncio.Task[None]] = []
         self._load_timer: asyncio.TimerHandle | None = None
         self._bans: dict[str, BanEntry] = {}
@@ -97,6 +99,8 @@ class Node:
             task.cancel()
         await asyncio.gather(*self._link_tasks, return_exceptions=True)
         await self.service.close()
+        if self._direct:   # disconnected by the service: let them report their end first
+            await asyncio.wait(list(self._direct), timeout=5.0)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -163,13 +167,18 @@ class Node:
 
     def _admit(self, link: GatewayLink, sid: str, ip: str, port: int) -> str | None:
         """Why the client may not start a session here, or None."""
+        reason = self._refusal(ip)
+        if reason is not None:
+            log.info("session %s from %s: client %s:%d rejected: %s", sid, link.gateway_id,
+                     ip, port, reason)
+        return reason
+
+    def _refusal(self, ip: str) -> str | None:
+        """Why a client (relayed or direct) may not start a session here, or None."""
         reason = "draining" if self.draining else self.service.admit(ip)
         capacity = self.settings.capacity
         if reason is None and capacity and self.active >= capacity:
             reason = "capacity"
-        if reason is not None:
-            log.info("session %s from %s: client %s:%d rejected: %s", sid, link.gateway_id,
-                     ip, port, reason)
         return reason
 
     def on_closed(self, link: GatewayLink, closed: Closed) -> None:
@@ -258,26 +267,45 @@ class Node:
                     self.idle.set()
         await self._serve(link, offer.session_id, offer.client_ip, offer.client_port, sock)
 
+    def serve_direct(self, sock: socket.socket, ip: str, port: int) -> None:
+        """A client of the direct listener (`--listen`). Admitted and counted as relayed ones
+        are: a drain refuses it and waits for its session, and capacity and load include it."""
+        reason = self._refusal(ip)
+        if reason is not None:
+            log.info("refused direct connection from %s:%d: %s", ip, port, reason)
+            sock.close()
+            return
+        self._admitted()
+        ctx = SessionContext(secrets.token_hex(8), ip, port, "")
+        task = self._spawn(self._run(sock, ctx))
+        self._direct.add(task)
+        task.add_done_callback(self._direct.discard)
+
     async def _serve(self, link: GatewayLink, session_id: int, ip: str, port: int,
                      sock: socket.socket, *, banner_sent: bool = False) -> None:
-        sid = f"{session_id:016x}"
-        ctx = SessionContext(sid, ip, port, link.gateway_id)
+        ctx = SessionContext(f"{session_id:016x}", ip, port, link.gateway_id)
+        await self._run(sock, ctx, banner_sent=banner_sent)
+
+    async def _run(self, sock: socket.socket, ctx: SessionContext, *,
+                   banner_sent: bool = False) -> None:
+        """Serve an admitted session (counted in _starting until the service counts it)."""
         self._send_load()
         try:
             # the service counts it from here: serve_socket counts before its first await
             self._starting -= 1
             result = await self.service.serve_socket(sock, ctx, banner_sent=banner_sent)
-            log.debug("session %s ended: %s", sid, result.reason)
+            log.debug("session %s ended: %s", ctx.session_id, result.reason)
         finally:
             sock.close()
             if self.active == 0:
                 self.idle.set()
             self._send_load()
 
-    def _spawn(self, coro: Coroutine[object, object, None]) -> None:
+    def _spawn(self, coro: Coroutine[object, object, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

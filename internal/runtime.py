@@ -135,8 +135,10 @@ async def serve(home: NodeHome, opts: ServeOptions) -> None:
             await metrics.start()
         await service.start()
         if opts.listen is not None:  # the CLI refuses --listen with --forward
+            # the node admits and counts direct clients too: drain, capacity and load see them
             listener = await service.listen(opts.listen.host, opts.listen.port,  # type: ignore[attr-defined]
-                                            reuse_port=opts.reuse_port)
+                                            reuse_port=opts.reuse_port,
+                                            on_client=node.serve_direct)
             log.info("serving SSH/SFTP directly on %s", opts.listen)
         run_dir(home).mkdir(exist_ok=True)
         for leftover in pid_files(home):
@@ -159,6 +161,8 @@ async def serve(home: NodeHome, opts: ServeOptions) -> None:
         for w in waiters:
             w.cancel()
         if drain.is_set() and not stop.is_set():
+            if listener is not None:   # new direct clients are refused, not accepted then cut
+                listener.close()
             drain_task = asyncio.create_task(node.drain())
             stop_task = asyncio.create_task(stop.wait())
             await asyncio.wait([drain_task, stop_task], return_when=asyncio.FIRST_COMPLETED)

@@ -57,18 +57,28 @@ CHANNEL_WINDOW = 2 * 1024 * 1024
 CHANNEL_MAX_PKTSIZE = 256 * 1024
 
 
+# Takes a direct client's connection (and its address) over: a node's (Node.serve_direct), so
+# that its drain, capacity and load count direct sessions as they count relayed ones.
+OnDirect = Callable[[socket.socket, str, int], None]
+
+
 class Listener:
     """A direct (`--listen`) SSH listener on the trusted network."""
 
-    def __init__(self, sock: socket.socket, service: "SSHService") -> None:
+    def __init__(self, sock: socket.socket, service: "SSHService",
+                 on_client: OnDirect | None = None) -> None:
         self._sock = sock
         self._service = service
+        self._on_client = on_client
         self.port: int = sock.getsockname()[1]
         self._acceptor = Acceptor(f"ssh port {self.port}", sock, self._accepted)
         self._acceptor.start()
 
     def _accepted(self, conn: socket.socket, peer: tuple) -> None:
         ip, port = str(peer[0]), int(peer[1])
+        if self._on_client is not None:
+            self._on_client(conn, ip, port)
+            return
         reason = self._service.admit(ip)
         if reason is not None:
             log.info("refused direct connection from %s:%d: %s", ip, port, reason)
@@ -389,12 +399,14 @@ class SSHService:
         server.update(user, usage)
 
     # -- direct mode and shutdown -------------------------------------------------------------
-    async def listen(self, host: str, port: int, *, reuse_port: bool = False) -> Listener:
+    async def listen(self, host: str, port: int, *, reuse_port: bool = False,
+                     on_client: OnDirect | None = None) -> Listener:
         """Accept SSH clients directly (trusted network); the peer address is the client's.
-        `reuse_port`: worker processes of one node share the port."""
+        `reuse_port`: worker processes of one node share the port. `on_client`: who admits
+        and serves each client (by default this service, on its own)."""
         sock = listen_socket(HostPort(host, port), 128, reuse_port=reuse_port)
         self._start_refresher()
-        listener = Listener(sock, self)
+        listener = Listener(sock, self, on_client)
         self._listeners.append(listener)
         return listener
 
