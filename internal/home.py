@@ -87,11 +87,10 @@ class NodeHome:
         keys = []
         for path in self.host_key_paths():
             try:
-                keys.append(asyncssh.read_private_key(path))
-            except Exception as exc:   # a damaged key: asyncssh's decoders raise ValueError,
-                # UnicodeDecodeError, ASN1 errors... beyond KeyImportError
-                reason = getattr(exc, "strerror", None) or str(exc)
-                raise HomeError(f"cannot read host key {path}: {reason}") from None
+                keys.append(read_host_key(path))
+            except UnreadableHostKey as exc:
+                raise HomeError(f"{exc}; remove it with: edgegw internal hostkey remove "
+                                f"--home {self.path} {path.name}") from None
         if not keys:
             raise HomeError(f"no SSH host keys in {self.ssh_dir}; create one with: "
                             f"edgegw internal hostkey rotate --home {self.path}")
@@ -220,6 +219,23 @@ class NodeHome:
             undo.run()
             raise
         return cls.load(root)
+
+
+class UnreadableHostKey(HomeError):
+    """A host key file that cannot be read: damaged, a dangling link, not readable."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"cannot read host key {path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def read_host_key(path: Path) -> asyncssh.SSHKey:
+    """One host key; UnreadableHostKey, naming the file and why, when it cannot be read."""
+    try:
+        return asyncssh.read_private_key(path)
+    except Exception as exc:   # a damaged key: asyncssh's decoders raise ValueError,
+        # UnicodeDecodeError, ASN1 errors... beyond KeyImportError
+        raise UnreadableHostKey(path, getattr(exc, "strerror", None) or str(exc)) from None
 
 
 def write_host_key(ssh_dir: Path, alg: str) -> Path:

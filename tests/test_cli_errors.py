@@ -124,8 +124,8 @@ def test_node_bad_inputs(args: list[str], message: str) -> None:
 
 def test_damaged_or_dangling_host_keys_are_one_line(node_home: Path) -> None:
     """A host key bit-flipped on disk makes asyncssh raise ValueError (not KeyImportError), a
-    dangling host_*_key symlink fails the sort by mtime: `hostkey list` and `serve` name the
-    file in one Error: line."""
+    dangling host_*_key symlink fails the sort by mtime: `serve` names the file in one Error:
+    line (and how to remove it), `hostkey list` shows it as unreadable beside the others."""
     import base64
     key = node_home / "ssh" / "host_ecdsa_key"
     lines = key.read_text().splitlines()
@@ -135,17 +135,25 @@ def test_damaged_or_dangling_host_keys_are_one_line(node_home: Path) -> None:
     key.write_text(f"{lines[0]}\n{base64.encodebytes(body).decode()}{lines[-1]}\n")
     serve = ["internal", "serve", "--home", str(node_home), "--listen", "127.0.0.1:0",
              "--workers", "1"]
-    for args in (["internal", "hostkey", "list", "--home", str(node_home)], serve):
-        res = _run(*args)
-        assert res.returncode == 1 and "Traceback" not in res.stderr, (args, res.stderr)
-        assert res.stderr.startswith(f"Error: cannot read host key {key}: "), res.stderr
+    hint = f"remove it with: edgegw internal hostkey remove --home {node_home} "
+    listing = ["internal", "hostkey", "list", "--home", str(node_home)]
+    res = _run(*serve)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.startswith(f"Error: cannot read host key {key}: "), res.stderr
+    assert res.stderr.rstrip().endswith(hint + key.name), res.stderr
+    res = _run(*listing)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    assert f"unreadable - - {key.name} (" in res.stdout and "ssh-ed25519 256 SHA256:" in \
+        res.stdout, res.stdout
+    assert hint + key.name in res.stderr, res.stderr
     key.unlink()
     dangling = node_home / "ssh" / "host_gone_key"
     dangling.symlink_to(node_home / "nonexistent")
-    for args in (["internal", "hostkey", "list", "--home", str(node_home)], serve):
-        res = _run(*args)
-        assert res.returncode == 1 and "Traceback" not in res.stderr, (args, res.stderr)
-        assert res.stderr.startswith(f"Error: cannot read host key {dangling}: "), res.stderr
+    res = _run(*serve)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.startswith(f"Error: cannot read host key {dangling}: "), res.stderr
+    res = _run(*listing)
+    assert res.returncode == 0 and f"unreadable - - {dangling.name} (" in res.stdout, res
 
 
 def test_node_serve_needs_a_gateway_or_listen(node_home: Path) -> None:

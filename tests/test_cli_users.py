@@ -183,6 +183,49 @@ def test_largest_values_are_stored_and_shown(home):
     assert "0001-01-01T00:00:00Z" in cli(home, "user", "show", "bob").output
 
 
+@pytest.mark.parametrize("option,value", [
+    ("--quota-bytes", "\u0661\u0662"),             # Arabic-Indic 12: was stored as 12
+    ("--quota-bytes", "\uff11\uff10G"),            # fullwidth 10G
+    ("--quota-bytes", "1.\u0665M"),
+    ("--quota-files", "\u0661\u0662"),
+    ("--quota-files", "\u00b2"),                    # superscript two: isdigit(), int() raises
+    ("--max-sessions", "\uff13"),
+    ("--expires", "\u0663\u0660d"),
+    ("--expires", "\u0662\u0660\u0663\u0660-01-01"),
+])
+def test_numbers_take_ascii_digits_only(home, option, value):
+    """int(), float() and a regex's \\d take any script's digits: --quota-bytes ١٢ was
+    stored as 12. Such values are refused by name, as parse_hostport refuses a port '２２'."""
+    cli(home, "user", "add", "bob")
+    for args in (["user", "add", "carol", option, value], ["user", "set", "bob", option, value]):
+        out = cli(home, *args, code=2).output
+        assert f"Invalid value for '{option}'" in out and "digits other than 0-9" in out, out
+    bob, events = _user(home, "bob")
+    assert _user(home, "carol")[0] is None and [e.kind for e in events] == ["user.add"]
+    assert (bob.quota_bytes, bob.quota_files, bob.max_sessions, bob.expires_at) == (None,) * 4
+
+
+# serve's --weight 0 is refused after the value under test: never a node started by a test
+_SERVE = ("serve", "--listen", "127.0.0.1:0")
+
+
+@pytest.mark.parametrize("args", [
+    ("ban", "add", "192.0.2.7", "--duration", "\u0661h"),
+    ("audit", "--since", "\u0661\u0660m"),
+    ("audit", "--since", "2025-06-\u0663\u0660"),
+    ("audit", "--limit", "\u0661\u0660"),
+    ("drain", "--timeout", "\uff13"),
+    (*_SERVE, "--capacity", "\u0661\u0662", "--weight", "0"),
+    (*_SERVE, "--drain-timeout", "\u0661\u0662", "--weight", "0"),
+    (*_SERVE, "--workers", "\uff12", "--weight", "0"),
+])
+def test_other_numbers_take_ascii_digits_only(home, args):
+    option = next(a for a in args if a.startswith("--") and a != "--listen")
+    out = cli(home, *args, code=2).output
+    assert f"Invalid value for '{option}'" in out and "digits other than 0-9" in out, out
+    assert cli(home, "ban", "list", "--json").output == ""
+
+
 @pytest.mark.parametrize("duration,message", [
     ("0", "'0' is not more than zero"),
     ("0s", "'0s' is not more than zero"),
@@ -309,6 +352,11 @@ def test_bans_and_audit_cli(home):
     assert kinds == [("ban.add", "192.0.2.7"), ("ban.add", "198.51.100.0/24"),
                      ("ban.remove", "192.0.2.7")]
     assert len(cli(home, "audit", "--json", "--ip", "192.0.2.7").output.splitlines()) == 2
+    # a network selects the events of every address in it (and bans of networks inside it)
+    lines = cli(home, "audit", "--json", "--ip", "192.0.0.0/8").output.splitlines()
+    assert [(json.loads(x)["kind"], json.loads(x)["ip"]) for x in lines] == [
+        ("ban.add", "192.0.2.7"), ("ban.remove", "192.0.2.7")]
+    assert len(cli(home, "audit", "--json", "--ip", "198.51.0.0/16").output.splitlines()) == 1
     assert len(cli(home, "audit", "--json", "--user", "carol", "--since",
                    "2000-01-01").output.splitlines()) == 1
     assert cli(home, "audit", "--json", "--since", "2999-01-01").output == ""

@@ -7,7 +7,7 @@ import click
 
 from internal.cli.admin import home_store
 from internal.cli.common import home_option, load_home
-from internal.cli.parse import TIME, format_time
+from internal.cli.parse import TIME, IntRange, format_time
 from internal.ipmatch import canonical_cidr, parse_ip
 from internal.store import AuditEvent
 
@@ -15,13 +15,16 @@ from internal.store import AuditEvent
 @click.command(name="audit")
 @home_option
 @click.option("--user", "username", default=None, help="Only this user's events.")
-@click.option("--ip", default=None, help="Only events from this client address.")
+@click.option("--ip", default=None, metavar="IP|CIDR",
+              help="Only events from this client address, or from any address in this "
+                   "network (10.0.0.0/8, 2001:db8::/32; IPv4-mapped IPv6 counts as IPv4), "
+                   "bans of the network or of networks inside it included.")
 @click.option("--since", type=TIME, default=None, metavar="TIME",
               help="From this time: ISO (2025-06-30, 2025-06-30T14:00Z) or ago (10m, 2h, 1d).")
 @click.option("--session", "session_id", default=None, help="Only this session id.")
 @click.option("--kind", default=None,
               help="Only this kind (auth, file.close, user.set...); `file.*` for a family.")
-@click.option("--limit", type=click.IntRange(1, 1_000_000), default=100, show_default=True,
+@click.option("--limit", type=IntRange(1, 1_000_000), default=100, show_default=True,
               help="At most this many events (the newest).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object a line.")
 def audit(home_dir: str, username: str | None, ip: str | None, since: float | None,
@@ -29,7 +32,8 @@ def audit(home_dir: str, username: str | None, ip: str | None, since: float | No
     """Show the audit trail, oldest first, across every node sharing the store."""
     if ip is not None:
         try:
-            ip = str(parse_ip(ip)) if "/" not in ip else canonical_cidr(ip)   # bans are CIDRs
+            # a network (a /32 or /128 is one address): every event whose address lies in it
+            ip = str(parse_ip(ip)) if "/" not in ip else canonical_cidr(ip)
         except ValueError:
             raise click.BadParameter(f"{ip!r} is not an IP address or CIDR",
                                      param_hint="--ip") from None

@@ -12,16 +12,9 @@ import asyncssh
 import click
 
 from internal.cli.common import home_option, load_home
-from internal.home import HomeError, NodeHome, write_host_key
+from internal.home import HomeError, NodeHome, UnreadableHostKey, read_host_key, write_host_key
 
 ALGORITHMS = ("ssh-ed25519", "ecdsa-sha2-nistp256")   # no RSA: nothing to gain, SHA-1 risk
-
-
-def _load(path: Path) -> asyncssh.SSHKey:
-    try:
-        return asyncssh.read_private_key(path)
-    except Exception as exc:   # a damaged key raises more than KeyImportError (ValueError...)
-        raise click.ClickException(f"cannot read host key {path}: {exc}") from None
 
 
 def _bits(key: asyncssh.SSHKey) -> int:
@@ -34,8 +27,16 @@ def describe(path: Path, key: asyncssh.SSHKey) -> str:
     return f"{key.get_algorithm()} {_bits(key)} {key.get_fingerprint('sha256')} {path.name}"
 
 
-def _keys(home: NodeHome) -> list[tuple[Path, asyncssh.SSHKey]]:
-    return [(p, _load(p)) for p in home.host_key_paths()]
+def _keys(home: NodeHome) -> list[tuple[Path, asyncssh.SSHKey | UnreadableHostKey]]:
+    """Every host key file, newest first, with its key or why it cannot be read (damaged, a
+    dangling link): one bad file must not hide the others, nor keep it from being removed."""
+    keys: list[tuple[Path, asyncssh.SSHKey | UnreadableHostKey]] = []
+    for path in home.host_key_paths():
+        try:
+            keys.append((path, read_host_key(path)))
+        except UnreadableHostKey as exc:
+            keys.append((path, exc))
+    return keys
 
 
 @click.group(name="hostkey")
@@ -46,12 +47,20 @@ def hostkey() -> None:
 @hostkey.command(name="list")
 @home_option
 def list_keys(home_dir: str) -> None:
-    """Show each host key's algorithm and SHA256 fingerprint, newest first."""
-    keys = _keys(load_home(home_dir))
+    """Show each host key's algorithm and SHA256 fingerprint, newest first; a key that cannot
+    be read shows as `unreadable - - FILE (why)`."""
+    home = load_home(home_dir)
+    keys = _keys(home)
     if not keys:
         raise click.ClickException("no host keys; add one with: edgegw internal hostkey rotate")
     for path, key in keys:
-        click.echo(describe(path, key))
+        if isinstance(key, UnreadableHostKey):
+            click.echo(f"unreadable - - {path.name} ({key.reason})")
+            click.echo(f"warning: the node does not start while {path.name} cannot be read; "
+                       f"remove it with: edgegw internal hostkey remove --home {home.path} "
+                       f"{path.name}", err=True)
+        else:
+            click.echo(describe(path, key))
 
 
 @hostkey.command()
@@ -63,28 +72,40 @@ def rotate(home_dir: str, alg: str) -> None:
     home = load_home(home_dir)
     try:
         path = write_host_key(home.ssh_dir, alg)
+        key = read_host_key(path)
     except HomeError as exc:   # e.g. ssh/ removed: the path and reason, no traceback
         raise click.ClickException(str(exc)) from None
-    click.echo(f"added {describe(path, _load(path))}")
+    click.echo(f"added {describe(path, key)}")
     click.echo("restart the node to offer it; remove the old key once clients have it")
 
 
 @hostkey.command()
 @home_option
-@click.argument("fingerprint")
-def remove(home_dir: str, fingerprint: str) -> None:
-    """Remove the host key with FINGERPRINT (SHA256:...); the last key is never removed."""
+@click.argument("key_id", metavar="FINGERPRINT|FILE")
+def remove(home_dir: str, key_id: str) -> None:
+    """Remove the host key with this SHA256 fingerprint (SHA256:...) or file name
+    (host_ed25519_key, as `list` shows it: the way to remove a key that cannot be read). The
+    last readable key is never removed."""
     home = load_home(home_dir)
     keys = _keys(home)
-    wanted = fingerprint if fingerprint.startswith("SHA256:") else f"SHA256:{fingerprint}"
-    matches = [p for p, k in keys if k.get_fingerprint("sha256") == wanted]
+    matches = [(p, k) for p, k in keys if key_id in (p.name, str(p))]
     if not matches:
-        raise click.ClickException(f"no host key has fingerprint {wanted}; see: "
-                                   f"edgegw internal hostkey list --home {home.path}")
-    if len(keys) <= 1:
+        wanted = key_id if key_id.startswith("SHA256:") else f"SHA256:{key_id}"
+        matches = [(p, k) for p, k in keys if not isinstance(k, UnreadableHostKey)
+                   and k.get_fingerprint("sha256") == wanted]
+        if not matches:
+            raise click.ClickException(f"no host key has fingerprint {wanted} or file name "
+                                       f"{key_id!r}; see: edgegw internal hostkey list "
+                                       f"--home {home.path}")
+    readable = {p for p, k in keys if not isinstance(k, UnreadableHostKey)}
+    if readable and readable <= {p for p, _ in matches}:
         raise click.ClickException("refusing to remove the only host key: the node could not "
                                    "serve SSH; rotate in a new key first")
-    for path in matches:
+    for path, key in matches:
         path.unlink()
         path.with_name(path.name + ".pub").unlink(missing_ok=True)
-        click.echo(f"removed {path.name} ({wanted}); restart the node to stop offering it")
+        if isinstance(key, UnreadableHostKey):
+            click.echo(f"removed {path.name} (unreadable)")
+        else:
+            click.echo(f"removed {path.name} ({key.get_fingerprint('sha256')}); restart the "
+                       "node to stop offering it")

@@ -7,18 +7,23 @@ import time
 
 import click
 
-from edgegw import eventloop
-from edgegw.cliparams import Seconds, congestion, hostport, metrics_options
+from edgegw import cliparams, eventloop
+from edgegw.cliparams import congestion, hostport, metrics_options
 from edgegw.limits import raise_fd_limit
 from edgegw.logsetup import LEVELS, setup_logging
 from edgegw.metrics_http import MetricsEndpoint
 from edgegw.netaddr import HostPort
 from internal.cli.common import default_workers, home_option, load_home
+from internal.cli.parse import AsciiDigits, IntRange
 from internal.data_pool import DEFAULT_SIZE as DEFAULT_POOL_SIZE
 from internal.home import HomeError, NodeHome
 from internal.sftp.uploads import PARTIAL_SUFFIXES
 from internal.ssh.revocation import DEFAULT_INTERVAL as RECHECK_INTERVAL
 from internal.store.base import StoreError
+
+
+class Seconds(AsciiDigits, cliparams.Seconds):
+    """cliparams.Seconds, digits 0-9 only."""
 
 
 @click.command()
@@ -62,19 +67,19 @@ def init(home_dir: str, db_url: str | None, node_id: str | None, files_root: str
               help="Relay sessions to this TCP service instead of the built-in SFTP server.")
 @click.option("--forward-proxy-protocol", type=click.Choice(["v1", "v2"]), default=None,
               help="With --forward: prepend a PROXY header carrying the real client address.")
-@click.option("--capacity", default=0, show_default=True, type=click.IntRange(0),
+@click.option("--capacity", default=0, show_default=True, type=IntRange(0),
               help="Most sessions this node runs at once (0: unlimited).")
-@click.option("--weight", default=100, show_default=True, type=click.IntRange(1, 1000),
+@click.option("--weight", default=100, show_default=True, type=IntRange(1, 1000),
               help="Relative share of new sessions among nodes.")
 @click.option("--drain-timeout", default=60.0, show_default=True, type=Seconds(0),
               help="On SIGTERM/drain: seconds to let running sessions finish.")
 @click.option("--node-id", default=None, help="Override the home's node id.")
-@click.option("--workers", default=0, type=click.IntRange(0, 256),
+@click.option("--workers", default=0, type=IntRange(0, 256),
               help="Node processes to run [default: 0 = one per CPU]; each attaches to every "
                    "gateway as its own peer (node id suffixed -wN), so SFTP work spreads over "
                    "the cores.")
 @click.option("--pool-size", default=DEFAULT_POOL_SIZE, show_default=True,
-              type=click.IntRange(0, 256),
+              type=IntRange(0, 256),
               help="Pre-opened Data connections per gateway (0: dial one per session).")
 @click.option("--congestion-gateway", default="auto", show_default=True, metavar="NAME",
               callback=congestion,

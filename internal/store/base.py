@@ -120,6 +120,8 @@ class Store(Protocol):
     def query_audit(self, *, username: str | None = None, ip: str | None = None,
                     since: float | None = None, session_id: str | None = None,
                     kind: str | None = None, limit: int = 1000) -> list[AuditEvent]: ...
+    # `ip`: an address (events stored with that text) or a network such as 10.0.0.0/8
+    # (events whose address lies in it, IPv4-mapped as IPv4; bans of networks inside it)
 
     def atomic(self) -> AbstractContextManager[None]: ...  # calls inside: one transaction
 

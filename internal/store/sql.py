@@ -11,9 +11,10 @@ import re
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, ClassVar, Collection, Iterator
+from typing import Any, Callable, ClassVar, Collection, Iterator
 from urllib.parse import unquote
 
+from internal.ipmatch import Network, parse_cidr, parse_ip
 from internal.store import migrations
 from internal.store.base import (ALL_PERMS, AlreadyExists, AuditEvent, BanEntry, NotFound, Perm,
                                  StoreError, User)
@@ -24,6 +25,8 @@ _BAN_COLS = "ip, until_ts, reason, created_at, level"
 _IN_CHUNK = 500
 _AUDIT_COLS = ("ts, node_id, session_id, username, client_ip, client_port, gateway, kind, "
                "detail, id")
+_AUDIT_PAGE = 2000                  # rows read at a time when a network is matched in Python
+_SEEN_ADDRESSES = 65536             # verdicts kept per network query (a trail repeats addresses)
 
 
 class SQLStore:
@@ -206,20 +209,52 @@ class SQLStore:
     def query_audit(self, *, username: str | None = None, ip: str | None = None,
                     since: float | None = None, session_id: str | None = None,
                     kind: str | None = None, limit: int = 1000) -> list[AuditEvent]:
-        """The newest `limit` matching events, oldest first. `kind` "file.*" matches a family."""
-        conds: dict[str, Any] = {"username = ?": username, "client_ip = ?": ip,
-                                 "ts >= ?": since, "session_id = ?": session_id}
+        """The newest `limit` matching events, oldest first. `kind` "file.*" matches a family.
+        `ip` is an address (the events stored with that text) or a network, `10.0.0.0/8`:
+        the events whose client address lies in it (IPv4-mapped IPv6 as IPv4, see
+        internal.ipmatch), bans of networks inside it included."""
+        network = parse_cidr(ip) if ip is not None and "/" in ip else None
+        conds: dict[str, Any] = {"username = ?": username, "ts >= ?": since,
+                                 "session_id = ?": session_id}
+        if network is None:
+            conds["client_ip = ?"] = ip
+        else:   # events with an address; which lie in the network is tested in Python
+            conds["client_ip <> ?"] = ""
         if kind and kind.endswith("*"):
             prefix = kind[:-1]
             conds[f"substr(kind, 1, {len(prefix)}) = ?"] = prefix
         else:
             conds["kind = ?"] = kind
         where, params = _where(conds)
-        rows = self._read(f"SELECT {_AUDIT_COLS} FROM audit{where} ORDER BY ts DESC, id DESC "
-                          f"LIMIT ?", (*params, max(int(limit), 0)))
+        limit = max(int(limit), 0)
+        query = f"SELECT {_AUDIT_COLS} FROM audit{where}"
+        if network is None:
+            rows = self._read(f"{query} ORDER BY ts DESC, id DESC LIMIT ?", (*params, limit))
+        else:
+            rows = self._newest_in_network(query, params, network, limit)
         return [AuditEvent(ts=float(r[0]), node_id=r[1], session_id=r[2], username=r[3],
                            client_ip=r[4], client_port=int(r[5]), gateway=r[6], kind=r[7],
                            detail=_loads(r[8]), id=int(r[9])) for r in reversed(rows)]
+
+    def _newest_in_network(self, query: str, params: tuple[Any, ...], network: Network,
+                           limit: int) -> list[tuple[Any, ...]]:
+        """The newest `limit` rows of `query` (which has a WHERE) whose client_ip lies in
+        `network`, newest first: read a page at a time, newest first, each page starting
+        after the last row of the one before (keyset), so a large trail is never held whole
+        and no cursor stays open between pages."""
+        inside = _lies_in(network)
+        found: list[tuple[Any, ...]] = []
+        after: tuple[Any, ...] | None = None
+        while len(found) < limit:
+            keyset, more = ("", ()) if after is None else \
+                (" AND (ts < ? OR (ts = ? AND id < ?))", (after[0], after[0], after[9]))
+            page = self._read(f"{query}{keyset} ORDER BY ts DESC, id DESC LIMIT ?",
+                              (*params, *more, _AUDIT_PAGE))
+            found.extend(r for r in page if inside(r[4]))
+            if len(page) < _AUDIT_PAGE:
+                break
+            after = page[-1]
+        return found[:limit]
 
     # ---- plumbing ----------------------------------------------------------------------------
 
@@ -370,6 +405,30 @@ def _marks(n: int) -> str:
 def _where(conds: dict[str, Any]) -> tuple[str, tuple[Any, ...]]:
     used = {c: v for c, v in conds.items() if v is not None}
     return (" WHERE " + " AND ".join(used) if used else ""), tuple(used.values())
+
+
+def _lies_in(network: Network) -> Callable[[str], bool]:
+    """Whether a stored client_ip lies in `network`: an address (zone dropped, IPv4-mapped
+    as IPv4, as internal.ipmatch compares them) or a ban's network inside it; any other text
+    never does. Verdicts are remembered, as most events come from a few addresses."""
+    seen: dict[str, bool] = {}
+
+    def inside(text: str) -> bool:
+        verdict = seen.get(text)
+        if verdict is None:
+            try:
+                if "/" in text:
+                    stored = parse_cidr(text)
+                    verdict = stored.version == network.version and stored.subnet_of(network)
+                else:
+                    verdict = parse_ip(text) in network
+            except ValueError:
+                verdict = False
+            if len(seen) >= _SEEN_ADDRESSES:
+                seen.clear()
+            seen[text] = verdict
+        return verdict
+    return inside
 
 
 def _user_row(u: User, *, created: float, updated: float) -> tuple[Any, ...]:
