@@ -19,7 +19,33 @@ F = TypeVar("F", bound=Callable[..., Any])
 MAX_SECONDS = MAX_IDLE_TIMEOUT
 
 
-class Seconds(click.FloatRange):
+def ascii_digits(text: str) -> None:
+    """Numbers take the digits 0-9 only: int(), float() and a regex's \\d also take
+    Arabic-Indic (١٢), fullwidth (１２) and other scripts' digits, which would be taken as 12
+    unseen. ValueError otherwise."""
+    if not text.isascii() and any(c.isdigit() for c in text):
+        shown = repr(text) if len(text) <= 40 else repr(text[:30]) + "..."
+        raise ValueError(f"{shown} has digits other than 0-9: write numbers with ASCII digits")
+
+
+class AsciiDigits(click.ParamType):
+    """Mixed into a click number type (IntRange, FloatRange): refuses digits other than 0-9,
+    which its int()/float() would take."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str):
+            try:
+                ascii_digits(value)
+            except ValueError as exc:
+                self.fail(str(exc), param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class IntRange(AsciiDigits, click.IntRange):
+    """click.IntRange, digits 0-9 only."""
+
+
+class Seconds(AsciiDigits, click.FloatRange):
     """A duration option: a finite number of seconds from `min` to MAX_SECONDS. A plain
     FloatRange lets 'nan' through (no comparison fails), which timers then take as 'never'."""
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from edgegw.cliparams import IntRange
 from edgegw.sockio import free_port
 
 DEMO_USER = "demo"
@@ -23,7 +24,7 @@ def _edgegw(*args: str) -> list[str]:
 
 
 @click.command()
-@click.option("--port", default=2222, show_default=True, type=click.IntRange(0, 65535),
+@click.option("--port", default=2222, show_default=True, type=IntRange(0, 65535),
               help="External SFTP port of the gateway (0: any free port).")
 @click.option("--dir", "workdir", default=None, type=click.Path(file_okay=False),
               help="Where to put the node home (default: a temporary directory, removed on exit).")

@@ -66,6 +66,8 @@ def test_gateway_bad_inputs(tmp_path: Path, node_home: Path) -> None:
         ([*_serve(trust), "--idle-timeout", "1e10"], "not in the range"),
         ([*_serve(trust), "--fin-timeout", "-1"], "not in the range"),
         ([*_serve(trust), "--max-handshakes", "0"], "not in the range x>=1"),
+        ([*_serve(trust), "--max-waiting", "\u0661\u0662"], "digits other than 0-9"),
+        ([*_serve(trust), "--offer-timeout", "\uff15"], "digits other than 0-9"),
         ([*_serve(trust), "--metrics", "9100"], "expected HOST:PORT"),
         ([*_serve(trust), "--metrics", f"127.0.0.1:{busy.getsockname()[1]}"], "cannot listen on"),
     ]

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from edgegw.cliparams import Seconds, congestion, hostport, metrics_options, networks
+from edgegw.cliparams import (IntRange, Seconds, congestion, hostport, metrics_options,
+                              networks)
 from edgegw.gateway.config import GatewayConfig
 from edgegw.gateway.server import run_gateway
 from edgegw.gateway.tls import TrustError, gateway_context
@@ -40,12 +41,12 @@ MAX_SNDBUF = 64 << 20
               help="A node silent this long is detached and gets no more offers.")
 @click.option("--relay-backend", type=click.Choice(["splice", "select", "python"]), default=None,
               help="Relay engine backend (default: $EDGEGW_RELAY_BACKEND or splice on Linux).")
-@click.option("--relay-threads", default=1, show_default=True, type=click.IntRange(1, 64))
-@click.option("--relay-procs", default=0, show_default=True, type=click.IntRange(0, 64),
+@click.option("--relay-threads", default=1, show_default=True, type=IntRange(1, 64))
+@click.option("--relay-procs", default=0, show_default=True, type=IntRange(0, 64),
               help="Run the relay in this many child processes (each holds its own sessions' "
                    "descriptors; for more sessions than one process's open-files limit); "
                    "0: in the gateway process.")
-@click.option("--pipe-size", default=1 << 20, show_default=True, type=click.IntRange(4096),
+@click.option("--pipe-size", default=1 << 20, show_default=True, type=IntRange(4096),
               help="Bytes per splice pipe (F_SETPIPE_SZ).")
 @click.option("--idle-timeout", default=0.0, show_default=True, type=Seconds(0),
               help="Close a relayed session idle this many seconds (0: never).")
@@ -54,7 +55,7 @@ MAX_SNDBUF = 64 << 20
                    "closed (the node ended it, or the client): a client that never closes its "
                    "own side holds no descriptors past it. 0: only --idle-timeout applies.")
 @click.option("--relay-coalesce-us", default=DEFAULT_COALESCE_US, show_default=True,
-              type=click.IntRange(0, MAX_COALESCE_US),
+              type=IntRange(0, MAX_COALESCE_US),
               help="Microseconds a relay thread that just moved a little bulk (32 to 128 KiB "
                    "in one wakeup) lets data gather before it polls again: fewer wakeups per GB "
                    "for uploads. Small messages and larger batches never trigger it. 0: off.")
@@ -64,12 +65,12 @@ MAX_SNDBUF = 64 << 20
                    "idle CPU at once but does not preempt a busy one on every wakeup; normal "
                    "preempts as any thread does.")
 @click.option("--sndbuf-client", default=0, show_default=True, metavar="BYTES",
-              type=click.IntRange(0, MAX_SNDBUF),
+              type=IntRange(0, MAX_SNDBUF),
               help="Fixed send buffer of client connections (what downloads are written to); "
                    "0 keeps the kernel's autotuning. A small one cuts the relay's CPU per GB on "
                    "fast links, but caps each session at about BYTES / round-trip time.")
 @click.option("--sndbuf-node", default=0, show_default=True, metavar="BYTES",
-              type=click.IntRange(0, MAX_SNDBUF),
+              type=IntRange(0, MAX_SNDBUF),
               help="The same for Data connections to nodes (what uploads are written to).")
 @click.option("--congestion-client", default="kernel", show_default=True, metavar="NAME",
               callback=congestion,
@@ -81,17 +82,17 @@ MAX_SNDBUF = 64 << 20
                    "cubic where this process may set it, else the kernel's default. bbr paces "
                    "every burst with a timer unless the interface has the fq qdisc; on the "
                    "short hop to the nodes cubic does the same work for less CPU.")
-@click.option("--max-waiting", default=1024, show_default=True, type=click.IntRange(1),
+@click.option("--max-waiting", default=1024, show_default=True, type=IntRange(1),
               help="Clients held at once while they wait for a node; more are closed.")
-@click.option("--max-per-address", default=0, show_default=True, type=click.IntRange(0),
+@click.option("--max-per-address", default=0, show_default=True, type=IntRange(0),
               help="Client connections held at once from one source address (waiting or "
                    "relayed); more are closed at once. 0: no limit.")
-@click.option("--max-handshakes", default=256, show_default=True, type=click.IntRange(1),
+@click.option("--max-handshakes", default=256, show_default=True, type=IntRange(1),
               help="Connections not yet authenticated held at once on the PNC port, and on the "
                    "Data port; at this many that port takes no more until one ends (the next "
                    "wait in the kernel's backlog).")
 @click.option("--max-handshakes-per-address", default=128, show_default=True,
-              type=click.IntRange(0),
+              type=IntRange(0),
               help="Of those, how many one source address may hold on each port; more are "
                    "closed at once, so that one host cannot fill --max-handshakes and leave "
                    "the nodes waiting. Each node worker opens its whole --pool-size (32) of Data "

@@ -7,7 +7,8 @@ import click
 
 from internal.cli.admin import home_store
 from internal.cli.common import home_option, load_home
-from internal.cli.parse import TIME, IntRange, format_time
+from edgegw.cliparams import IntRange
+from internal.cli.parse import TIME, format_time
 from internal.ipmatch import canonical_cidr, parse_ip
 from internal.store import AuditEvent
 

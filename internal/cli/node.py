@@ -7,23 +7,18 @@ import time
 
 import click
 
-from edgegw import cliparams, eventloop
-from edgegw.cliparams import congestion, hostport, metrics_options
+from edgegw import eventloop
+from edgegw.cliparams import IntRange, Seconds, congestion, hostport, metrics_options
 from edgegw.limits import raise_fd_limit
 from edgegw.logsetup import LEVELS, setup_logging
 from edgegw.metrics_http import MetricsEndpoint
 from edgegw.netaddr import HostPort
 from internal.cli.common import default_workers, home_option, load_home
-from internal.cli.parse import AsciiDigits, IntRange
 from internal.data_pool import DEFAULT_SIZE as DEFAULT_POOL_SIZE
 from internal.home import HomeError, NodeHome
 from internal.sftp.uploads import PARTIAL_SUFFIXES
 from internal.ssh.revocation import DEFAULT_INTERVAL as RECHECK_INTERVAL
 from internal.store.base import StoreError
-
-
-class Seconds(AsciiDigits, cliparams.Seconds):
-    """cliparams.Seconds, digits 0-9 only."""
 
 
 @click.command()

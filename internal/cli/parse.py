@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import click
 
+from edgegw.cliparams import ascii_digits
 from internal.ipmatch import canonical_cidr
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
@@ -43,17 +44,9 @@ def _shown(text: str) -> str:
     return repr(text) if len(text) <= 40 else repr(text[:30]) + f"... ({len(text)} characters)"
 
 
-def _ascii_digits(text: str) -> None:
-    """Numbers take the digits 0-9 only: a regex's \\d, int() and float() also take Arabic-Indic
-    (١٢), fullwidth (１２) and other scripts' digits, which would be stored as 12 unseen."""
-    if not text.isascii() and any(c.isdigit() for c in text):
-        raise ValueError(f"{_shown(text)} has digits other than 0-9: write numbers with ASCII "
-                         "digits")
-
-
 def parse_size(text: str) -> int:
     """`10G`, `512M`, `1.5T`, `4096`: binary units (1K = 1024 bytes)."""
-    _ascii_digits(text)
+    ascii_digits(text)
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgtp]?)(?:i?b)?\s*", text, re.IGNORECASE)
     if not m or (m.group(2) == "" and text.strip().lower().endswith("ib")):
         raise ValueError(f"{text!r} is not a size (examples: 4096, 512M, 10G)")
@@ -70,7 +63,7 @@ def parse_size(text: str) -> int:
 
 def parse_duration(text: str) -> float:
     """`90`, `90s`, `10m`, `2h`, `1d`, `1h30m`: seconds."""
-    _ascii_digits(text)
+    ascii_digits(text)
     parts = re.findall(r"([0-9]+(?:\.[0-9]+)?)\s*([smhdw]?)", text.strip().lower())
     rebuilt = "".join(n + u for n, u in parts)
     if not parts or rebuilt != re.sub(r"\s+", "", text.strip().lower()) or \
@@ -107,7 +100,7 @@ def parse_time(text: str, *, now: float | None = None) -> float:
     """An ISO time or date (UTC unless it says otherwise), or `10m`/`2h`/`1d` meaning that long ago."""
     now = time.time() if now is None else now
     raw = text.strip()
-    _ascii_digits(raw)
+    ascii_digits(raw)
     _refuse_compact_date(raw)
     try:
         return now - parse_duration(raw)
@@ -123,7 +116,7 @@ def parse_expiry(text: str, *, now: float | None = None) -> float:
     long FROM now; a time already past is refused (the account would be dead on arrival)."""
     now = time.time() if now is None else now
     raw = text.strip()
-    _ascii_digits(raw)
+    ascii_digits(raw)
     _refuse_compact_date(raw)
     try:
         seconds: float | None = parse_duration(raw)
@@ -203,30 +196,13 @@ class _Type(click.ParamType):
 def _counter(most: int) -> Callable[[str], int]:
     """Whole numbers from 0 to `most`."""
     def count(text: str) -> int:
-        _ascii_digits(text)
+        ascii_digits(text)
         if not (text.strip().isascii() and text.strip().isdigit()):
             raise ValueError(f"{text!r} is not a whole number >= 0")
         if _too_long(text.strip()) or int(text) > most:
             raise OutOfRange(f"{_shown(text)} is too large (at most {most})")
         return int(text)
     return count
-
-
-class AsciiDigits(click.ParamType):
-    """Mixed into a click number type (IntRange, FloatRange): refuses digits other than 0-9,
-    which its int()/float() would take."""
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, str):
-            try:
-                _ascii_digits(value)
-            except ValueError as exc:
-                self.fail(str(exc), param, ctx)
-        return super().convert(value, param, ctx)
-
-
-class IntRange(AsciiDigits, click.IntRange):
-    """click.IntRange, digits 0-9 only."""
 
 
 SIZE = _Type("SIZE", parse_size)
