@@ -281,6 +281,17 @@ def test_session_leases_cap_renew_and_lapse(store):
     assert not store.claim_session("s5", "alice", "n1", 2, until=now + 200, now=now + 100)
 
 
+def test_a_removed_users_leases_go_with_it(store):
+    """A user removed and added again under the same name starts without the old account's
+    leases (they held its --max-sessions for up to a lease's life)."""
+    store.add_user(_user("alice"))
+    now = time.time()
+    assert store.claim_session("s1", "alice", "n1", 1, until=now + 60, now=now)
+    store.remove_user("alice")
+    store.add_user(_user("alice"))
+    assert store.claim_session("s2", "alice", "n1", 1, until=now + 60, now=now)
+
+
 def test_session_leases_concurrent_claims_respect_the_cap(store_url):
     """Nodes claiming at once (threads with their own connections) never exceed the cap."""
     stores = [open_store(store_url) for _ in range(6)]

@@ -88,6 +88,9 @@ class SQLStore:
             self._exec(cur, "DELETE FROM users WHERE name = ?", (name,))
             if cur.rowcount == 0:
                 raise NotFound(f"no user {name!r}")
+            # its session leases go with it: an account added again under the name starts
+            # with none (its sessions are ended by the nodes' re-check within seconds)
+            self._exec(cur, "DELETE FROM user_sessions WHERE username = ?", (name,))
 
     def get_user(self, name: str) -> User | None:
         rows = self._read(f"SELECT {_USER_COLS} FROM users WHERE name = ?", (name,))
