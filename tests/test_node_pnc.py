@@ -41,6 +41,7 @@ class ScriptedGateway:
         self.challenge_gate: asyncio.Event | None = None  # set: send the challenge
         self._pending: list[Event] = []   # events read but not asked for yet
         self._data_task: asyncio.Task[None] | None = None
+        self._writer: asyncio.StreamWriter | None = None   # the PNC, once attached
 
     @property
     def pnc_addr(self) -> HostPort:
@@ -54,6 +55,7 @@ class ScriptedGateway:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
         reader, writer = await asyncio.open_connection(sock=sock, ssl=ctx, server_hostname="node")
+        self._writer = writer
         conn = Connection(Role.GATEWAY)
         hello = await self.next_event(reader, conn, NodeHello)
         assert isinstance(hello, NodeHello)
@@ -83,6 +85,8 @@ class ScriptedGateway:
             self.held.append(sock)
 
     async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
         if self._data_task is not None:
             self._data_task.cancel()
             await asyncio.gather(self._data_task, return_exceptions=True)
@@ -90,18 +94,38 @@ class ScriptedGateway:
             s.close()
 
 
+@contextlib.asynccontextmanager
+async def _forwarding(node_home: Path, *, capacity: int = 0, gated: bool = False,
+                      **settings: object
+                      ) -> AsyncIterator[tuple[ScriptedGateway, Node, socket.socket]]:
+    """A started node of forward mode (no SSH keys or users needed) attached to a scripted
+    gateway only, and its forward target (listening, never answering unless accepted).
+    `gated`: the gateway's Data port holds each challenge until `gw.challenge_gate` is set.
+    All closed after."""
+    upstream = socket.create_server(("127.0.0.1", 0))
+    upstream.setblocking(False)
+    gw = ScriptedGateway()
+    if gated:
+        gw.challenge_gate = asyncio.Event()
+    service = ForwardService(HostPort("127.0.0.1", upstream.getsockname()[1]),
+                             capacity=capacity)
+    node = Node(NodeHome.load(node_home), service,
+                NodeSettings([gw.pnc_addr], capacity=capacity, pool_size=0, node_id="n1",
+                             **settings))  # type: ignore[arg-type]
+    node.start()
+    try:
+        yield gw, node, upstream
+    finally:
+        await node.close()
+        await gw.close()
+        upstream.close()
+
+
 async def test_offers_in_one_burst_are_not_accepted_beyond_capacity(node_home: Path) -> None:
     """Two offers read together (a gateway's burst, or two gateways' offers before the first
     Data connection is up) were both accepted by a node of capacity 1: a session counts only
     once it runs, after its Data connection is dialed, so the second offer saw it free."""
-    upstream = socket.create_server(("127.0.0.1", 0))   # the forward target; never answers
-    gw = ScriptedGateway()
-    service = ForwardService(HostPort("127.0.0.1", upstream.getsockname()[1]), capacity=1)
-    node = Node(NodeHome.load(node_home), service,
-                NodeSettings([gw.pnc_addr], capacity=1, pool_size=0, node_id="n1"))
-    node.start()
-    writer = None
-    try:
+    async with _forwarding(node_home, capacity=1) as (gw, node, upstream):
         reader, writer, conn = await gw.attach()
         burst = conn.send(GatewayHello(PROTOCOL_VERSION, "gw", gw.data.getsockname()[1], 1000,
                                        bytes(32)))
@@ -114,12 +138,6 @@ async def test_offers_in_one_burst_are_not_accepted_beyond_capacity(node_home: P
             answers[event.session_id] = event  # type: ignore[union-attr]
         assert answers[1] == Accept(1)
         assert answers[2] == Reject(2, "capacity", retry_elsewhere=True)
-    finally:
-        if writer is not None:
-            writer.close()
-        await node.close()
-        await gw.close()
-        upstream.close()
 
 
 class _Owner:
@@ -192,13 +210,6 @@ async def test_gateway_that_sends_without_reading_cannot_fill_the_node_memory(
         assert dropped        # by its heartbeat: it saw nothing from the gateway meanwhile
 
 
-def _forwarding_node(node_home: Path, gw: ScriptedGateway, upstream: socket.socket,
-                     **settings: object) -> Node:
-    """A node of forward mode (no SSH keys or users needed) attached to `gw` only."""
-    service = ForwardService(HostPort("127.0.0.1", upstream.getsockname()[1]))
-    return Node(NodeHome.load(node_home), service,
-                NodeSettings([gw.pnc_addr], pool_size=0, node_id="n1",
-                             **settings))  # type: ignore[arg-type]
 
 
 async def test_drain_waits_for_a_session_whose_data_connection_is_being_dialed(
@@ -206,49 +217,39 @@ async def test_drain_waits_for_a_session_whose_data_connection_is_being_dialed(
     """A session accepted while its Data connection was still being dialed did not clear
     `idle` (nor count in `active`): a drain then ended at once, and stopping the node cut off
     the client it had just accepted. It now counts as active and the drain waits for it."""
-    upstream = socket.create_server(("127.0.0.1", 0))
-    upstream.setblocking(False)
-    gw = ScriptedGateway()
-    gw.challenge_gate = asyncio.Event()      # the Data dial hangs until the test lets it go
-    node = _forwarding_node(node_home, gw, upstream, drain_timeout=10.0)
-    node.start()
     loop = asyncio.get_running_loop()
-    writer = drain = None
-    far_end = None
-    try:
-        reader, writer, conn = await gw.attach()
-        writer.write(conn.send(GatewayHello(PROTOCOL_VERSION, "gw", gw.data.getsockname()[1],
-                                            1000, bytes(32)))
-                     + conn.send(Offer(7, bytes([7]) * 32, "192.0.2.1", 4007, 5000)))
-        assert await gw.next_event(reader, conn, Accept, Reject) == Accept(7)
-        while gw.dialed == 0:                # the node is dialing
-            await asyncio.sleep(0.01)
-        drain = asyncio.create_task(node.drain())
-        await asyncio.sleep(0.5)
-        assert not drain.done()              # it used to end here, with the session cut off
-        load = await gw.next_event(reader, conn, Load)
-        assert isinstance(load, Load) and load.draining
-        assert load.active == 1              # the starting session is load
-        gw.challenge_gate.set()              # the dial completes: the session is served
-        far_end, _ = await asyncio.wait_for(loop.sock_accept(upstream), 5)
-        await asyncio.sleep(0.2)
-        assert not drain.done()
-        far_end.close()                      # the session ends on both sides
-        while not gw.held:
-            await asyncio.sleep(0.01)
-        gw.held[0].close()
-        await asyncio.wait_for(drain, 5)     # then the drain ends
-        assert node.active == 0
-    finally:
-        if drain is not None and not drain.done():
-            drain.cancel()
-        if writer is not None:
-            writer.close()
-        if far_end is not None:
-            far_end.close()
-        await node.close()
-        await gw.close()
-        upstream.close()
+    drain = far_end = None
+    # the Data dial hangs until the test lets it go (gated)
+    async with _forwarding(node_home, gated=True, drain_timeout=10.0) as (gw, node, upstream):
+        try:
+            reader, writer, conn = await gw.attach()
+            writer.write(conn.send(GatewayHello(PROTOCOL_VERSION, "gw", gw.data.getsockname()[1],
+                                                1000, bytes(32)))
+                         + conn.send(Offer(7, bytes([7]) * 32, "192.0.2.1", 4007, 5000)))
+            assert await gw.next_event(reader, conn, Accept, Reject) == Accept(7)
+            while gw.dialed == 0:                # the node is dialing
+                await asyncio.sleep(0.01)
+            drain = asyncio.create_task(node.drain())
+            await asyncio.sleep(0.5)
+            assert not drain.done()              # it used to end here, with the session cut off
+            load = await gw.next_event(reader, conn, Load)
+            assert isinstance(load, Load) and load.draining
+            assert load.active == 1              # the starting session is load
+            gw.challenge_gate.set()              # the dial completes: the session is served
+            far_end, _ = await asyncio.wait_for(loop.sock_accept(upstream), 5)
+            await asyncio.sleep(0.2)
+            assert not drain.done()
+            far_end.close()                      # the session ends on both sides
+            while not gw.held:
+                await asyncio.sleep(0.01)
+            gw.held[0].close()
+            await asyncio.wait_for(drain, 5)     # then the drain ends
+            assert node.active == 0
+        finally:
+            if drain is not None and not drain.done():
+                drain.cancel()
+            if far_end is not None:
+                far_end.close()
 
 
 async def test_expired_offers_are_neither_accepted_nor_dialed_late(
@@ -257,15 +258,9 @@ async def test_expired_offers_are_neither_accepted_nor_dialed_late(
     dialed it, and a Data connection proven after the offer lapsed (the gateway refuses it)
     was served as a session anyway (a forward to the upstream, audit records, a confusing
     log). Now a lapsed offer is declined and a dial stops when the offer lapses."""
-    upstream = socket.create_server(("127.0.0.1", 0))
-    upstream.setblocking(False)
-    gw = ScriptedGateway()
-    gw.challenge_gate = asyncio.Event()      # the Data port answers late (a full backlog)
-    node = _forwarding_node(node_home, gw, upstream)
-    node.start()
     loop = asyncio.get_running_loop()
-    writer = None
-    try:
+    # gated: the Data port answers late (a full backlog)
+    async with _forwarding(node_home, gated=True) as (gw, node, upstream):
         reader, writer, conn = await gw.attach()
         writer.write(conn.send(GatewayHello(PROTOCOL_VERSION, "gw", gw.data.getsockname()[1],
                                             1000, bytes(32)))
@@ -291,12 +286,6 @@ async def test_expired_offers_are_neither_accepted_nor_dialed_late(
         else:
             far_end.close()
             raise AssertionError("the lapsed offer was served")
-    finally:
-        if writer is not None:
-            writer.close()
-        await node.close()
-        await gw.close()
-        upstream.close()
 
 
 @pytest.mark.parametrize("interval_ms", [0xFFFF_FFFF, 1])
