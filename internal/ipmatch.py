@@ -50,10 +50,11 @@ def parse_ip(ip: str) -> Address:
     return addr
 
 
-def ip_in(ip: str, cidrs: Iterable[str]) -> bool:
-    """True when `ip` lies in one of `cidrs` (a ban list); an unparsable rule never matches.
+def banned_by(ip: str, cidrs: Iterable[str]) -> bool:
+    """True when `ip` lies in one of the banned `cidrs`; an unparsable rule never matches.
 
-    Fails closed, like Defender.banned: an unparsable `ip` counts as in (banned). None should
+    Fails closed, like Defender.banned: an unparsable `ip` counts as banned (so this is for ban
+    lists only, never for an allow list; see user_allows_ip). None should
     arrive (the PNC codec and Data assignments carry valid addresses only), so this refuses no
     real client.
     """

@@ -23,7 +23,7 @@ from internal.data_dial import dial_session
 from internal.data_pool import DEFAULT_SIZE as DEFAULT_POOL_SIZE, DataPool
 from internal.gateway_link import GatewayLink, node_tls_context
 from internal.home import NodeHome
-from internal.ipmatch import ip_in
+from internal.ipmatch import banned_by
 from internal.metrics import GATEWAYS_ATTACHED
 from internal.session import SessionContext, SessionService
 from internal.store.base import BanEntry
@@ -194,7 +194,7 @@ class Node:
         """From memory: the bans last read from the store (refreshed every second); an
         unparsable address counts as banned, as with the Defender."""
         now = time.time()
-        return ip_in(ip, [b.ip for b in self._bans.values() if b.until > now])
+        return banned_by(ip, [b.ip for b in self._bans.values() if b.until > now])
 
     def push_ban(self, entry: BanEntry) -> None:
         self._bans[entry.ip] = entry

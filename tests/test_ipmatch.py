@@ -5,7 +5,7 @@ import ipaddress
 import pytest
 from hypothesis import given, strategies as st
 
-from internal.ipmatch import canonical_cidr, ip_in, parse_cidr, parse_ip, user_allows_ip
+from internal.ipmatch import banned_by, canonical_cidr, parse_cidr, parse_ip, user_allows_ip
 from internal.store import User
 
 
@@ -31,16 +31,16 @@ def test_canonical_forms():
     assert str(parse_ip("::ffff:192.0.2.1")) == "192.0.2.1"
 
 
-def test_ip_in():
-    assert ip_in("10.2.3.4", ["192.0.2.0/24", "10.0.0.0/8"])
-    assert ip_in("::ffff:10.2.3.4", ["10.0.0.0/8"])
-    assert ip_in("10.2.3.4", ["::ffff:10.0.0.0/104"])
-    assert not ip_in("11.0.0.1", ["10.0.0.0/8"])
-    assert not ip_in("::1", ["0.0.0.0/0"])
-    assert ip_in("garbage", ["10.0.0.0/8"])         # ban lists fail closed (as the Defender)
-    assert ip_in("", [])
-    assert not ip_in("10.0.0.1", ["garbage"])
-    assert not ip_in("10.0.0.1", [])
+def test_banned_by():
+    assert banned_by("10.2.3.4", ["192.0.2.0/24", "10.0.0.0/8"])
+    assert banned_by("::ffff:10.2.3.4", ["10.0.0.0/8"])
+    assert banned_by("10.2.3.4", ["::ffff:10.0.0.0/104"])
+    assert not banned_by("11.0.0.1", ["10.0.0.0/8"])
+    assert not banned_by("::1", ["0.0.0.0/0"])
+    assert banned_by("garbage", ["10.0.0.0/8"])         # ban lists fail closed (as the Defender)
+    assert banned_by("", [])
+    assert not banned_by("10.0.0.1", ["garbage"])
+    assert not banned_by("10.0.0.1", [])
 
 
 def test_user_allows_ip():
@@ -58,5 +58,5 @@ def test_user_allows_ip():
 def test_mapped_and_plain_agree(addr, prefix):
     net = str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False))
     mapped = f"::ffff:{addr}"
-    assert ip_in(str(addr), [net]) and ip_in(mapped, [net])
+    assert banned_by(str(addr), [net]) and banned_by(mapped, [net])
     assert user_allows_ip(_u(deny=[net]), mapped) is False

@@ -26,7 +26,7 @@ from edgegw.sockio import listen_socket
 from internal.audit import AuditLog
 from internal.defender import Defender
 from internal.home import NodeHome
-from internal.ipmatch import ip_in, user_allows_ip
+from internal.ipmatch import banned_by, user_allows_ip
 from internal.session import SessionContext, SessionResult
 from internal.sftp.quota import QuotaBook, Usage, give_back
 from internal.sftp.server import NodeSFTPServer
@@ -167,7 +167,7 @@ class SSHService:
         if self._banned is not None:
             return self._banned(client_ip)
         now = time.time()
-        return ip_in(client_ip, [b.ip for b in self._bans if b.until > now])
+        return banned_by(client_ip, [b.ip for b in self._bans if b.until > now])
 
     async def refresh(self) -> None:
         """Reload users, and bans unless the node's view is used (`banned`), now (the
