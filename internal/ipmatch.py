@@ -6,14 +6,11 @@ Addresses are compared in canonical form, so a client seen as IPv4-mapped IPv6
 from __future__ import annotations
 
 import functools
-import ipaddress
 import logging
 from collections.abc import Iterable
 
+from edgegw.netaddr import Address, Network, canonical_address, canonical_network
 from internal.store.base import User
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 log = logging.getLogger(__name__)
 
@@ -22,16 +19,11 @@ log = logging.getLogger(__name__)
 def parse_cidr(text: str) -> Network:
     """`10.0.0.0/8`, `2001:db8::/32` or a single address (→ /32, /128); host bits are ignored."""
     raw = text.strip() if isinstance(text, str) else ""
-    try:
-        net = ipaddress.ip_network(raw, strict=False)
+    try:   # in the gateway's form: no zone, IPv4-mapped as IPv4
+        return canonical_network(raw)
     except ValueError:
         raise ValueError(f"{text!r} is not an IP address or CIDR network "
                          "(examples: 192.0.2.7, 10.0.0.0/8, 2001:db8::/32)") from None
-    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96:
-        mapped = net.network_address.ipv4_mapped
-        if mapped is not None:
-            return ipaddress.IPv4Network((mapped, net.prefixlen - 96))
-    return net
 
 
 def canonical_cidr(text: str) -> str:
@@ -44,10 +36,7 @@ def canonical_cidr(text: str) -> str:
 
 def parse_ip(ip: str) -> Address:
     """A client address in canonical form (zone id dropped, IPv4-mapped → IPv4); ValueError."""
-    addr = ipaddress.ip_address(str(ip).strip().split("%", 1)[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
+    return canonical_address(str(ip).strip())
 
 
 def banned_by(ip: str, cidrs: Iterable[str]) -> bool:

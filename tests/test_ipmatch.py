@@ -60,3 +60,12 @@ def test_mapped_and_plain_agree(addr, prefix):
     mapped = f"::ffff:{addr}"
     assert banned_by(str(addr), [net]) and banned_by(mapped, [net])
     assert user_allows_ip(_u(deny=[net]), mapped) is False
+
+
+def test_a_zoned_rule_is_stored_and_matched_without_its_zone():
+    """Client addresses are compared without their IPv6 zone; a rule written with one was
+    kept with it and never matched (the gateway's bans had the same flaw)."""
+    assert canonical_cidr("fe80::1%eth0") == "fe80::1"
+    alice = User(name="alice", home="/h", allow_cidrs=["fe80::1%eth0"])
+    assert user_allows_ip(alice, "fe80::1") and user_allows_ip(alice, "fe80::1%eth1")
+    assert not user_allows_ip(alice, "fe80::2")
