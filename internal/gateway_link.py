@@ -19,14 +19,15 @@ from edgegw.pnc import Connection, LocalProtocolError, RemoteProtocolError, Role
 from edgegw.pnc.events import (
     Closed, Event, GatewayHello, Goodbye, NodeHello, Offer, Ping, Pong, PROTOCOL_VERSION,
 )
+from edgegw.pnc.liveness import Liveness
 
 log = logging.getLogger("edgegw.node.pnc")
 
 READ_SIZE = 65536
 CONNECT_TIMEOUT = 5.0
 
-# The node pings at the heartbeat interval of the gateway's hello and drops a link silent for
-# three of them. That value is the gateway's (up to 2**32 ms on the wire): bounded, so that a
+# The node pings at the heartbeat interval of the gateway's hello and drops a link whose
+# gateway has left a Ping unanswered for three of them (or heartbeat_timeout if longer). That value is the gateway's (up to 2**32 ms on the wire): bounded, so that a
 # gateway cannot make the node ping in a tight loop, nor switch its silence detection off.
 HEARTBEAT_MIN = 0.05   # the gateway's own --heartbeat-interval minimum
 HEARTBEAT_MAX = 10.0   # a link silent for 30 s is dropped, whatever the gateway says
@@ -66,7 +67,8 @@ class GatewayLink:
         self._writer: asyncio.StreamWriter | None = None
         self._conn: Connection | None = None
         self._stopping = False
-        self._last_seen = 0.0
+        self._liveness = Liveness()
+        self._pong_due: int | None = None   # the newest Ping of what was just read
         self._interval = 1.0   # heartbeat interval, seconds (the gateway's, bounded)
 
     @property
@@ -142,20 +144,27 @@ class GatewayLink:
         heartbeat: asyncio.Task[None] | None = None
         try:
             self.send(self.owner.hello())
-            self._last_seen = time.monotonic()
+            self._liveness, self._pong_due = Liveness(), None
             heartbeat = asyncio.create_task(self._heartbeat())
             while True:
                 data = await reader.read(READ_SIZE)
                 if not data:
                     raise ConnectionError("gateway closed the connection")
-                self._last_seen = time.monotonic()
                 for event in self._conn.receive_data(data):
                     if self._handle(event):
                         return
+                if self._pong_due is not None:
+                    # One Pong answers every Ping before it (edgegw.pnc.liveness): a gateway
+                    # flooding Pings gets one per read, not one each.
+                    self.send(Pong(self._pong_due))
+                    self._pong_due = None
                 # Read on only once the gateway takes our answers (pongs, accepts): one that
                 # sends without reading would otherwise have them queued in memory without
-                # end. If it stays silent meanwhile, the heartbeat drops the link.
+                # end. It cannot answer our Pings meanwhile, so the heartbeat drops the link.
                 await self._writer.drain()
+                # Neither read nor drain waits while data is buffered: let the sessions and
+                # the heartbeat run between reads of a gateway that sends without pause.
+                await asyncio.sleep(0)
         finally:
             self.connected = False
             if heartbeat is not None:
@@ -182,25 +191,27 @@ class GatewayLink:
         elif isinstance(event, Closed):
             self.owner.on_closed(self, event)
         elif isinstance(event, Ping):
-            self.send(Pong(event.seq))
+            self._pong_due = event.seq
+        elif isinstance(event, Pong):
+            self._liveness.pong(event.seq)
         elif isinstance(event, Goodbye):
             log.info("gateway %s said goodbye: %s", self.target, event.reason)
             return True
         return False
 
     async def _heartbeat(self) -> None:
-        seq = 0
         while True:
             interval = self._interval
             await asyncio.sleep(interval)
-            silent = time.monotonic() - self._last_seen
-            if silent > max(self.heartbeat_timeout, 3 * interval):
-                log.warning("gateway %s silent for %.1fs; reconnecting", self.target, silent)
+            now = time.monotonic()
+            late = self._liveness.overdue(now)
+            if late > max(self.heartbeat_timeout, 3 * interval):
+                log.warning("gateway %s has not answered a ping for %.1fs; reconnecting",
+                            self.target, late)
                 if self._writer is not None:
                     self._writer.transport.abort()
                 return
-            seq += 1
-            self.send(Ping(seq))
+            self.send(Ping(self._liveness.ping(now)))
 
 
 __all__ = ["GatewayLink", "LinkOwner", "node_tls_context", "PROTOCOL_VERSION"]

@@ -244,7 +244,7 @@ def test_a_node_that_never_reads_cannot_grow_the_gateways_buffers(
         tmp_path: Path, node_home: Path, procs: list[Proc]) -> None:
     """A node flooding Pings (each answered with a Pong) while it reads nothing: the gateway
     stops reading it once its writes back up, instead of buffering Pongs without bound, and
-    the heartbeat detaches the node that fell silent."""
+    the heartbeat detaches the node, which cannot answer the gateway's Pings."""
     from internal.home import NodeHome   # the node's certificate, as a node presents it
     home = NodeHome(node_home, "", "", node_home)
     gw = start_gateway(tmp_path, node_home / "gateway-trust.pem")
@@ -278,7 +278,8 @@ def test_a_node_that_never_reads_cannot_grow_the_gateways_buffers(
         # what it did not take waits in the kernel's buffers (a few MB on loopback)
         assert sent < limit, "the gateway kept reading Pings it could not answer"
         assert grown < 8 << 10, f"the gateway grew by {grown} kB"
-        gw.wait_log(r"node flood@\S+ silent for [\d.]+s: detaching it", timeout=15)
+        gw.wait_log(r"node flood@\S+ has not answered a ping for [\d.]+s: detaching it",
+                    timeout=15)
         assert "Traceback" not in gw.text()
     finally:
         tls.close()

@@ -131,7 +131,7 @@ def test_stopped_node_is_bypassed_then_used_again(cluster: Cluster, procs: list[
     procs += [n0, n1]
     n0.send_signal(signal.SIGSTOP)
     try:
-        gw.wait_log(r"node n0@\S+ silent for", timeout=10)
+        gw.wait_log(r"node n0@\S+ has not answered a ping for", timeout=10)
         for _ in range(4):
             _ok(cluster.sftp(gw, "ls\n"))
         assert set(_served(gw)) == {"n1"}

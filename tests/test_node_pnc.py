@@ -182,7 +182,8 @@ async def test_gateway_that_sends_without_reading_cannot_fill_the_node_memory(
         node_home: Path) -> None:
     """A gateway that floods the PNC (pings) and reads nothing: the node queued every answer
     in memory (more than twice what the gateway sent, without end). It now stops reading until
-    the gateway takes its answers, and drops the link when the gateway stays silent."""
+    the gateway takes its answers, and drops the link as the gateway answers none of its Pings
+    (it is not silent: the kernel lets a trickle of Pings through its full receive buffer)."""
     async with _link_to_script(node_home, 1.0) as (link, reader, writer, conn):
         writer.write(conn.send(GatewayHello(PROTOCOL_VERSION, "gw", 1, 300, bytes(32))))
         writer.transport.pause_reading()              # never read the node's answers again
@@ -207,7 +208,7 @@ async def test_gateway_that_sends_without_reading_cannot_fill_the_node_memory(
             pass
         assert most_queued < 1 << 20, (most_queued, sent)
         assert sent < 32 << 20, sent
-        assert dropped        # by its heartbeat: it saw nothing from the gateway meanwhile
+        assert dropped        # by its heartbeat: its Pings went unanswered
 
 
 

@@ -23,7 +23,7 @@ class GatewayConfig:
                                       # proof follows the challenge at once, so one round trip
     grace_period: float = 10.0        # hold clients this long while no node is attached
     heartbeat_interval: float = 1.0
-    heartbeat_timeout: float = 3.0    # a node silent this long gets no offers and is dropped
+    heartbeat_timeout: float = 3.0    # a ping unanswered this long: the node is dropped
     tls_handshake_timeout: float = 10.0
     relay_backend: str | None = None  # None: EDGEGW_RELAY_BACKEND or the platform default
     relay_threads: int = 1

@@ -20,6 +20,7 @@ from edgegw.pnc.events import (
     PROTOCOL_VERSION, Accept, Ban, Closed, Event, GatewayHello, Goodbye, Load, NodeHello, Ping,
     Pong, Reject, Unban,
 )
+from edgegw.pnc.liveness import Liveness
 
 if TYPE_CHECKING:
     from edgegw.gateway.config import GatewayConfig
@@ -61,7 +62,8 @@ class NodeLink:
         self.conn = Connection(Role.GATEWAY)
         self.peer: Peer | None = None
         self.writer: asyncio.StreamWriter | None = None
-        self._ping_seq = 0
+        self._liveness = Liveness()
+        self._pong_due: int | None = None   # the newest Ping of what was just read
         self._counted = False
         self._reports: list[bytes] = []
         self._report_timer: asyncio.TimerHandle | None = None
@@ -146,7 +148,7 @@ class NodeLink:
                      self.addr, hello.capacity, hello.weight)
             heartbeat = asyncio.create_task(self._heartbeat())
             try:
-                if not any(self._handle(event) for event in early):
+                if not self._handle_all(early):
                     await self._read_loop(reader)
             finally:
                 heartbeat.cancel()
@@ -181,20 +183,32 @@ class NodeLink:
                 log.info("node %s closed the pnc",
                          self.peer.describe() if self.peer else self.addr)
                 return
-            for event in self.conn.receive_data(data):
-                if self._handle(event):
-                    return
+            if self._handle_all(self.conn.receive_data(data)):
+                return
             # What we read may have made us write (a Pong per Ping): a node that sends and
             # never reads would grow our write buffer without bound. Read no more from it
-            # until it takes what we wrote; if it never does, it falls silent and the
-            # heartbeat detaches it.
+            # until it takes what we wrote; if it never does, it cannot answer our Pings
+            # either, and the heartbeat detaches it.
             await self.writer.drain()
+            # Neither read nor drain waits while data is buffered: let clients, offers and
+            # the heartbeat run between reads of a node that sends without pause.
+            await asyncio.sleep(0)
+
+    def _handle_all(self, events: list[Event]) -> bool:
+        """Apply what one read brought; True means the link should close. One Pong answers
+        every Ping before it (edgegw.pnc.liveness): a node flooding Pings gets one per read."""
+        for event in events:
+            if self._handle(event):
+                return True
+        if self._pong_due is not None:
+            self.send(Pong(self._pong_due))
+            self._pong_due = None
+        return False
 
     def _handle(self, event: Event) -> bool:
         """Apply one event; True means the link should close."""
         peer = self.peer
         assert peer is not None
-        peer.last_seen = time.monotonic()
         if isinstance(event, (Accept, Reject)):
             if not self.gw.offers.answer(peer, event):
                 log.debug("node %s answered unknown/expired offer %016x", peer.node_id,
@@ -207,9 +221,9 @@ class NodeLink:
                 log.info("node %s is draining: no new sessions go to it", peer.node_id)
             self.gw.peers.changed()
         elif isinstance(event, Ping):
-            self.send(Pong(event.seq))
+            self._pong_due = event.seq
         elif isinstance(event, Pong):
-            pass
+            self._liveness.pong(event.seq)
         elif isinstance(event, Ban):
             self.gw.ban(event.ip, event.until, event.reason, peer)
         elif isinstance(event, Unban):
@@ -224,15 +238,16 @@ class NodeLink:
         assert self.peer is not None
         while True:
             await asyncio.sleep(cfg.heartbeat_interval)
-            silent = time.monotonic() - self.peer.last_seen
-            if silent > cfg.heartbeat_timeout:
-                log.warning("node %s silent for %.1fs: detaching it", self.peer.describe(), silent)
+            now = time.monotonic()
+            late = self._liveness.overdue(now)
+            if late > cfg.heartbeat_timeout:
+                log.warning("node %s has not answered a ping for %.1fs: detaching it",
+                            self.peer.describe(), late)
                 self.gw.detach(self.peer)
                 if self.writer is not None:
                     self.writer.transport.abort()
                 return
-            self._ping_seq += 1
-            self.send(Ping(self._ping_seq))
+            self.send(Ping(self._liveness.ping(now)))
 
     async def _close(self) -> None:
         if self.peer is not None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
@@ -41,7 +40,6 @@ class Peer:
     draining: bool = False
     pending: int = 0              # offers sent, not yet answered or paired
     alive: bool = True
-    last_seen: float = field(default_factory=time.monotonic)
     pool: deque[PooledData] = field(default_factory=deque)  # pre-opened Data connections
 
     @property

@@ -81,11 +81,13 @@ class Load:
 
 @dataclass(frozen=True, slots=True)
 class Ping:
+    """Sent by both ends every heartbeat interval; the other end must answer it."""
     seq: int
 
 
 @dataclass(frozen=True, slots=True)
 class Pong:
+    """Answers the Ping with this `seq` and every one before it (edgegw.pnc.liveness)."""
     seq: int
 
 
