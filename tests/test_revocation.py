@@ -193,6 +193,79 @@ async def test_quota_change_applies_to_the_running_session(rnode: NodeUnderTest)
     assert not (home / "new.bin").exists()
 
 
+async def test_a_quota_set_while_the_sftp_channel_opens_applies_to_it(
+        rnode: NodeUnderTest) -> None:
+    """The quota lands while the SFTP channel is being set up (after the session took its
+    user record, before the channel is registered): the channel used to be given the newer
+    record without a quota share, and stored without a limit for as long as it ran."""
+    home, key = rnode.keyed_user("alice")
+    (home / "old.bin").write_bytes(b"\0" * 1000)
+    book = rnode.service._quotas
+    acquire = book.acquire
+    revoker = rnode.service._revoker
+    landed = False
+
+    async def acquire_while_the_quota_lands(user: User) -> object:
+        nonlocal landed
+        usage = await acquire(user)
+        if not landed:      # the first channel's: the change reaches the session meanwhile
+            landed = True
+            await cli(rnode.home.path, "user", "set", "alice", "--quota-bytes", "1500")
+            deadline = time.monotonic() + ENDED_WITHIN
+            while all(s.user is not None and s.user.quota_bytes is None
+                      for s in revoker._live):
+                assert time.monotonic() < deadline, "the change did not reach the session"
+                await asyncio.sleep(INTERVAL / 4)
+        return usage
+
+    book.acquire = acquire_while_the_quota_lands      # type: ignore[method-assign]
+    async with asyncssh.connect("127.0.0.1", rnode.port, username="alice",
+                                client_keys=[str(key)], known_hosts=None) as conn:
+        async with conn.start_sftp_client() as sftp:
+            assert landed
+            with pytest.raises(asyncssh.SFTPFailure, match="quota exceeded"):
+                async with sftp.open("new.bin", "wb") as f:
+                    await f.write(b"\1" * 600)
+    assert not (home / "new.bin").exists()
+
+
+@pytest.mark.parametrize("name", ["held.bin", "held.bin.filepart"])   # temporary, in place
+async def test_a_quota_set_during_an_upload_counts_what_that_upload_stores(
+        rnode: NodeUnderTest, name: str) -> None:
+    """An upload open when its user is given a quota: the figures, scanned without its
+    temporary, used to miss it; the file then counted nothing and its removal was taken off
+    them, so the user could store that much more than the quota, every time."""
+    home, key = rnode.keyed_user("alice")
+    (home / "old.bin").write_bytes(b"\0" * 1000)
+    async with session(rnode, "alice", key) as (conn, sftp):
+        held = await sftp.open(name, "wb")
+        await held.write(b"\1" * 600)
+        await cli(rnode.home.path, "user", "set", "alice", "--quota-bytes", "1500")
+        deadline = time.monotonic() + ENDED_WITHIN
+        while True:                         # until the quota applies to this session
+            try:
+                await sftp.remove("probe.bin")
+            except asyncssh.SFTPNoSuchFile:
+                pass
+            try:
+                async with sftp.open("probe.bin", "wb") as f:
+                    await f.write(b"\2" * 600)
+            except asyncssh.SFTPFailure:
+                break
+            assert time.monotonic() < deadline, "no quota applied to the running session"
+            await asyncio.sleep(INTERVAL / 2)
+        await held.close()                  # stored: 1,600 bytes against 1,500
+        assert (home / name).stat().st_size == 600
+        await sftp.remove(name)             # back to 1,000
+        with pytest.raises(asyncssh.SFTPFailure, match="quota exceeded"):
+            async with sftp.open("again.bin", "wb") as f:
+                await f.write(b"\3" * 600)
+        async with sftp.open("fits.bin", "wb") as f:     # and not counted twice either
+            await f.write(b"\4" * 400)
+    assert (home / "fits.bin").stat().st_size == 400
+    assert not (home / "again.bin").exists()
+
+
 async def test_root_change_applies_to_the_running_session(rnode: NodeUnderTest,
                                                           tmp_path: Path) -> None:
     home, key = rnode.keyed_user("alice")

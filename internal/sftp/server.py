@@ -107,6 +107,7 @@ class NodeSFTPServer(asyncssh.SFTPServer):
         self._root = user.home
         self._jail = Jail(user.home)
         self._handles = 0       # open file and directory handles, for MAX_HANDLES
+        self._uploads: set[Upload] = set()   # open, for a quota that comes while they run
         self._perms = user.permissions
         self._usage = usage
         self._durable = durable
@@ -127,6 +128,9 @@ class NodeSFTPServer(asyncssh.SFTPServer):
         its permissions and root (already checked and created by the caller) and `usage`.
         Open handles keep the files they opened."""
         self._perms = user.permissions
+        if self._usage is None and usage is not None:
+            for upload in self._uploads:
+                upload.adopt(usage)
         self._usage = usage
         if user.home != self._root:
             self._root = user.home
@@ -216,6 +220,7 @@ class NodeSFTPServer(asyncssh.SFTPServer):
         # Resuming copies the existing file first: keep that off the event loop.
         copies = exists and not truncate and not in_place
         upload = await asyncio.to_thread(start) if copies else start()
+        self._uploads.add(upload)
         self._audit("file.open", path, mode="write", resume=exists and not truncate,
                     **({"in_place": True} if in_place else {}))
         return upload
@@ -258,6 +263,8 @@ class NodeSFTPServer(asyncssh.SFTPServer):
             result = f"failed: {sftp_error(exc).reason}"
             raise
         finally:
+            if isinstance(handle, Upload):
+                self._uploads.discard(handle)
             self._session.bytes_in += handle.bytes_written
             self._session.bytes_out += handle.bytes_read
             self._session.audit("file.close", path=os.fsdecode(handle.client_path),

@@ -16,6 +16,7 @@ import fcntl
 import logging
 import os
 import stat
+import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -105,6 +106,7 @@ class Upload(OpenFile):
         self.stem: bytes | None = None
         self.prefix = 0
         self.in_place = False           # see start_in_place
+        self._quota_lock = threading.Lock()   # _grow (maybe in a copy's thread) and adopt
 
     @classmethod
     def start_in_place(cls, jail: Jail, real: bytes, client_path: bytes, *, truncate: bool,
@@ -244,13 +246,29 @@ class Upload(OpenFile):
                 # in place would grow every hard link of it, and be counted for one name only.
                 raise OSError(errno.EMLINK, "the file has other names (hard links): a file "
                                             "written in place may grow under one name only")
-            if self.usage is not None:
-                try:
-                    self.usage.charge(end - self.high, ahead=True)
-                except QuotaExceeded as exc:
-                    self.failed = exc
-                    raise
-            self.high = end
+            with self._quota_lock:
+                if self.usage is not None:
+                    try:
+                        self.usage.charge(end - self.high, ahead=True)
+                    except QuotaExceeded as exc:
+                        self.failed = exc
+                        raise
+                self.high = end
+
+    def adopt(self, usage: Usage) -> None:
+        """A quota applied while this upload runs (an administrator's change). The figures
+        were scanned without it: a temporary is not counted, a file written in place at its
+        size now. So they are charged what the upload holds beyond that, as if it had been
+        charged from its start, and its commit or abort then settles them as usual. Never
+        refused: the bytes are stored already."""
+        with self._quota_lock:
+            if self.usage is not None or self.dir_fd < 0:
+                return
+            if self.in_place:
+                usage.adjust(self.high - os.fstat(self.fd).st_size)
+            else:
+                usage.adjust(self.high - self.credit, int(self.new_file))
+            self.usage = usage
 
     def write(self, offset: int, data: bytes) -> int:
         if self.failed is not None:
