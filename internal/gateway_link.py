@@ -27,10 +27,11 @@ READ_SIZE = 65536
 CONNECT_TIMEOUT = 5.0
 
 # The node pings at the heartbeat interval of the gateway's hello and drops a link whose
-# gateway has left a Ping unanswered for three of them (or heartbeat_timeout if longer). That value is the gateway's (up to 2**32 ms on the wire): bounded, so that a
-# gateway cannot make the node ping in a tight loop, nor switch its silence detection off.
+# gateway has left a Ping unanswered for three of them (or heartbeat_timeout if longer). That
+# value is the gateway's (up to 2**32 ms on the wire): bounded, so that a gateway cannot make
+# the node ping in a tight loop, nor switch its liveness check off.
 HEARTBEAT_MIN = 0.05   # the gateway's own --heartbeat-interval minimum
-HEARTBEAT_MAX = 10.0   # a link silent for 30 s is dropped, whatever the gateway says
+HEARTBEAT_MAX = 10.0   # a Ping unanswered for 30 s drops the link, whatever the gateway says
 
 
 def node_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
@@ -68,7 +69,6 @@ class GatewayLink:
         self._conn: Connection | None = None
         self._stopping = False
         self._liveness = Liveness()
-        self._pong_due: int | None = None   # the newest Ping of what was just read
         self._interval = 1.0   # heartbeat interval, seconds (the gateway's, bounded)
 
     @property
@@ -144,7 +144,7 @@ class GatewayLink:
         heartbeat: asyncio.Task[None] | None = None
         try:
             self.send(self.owner.hello())
-            self._liveness, self._pong_due = Liveness(), None
+            self._liveness = Liveness()
             heartbeat = asyncio.create_task(self._heartbeat())
             while True:
                 data = await reader.read(READ_SIZE)
@@ -153,11 +153,8 @@ class GatewayLink:
                 for event in self._conn.receive_data(data):
                     if self._handle(event):
                         return
-                if self._pong_due is not None:
-                    # One Pong answers every Ping before it (edgegw.pnc.liveness): a gateway
-                    # flooding Pings gets one per read, not one each.
-                    self.send(Pong(self._pong_due))
-                    self._pong_due = None
+                if (seq := self._liveness.answer()) is not None:    # one Pong per read
+                    self.send(Pong(seq))
                 # Read on only once the gateway takes our answers (pongs, accepts): one that
                 # sends without reading would otherwise have them queued in memory without
                 # end. It cannot answer our Pings meanwhile, so the heartbeat drops the link.
@@ -191,7 +188,7 @@ class GatewayLink:
         elif isinstance(event, Closed):
             self.owner.on_closed(self, event)
         elif isinstance(event, Ping):
-            self._pong_due = event.seq
+            self._liveness.pinged(event.seq)
         elif isinstance(event, Pong):
             self._liveness.pong(event.seq)
         elif isinstance(event, Goodbye):

@@ -49,3 +49,12 @@ def test_unanswered_pings_kept_are_bounded_and_the_oldest_still_counts() -> None
         live.ping(float(t))
     assert len(live._outstanding) == MAX_OUTSTANDING
     assert live.overdue(10_000.0) == 10_000.0
+
+
+def test_pings_received_are_answered_once_by_the_newest() -> None:
+    live = Liveness()
+    assert live.answer() is None
+    for seq in (7, 8, 9):
+        live.pinged(seq)
+    assert live.answer() == 9
+    assert live.answer() is None

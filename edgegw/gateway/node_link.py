@@ -63,7 +63,6 @@ class NodeLink:
         self.peer: Peer | None = None
         self.writer: asyncio.StreamWriter | None = None
         self._liveness = Liveness()
-        self._pong_due: int | None = None   # the newest Ping of what was just read
         self._counted = False
         self._reports: list[bytes] = []
         self._report_timer: asyncio.TimerHandle | None = None
@@ -195,14 +194,13 @@ class NodeLink:
             await asyncio.sleep(0)
 
     def _handle_all(self, events: list[Event]) -> bool:
-        """Apply what one read brought; True means the link should close. One Pong answers
-        every Ping before it (edgegw.pnc.liveness): a node flooding Pings gets one per read."""
+        """Apply what one read brought, then answer its Pings with one Pong; True means the
+        link should close."""
         for event in events:
             if self._handle(event):
                 return True
-        if self._pong_due is not None:
-            self.send(Pong(self._pong_due))
-            self._pong_due = None
+        if (seq := self._liveness.answer()) is not None:
+            self.send(Pong(seq))
         return False
 
     def _handle(self, event: Event) -> bool:
@@ -221,7 +219,7 @@ class NodeLink:
                 log.info("node %s is draining: no new sessions go to it", peer.node_id)
             self.gw.peers.changed()
         elif isinstance(event, Ping):
-            self._pong_due = event.seq
+            self._liveness.pinged(event.seq)
         elif isinstance(event, Pong):
             self._liveness.pong(event.seq)
         elif isinstance(event, Ban):

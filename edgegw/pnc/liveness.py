@@ -1,4 +1,5 @@
-"""Is the other end of a PNC link alive? It is while it answers our Pings, sans-IO.
+"""Is the other end of a PNC link alive? It is while it answers our Pings. Sans-IO: the
+Pings a link sends and answers, and how late the other end is with its answers.
 
 Both ends ping at the heartbeat interval and answer each Ping with a Pong carrying its
 sequence number. A link is judged by how long its oldest unanswered Ping has waited, not by
@@ -20,6 +21,17 @@ class Liveness:
     def __init__(self) -> None:
         self._seq = 0
         self._outstanding: collections.deque[tuple[int, float]] = collections.deque()
+        self._answer: int | None = None     # the newest Ping received, not answered yet
+
+    def pinged(self, seq: int) -> None:
+        """The other end sent Ping `seq`: answered by `answer()`, once for all received."""
+        self._answer = seq
+
+    def answer(self) -> int | None:
+        """The seq for one Pong answering every Ping received since the last call (a peer
+        flooding Pings gets one Pong per read, not one each); None when there is none."""
+        seq, self._answer = self._answer, None
+        return seq
 
     def ping(self, now: float) -> int:
         """The sequence number of the next Ping, sent at `now`."""

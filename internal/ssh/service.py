@@ -348,7 +348,7 @@ class SSHService:
         self._sftp.setdefault(session, set()).add(server)
         current = session.user
         if current is not None and current is not user:  # changed (root checked) meanwhile
-            await self._update_sftp(session, server, current)   # a quota where there was none
+            await self._update_sftp(session, server, current)   # with a quota share if due
         return server
 
     async def _sftp_closed(self, session: Session, timeout: float = 5.0) -> None:
