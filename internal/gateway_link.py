@@ -159,9 +159,12 @@ class GatewayLink:
                 # sends without reading would otherwise have them queued in memory without
                 # end. It cannot answer our Pings meanwhile, so the heartbeat drops the link.
                 await self._writer.drain()
-                # Neither read nor drain waits while data is buffered: let the sessions and
-                # the heartbeat run between reads of a gateway that sends without pause.
-                await asyncio.sleep(0)
+                if len(data) == READ_SIZE:
+                    # A full read: more may be buffered, and neither read nor drain waits
+                    # then. Let the sessions and the heartbeat run between the reads of a
+                    # gateway that sends without pause. (Not after every read: under load
+                    # each yield is a whole turn of a busy loop, and offers would queue.)
+                    await asyncio.sleep(0)
         finally:
             self.connected = False
             if heartbeat is not None:

@@ -181,9 +181,10 @@ async def _link_to_script(node_home: Path, heartbeat_timeout: float
 async def test_gateway_that_sends_without_reading_cannot_fill_the_node_memory(
         node_home: Path) -> None:
     """A gateway that floods the PNC (pings) and reads nothing: the node queued every answer
-    in memory (more than twice what the gateway sent, without end). It now stops reading until
-    the gateway takes its answers, and drops the link as the gateway answers none of its Pings
-    (it is not silent: the kernel lets a trickle of Pings through its full receive buffer)."""
+    in memory (more than twice what the gateway sent, without end). It now answers all the
+    Pings of a read with one Pong, stops reading while the gateway leaves its answers unread,
+    and drops the link as the gateway answers none of its Pings. The flood is bounded by time,
+    not bytes: how much a node parses before its heartbeat fires depends on the machine."""
     async with _link_to_script(node_home, 1.0) as (link, reader, writer, conn):
         writer.write(conn.send(GatewayHello(PROTOCOL_VERSION, "gw", 1, 300, bytes(32))))
         writer.transport.pause_reading()              # never read the node's answers again
@@ -192,7 +193,7 @@ async def test_gateway_that_sends_without_reading_cannot_fill_the_node_memory(
 
         async def flood() -> None:
             nonlocal sent, most_queued
-            while sent < 32 << 20:
+            while True:                               # until the node drops the link
                 writer.write(chunk)
                 await writer.drain()
                 sent += len(chunk)
@@ -201,13 +202,13 @@ async def test_gateway_that_sends_without_reading_cannot_fill_the_node_memory(
 
         dropped = False
         try:
-            await asyncio.wait_for(flood(), 6)
+            await asyncio.wait_for(flood(), 8)
         except ConnectionError:
             dropped = True
         except asyncio.TimeoutError:
             pass
+        assert sent > 1 << 20, sent                   # it did flood
         assert most_queued < 1 << 20, (most_queued, sent)
-        assert sent < 32 << 20, sent
         assert dropped        # by its heartbeat: its Pings went unanswered
 
 

@@ -189,9 +189,12 @@ class NodeLink:
             # until it takes what we wrote; if it never does, it cannot answer our Pings
             # either, and the heartbeat detaches it.
             await self.writer.drain()
-            # Neither read nor drain waits while data is buffered: let clients, offers and
-            # the heartbeat run between reads of a node that sends without pause.
-            await asyncio.sleep(0)
+            if len(data) == READ_SIZE:
+                # A full read: more may be buffered, and neither read nor drain waits then.
+                # Let clients, offers and the heartbeat run between the reads of a node that
+                # sends without pause. (Not after every read: under load each yield is a
+                # whole turn of a busy loop, and answers would queue.)
+                await asyncio.sleep(0)
 
     def _handle_all(self, events: list[Event]) -> bool:
         """Apply what one read brought, then answer its Pings with one Pong; True means the
