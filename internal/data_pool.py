@@ -35,8 +35,10 @@ QUIET = 0.02
 
 # The gateway assigns a client to a pooled connection whenever it holds one, and offers it over
 # the PNC only when it holds none. So an offer while one of ours has been proven for this long
-# means the gateway no longer has that connection (it found the pool silent and dropped it, or a
-# firewall lost its state), though our end has not noticed yet: dial fresh ones.
+# and has nothing waiting to be read means the gateway no longer has that connection (it found
+# the pool silent and dropped it, or a firewall lost its state), though our end has not noticed
+# yet: dial fresh ones. One with bytes waiting holds an assignment this loop has not read yet: a
+# burst of clients takes the whole pool, and the offers after it can be read here first.
 STALE_AFTER = 1.0
 
 # After MAX_FAILURES dials in a row failed, the pool stops dialing and tries a single one
@@ -59,7 +61,8 @@ class DataPool:
         self.on_assigned = on_assigned
         self.congestion = congestion
         self._waiting: set[asyncio.Task[None]] = set()
-        self._proven: dict[asyncio.Task[None], float] = {}   # loop time each was proven at
+        # loop time each was proven at, and its socket
+        self._proven: dict[asyncio.Task[None], tuple[float, socket.socket]] = {}
         self._next_ident = 1
         self._failures = 0
         # Backoff rounds since a connection last served or lived (a mere proof is not enough:
@@ -109,7 +112,8 @@ class DataPool:
         """The gateway offered a client over the PNC: replace the connections it must have
         lost (see STALE_AFTER)."""
         now = asyncio.get_running_loop().time()
-        stale = [t for t, at in self._proven.items() if now - at >= STALE_AFTER]
+        stale = [t for t, (at, sock) in self._proven.items()
+                 if now - at >= STALE_AFTER and not _has_input(sock)]
         if not stale:
             return
         log.warning("gateway %s offered over the PNC while %d pooled data connection(s) sat "
@@ -157,7 +161,7 @@ class DataPool:
         ident = self._next_ident
         self._next_ident += 1
         try:
-            sock, nonce = await dial_pooled(link.data_addr, gateway.pool_key, ident,
+            sock, nonce = await dial_pooled(link.data_addr, gateway.pool_key, ident, link.dials,
                                             self.congestion)
         except (OSError, asyncio.TimeoutError, ConnectionError, RemoteProtocolError) as exc:
             self._failures += 1
@@ -173,7 +177,7 @@ class DataPool:
         me = asyncio.current_task()
         proven_at = asyncio.get_running_loop().time()
         if me is not None:
-            self._proven[me] = proven_at
+            self._proven[me] = (proven_at, sock)
         try:
             wire = await recv_exact(sock, dataauth.ASSIGN_LEN)
             assignment = dataauth.parse_assignment(wire, gateway.pool_key, nonce, ident)
@@ -202,3 +206,14 @@ class DataPool:
         self._last_use = asyncio.get_running_loop().time()
         self._rounds = 0
         self.on_assigned(assignment, sock)
+
+
+def _has_input(sock: socket.socket) -> bool:
+    """Bytes wait on it (an assignment), or its end or an error: its task will see to it."""
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return True

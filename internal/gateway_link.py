@@ -20,6 +20,7 @@ from edgegw.pnc.events import (
     Closed, Event, GatewayHello, Goodbye, NodeHello, Offer, Ping, Pong, PROTOCOL_VERSION,
 )
 from edgegw.pnc.liveness import Liveness
+from internal.data_dial import dial_slots
 
 log = logging.getLogger("edgegw.node.pnc")
 
@@ -70,6 +71,7 @@ class GatewayLink:
         self._stopping = False
         self._liveness = Liveness()
         self._interval = 1.0   # heartbeat interval, seconds (the gateway's, bounded)
+        self.dials = dial_slots()   # its Data connections between dial and proof
 
     @property
     def data_addr(self) -> HostPort:

@@ -249,16 +249,20 @@ class Node:
         loop = asyncio.get_running_loop()
         try:
             # no longer than the offer lives: the gateway would refuse the proof
-            sock = await asyncio.wait_for(
-                dial_session(link.data_addr, offer.session_id, offer.secret,
-                             self.settings.data_congestion), max(deadline - loop.time(), 0))
+            sock = await dial_session(link.data_addr, offer.session_id, offer.secret, link.dials,
+                                      deadline, self.settings.data_congestion)
         except (OSError, asyncio.TimeoutError, ConnectionError, RemoteProtocolError) as exc:
             if loop.time() >= deadline:
                 log.warning("session %016x: the offer from %s expired before its Data "
                             "connection was proven; dropped", offer.session_id, link.gateway_id)
             else:
-                log.warning("session %016x: could not open the Data connection to %s: %s",
-                            offer.session_id, link.gateway_id, exc or "timeout")
+                log.warning("session %016x: could not open the Data connection to %s: %s; "
+                            "the gateway tries another node", offer.session_id,
+                            link.gateway_id, exc or "timeout")
+                # After our Accept: the gateway takes this as the end of the offer, instead of
+                # holding the client until its data timeout
+                link.send(Reject(offer.session_id, "data connection failed",
+                                 retry_elsewhere=True))
             return
         finally:
             if sock is None:

@@ -4,6 +4,7 @@ bounded number of times however many connections it makes."""
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 from edgegw.logthrottle import LogThrottle
 from edgegw.pnc import dataauth
-from tests.procs import Proc, free_port, start_gateway
+from tests.procs import Proc, free_port, sftp_batch, start_gateway, start_node
 from tests.test_gateway_metrics import scrape, wait_for
 
 # The TLS handshake deadline of a PNC connection (GatewayConfig.tls_handshake_timeout).
@@ -144,3 +145,35 @@ def test_log_throttle_counts_what_it_held_back(caplog: pytest.LogCaptureFixture)
     assert [r.getMessage() for r in caplog.records] == [
         "refused x", "other", "refused y (5 more like it not logged since the last)",
         "refused z"]
+
+
+def test_a_nodes_dial_refused_at_the_cap_is_dialed_again(tmp_path: Path, node_home: Path,
+                                                         alice: tuple[str, Path],
+                                                         procs: list[Proc]) -> None:
+    """The gateway closes a Data connection beyond --max-handshakes-per-address at accept, the
+    node's own included (a burst of offers, two workers on one host). The node dials it again
+    while the offer lives: the client gets its session once a slot frees, instead of after the
+    gateway's data timeout (5 s) or not at all."""
+    user, key = alice
+    gw = start_gateway(tmp_path, node_home / "gateway-trust.pem", "--max-handshakes-per-address",
+                       "2", "--proof-timeout", "1.5", "--log-level", "info")
+    procs.append(gw)
+    node = start_node(tmp_path, node_home, [gw], "--pool-size", "0")
+    procs.append(node)
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(64 << 10))
+    idle = [_connect(gw.data, "127.0.0.1") for _ in range(2)]   # the node's address's slots
+    try:
+        assert all(_first_byte(s) == dataauth.CHALLENGE_MAGIC[:1] for s in idle)
+        started = time.monotonic()
+        run = sftp_batch(gw.external, user, key, f"put {src} up.bin\n")
+        took = time.monotonic() - started
+    finally:
+        for s in idle:
+            s.close()
+    assert run.returncode == 0, run.stderr
+    assert (node_home / "files" / user / "up.bin").read_bytes() == src.read_bytes()
+    gw.wait_log(r"data connection from 127\.0\.0\.1 closed: 2 from that address")
+    node.wait_log(r"Data connection to 127\.0\.0\.1:\d+ failed \(.*\); again in")
+    assert "never proved a Data connection" not in gw.text()
+    assert took < 5.0, took                  # the held slots' 1.5 s, not the data timeout

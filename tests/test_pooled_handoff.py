@@ -17,6 +17,7 @@ from edgegw.netaddr import HostPort
 from edgegw.pnc import dataauth
 from edgegw.pnc.events import Event, Offer
 from edgegw.sockio import KEEPALIVE_IDLE, recv_exact
+from internal.data_dial import dial_slots
 from internal.data_pool import DataPool
 
 KEY = bytes(range(32))
@@ -154,6 +155,7 @@ class _FakeLink:
         self.data_addr = self.target
         self.gateway = SimpleNamespace(pool_key=KEY)
         self.connected = False   # no refill: each test controls the connections it sees
+        self.dials = dial_slots()
 
 
 async def _proven(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -254,6 +256,44 @@ async def test_node_replaces_pooled_connections_the_gateway_lost(monkeypatch) ->
         assert await asyncio.wait_for(closed.get(), 5) == first
         second = await asyncio.wait_for(proven.get(), 5)
         assert second != first
+
+
+async def test_node_keeps_pooled_connections_whose_assignment_it_has_not_read(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A burst of clients takes the whole pool and the next ones are offered over the PNC; a
+    busy node can read such an offer before the assignments on its pooled connections. Those
+    hold an assignment: they are the gateway's, not lost, and closing them made the gateway
+    fail those clients over (every one of 200 concurrent uploads had to succeed)."""
+    import internal.data_pool as data_pool
+    monkeypatch.setattr(data_pool, "STALE_AFTER", 0.1)
+    pools: list[DataPool] = []
+    assigned: list[dataauth.Assignment] = []
+    ended: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def gateway(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonce, proof = await _proven(reader, writer)
+        await asyncio.sleep(0.2)             # proven longer than STALE_AFTER
+        writer.write(dataauth.encode_assignment(
+            dataauth.Assignment(5, "192.0.2.44", 4444), KEY, nonce, proof.ident))
+        # On loopback the assignment is in the node's receive buffer now, and the node's loop
+        # (this one) has not run since: an offer read at this moment
+        pools[0].offered()
+        try:
+            ended.set_result(await reader.read(1))
+        except ConnectionError:              # closed with the assignment unread: a reset
+            ended.set_result(b"reset")
+        writer.close()
+
+    server, port = await _data_port(gateway)
+    pools.append(DataPool(_FakeLink(port), 1,  # type: ignore[arg-type]
+                          lambda a, s: (assigned.append(a), s.close())))
+    try:
+        pools[0].fill()
+        assert await asyncio.wait_for(ended, 5) == b""   # closed by the handler, after use
+        assert assigned == [dataauth.Assignment(5, "192.0.2.44", 4444)]
+    finally:
+        pools[0].close()
+        server.close()
+        await server.wait_closed()
 
 
 async def test_node_pool_dials_again_after_the_gateway_refused_it(monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -15,7 +15,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from edgegw.gateway.offers import PeerLost, PendingOffer
+from edgegw.gateway.offers import DataFailed, PeerLost, PendingOffer
 from edgegw.gateway.peers import Peer, PooledData
 from edgegw.pnc import RemoteProtocolError, dataauth
 from edgegw.pnc.events import Offer, Reject
@@ -115,6 +115,11 @@ async def _offer_to(gw: "Gateway", peer: Peer, ip: str, port: int,
     except asyncio.TimeoutError:
         log.warning("client %s: node %s accepted offer %016x but never proved a Data "
                     "connection; trying another node", who, peer.node_id, offer.session_id)
+        return None
+    except DataFailed as exc:
+        log.warning("client %s: node %s accepted offer %016x but could not open its Data "
+                    "connection (%s); trying another node", who, peer.node_id,
+                    offer.session_id, exc)
         return None
     except PeerLost:
         log.warning("client %s: node %s went away during the offer; trying another node",

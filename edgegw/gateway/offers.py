@@ -16,6 +16,10 @@ class PeerLost(Exception):
     """The node's PNC connection closed while an offer to it was open."""
 
 
+class DataFailed(Exception):
+    """The node accepted the offer, then rejected it: it could not open the Data connection."""
+
+
 @dataclass(eq=False)
 class PendingOffer:
     session_id: int
@@ -60,10 +64,17 @@ class OfferTable:
                 fut.cancel()
 
     def answer(self, peer: Peer, event: Accept | Reject) -> bool:
-        """Deliver a node's answer; answers for unknown offers or from the wrong peer are ignored."""
+        """Deliver a node's answer; answers for unknown offers or from the wrong peer are ignored.
+        A Reject after its Accept, before the Data connection, ends the wait for that
+        connection (the node could not open it)."""
         offer = self._offers.get(event.session_id)
-        if offer is None or offer.peer is not peer or offer.answer.done():
+        if offer is None or offer.peer is not peer:
             return False
+        if offer.answer.done():
+            if not (offer.accepted and isinstance(event, Reject) and not offer.data.done()):
+                return False
+            offer.data.set_exception(DataFailed(event.reason))
+            return True
         offer.accepted = isinstance(event, Accept)
         offer.answer.set_result(event)
         return True
