@@ -17,10 +17,13 @@ def test_a_peer_that_answers_late_is_as_late_as_its_oldest_unanswered_ping() -> 
     """A peer that reads at a trickle answers old Pings while new ones wait: it stays late."""
     live = Liveness()
     seqs = [live.ping(float(t)) for t in range(10)]
+    assert live.answered_at == 0.0
     assert live.pong(seqs[2])                 # answers Pings 0..2
     assert live.overdue(10.0) == 7.0          # Ping 3, sent at 3, still waits
+    assert live.answered_at == 2.0            # the other end's loop ran after 2.0
     assert live.pong(seqs[9])
     assert live.overdue(10.0) == 0.0
+    assert live.answered_at == 9.0
 
 
 def test_a_pong_for_no_ping_we_wait_for_changes_nothing() -> None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from types import SimpleNamespace
 from typing import AsyncIterator
 
 import pytest
 
-from edgegw.gateway.dispatch import _assign_pooled
+from edgegw.gateway.dispatch import SLOW_NODE_POLL, _assign_pooled
 from edgegw.gateway.offers import OfferTable
 from edgegw.gateway.peers import Peer, PooledData
 from edgegw.netaddr import HostPort
@@ -145,6 +146,51 @@ async def test_silent_pooled_connection_drops_the_pool_and_offers_over_the_pnc()
     finally:
         for s in [silent, *others]:
             s.close()
+
+
+async def test_a_silent_pooled_connection_of_a_node_answering_pings_is_dropped_though_last() -> None:
+    """The client's last node is waited for only while it looks busy. One whose PNC answers
+    Pings sent after the assignment has lost it (a firewall dropped the connection): the
+    gateway gives up on it after the answer timeout and a poll, as with other nodes."""
+    gw = _gateway(offer_timeout=0.3)
+    peer, silent = _pooled_peer()
+    loop = asyncio.get_running_loop()
+
+    async def answering_pings() -> None:
+        while True:
+            peer.answered_ping = time.monotonic()
+            await asyncio.sleep(0.02)
+
+    pinger = asyncio.create_task(answering_pings())
+    t0 = loop.time()
+    try:
+        assert await _assign_pooled(gw, peer, "::1", 1, "c", loop.time() + 10) is None  # type: ignore[arg-type]
+        assert loop.time() - t0 < 0.3 + 2 * SLOW_NODE_POLL + 0.3 + 0.5   # not the 10 s
+    finally:
+        pinger.cancel()
+        silent.close()
+
+
+async def test_a_busy_last_node_answering_late_keeps_the_client() -> None:
+    """No Ping answered since the assignment: a busy node, waited for as the client's last."""
+    gw = _gateway(offer_timeout=0.3)
+    peer, node_end = _pooled_peer()
+    gw_end = peer.pool[0].sock
+    others = [_add_pooled(peer) for _ in range(2)]
+
+    async def late() -> dataauth.Assignment:
+        await asyncio.sleep(1.0)
+        return await _node_answers(node_end, bytes((dataauth.ANSWER_ACCEPT,)))
+
+    node = asyncio.create_task(late())
+    loop = asyncio.get_running_loop()
+    result = await _assign_pooled(gw, peer, "192.0.2.3", 3, "c", loop.time() + 5)  # type: ignore[arg-type]
+    assignment = await node
+    assert isinstance(result, tuple) and result == (assignment.session_id, gw_end)
+    assert len(peer.pool) == 2               # the pool was not dropped as silent
+    peer.drop_pool()
+    for s in [gw_end, node_end, *others]:
+        s.close()
 
 
 class _FakeLink:

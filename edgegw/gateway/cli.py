@@ -33,7 +33,9 @@ MAX_SNDBUF = 64 << 20
 @click.option("--gateway-id", default="gateway", show_default=True,
               help="Name of this gateway in logs and the nodes' audit trail.")
 @click.option("--offer-timeout", default=2.0, show_default=True, type=Seconds(0.05),
-              help="Seconds a node has to answer an offer before the next node gets it.")
+              help="Seconds a node has to answer an offer before the next node gets it (the "
+                   "client's last node, busy and answering no ping, gets until the grace "
+                   "period ends).")
 @click.option("--grace-period", default=10.0, show_default=True, type=Seconds(0),
               help="Seconds a client is held while no node is attached.")
 @click.option("--heartbeat-interval", default=1.0, show_default=True, type=Seconds(0.05))

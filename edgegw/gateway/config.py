@@ -17,7 +17,8 @@ class GatewayConfig:
     data: HostPort
     trust: Path
     gateway_id: str = "gateway"
-    offer_timeout: float = 2.0        # node must answer an offer within this
+    offer_timeout: float = 2.0        # node must answer an offer within this (but see
+                                      # dispatch._await_answer: a busy last node)
     data_timeout: float = 5.0         # accepted offer must be proven on the Data port within this
     proof_timeout: float = 2.0        # a Data connection must send its proof within this; the
                                       # proof follows the challenge at once, so one round trip

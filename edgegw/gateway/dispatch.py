@@ -13,7 +13,7 @@ import asyncio
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Awaitable, Callable, TypeVar
 
 from edgegw.gateway.offers import DataFailed, PeerLost, PendingOffer
 from edgegw.gateway.peers import Peer, PooledData
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from edgegw.gateway.server import Gateway
 
 log = logging.getLogger("edgegw.gateway.session")
+
+T = TypeVar("T")
 
 
 async def dispatch_client(gw: "Gateway", sock: socket.socket, ip: str, port: int) -> bool:
@@ -53,10 +55,12 @@ async def dispatch_client(gw: "Gateway", sock: socket.socket, ip: str, port: int
                 if not gw.peers.choose(tried):
                     tried.clear()
                 continue
+            # The client's last option: a busy node is waited for (see _await_answer)
+            hold = deadline if gw.peers.choose(tried | {peer}) is None else None
             if peer.pool:
-                data = await _assign_pooled(gw, peer, ip, port, who)
+                data = await _assign_pooled(gw, peer, ip, port, who, hold)
             else:
-                data = await _offer_to(gw, peer, ip, port, who)
+                data = await _offer_to(gw, peer, ip, port, who, hold)
             if data is None:
                 tried.add(peer)
                 failed += 1
@@ -73,9 +77,39 @@ async def dispatch_client(gw: "Gateway", sock: socket.socket, ip: str, port: int
             sock.close()
 
 
-async def _offer_to(gw: "Gateway", peer: Peer, ip: str, port: int,
-                    who: str) -> tuple[int, socket.socket] | None | bool:
-    """Offer the client to one node. (id, data socket) if paired; None: try another; False: give up."""
+async def _await_answer(peer: Peer, attempt: Callable[[], Awaitable[T]], timeout: float,
+                        hold_until: float | None) -> T:
+    """What `attempt()` awaits (the node's answer), within `timeout`; asyncio.TimeoutError if not.
+
+    With `hold_until` (loop time: the node is the client's last option, and the client may wait
+    that long), an answer still missing is waited for while the node shows no sign that its
+    loop has run since it was asked: no Ping sent after that has been answered. Such a node is
+    busy (a burst of SSH handshakes on few CPUs), not one that lost the message, and giving up
+    on it cycled the client between equally busy nodes, each attempt adding to their work,
+    until its grace period ran out. A node that answers Pings but not this has lost it; one
+    that answers nothing is detached by the heartbeat."""
+    loop = asyncio.get_running_loop()
+    asked = time.monotonic()
+    try:
+        return await asyncio.wait_for(attempt(), timeout)
+    except asyncio.TimeoutError:
+        if hold_until is None:
+            raise
+    seen_alive = False
+    while peer.alive and not seen_alive and loop.time() < hold_until:
+        seen_alive = peer.answered_ping > asked   # then one last poll: its answer may travel
+        try:                                      # with its Pong
+            return await asyncio.wait_for(attempt(),
+                                          min(SLOW_NODE_POLL, hold_until - loop.time()))
+        except asyncio.TimeoutError:
+            pass
+    raise asyncio.TimeoutError
+
+
+async def _offer_to(gw: "Gateway", peer: Peer, ip: str, port: int, who: str,
+                    hold: float | None = None) -> tuple[int, socket.socket] | None | bool:
+    """Offer the client to one node. (id, data socket) if paired; None: try another; False: give
+    up. `hold`: see _await_answer."""
     if not peer.alive:
         # Detached while a pooled connection of its was tried: its link is gone, so an offer
         # would go nowhere, and fail_peer (which ends open offers at once) has already run.
@@ -90,12 +124,15 @@ async def _offer_to(gw: "Gateway", peer: Peer, ip: str, port: int,
         peer.send(Offer(offer.session_id, offer.secret, ip, port,
                         int(lifetime * 1000)))
         log.debug("client %s: offered as %016x to node %s", who, offer.session_id, peer.node_id)
+        if hold is not None:   # not past the offer's lifetime
+            hold = min(hold, asyncio.get_running_loop().time() + offer.expires - time.monotonic())
         try:
-            answer = await asyncio.wait_for(asyncio.shield(offer.answer), cfg.offer_timeout)
+            answer = await _await_answer(peer, lambda: asyncio.shield(offer.answer),
+                                         cfg.offer_timeout, hold)
         except asyncio.TimeoutError:
             log.warning("client %s: node %s did not answer offer %016x within %.1fs; "
                         "trying another node", who, peer.node_id, offer.session_id,
-                        cfg.offer_timeout)
+                        time.perf_counter() - t0)
             return None
         log.debug("client %s: node %s answered offer %016x in %.2f ms", who, peer.node_id,
                   offer.session_id, (time.perf_counter() - t0) * 1000)
@@ -107,7 +144,9 @@ async def _offer_to(gw: "Gateway", peer: Peer, ip: str, port: int,
             log.info("client %s: rejected by node %s: %s; closed", who, peer.node_id,
                      answer.reason)
             return False
-        data_sock = await asyncio.wait_for(asyncio.shield(offer.data), cfg.data_timeout)
+        # within the offer's lifetime: a proof after it is refused
+        data_sock = await asyncio.wait_for(asyncio.shield(offer.data), max(
+            min(cfg.data_timeout, offer.expires - time.monotonic()), 0))
         paired = True
         log.debug("client %s: offer %016x paired in %.2f ms", who, offer.session_id,
                   (time.perf_counter() - t0) * 1000)
@@ -131,13 +170,13 @@ async def _offer_to(gw: "Gateway", peer: Peer, ip: str, port: int,
         gw.offers.discard(offer)
 
 
-async def _assign_pooled(gw: "Gateway", peer: Peer, ip: str, port: int,
-                         who: str) -> tuple[int, socket.socket] | None | bool:
+async def _assign_pooled(gw: "Gateway", peer: Peer, ip: str, port: int, who: str,
+                         hold: float | None = None) -> tuple[int, socket.socket] | None | bool:
     """Give the client to one of the peer's pre-opened Data connections; same answers as
     _offer_to. A connection found dead (the node closed it, or something on the way dropped
     it) is skipped for the peer's next one, and after the last, the client is offered."""
     while peer.pool:
-        result = await _assign_on(gw, peer, peer.pool.popleft(), ip, port, who)
+        result = await _assign_on(gw, peer, peer.pool.popleft(), ip, port, who, hold)
         if result is _SILENT:
             # Silence, not a reset, is what a stateful firewall that lost its state table (a
             # restart, a failover) leaves behind, and every pooled connection of this node went
@@ -149,20 +188,24 @@ async def _assign_pooled(gw: "Gateway", peer: Peer, ip: str, port: int,
             break
         if result is not _STALE:
             return result
-    return await _offer_to(gw, peer, ip, port, who)
+    return await _offer_to(gw, peer, ip, port, who, hold)
 
 
 _STALE = object()    # _assign_on: that connection was dead before the node could answer
 _SILENT = object()   # _assign_on: no answer on that connection in time
 
 # A node answers an assignment from its event loop as soon as it reads it; a pooled connection
-# silent for this long is taken as dead (at most the offer timeout).
+# silent for this long is taken as dead (at most the offer timeout), unless the node is the
+# client's last option and looks busy (_await_answer).
 POOL_ANSWER_TIMEOUT = 1.0
+
+# How often a wait for a busy node's answer looks at its Pings again.
+SLOW_NODE_POLL = 0.25
 
 
 
 async def _assign_on(gw: "Gateway", peer: Peer, pooled: PooledData, ip: str, port: int,
-                     who: str) -> tuple[int, socket.socket] | None | bool | object:
+                     who: str, hold: float | None) -> tuple[int, socket.socket] | None | bool | object:
     loop = asyncio.get_running_loop()
     timeout = min(POOL_ANSWER_TIMEOUT, gw.config.offer_timeout)
     session_id = gw.offers.new_id(gw.sessions)
@@ -173,7 +216,7 @@ async def _assign_on(gw: "Gateway", peer: Peer, pooled: PooledData, ip: str, por
         assignment = dataauth.Assignment(session_id, ip, port)
         await loop.sock_sendall(pooled.sock, dataauth.encode_assignment(
             assignment, peer.pool_key, pooled.nonce, pooled.ident))
-        raw = await asyncio.wait_for(loop.sock_recv(pooled.sock, 1), timeout)
+        raw = await _await_answer(peer, lambda: loop.sock_recv(pooled.sock, 1), timeout, hold)
         if not raw:
             raise ConnectionError("closed by the node")
         answer = dataauth.parse_answer(raw)
@@ -189,7 +232,8 @@ async def _assign_on(gw: "Gateway", peer: Peer, pooled: PooledData, ip: str, por
         return False
     except asyncio.TimeoutError:
         log.warning("client %s: node %s did not answer assignment %016x on a pooled data "
-                    "connection within %.1fs", who, peer.node_id, session_id, timeout)
+                    "connection within %.1fs", who, peer.node_id, session_id,
+                    time.perf_counter() - t0)
         return _SILENT
     except RemoteProtocolError as exc:
         log.warning("client %s: node %s answered the assignment with garbage (%s); trying "

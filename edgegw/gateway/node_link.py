@@ -224,7 +224,8 @@ class NodeLink:
         elif isinstance(event, Ping):
             self._liveness.pinged(event.seq)
         elif isinstance(event, Pong):
-            self._liveness.pong(event.seq)
+            if self._liveness.pong(event.seq):
+                peer.answered_ping = self._liveness.answered_at
         elif isinstance(event, Ban):
             self.gw.ban(event.ip, event.until, event.reason, peer)
         elif isinstance(event, Unban):

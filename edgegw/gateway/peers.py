@@ -40,6 +40,7 @@ class Peer:
     draining: bool = False
     pending: int = 0              # offers sent, not yet answered or paired
     alive: bool = True
+    answered_ping: float = 0.0    # monotonic send time of the newest Ping the node answered
     pool: deque[PooledData] = field(default_factory=deque)  # pre-opened Data connections
 
     @property

@@ -22,6 +22,9 @@ class Liveness:
         self._seq = 0
         self._outstanding: collections.deque[tuple[int, float]] = collections.deque()
         self._answer: int | None = None     # the newest Ping received, not answered yet
+        # When the newest Ping the other end answered was sent (the caller's clock): its loop
+        # has run since then. 0.0 until one is answered.
+        self.answered_at = 0.0
 
     def pinged(self, seq: int) -> None:
         """The other end sent Ping `seq`: answered by `answer()`, once for all received."""
@@ -45,9 +48,11 @@ class Liveness:
         it. False when it answers none we are waiting for (stale, duplicated or made up)."""
         if not any(s == seq for s, _ in self._outstanding):
             return False
-        while self._outstanding.popleft()[0] != seq:
-            pass
-        return True
+        while True:
+            answered, sent = self._outstanding.popleft()
+            if answered == seq:
+                self.answered_at = sent
+                return True
 
     def overdue(self, now: float) -> float:
         """Seconds the oldest unanswered Ping has waited; 0.0 when every one was answered."""
