@@ -51,9 +51,10 @@ async def dial_session(addr: HostPort, session_id: int, secret: bytes, slots: as
     `congestion`: its TCP congestion control ("" keeps the kernel's default).
 
     A connection refused, reset or closed before the challenge (the gateway's handshake cap
-    for this address was full, or its loop was behind) is dialed again after a pause, until
-    `deadline` (loop time; the offer's end) would pass: asyncio.TimeoutError then, as for a
-    dial still out at the deadline. A bad challenge is not retried."""
+    for this address was full, or its loop was behind) is dialed again after a pause while
+    `deadline` (loop time; the offer's end) allows it; when the next pause would pass it, that
+    ConnectionError is raised, and asyncio.TimeoutError for a dial still out at the deadline.
+    A bad challenge is not retried."""
     loop = asyncio.get_running_loop()
     pause = RETRY_MIN
     while True:

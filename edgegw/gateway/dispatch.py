@@ -204,8 +204,8 @@ SLOW_NODE_POLL = 0.25
 
 
 
-async def _assign_on(gw: "Gateway", peer: Peer, pooled: PooledData, ip: str, port: int,
-                     who: str, hold: float | None) -> tuple[int, socket.socket] | None | bool | object:
+async def _assign_on(gw: "Gateway", peer: Peer, pooled: PooledData, ip: str, port: int, who: str,
+                     hold: float | None) -> tuple[int, socket.socket] | None | bool | object:
     loop = asyncio.get_running_loop()
     timeout = min(POOL_ANSWER_TIMEOUT, gw.config.offer_timeout)
     session_id = gw.offers.new_id(gw.sessions)
