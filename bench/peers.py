@@ -48,8 +48,9 @@ HAPROXY_SPLICE = "    option splice-request\n    option splice-response\n"
 NEAR_SNDBUF = 131072
 HAPROXY_SNDBUF = "    tune.sndbuf.client {n}\n    tune.sndbuf.server {n}\n"
 EDGEGW_SNDBUF = ("--sndbuf-client", str(NEAR_SNDBUF), "--sndbuf-node", str(NEAR_SNDBUF))
-# cubic towards clients as well as on the Data hop (bench/README.md, "Congestion control")
-EDGEGW_CUBIC = ("--congestion-client", "cubic")
+# the kernel's algorithm towards clients, as for a far client (the default, auto, gives this
+# host's clients cubic: bench/README.md, "Congestion control")
+EDGEGW_KERNEL_CC = ("--congestion-client", "kernel")
 
 SOCAT_ARGS = ["TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=4096,nodelay",
               "TCP:127.0.0.1:{target},nodelay"]
@@ -233,11 +234,11 @@ class EdgegwEngine(RelayPath):
         wait_port(self.port, proc=p)
 
 
-# Relay comparisons run edgegw's Data hop on the kernel's congestion control, as every socket
-# of HAProxy's is (it has no setting for it): the default, "auto", would set cubic there and
-# compare an unpaced relay with a paced one where the kernel's default is bbr. The run's
-# --gateway-args / --node-args come after these and win.
-KERNEL_CC_GATEWAY = ("--congestion-node", "kernel")
+# Relay comparisons run edgegw's sockets on the kernel's congestion control, as every socket
+# of HAProxy's is (it has no setting for it): the defaults, "auto", would set cubic on the Data
+# hop and towards this host's clients, and compare an unpaced relay with a paced one where the
+# kernel's default is bbr. The run's --gateway-args / --node-args come after these and win.
+KERNEL_CC_GATEWAY = ("--congestion-client", "kernel", "--congestion-node", "kernel")
 KERNEL_CC_NODE = ("--congestion-gateway", "kernel")
 
 

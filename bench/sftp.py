@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.peers import (EDGEGW_CUBIC, EDGEGW_SNDBUF, NEAR_SNDBUF, Ctx, EdgegwGateway, EdgegwSsh,
+from bench.peers import (EDGEGW_KERNEL_CC, EDGEGW_SNDBUF, NEAR_SNDBUF, Ctx, EdgegwGateway, EdgegwSsh,
                          HAProxy, RelayPath, Sshd, record_tcp, start_all, stop_all)
 from bench.procs import (Skip, cpu_seconds, free_page_reporting, log, need, pin_tree,
                          uptime_seconds)
@@ -47,7 +47,8 @@ def _metrics() -> list[Metric]:
     return out
 
 
-GATEWAY_VARIANTS = {"edgegw-gateway-sndbuf": EDGEGW_SNDBUF, "edgegw-gateway-cubic": EDGEGW_CUBIC}
+GATEWAY_VARIANTS = {"edgegw-gateway-sndbuf": EDGEGW_SNDBUF,
+                    "edgegw-gateway-kernelcc": EDGEGW_KERNEL_CC}
 
 
 class Target:
@@ -145,16 +146,17 @@ def run(ctx: Ctx, results: Results, *, quick: bool, repeat: int, mib: int | None
 
     sshd = Sshd(pub)
     # the same node through more gateways: with fixed send buffers (and behind HAProxy with the
-    # same), and with cubic towards clients too: what the relay costs when its sockets are not
-    # paced by timer (bench/README.md, "Send buffers and pacing", "Congestion control")
+    # same), and with the kernel's algorithm towards clients as a far client gets it: what the
+    # relay costs when its sockets are paced by timer or not (bench/README.md, "Send buffers
+    # and pacing", "Congestion control")
     variants = {name: args for name, args in GATEWAY_VARIANTS.items() if wanted(name)}
-    if "edgegw-gateway-cubic" in variants:
-        # the Data hop's "auto" asks the same: is cubic a change here, and may it be set?
+    if "edgegw-gateway-kernelcc" in variants:
+        # auto gives this host's clients what it gives the Data hop: is that a change here?
         cc, said = resolve_congestion(CC_AUTO)
-        if cc != "cubic":
-            del variants["edgegw-gateway-cubic"]
-            part.skip("edgegw-gateway-cubic", f"cubic towards clients would change nothing "
-                                              f"or cannot be set here: auto is {said}")
+        if not cc:
+            del variants["edgegw-gateway-kernelcc"]
+            part.skip("edgegw-gateway-kernelcc", f"the kernel's algorithm is what auto gives "
+                                                 f"clients here: {said}")
     edge = EdgegwSsh("bench", pub, variants=variants)
     running: list[RelayPath] = []
     targets: list[Target] = []

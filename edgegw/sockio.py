@@ -6,6 +6,8 @@ import errno
 import ipaddress
 import random
 import socket
+import struct
+from dataclasses import dataclass
 
 from edgegw.netaddr import HostPort
 
@@ -202,12 +204,70 @@ def set_congestion(sock: socket.socket, name: str) -> None:
     connections inherit it ("" keeps the kernel's default). OSError if the kernel refuses it,
     which check_congestion has ruled out at startup unless the module was unloaded since.
 
-    Not set on an established connection: the default algorithm has run by then, and bbr
-    leaves the connection paced by the TCP stack's own timer whatever comes after it (an
-    accepted socket switched to cubic still armed about 900 pacing timers per 2 s stream on
-    loopback; one that started with cubic, none)."""
+    Not for switching an established connection away from bbr: bbr leaves it paced by the
+    TCP stack's own timer whatever comes after it (an accepted socket switched to cubic still
+    armed about 900 pacing timers per 2 s stream on loopback; one that started with cubic,
+    none). Switching to bbr works: bbr asks for pacing when it starts (ClientCongestion)."""
     if name:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name.encode())
+
+
+# A client whose handshake took less than this is near: this host, its LAN or its datacenter.
+# Over such a path bbr moves no more than cubic, and without the fq qdisc it paces each of the
+# relay's bursts with a timer of its own (bench/README.md, "Congestion control").
+NEAR_RTT_US = 1000
+_TCPI_RTT = 68   # struct tcp_info: 8 one-byte fields, then tcpi_rto ... tcpi_rtt (the 16th u32)
+
+
+def round_trip_us(sock: socket.socket) -> int:
+    """The connection's smoothed round trip as the kernel measured it so far (for one just
+    accepted: its handshake's), in microseconds; 0 where there is none (a connection made
+    from a SYN cookie, or a system without TCP_INFO)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_RTT + 4)
+    except (OSError, AttributeError):
+        return 0
+    if len(info) < _TCPI_RTT + 4:
+        return 0
+    return int(struct.unpack_from("I", info, _TCPI_RTT)[0])
+
+
+@dataclass(frozen=True)
+class ClientCongestion:
+    """The TCP congestion control of client connections (resolve_client_congestion):
+    `listener` is set on the listening socket, so every connection starts with it; `far`,
+    where set, replaces it on a connection whose handshake took NEAR_RTT_US or more (or was
+    not measured), before anything is sent on it."""
+
+    listener: str
+    far: str
+    said: str
+
+    def settle(self, sock: socket.socket) -> str:
+        """Choose for a connection just accepted; returns the algorithm it now runs ("" for
+        the kernel's default, as given)."""
+        if not self.far:
+            return self.listener
+        if 0 < round_trip_us(sock) < NEAR_RTT_US:
+            return self.listener
+        try:
+            set_congestion(sock, self.far)
+        except OSError:   # the kernel's own default is always allowed; unloaded since?
+            return self.listener
+        return self.far
+
+
+def resolve_client_congestion(name: str) -> ClientCongestion:
+    """--congestion-client: as resolve_congestion, except that "auto" is per connection: the
+    Data hop's choice (cubic) for near clients and the kernel's default for the rest, where
+    the two differ and this process may set both."""
+    listener, said = resolve_congestion(name)
+    far = kernel_congestion()
+    if name != CC_AUTO or not listener or far == "unknown":
+        return ClientCongestion(listener, "", said)
+    return ClientCongestion(listener, far, f"{listener} for those whose handshake took "
+                            f"under {NEAR_RTT_US / 1000:g} ms, {far} (the kernel's default) "
+                            "for the rest (auto)")
 
 
 KEEPALIVE_IDLE = 60       # seconds idle before the first probe: under common firewall timeouts

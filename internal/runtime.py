@@ -11,7 +11,7 @@ from pathlib import Path
 
 from edgegw.metrics_http import MetricsEndpoint
 from edgegw.netaddr import HostPort
-from edgegw.sockio import CC_AUTO, resolve_congestion
+from edgegw.sockio import CC_AUTO, resolve_client_congestion, resolve_congestion
 from internal.audit import AuditLog
 from internal.data_pool import DEFAULT_SIZE as DEFAULT_POOL_SIZE
 from internal.defender import Defender
@@ -42,6 +42,7 @@ class ServeOptions:
     pool_size: int = DEFAULT_POOL_SIZE
     reuse_port: bool = False
     data_congestion: str = CC_AUTO   # sockio.resolve_congestion
+    client_congestion: str = CC_AUTO   # of direct (--listen) clients; resolve_client_congestion
     metrics: MetricsEndpoint | None = None   # serve Prometheus metrics (one process: its own)
     recheck_interval: float = RECHECK_INTERVAL   # seconds; internal.ssh.revocation
     # names that are clients' own temporaries, written in place (Upload.start_in_place)
@@ -136,10 +137,12 @@ async def serve(home: NodeHome, opts: ServeOptions) -> None:
         await service.start()
         if opts.listen is not None:  # the CLI refuses --listen with --forward
             # the node admits and counts direct clients too: drain, capacity and load see them
+            client_cc = resolve_client_congestion(opts.client_congestion)
             listener = await service.listen(opts.listen.host, opts.listen.port,  # type: ignore[attr-defined]
                                             reuse_port=opts.reuse_port,
-                                            on_client=node.serve_direct)
-            log.info("serving SSH/SFTP directly on %s", opts.listen)
+                                            on_client=node.serve_direct, congestion=client_cc)
+            log.info("serving SSH/SFTP directly on %s (TCP congestion control: %s)",
+                     opts.listen, client_cc.said)
         run_dir(home).mkdir(exist_ok=True)
         for leftover in pid_files(home):
             live_pid(leftover)              # removes those of nodes that did not stop cleanly

@@ -10,11 +10,9 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from edgegw.sockio import CC_AUTO, resolve_congestion
 from tests.procs import (
     SSH_OPTS, GatewayProc, Proc, add_user, edgegw_cmd, free_port, init_home, make_key,
     sftp_batch, start_gateway, start_node,
@@ -538,88 +536,6 @@ def test_a_full_handshake_cap_leaves_connections_in_the_backlog(tmp_path: Path, 
         for s in (*held, waiting):
             s.close()
     assert gw.popen is not None and gw.popen.poll() is None
-
-
-def _sockets(filter_: str) -> list[tuple[int, str]]:
-    """(sk_sndbuf, congestion control) of every established TCP socket `filter_` selects,
-    as ss reports them (skmem's tb, and the algorithm's name)."""
-    out = subprocess.run(["ss", "-tmniH", "state", "established", filter_],
-                         capture_output=True, text=True, check=True).stdout
-    socks = re.split(r"\n(?=\S)", out.strip())   # a socket's lines: the first, then indented
-    found = []
-    for text in filter(None, socks):
-        tb = re.search(r"\btb(\d+)", text)
-        algo = re.search(r"\s(reno|cubic|bbr\d?|dctcp|htcp|vegas|westwood|bic)\b", text)
-        assert tb and algo, text
-        found.append((int(tb.group(1)), algo.group(1)))
-    return found
-
-
-def _other_congestion_control() -> str:
-    """An algorithm that is not the kernel's default, so the test sees it was chosen."""
-    default = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
-    return "reno" if default != "reno" else "cubic"
-
-
-def test_send_buffers_and_congestion_control_end_to_end(
-        tmp_path: Path, node_home: Path, procs: list[Proc], alice: tuple[str, Path]) -> None:
-    """--sndbuf-client / --sndbuf-node / --congestion-client / --congestion-node on the
-    gateway and --congestion-gateway on the node: each socket of the relay gets what was asked
-    (the kernel doubles a send buffer's figure), and files still arrive intact."""
-    user, key = alice
-    cc = _other_congestion_control()
-    gw = start_gateway(tmp_path, node_home / "gateway-trust.pem", "--sndbuf-client", "65536",
-                       "--sndbuf-node", "98304", "--congestion-client", cc,
-                       "--congestion-node", cc, name="gw-tcp")
-    procs.append(gw)
-    procs.append(start_node(tmp_path, node_home, [gw], "--congestion-gateway", cc))
-    _roundtrip(gw.external, user, key, tmp_path, os.urandom(8 << 20))
-    with _held_session(gw.external, user, key):
-        assert _sockets(f"sport = :{gw.external}") == [(2 * 65536, cc)]
-        gateway_ends = _sockets(f"sport = :{gw.data}")   # the session's, and pooled ones
-        assert gateway_ends and set(gateway_ends) == {(2 * 98304, cc)}
-        node_ends = _sockets(f"dport = :{gw.data}")
-        assert len(node_ends) == len(gateway_ends)
-        assert {algo for _, algo in node_ends} == {cc}
-
-
-def test_the_data_hop_defaults_to_cubic_and_clients_to_the_kernels_choice(
-        tmp_path: Path, node_home: Path, procs: list[Proc], alice: tuple[str, Path]) -> None:
-    """Without --congestion-* options: client connections keep the kernel's default, and
-    both ends of the Data hop get cubic where the process may set it ("auto"); each process
-    logs what it chose."""
-    user, key = alice
-    default = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
-    data_cc = resolve_congestion(CC_AUTO)[0] or default
-    gw = start_gateway(tmp_path, node_home / "gateway-trust.pem", name="gw-cc")
-    procs.append(gw)
-    node = start_node(tmp_path, node_home, [gw])
-    procs.append(node)
-    gw.wait_log(rf"TCP congestion control: clients the kernel's default, {default}; "
-                rf"Data connections {data_cc}\b")
-    node.wait_log(rf"Data connections: TCP congestion control {data_cc}\b")
-    with _held_session(gw.external, user, key):
-        assert [algo for _, algo in _sockets(f"sport = :{gw.external}")] == [default]
-        ends = _sockets(f"sport = :{gw.data}") + _sockets(f"dport = :{gw.data}")
-        assert ends and {algo for _, algo in ends} == {data_cc}
-
-
-@contextlib.contextmanager
-def _held_session(port: int, user: str, key: Path) -> Iterator[None]:
-    """An interactive sftp session through `port`, logged in and idle, for the body."""
-    held = subprocess.Popen(["sftp", "-P", str(port), "-i", str(key), *SSH_OPTS,
-                             f"{user}@127.0.0.1"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        assert held.stdin is not None and held.stdout is not None
-        held.stdin.write("pwd\n")
-        held.stdin.flush()
-        while "Remote working directory" not in (line := held.stdout.readline()):
-            assert line, "sftp exited before it logged in"
-        yield
-    finally:
-        held.kill()
-        held.wait()
 
 
 def test_a_client_that_never_closes_after_the_node_did_is_let_go(tmp_path: Path, node_home: Path,

@@ -1,7 +1,8 @@
 """Socket helpers over real loopback sockets: the congestion control a listener or a dialer
 was given is the one its connections start with (chosen before the handshake, not switched
 after it), a refused choice leaves no socket behind, and "auto" is cubic only for a process
-that may set it."""
+that may set it; client connections' "auto" is decided per connection by its handshake's
+round trip."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,10 @@ from pathlib import Path
 import pytest
 
 from edgegw.netaddr import HostPort
-from edgegw.sockio import CC_AUTO, CC_KERNEL, connect_tcp, listen_socket, resolve_congestion
+from edgegw.sockio import (
+    CC_AUTO, CC_KERNEL, NEAR_RTT_US, ClientCongestion, connect_tcp, listen_socket,
+    resolve_client_congestion, resolve_congestion, round_trip_us,
+)
 
 
 def _other_congestion_control() -> str:
@@ -110,3 +114,33 @@ def test_auto_keeps_the_kernels_default_where_cubic_is_not_allowed() -> None:
     assert cc == ""
     assert said.startswith(f"the kernel's default, {_kernel_cc()} (auto: congestion control "
                            "'cubic' cannot be used: not in net.ipv4.tcp_allowed_congestion_control")
+
+
+def test_client_auto_is_decided_per_connection_and_other_values_are_fixed() -> None:
+    named = resolve_client_congestion("reno")
+    assert (named.listener, named.far) == ("reno", "")
+    kernel = resolve_client_congestion(CC_KERNEL)
+    assert (kernel.listener, kernel.far) == ("", "")
+    auto = resolve_client_congestion(CC_AUTO)
+    near, _ = resolve_congestion(CC_AUTO)
+    if near:   # cubic may be set and is not the default: far clients get the default back
+        assert (auto.listener, auto.far) == (near, _kernel_cc())
+        assert auto.said == (f"{near} for those whose handshake took under 1 ms, "
+                             f"{_kernel_cc()} (the kernel's default) for the rest (auto)")
+    else:
+        assert (auto.listener, auto.far) == ("", "")
+
+
+async def test_a_client_on_this_host_is_near_and_keeps_its_listeners_algorithm() -> None:
+    """Its handshake's round trip is measured, and under the bound: settle() leaves it as it
+    started; a far choice is made only for the others (tests/test_tcp_options.py)."""
+    near, far = _other_congestion_control(), _kernel_cc()
+    with listen_socket(HostPort("127.0.0.1", 0), congestion=near) as lsock:
+        dialed = await connect_tcp(HostPort("127.0.0.1", lsock.getsockname()[1]), 5.0)
+        lsock.setblocking(True)
+        accepted, _ = lsock.accept()
+        with dialed, accepted:
+            assert 0 < round_trip_us(accepted) < NEAR_RTT_US
+            assert ClientCongestion(near, far, "").settle(accepted) == near
+            assert _cc(accepted) == near
+            assert ClientCongestion(near, "", "").settle(accepted) == near

@@ -74,10 +74,12 @@ MAX_SNDBUF = 64 << 20
 @click.option("--sndbuf-node", default=0, show_default=True, metavar="BYTES",
               type=IntRange(0, MAX_SNDBUF),
               help="The same for Data connections to nodes (what uploads are written to).")
-@click.option("--congestion-client", default="kernel", show_default=True, metavar="NAME",
+@click.option("--congestion-client", default="auto", show_default=True, metavar="NAME",
               callback=congestion,
               help="TCP congestion control of client connections (e.g. cubic, bbr); kernel: "
-                   "the kernel's default (net.ipv4.tcp_congestion_control).")
+                   "the kernel's default (net.ipv4.tcp_congestion_control). auto: cubic for "
+                   "clients whose TCP handshake took under 1 ms (this host, its LAN or "
+                   "datacenter), the kernel's default for the rest.")
 @click.option("--congestion-node", default="auto", show_default=True, metavar="NAME",
               callback=congestion,
               help="The same for Data connections to nodes (what uploads are sent on). auto: "

@@ -36,7 +36,7 @@ class GatewayConfig:
     relay_sched_batch: bool = True    # relay threads SCHED_BATCH: their wakeups do not preempt
     sndbuf_client: int = 0            # SO_SNDBUF towards clients (downloads); 0: autotuned
     sndbuf_node: int = 0              # SO_SNDBUF of Data connections (uploads); 0: autotuned
-    congestion_client: str = ""       # TCP_CONGESTION towards clients; "": the kernel's default
+    congestion_client: str = CC_AUTO  # TCP_CONGESTION towards clients; "": the kernel's default
     congestion_node: str = CC_AUTO    # of Data connections; sockio.resolve_congestion
     max_pending: int = 1024           # clients waiting for a node at once; more are closed
     max_per_address: int = 0          # client connections held at once per source address; 0: any

@@ -39,6 +39,7 @@ class GatewayCounters:
     # PNC/Data connections closed at accept by --max-handshakes-per-address, by listener
     handshakes_refused: Counter[str] = field(default_factory=Counter)
     pooled_refused: int = 0        # proven Data connections closed: their node's pool was full
+    client_congestion: Counter[str] = field(default_factory=Counter)   # clients accepted, by it
 
     def session_finished(self, report: RelayReport) -> None:
         self.finished[report.reason.value] += 1
@@ -95,6 +96,14 @@ class GatewayCollector(Collector):
         for reason in REFUSED_REASONS:
             refused.add_metric([reason], counters.refused[reason])
         yield refused
+        client_cc = CounterMetricFamily(
+            "edgegw_gateway_client_connections",
+            "Client connections that reached the checks after accept, by the TCP congestion "
+            "control they run (--congestion-client auto chooses by the handshake's round "
+            "trip).", labels=["congestion"])
+        for name, n in sorted(counters.client_congestion.items()):
+            client_cc.add_metric([name], n)
+        yield client_cc
         handshakes = GaugeMetricFamily("edgegw_gateway_handshakes",
                                        "PNC and Data connections not yet authenticated.",
                                        labels=["listener"])

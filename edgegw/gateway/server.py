@@ -32,7 +32,8 @@ from edgegw.netaddr import ip_in_networks, normalize_ip
 from edgegw.pnc.events import Closed
 from edgegw.relay import RelayReport, create_relay
 from edgegw.sockio import (
-    listen_socket, resolve_congestion, set_keepalive, set_nodelay, set_sndbuf,
+    ClientCongestion, listen_socket, resolve_client_congestion, resolve_congestion,
+    set_keepalive, set_nodelay, set_sndbuf,
 )
 
 log = logging.getLogger("edgegw.gateway")
@@ -76,6 +77,7 @@ class Gateway:
         self._cap_log = LogThrottle(log, CAP_LOG_EVERY)
         self.counters = GatewayCounters()
         self.metrics: MetricsServer | None = None
+        self._client_cc = ClientCongestion("", "", "")   # start() resolves the configured one
 
     @property
     def pending_clients(self) -> int:
@@ -97,9 +99,10 @@ class Gateway:
 
     async def start(self) -> None:
         cfg = self.config
-        client_cc, client_said = resolve_congestion(cfg.congestion_client)
+        self._client_cc = resolve_client_congestion(cfg.congestion_client)
         node_cc, node_said = resolve_congestion(cfg.congestion_node)
-        for name, addr, cc in (("external", cfg.external, client_cc), ("pnc", cfg.pnc, ""),
+        for name, addr, cc in (("external", cfg.external, self._client_cc.listener),
+                               ("pnc", cfg.pnc, ""),
                                ("data", cfg.data, node_cc)):
             self._listeners[name] = listen_socket(addr, cfg.backlog, congestion=cc)
         if cfg.metrics is not None:
@@ -120,7 +123,7 @@ class Gateway:
                                        else ""),
                  type(asyncio.get_running_loop()).__module__.split(".")[0])
         log.info("TCP congestion control: clients %s; Data connections %s",
-                 client_said, node_said)
+                 self._client_cc.said, node_said)
 
     async def close(self) -> None:
         for acceptor in self._acceptors.values():
@@ -196,7 +199,9 @@ class Gateway:
             sock.close()
             return
         set_nodelay(sock)
-        set_sndbuf(sock, self.config.sndbuf_client)  # its congestion control: the listener's
+        set_sndbuf(sock, self.config.sndbuf_client)
+        cc = self._client_cc.settle(sock)   # before the relay sends it anything
+        self.counters.client_congestion[cc or "kernel"] += 1
         self._pending_clients += 1
         self._per_address[ip] += 1
         relayed = False

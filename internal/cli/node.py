@@ -82,6 +82,11 @@ def init(home_dir: str, db_url: str | None, node_id: str | None, files_root: str
                    "downloads are sent on), e.g. cubic; kernel: the kernel's default; auto: "
                    "cubic where this process may set it, else the kernel's. See the "
                    "gateway's --congestion-node.")
+@click.option("--congestion-client", default="auto", show_default=True, metavar="NAME",
+              callback=congestion,
+              help="TCP congestion control of clients served directly (--listen); auto: cubic "
+                   "for clients whose TCP handshake took under 1 ms, the kernel's default for "
+                   "the rest, as the gateway's --congestion-client.")
 @click.option("--recheck-interval", default=RECHECK_INTERVAL, show_default=True,
               type=Seconds(0.1),
               help="Seconds between two checks of running SFTP sessions against the store: a "
@@ -102,7 +107,8 @@ def init(home_dir: str, db_url: str | None, node_id: str | None, files_root: str
 def serve(home_dir: str, gateways: list[HostPort], listen: HostPort | None,
           forward: HostPort | None, forward_proxy_protocol: str | None, capacity: int,
           weight: int, drain_timeout: float, node_id: str | None, workers: int,
-          pool_size: int, congestion_gateway: str, recheck_interval: float,
+          pool_size: int, congestion_gateway: str, congestion_client: str,
+          recheck_interval: float,
           partial_suffixes: tuple[str, ...], metrics: MetricsEndpoint | None, reuse_port: bool,
           log_level: str) -> None:
     """Run the internal node: dial the gateways and serve the sessions they offer."""
@@ -141,7 +147,8 @@ def serve(home_dir: str, gateways: list[HostPort], listen: HostPort | None,
                         forward_proxy_protocol=forward_proxy_protocol, capacity=capacity,
                         weight=weight, drain_timeout=drain_timeout, node_id=node_id,
                         pool_size=pool_size, reuse_port=reuse_port,
-                        data_congestion=congestion_gateway, metrics=metrics,
+                        data_congestion=congestion_gateway,
+                        client_congestion=congestion_client, metrics=metrics,
                         recheck_interval=recheck_interval,
                         partial_suffixes=tuple(os.fsencode(x) for x in partial_suffixes if x))
     try:

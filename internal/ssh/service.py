@@ -22,7 +22,7 @@ import asyncssh
 
 from edgegw.acceptor import Acceptor
 from edgegw.netaddr import HostPort
-from edgegw.sockio import listen_socket
+from edgegw.sockio import ClientCongestion, listen_socket
 from internal.audit import AuditLog
 from internal.defender import Defender
 from internal.home import NodeHome
@@ -66,16 +66,20 @@ class Listener:
     """A direct (`--listen`) SSH listener on the trusted network."""
 
     def __init__(self, sock: socket.socket, service: "SSHService",
-                 on_client: OnDirect | None = None) -> None:
+                 on_client: OnDirect | None = None,
+                 congestion: ClientCongestion | None = None) -> None:
         self._sock = sock
         self._service = service
         self._on_client = on_client
+        self._congestion = congestion
         self.port: int = sock.getsockname()[1]
         self._acceptor = Acceptor(f"ssh port {self.port}", sock, self._accepted)
         self._acceptor.start()
 
     def _accepted(self, conn: socket.socket, peer: tuple) -> None:
         ip, port = str(peer[0]), int(peer[1])
+        if self._congestion is not None:
+            self._congestion.settle(conn)   # before the server's version line goes out
         if self._on_client is not None:
             self._on_client(conn, ip, port)
             return
@@ -400,13 +404,16 @@ class SSHService:
 
     # -- direct mode and shutdown -------------------------------------------------------------
     async def listen(self, host: str, port: int, *, reuse_port: bool = False,
-                     on_client: OnDirect | None = None) -> Listener:
+                     on_client: OnDirect | None = None,
+                     congestion: ClientCongestion | None = None) -> Listener:
         """Accept SSH clients directly (trusted network); the peer address is the client's.
         `reuse_port`: worker processes of one node share the port. `on_client`: who admits
-        and serves each client (by default this service, on its own)."""
-        sock = listen_socket(HostPort(host, port), 128, reuse_port=reuse_port)
+        and serves each client (by default this service, on its own). `congestion`: their
+        TCP congestion control, as the gateway's clients get theirs (None: the kernel's)."""
+        sock = listen_socket(HostPort(host, port), 128, reuse_port=reuse_port,
+                             congestion=congestion.listener if congestion else "")
         self._start_refresher()
-        listener = Listener(sock, self, on_client)
+        listener = Listener(sock, self, on_client, congestion)
         self._listeners.append(listener)
         return listener
 
