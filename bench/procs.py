@@ -346,6 +346,18 @@ VIRTIO_ID_BALLOON = 5
 VIRTIO_BALLOON_F_REPORTING = 5   # feature bit: the guest reports free pages to the host
 
 
+PAGE_REPORTING_HOLD = Path("/sys/module/page_reporting/parameters/min_free_ms")
+
+
+def page_reporting_hold_s(path: Path = PAGE_REPORTING_HOLD) -> float | None:
+    """How long memory stays free before it is reported to the host, where the guest kernel
+    has that setting (`page_reporting.min_free_ms`, not in every kernel), in seconds."""
+    try:
+        return int(path.read_text()) / 1000
+    except (OSError, ValueError):
+        return None
+
+
 def free_page_reporting(root: Path = VIRTIO_DEVICES) -> str | None:
     """The virtio device through which this VM hands memory it frees back to its host, or None.
 
@@ -417,6 +429,7 @@ def machine_facts() -> dict[str, object]:
         "memory_gib": round(mem_gib, 1),
         "kernel": os.uname().release,
         "free_page_reporting": free_page_reporting() or "off",
+        "page_reporting_hold_s": page_reporting_hold_s(),
         "tcp_congestion_control": _sysctl("net/ipv4/tcp_congestion_control"),
         "default_qdisc": _sysctl("net/core/default_qdisc"),
         "uptime_s": uptime_seconds(),

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from bench.peers import (EDGEGW_KERNEL_CC, EDGEGW_SNDBUF, NEAR_SNDBUF, Ctx, EdgegwGateway, EdgegwSsh,
                          HAProxy, RelayPath, Sshd, record_tcp, start_all, stop_all)
-from bench.procs import (Skip, cpu_seconds, free_page_reporting, log, need, pin_tree,
-                         uptime_seconds)
+from bench.procs import (Skip, cpu_seconds, free_page_reporting, log, need,
+                         page_reporting_hold_s, pin_tree, uptime_seconds)
 from bench.report import Metric, PartResult, Results
 from bench.sessions import ssh_keys
 from edgegw.sockio import CC_AUTO, resolve_congestion
@@ -80,12 +80,21 @@ def make_source(path: Path, size: int) -> None:
 
 
 FRESH_BOOT_S = 600   # a VM booted this recently may not have all its memory backed yet
+# Memory held free this long before it is reported is mostly reused first: a run's transfers
+# then write into pages the host still backs (bench/README.md, "Memory that the VM hands back")
+QUIET_HOLD_S = 60
 
 
-def memory_warnings(reporting: str | None, uptime: int | None) -> dict[str, str]:
+def memory_warnings(reporting: str | None, uptime: int | None,
+                    hold_s: float | None = None) -> dict[str, str]:
     """Notes on what makes tmpfs transfers on this machine slow by turns, not by design."""
     notes = {}
-    if reporting:
+    if reporting and hold_s is not None and hold_s >= QUIET_HOLD_S:
+        notes["memory"] = (f"this VM hands memory back to its host ({reporting}) once it has "
+                           f"stayed free for {hold_s:g} s (page_reporting.min_free_ms), longer "
+                           "than transfers leave it free; see bench/README.md, 'Memory that "
+                           "the VM hands back'")
+    elif reporting:
         notes["memory"] = (f"this VM hands freed memory back to its host ({reporting}), "
                            "so one tmpfs transfer can cost up to 3.5x the CPU of the next; "
                            "see bench/README.md, 'Memory that the VM hands back'")
@@ -123,7 +132,8 @@ def run(ctx: Ctx, results: Results, *, quick: bool, repeat: int, mib: int | None
         baselines=["openssh", "edgegw-node"],
         ratio_metrics=[f"{d}_{c}" for c in CIPHERS for d in ("up", "down")]))
     part.notes["units"] = "MB = 1e6 bytes; CPU s/GiB; relay CPU = HAProxy or edgegw gateway"
-    for name, text in memory_warnings(free_page_reporting(), uptime_seconds()).items():
+    for name, text in memory_warnings(free_page_reporting(), uptime_seconds(),
+                                      page_reporting_hold_s()).items():
         part.notes[name] = text
         log(f"sftp: warning: {text}")
     try:

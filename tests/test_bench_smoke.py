@@ -29,7 +29,8 @@ def test_bench_quick_writes_results(tmp_path: Path) -> None:
     assert cp.returncode == 0, cp.stderr[-3000:]
     data = json.loads((tmp_path / "latest.json").read_text())
     assert data["schema"] == "edgegw-bench/1"
-    for key in ("cpu_model", "cores", "kernel", "free_page_reporting", "tcp_congestion_control",
+    for key in ("cpu_model", "cores", "kernel", "free_page_reporting", "page_reporting_hold_s",
+                "tcp_congestion_control",
                 "default_qdisc", "uptime_s", "python", "haproxy", "iperf3", "openssh", "edgegw"):
         assert key in data["machine"]
     assert PARTS <= set(data["parts"])
@@ -114,6 +115,11 @@ def test_free_page_reporting_is_read_from_the_balloon_device(tmp_path: Path) -> 
     _virtio_device(tmp_path, "virtio3", 0x0005, bit5, bound=True)
     assert free_page_reporting(tmp_path) == "virtio3"
     assert free_page_reporting(tmp_path / "absent") is None
+    from bench.procs import page_reporting_hold_s
+    hold = tmp_path / "min_free_ms"
+    assert page_reporting_hold_s(hold) is None                          # not in this kernel
+    hold.write_text("100000\n")
+    assert page_reporting_hold_s(hold) == 100.0
 
 
 def test_sftp_warns_of_what_makes_tmpfs_transfers_slow_by_turns() -> None:
@@ -124,3 +130,6 @@ def test_sftp_warns_of_what_makes_tmpfs_transfers_slow_by_turns() -> None:
     assert list(fresh) == ["boot"] and "booted 120 s ago" in fresh["boot"]
     both = memory_warnings("virtio0", 30)
     assert set(both) == {"memory", "boot"} and "(virtio0)" in both["memory"]
+    assert "3.5x" in memory_warnings("virtio0", None, 2.0)["memory"]   # reported at once
+    held = memory_warnings("virtio0", None, 100.0)["memory"]
+    assert "stayed free for 100 s" in held and "3.5x" not in held
