@@ -39,7 +39,7 @@ class GatewayCounters:
     # PNC/Data connections closed at accept by --max-handshakes-per-address, by listener
     handshakes_refused: Counter[str] = field(default_factory=Counter)
     pooled_refused: int = 0        # proven Data connections closed: their node's pool was full
-    client_congestion: Counter[str] = field(default_factory=Counter)   # clients accepted, by it
+    client_congestion: Counter[str] = field(default_factory=Counter)   # past the checks, by it
 
     def session_finished(self, report: RelayReport) -> None:
         self.finished[report.reason.value] += 1
@@ -98,9 +98,9 @@ class GatewayCollector(Collector):
         yield refused
         client_cc = CounterMetricFamily(
             "edgegw_gateway_client_connections",
-            "Client connections that reached the checks after accept, by the TCP congestion "
-            "control they run (--congestion-client auto chooses by the handshake's round "
-            "trip).", labels=["congestion"])
+            "Client connections past the bans and limits, by the TCP congestion control "
+            "they run (--congestion-client auto chooses by the handshake's round trip).",
+            labels=["congestion"])
         for name, n in sorted(counters.client_congestion.items()):
             client_cc.add_metric([name], n)
         yield client_cc
