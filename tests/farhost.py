@@ -53,6 +53,8 @@ class FarHost:
         self._thread = threading.Thread(target=self._carry, name="farhost", daemon=True)
 
     def __enter__(self) -> "FarHost":
+        # one left by a run of the same pid that was killed before its exit ran
+        subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)
         try:
             self._fds = [_open_tun(name) for name in self._names]
             _ip("netns", "add", self.netns)
