@@ -217,6 +217,7 @@ def set_congestion(sock: socket.socket, name: str) -> None:
 # relay's bursts with a timer of its own (bench/README.md, "Congestion control").
 NEAR_RTT_US = 1000
 _TCPI_RTT = 68   # struct tcp_info: 8 one-byte fields, then tcpi_rto ... tcpi_rtt (the 16th u32)
+_TCPI_UPTO_RTT = _TCPI_RTT + 4   # the part of it read
 
 
 def round_trip_us(sock: socket.socket) -> int:
@@ -224,10 +225,10 @@ def round_trip_us(sock: socket.socket) -> int:
     accepted: its handshake's), in microseconds; 0 where there is none (a connection made
     from a SYN cookie, or a system without TCP_INFO)."""
     try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_RTT + 4)
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_UPTO_RTT)
     except (OSError, AttributeError):
         return 0
-    if len(info) < _TCPI_RTT + 4:
+    if len(info) < _TCPI_UPTO_RTT:
         return 0
     return int(struct.unpack_from("I", info, _TCPI_RTT)[0])
 

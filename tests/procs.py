@@ -122,12 +122,14 @@ def start_node(tmp: Path, home: Path, gateways: list[GatewayProc], *extra: str,
 
 def sftp_batch(port: int, user: str, key: Path, commands: str, *, bind: str | None = None,
                cwd: Path | None = None, timeout: float = 120.0,
-               extra: list[str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run OpenSSH `sftp -b -` with the given commands; returns the completed process."""
-    args = ["sftp", "-b", "-", "-P", str(port), "-i", str(key), *SSH_OPTS, *(extra or [])]
+               extra: list[str] | None = None, host: str = "127.0.0.1",
+               on: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """Run OpenSSH `sftp -b -` with the given commands against host:port, through the
+    command prefix `on` if given (another network namespace); returns the completed process."""
+    args = [*on, "sftp", "-b", "-", "-P", str(port), "-i", str(key), *SSH_OPTS, *(extra or [])]
     if bind:
         args += ["-o", f"BindAddress={bind}"]
-    args.append(f"{user}@127.0.0.1")
+    args.append(f"{user}@{host}")
     return subprocess.run(args, input=commands, capture_output=True, text=True, cwd=cwd,
                           timeout=timeout)
 

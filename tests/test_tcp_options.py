@@ -16,7 +16,7 @@ import pytest
 
 from edgegw.sockio import CC_AUTO, NEAR_RTT_US, resolve_congestion
 from tests.farhost import FarHost
-from tests.procs import SSH_OPTS, Proc, free_port, start_gateway, start_node
+from tests.procs import SSH_OPTS, Proc, free_port, sftp_batch, start_gateway, start_node
 
 
 def _kernel_cc() -> str:
@@ -49,9 +49,8 @@ def _roundtrip(port: int, user: str, key: Path, tmp: Path, data: bytes,
     and gets it back; the copy must be identical."""
     (tmp / "x.bin").write_bytes(data)
     (tmp / "y.bin").unlink(missing_ok=True)
-    res = subprocess.run([*on, "sftp", "-b", "-", "-P", str(port), "-i", str(key), *SSH_OPTS,
-                          f"{user}@{host}"], input="put x.bin\nget x.bin y.bin\n",
-                         capture_output=True, text=True, cwd=tmp, timeout=120)
+    res = sftp_batch(port, user, key, "put x.bin\nget x.bin y.bin\n", cwd=tmp, host=host,
+                     on=on)
     assert res.returncode == 0, f"sftp failed:\n{res.stdout}\n{res.stderr}"
     assert (tmp / "y.bin").read_bytes() == data
 
