@@ -241,19 +241,25 @@ async def test_a_quota_set_during_an_upload_counts_what_that_upload_stores(
         held = await sftp.open(name, "wb")
         await held.write(b"\1" * 600)
         await cli(rnode.home.path, "user", "set", "alice", "--quota-bytes", "1500")
+        # Until the quota applies to this session. Each probe is an upload left open, so
+        # that the quota counts it whenever it comes, as it counts `held`; a probe stored
+        # while the root is scanned might be missed (README, "Quotas").
+        probes: list[tuple[str, asyncssh.SFTPClientFile]] = []
         deadline = time.monotonic() + ENDED_WITHIN
-        while True:                         # until the quota applies to this session
+        while True:
+            probe = f"probe-{len(probes)}.bin"
+            probes.append((probe, await sftp.open(probe, "wb")))
             try:
-                await sftp.remove("probe.bin")
-            except asyncssh.SFTPNoSuchFile:
-                pass
-            try:
-                async with sftp.open("probe.bin", "wb") as f:
-                    await f.write(b"\2" * 600)
+                await probes[-1][1].write(b"\2" * 600)
             except asyncssh.SFTPFailure:
                 break
             assert time.monotonic() < deadline, "no quota applied to the running session"
             await asyncio.sleep(INTERVAL / 2)
+        with pytest.raises(asyncssh.SFTPFailure, match="quota exceeded"):
+            await probes.pop()[1].close()   # refused: stores nothing
+        for probe, handle in probes:        # each stored, then removed: counted in and out
+            await handle.close()
+            await sftp.remove(probe)
         await held.close()                  # stored: 1,600 bytes against 1,500
         assert (home / name).stat().st_size == 600
         await sftp.remove(name)             # back to 1,000
@@ -264,6 +270,7 @@ async def test_a_quota_set_during_an_upload_counts_what_that_upload_stores(
             await f.write(b"\4" * 400)
     assert (home / "fits.bin").stat().st_size == 400
     assert not (home / "again.bin").exists()
+    assert not list(home.glob("probe-*"))
 
 
 async def test_root_change_applies_to_the_running_session(rnode: NodeUnderTest,
