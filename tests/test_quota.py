@@ -11,7 +11,8 @@ import asyncssh
 import pytest
 
 from internal.sftp.paths import QUOTA_LEDGER
-from internal.sftp.quota import CHUNK, Ledger, QuotaExceeded, Usage, scan_home
+from internal.sftp.quota import CHUNK, Ledger, QuotaBook, QuotaExceeded, Usage, scan_home
+from internal.store.base import User
 from tests.procs import Proc, edgegw_cmd, free_port
 from tests.sshutil import NodeUnderTest
 
@@ -42,6 +43,51 @@ def test_the_ledger_is_shared_and_rescanned_by_the_first_to_take_it(tmp_path: Pa
     third = _usage(tmp_path, 10 * MiB)           # nobody holds it now: figures from the disk
     assert third.used() == (MiB, 1)
     third.close()
+
+
+def test_a_rescan_keeps_figures_that_another_holder_or_an_upload_took_from(
+        tmp_path: Path) -> None:
+    (tmp_path / "old.bin").write_bytes(b"o" * MiB)
+    first = _usage(tmp_path, 10 * MiB)
+    second = _usage(tmp_path, 10 * MiB)          # another process, as far as locks go
+    second.charge(2 * MiB)                       # an upload of its, under way
+    (tmp_path / "new.bin").write_bytes(b"n" * MiB)
+    assert not first.rescan(str(tmp_path))
+    assert first.used() == (3 * MiB, 1)          # its upload still counted
+    second.adjust(-2 * MiB)
+    second.close()
+    first.charge(MiB, ahead=True)                # took ahead here: a scan would drop that
+    assert not first.rescan(str(tmp_path))
+    first.settle()
+    assert first.rescan(str(tmp_path))           # alone, nothing taken: from the disk
+    assert first.used() == (2 * MiB, 2)
+    third = _usage(tmp_path, 10 * MiB)           # still held: live figures, no scan
+    assert third.used() == (2 * MiB, 2)
+    first.close()
+    third.close()
+
+
+async def test_changes_made_while_a_quota_is_scanned_are_rescanned_or_reported(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "old.bin").write_bytes(b"o" * MiB)
+    user = User(name="alice", home=str(tmp_path), quota_bytes=10 * MiB)
+    book = QuotaBook()
+    usage = await book.acquire(user)
+    assert usage is not None and usage.used() == (MiB, 1)
+    await book.ready(user, usage, lambda: False)        # nothing changed: nothing to do
+    with book.unmetered("alice"):                       # a session without a share stores
+        (tmp_path / "during.bin").write_bytes(b"d" * MiB)
+    await book.ready(user, usage, lambda: False)
+    assert usage.used() == (2 * MiB, 2)                 # scanned again
+    with book.unmetered("alice"):
+        (tmp_path / "more.bin").write_bytes(b"m" * MiB)
+    await book.ready(user, usage, lambda: True)         # a channel here charges already
+    assert usage.used() == (2 * MiB, 2)
+    assert "may be off by those changes" in caplog.text
+    caplog.clear()
+    await book.ready(user, usage, lambda: False)        # reported once, not again
+    assert not caplog.text
+    book.release("alice")
 
 
 def test_an_upload_takes_ahead_and_gives_back_what_it_did_not_use(tmp_path: Path) -> None:

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import logging
 import os
 import re
 import select
 import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,6 +23,7 @@ import asyncssh
 import pytest
 
 from internal.home import NodeHome
+from internal.sftp import quota
 from internal.store import Store, User
 from internal.store.base import StoreError
 from tests.procs import (SSH_OPTS, GatewayProc, Proc, add_user, edgegw_cmd, init_home,
@@ -241,9 +244,8 @@ async def test_a_quota_set_during_an_upload_counts_what_that_upload_stores(
         held = await sftp.open(name, "wb")
         await held.write(b"\1" * 600)
         await cli(rnode.home.path, "user", "set", "alice", "--quota-bytes", "1500")
-        # Until the quota applies to this session. Each probe is an upload left open, so
-        # that the quota counts it whenever it comes, as it counts `held`; a probe stored
-        # while the root is scanned might be missed (README, "Quotas").
+        # Until the quota applies to this session. Each probe is an upload left open, which
+        # the quota counts whenever it comes, as it counts `held`.
         probes: list[tuple[str, asyncssh.SFTPClientFile]] = []
         deadline = time.monotonic() + ENDED_WITHIN
         while True:
@@ -271,6 +273,55 @@ async def test_a_quota_set_during_an_upload_counts_what_that_upload_stores(
     assert (home / "fits.bin").stat().st_size == 400
     assert not (home / "again.bin").exists()
     assert not list(home.glob("probe-*"))
+
+
+async def test_a_file_stored_while_a_new_quota_is_scanned_is_counted(
+        rnode: NodeUnderTest, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A session stores a file after its root was scanned for its user's new quota, before it
+    takes a share of the figures: they missed the file, and its removal was then taken off
+    them, so the user could store that much more than the quota. The root is scanned again."""
+    home, key = rnode.keyed_user("alice")
+    (home / "old.bin").write_bytes(b"\0" * 1000)
+    scanned, go_on = threading.Event(), threading.Event()
+    real_scan = quota.scan_home
+
+    def held_back_scan(root: str | bytes) -> tuple[int, int]:
+        figures = real_scan(root)
+        if not scanned.is_set():        # the first scan: made, then held back a while
+            scanned.set()
+            go_on.wait(ENDED_WITHIN)
+        return figures
+
+    monkeypatch.setattr(quota, "scan_home", held_back_scan)
+    async with session(rnode, "alice", key) as (conn, sftp):
+        await cli(rnode.home.path, "user", "set", "alice", "--quota-bytes", "1500")
+        assert await asyncio.to_thread(scanned.wait, ENDED_WITHIN), "no quota scan"
+        async with sftp.open("during.bin", "wb") as f:     # after the scan, no share yet
+            await f.write(b"\1" * 600)
+        go_on.set()
+        probe = await sftp.open("probe.bin", "wb")  # left open: counted whenever
+        deadline = time.monotonic() + ENDED_WITHIN
+        for offset in itertools.count(0, 100):      # until the quota applies: 1,600 stored,
+            # so the first write after it is refused (with the figures scanned before
+            # during.bin, the sixth)
+            try:
+                await probe.write(b"\2" * 100, offset)
+            except asyncssh.SFTPFailure:
+                break
+            assert time.monotonic() < deadline, "no quota applied to the running session"
+            await asyncio.sleep(INTERVAL / 2)
+        with pytest.raises(asyncssh.SFTPFailure, match="quota exceeded"):
+            await probe.close()
+        await sftp.remove("during.bin")     # back to 1,000
+        with pytest.raises(asyncssh.SFTPFailure, match="quota exceeded"):
+            async with sftp.open("again.bin", "wb") as f:
+                await f.write(b"\3" * 600)
+        async with sftp.open("fits.bin", "wb") as f:
+            await f.write(b"\4" * 500)
+    assert (home / "fits.bin").stat().st_size == 500
+    assert not (home / "again.bin").exists()
+    assert "may be off" not in caplog.text
 
 
 async def test_root_change_applies_to_the_running_session(rnode: NodeUnderTest,

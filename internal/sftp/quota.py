@@ -11,18 +11,23 @@ from the ledger CHUNK bytes at a time and gives back what it did not use when it
 
 Where the file system has no locks (ENOLCK), each process keeps its own figures, as it would
 with one worker.
+
+A quota given to a user whose sessions run is scanned while they go on: what they change
+meanwhile is counted (QuotaBook.unmetered), and the root scanned again before they take
+their shares if anything changed (QuotaBook.ready).
 """
 from __future__ import annotations
 
 import asyncio
 import errno
 import fcntl
+import logging
 import os
 import stat
 import struct
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 from internal.sftp import cutoffs
 from internal.sftp.paths import QUOTA_LEDGER, is_node_name
@@ -36,6 +41,9 @@ _FIGURES = struct.Struct(">QQ")          # bytes, files, at the start of the led
 _MUTEX, _PRESENT = 0, 1                  # lock bytes: changing the figures; holding them
 _OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", None)
 _OFD_SETLKW = getattr(fcntl, "F_OFD_SETLKW", None)
+RESCANS = 3     # scans of a root that its sessions keep changing, before giving up
+
+log = logging.getLogger(__name__)
 
 
 class QuotaExceeded(Exception):
@@ -98,6 +106,20 @@ class Ledger:
             raise
         return ledger
 
+    def rescan_alone(self, root: str | bytes) -> bool:
+        """Scan `root` into the figures again, unless another process holds them (what its
+        uploads took would be lost): then False. Blocking."""
+        with self.locked():
+            try:
+                _lock(self.fd, fcntl.F_WRLCK, _PRESENT, wait=False)
+            except BlockingIOError:
+                return False
+            try:
+                self.write(*scan_home(root))
+            finally:
+                _lock(self.fd, fcntl.F_RDLCK, _PRESENT)
+        return True
+
     @contextmanager
     def locked(self) -> Iterator[None]:
         _lock(self.fd, fcntl.F_WRLCK, _MUTEX)
@@ -132,6 +154,7 @@ class Usage:
         self._local = (used_bytes, used_files)    # the figures without a ledger
         self._reserved = 0                        # taken from the figures, not used yet
         self._lock = threading.Lock()   # SFTP work may run in worker threads
+        self.scanned_at = 0     # QuotaBook's count of unmetered changes when last scanned
 
     @contextmanager
     def _figures(self) -> Iterator[list[int]]:
@@ -195,6 +218,17 @@ class Usage:
         """Bytes and files, as the figures say now."""
         with self._lock, self._figures() as figures:
             return figures[0], figures[1]
+
+    def rescan(self, root: str | bytes) -> bool:
+        """The figures from a new scan of `root`; False (and unchanged) if shares of them are
+        held elsewhere. For a root no channel here charges yet. Blocking."""
+        with self._lock:
+            if self._reserved:
+                return False
+            if self._ledger is None:
+                self._local = scan_home(root)
+                return True
+            return self._ledger.rescan_alone(root)
 
     def move(self, ledger: Ledger | None, used_bytes: int, used_files: int) -> None:
         """The user's root moved: the figures are the new root's from now on."""
@@ -274,6 +308,55 @@ class QuotaBook:
     def __init__(self) -> None:
         self._usage: dict[str, tuple[Usage, int]] = {}
         self._lock = asyncio.Lock()
+        # per user: changes done and under way by channels without a share (unmetered)
+        self._unmetered: dict[str, list[int]] = {}
+
+    @contextmanager
+    def unmetered(self, username: str) -> Iterator[None]:
+        """Around an operation of a channel without a share (its user had no quota) that may
+        change what a scan of the root counts: a quota's figures scanned meanwhile may miss it
+        (ready). On the event loop's thread."""
+        count = self._unmetered.setdefault(username, [0, 0])
+        count[1] += 1
+        try:
+            yield
+        finally:
+            count[1] -= 1
+            count[0] += 1
+            if not count[1] and username not in self._usage and not self._lock.locked():
+                del self._unmetered[username]   # no figures to check against: start again
+
+    def _changes(self, username: str) -> tuple[int, int]:
+        done, under_way = self._unmetered.get(username, (0, 0))
+        return done, under_way
+
+    async def ready(self, user: User, usage: Usage, metered_here: Callable[[], bool]) -> None:
+        """Before channels without a share take one of `usage` (their user was given a quota
+        while they ran): what they changed since its figures were scanned, or are changing,
+        may be missing from the figures or counted twice. The root is then scanned again, if
+        no channel here (`metered_here`) nor another process holds a share, whose charges
+        that would lose; else a warning. The caller hands out the shares with no await
+        after this."""
+        async with self._lock:
+            for _ in range(RESCANS):
+                done, under_way = self._changes(user.name)
+                if not under_way and done == usage.scanned_at:
+                    return
+                if metered_here() or not await self._rescan(usage, user):
+                    break
+                usage.scanned_at = done
+            log.warning("user %s: files changed while a new quota's figures were made; they may "
+                        "be off by those changes until the root is scanned again (when no "
+                        "session of the user runs)", user.name)
+            usage.scanned_at = self._changes(user.name)[0]
+
+    @staticmethod
+    async def _rescan(usage: Usage, user: User) -> bool:
+        try:
+            return await asyncio.to_thread(usage.rescan, user.home)
+        except OSError as exc:      # the ledger cannot be written: its figures stand
+            log.error("user %s: cannot rescan the root for the quota: %s", user.name, exc)
+            return False
 
     async def acquire(self, user: User) -> Usage | None:
         """The shared usage for `user`, with limits taken from this (freshest) record."""
@@ -282,9 +365,11 @@ class QuotaBook:
         async with self._lock:
             held = self._usage.get(user.name)
             if held is None:
+                scanned_at = self._changes(user.name)[0]
                 ledger, used, files = await _open_figures(user)
                 usage = Usage(user.name, ledger, used, files, user.quota_bytes,
                               user.quota_files)
+                usage.scanned_at = scanned_at
                 self._usage[user.name] = (usage, 1)
                 return usage
             usage, refs = held

@@ -20,8 +20,9 @@ import posixpath
 import stat
 import sys
 import weakref
+from contextlib import AbstractContextManager, contextmanager
 from types import FrameType
-from typing import Any, AsyncIterator, Callable, Protocol
+from typing import Any, AsyncIterator, Callable, Iterator, Protocol
 
 import asyncssh
 from asyncssh import SFTPAttrs, SFTPError, SFTPName
@@ -98,9 +99,11 @@ class NodeSFTPServer(asyncssh.SFTPServer):
     def __init__(self, chan: asyncssh.SSHServerChannel, session: SessionSink, user: User,
                  usage: Usage | None, *, durable: bool,
                  partial_suffixes: tuple[bytes, ...] = (),
-                 on_exit: Callable[[], None] | None = None) -> None:
+                 on_exit: Callable[[], None] | None = None,
+                 unmetered: Callable[[], AbstractContextManager[None]] | None = None) -> None:
         """`partial_suffixes`: names ending so are the clients' own temporaries, written in
-        place (Upload.start_in_place)."""
+        place (Upload.start_in_place). `unmetered`: entered around what may change what a
+        scan of the root counts while the channel has no quota share (QuotaBook.unmetered)."""
         super().__init__(chan)
         self._session = session
         self._username = user.name
@@ -113,6 +116,7 @@ class NodeSFTPServer(asyncssh.SFTPServer):
         self._durable = durable
         self._partial_suffixes = tuple(x for x in partial_suffixes if x)
         self._on_exit = on_exit
+        self._unmetered = unmetered
 
     @property
     def username(self) -> str:
@@ -135,6 +139,17 @@ class NodeSFTPServer(asyncssh.SFTPServer):
         if user.home != self._root:
             self._root = user.home
             self._jail = Jail(user.home)
+
+    @contextmanager
+    def _changing(self) -> Iterator[None]:
+        """Around an operation that may change what a scan of the root counts: stored,
+        removed, renamed or resized files (a temporary's growth is counted when it is
+        adopted instead)."""
+        if self._usage is not None or self._unmetered is None:
+            yield
+            return
+        with self._unmetered():
+            yield
 
     def _need(self, perm: Perm, what: str) -> None:
         if perm not in self._perms:
@@ -219,7 +234,11 @@ class NodeSFTPServer(asyncssh.SFTPServer):
             readable=bool(pflags & FXF_READ))
         # Resuming copies the existing file first: keep that off the event loop.
         copies = exists and not truncate and not in_place
-        upload = await asyncio.to_thread(start) if copies else start()
+        if exists or in_place:  # may truncate, drop kept data, create a file the scan counts
+            with self._changing():
+                upload = await asyncio.to_thread(start) if copies else start()
+        else:                   # a temporary: counted when adopted
+            upload = start()
         self._uploads.add(upload)
         self._audit("file.open", path, mode="write", resume=exists and not truncate,
                     **({"in_place": True} if in_place else {}))
@@ -250,13 +269,10 @@ class NodeSFTPServer(asyncssh.SFTPServer):
         result = "ok"
         try:
             if isinstance(handle, Upload):
-                if aborted:     # an overwrite keeps what it has for a resume: maybe fsync
-                    await asyncio.to_thread(handle.abort, keep=True, durable=self._durable)
+                with self._changing():
+                    await self._finish(handle, aborted)
+                if aborted:
                     result = "aborted: the client left without closing the file"
-                elif self._durable:
-                    await asyncio.to_thread(handle.commit, durable=True)
-                else:
-                    handle.commit(durable=False)
             else:
                 handle.close()
         except Exception as exc:
@@ -271,6 +287,14 @@ class NodeSFTPServer(asyncssh.SFTPServer):
                                 bytes_read=handle.bytes_read,
                                 bytes_written=handle.bytes_written, result=result)
 
+    async def _finish(self, handle: Upload, aborted: bool) -> None:
+        if aborted:     # an overwrite keeps what it has for a resume: maybe fsync
+            await asyncio.to_thread(handle.abort, keep=True, durable=self._durable)
+        elif self._durable:
+            await asyncio.to_thread(handle.commit, durable=True)
+        else:
+            handle.commit(durable=False)
+
     @sftp_op
     def read(self, file_obj: OpenFile, offset: int, size: int) -> bytes:
         size = min(size, MAX_READ)
@@ -280,6 +304,9 @@ class NodeSFTPServer(asyncssh.SFTPServer):
     @sftp_op
     def write(self, file_obj: OpenFile, offset: int, data: bytes) -> int:
         check_range(offset, len(data))     # refused before the upload is touched
+        if isinstance(file_obj, Upload) and file_obj.in_place:
+            with self._changing():
+                return file_obj.write(offset, data)
         return file_obj.write(offset, data)
 
     @sftp_op
@@ -292,7 +319,8 @@ class NodeSFTPServer(asyncssh.SFTPServer):
         check_range(offset, length)
         if not isinstance(dst, Upload):
             raise PermissionError(errno.EBADF, "the target was opened for reading only")
-        return await asyncio.to_thread(dst.copy_job(src, src_offset, length, offset))
+        with self._changing():
+            return await asyncio.to_thread(dst.copy_job(src, src_offset, length, offset))
 
     @sftp_op
     def fstat(self, file_obj: OpenFile) -> os.stat_result:
@@ -340,7 +368,7 @@ class NodeSFTPServer(asyncssh.SFTPServer):
             if attrs.size is None:
                 apply_attrs(fd, attrs, functools.partial(self._resize_fd, fd))
             else:   # not under an upload writing it in place: both would count the change
-                with no_other_writer(fd):
+                with no_other_writer(fd), self._changing():
                     apply_attrs(fd, attrs, functools.partial(self._resize_fd, fd))
         finally:
             os.close(fd)
@@ -361,7 +389,8 @@ class NodeSFTPServer(asyncssh.SFTPServer):
             self._need(Perm.SETSTAT, "change file attributes")
         if attrs.size is not None:
             check_range(attrs.size, 0)
-        apply_attrs(file_obj.fd, attrs, file_obj.truncate)
+        with self._changing():
+            apply_attrs(file_obj.fd, attrs, file_obj.truncate)
         self._session.audit("file.setstat", path=os.fsdecode(file_obj.client_path),
                             **_attr_detail(attrs))
 
@@ -449,7 +478,7 @@ class NodeSFTPServer(asyncssh.SFTPServer):
     @sftp_op
     def rmdir(self, path: bytes) -> None:
         self._need(Perm.RMDIR, "remove directories")
-        with self._jail.parent(path) as (dfd, name):
+        with self._jail.parent(path) as (dfd, name), self._changing():
             try:
                 os.rmdir(name, dir_fd=dfd)
             except OSError as exc:
@@ -478,7 +507,7 @@ class NodeSFTPServer(asyncssh.SFTPServer):
     @sftp_op
     def remove(self, path: bytes) -> None:
         self._need(Perm.DELETE, "delete files")
-        with self._jail.parent(path) as (dfd, name):
+        with self._jail.parent(path) as (dfd, name), self._changing():
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
             if stat.S_ISDIR(st.st_mode):
                 raise IsADirectoryError(errno.EISDIR, "is a directory")
@@ -492,7 +521,7 @@ class NodeSFTPServer(asyncssh.SFTPServer):
     def _rename(self, oldpath: bytes, newpath: bytes, *, replace: bool) -> None:
         self._need(Perm.RENAME, "rename files")
         with self._jail.parent(oldpath) as (old_fd, old_name), \
-                self._jail.parent(newpath) as (new_fd, new_name):
+                self._jail.parent(newpath) as (new_fd, new_name), self._changing():
             source = os.stat(old_name, dir_fd=old_fd, follow_symlinks=False)
             target = lstat_at(new_name, new_fd)
             moves = not (target is not None and os.path.samestat(source, target))
@@ -552,7 +581,7 @@ class NodeSFTPServer(asyncssh.SFTPServer):
     def link(self, oldpath: bytes, newpath: bytes) -> None:
         self._need(Perm.UPLOAD, "create links")
         with self._jail.parent(oldpath) as (old_fd, old_name), \
-                self._jail.parent(newpath) as (new_fd, new_name):
+                self._jail.parent(newpath) as (new_fd, new_name), self._changing():
             st = os.stat(old_name, dir_fd=old_fd, follow_symlinks=False)
             size, count = (st.st_size, 1) if stat.S_ISREG(st.st_mode) else (0, 0)
             self._charge(size, count)

@@ -348,11 +348,12 @@ class SSHService:
         usage = await self._quotas.acquire(user)
         server = NodeSFTPServer(chan, session, user, usage, durable=self.durable_uploads,
                                 partial_suffixes=self.partial_suffixes,
-                                on_exit=lambda: self._sftp_exited(session, server))
+                                on_exit=lambda: self._sftp_exited(session, server),
+                                unmetered=functools.partial(self._quotas.unmetered, user.name))
         self._sftp.setdefault(session, set()).add(server)
         current = session.user
         if current is not None and current is not user:  # changed (root checked) meanwhile
-            await self._update_sftp(session, server, current)   # with a quota share if due
+            await self._update_sftp(current, [(session, server)])   # a quota share if due
         return server
 
     async def _sftp_closed(self, session: Session, timeout: float = 5.0) -> None:
@@ -387,20 +388,38 @@ class SSHService:
                 log.error("user %s: cannot create the new root: %s", user.name, exc)
                 return "user root unusable"
         await self._quotas.update(user, rescan=moved)
+        await self._update_sftp(user, [(session, server) for session in sessions
+                                       for server in list(self._sftp.get(session, ()))])
         for session in sessions:
-            for server in list(self._sftp.get(session, ())):
-                await self._update_sftp(session, server, user)
             session.user = user
         return None
 
-    async def _update_sftp(self, session: Session, server: NodeSFTPServer, user: User) -> None:
-        usage: Usage | None = server.usage
-        if usage is None and (user.quota_bytes is not None or user.quota_files is not None):
-            usage = await self._quotas.acquire(user)     # a quota where there was none
-            if server not in self._sftp.get(session, ()):  # the channel closed meanwhile
-                self._quotas.release(user.name)
-                return
-        server.update(user, usage)
+    async def _update_sftp(self, user: User,
+                           servers: list[tuple[Session, NodeSFTPServer]]) -> None:
+        """These channels of `user` follow its newer record. Those without a quota share take
+        one if it now has a quota: all at once, once the figures count what they changed
+        while the share was made (QuotaBook.ready)."""
+        shares: dict[NodeSFTPServer, Usage] = {}
+        if user.quota_bytes is not None or user.quota_files is not None:
+            for _, server in servers:
+                if server.usage is None:
+                    usage = await self._quotas.acquire(user)
+                    assert usage is not None    # a user with a quota has figures
+                    shares[server] = usage
+            if shares:
+                await self._quotas.ready(user, next(iter(shares.values())),
+                                         functools.partial(self._metered, user.name))
+        # no await from here on: no channel changes files between the check and the shares
+        for session, server in servers:
+            if server in shares and server not in self._sftp.get(session, ()):
+                self._quotas.release(user.name)     # the channel closed meanwhile
+                continue
+            server.update(user, shares.get(server, server.usage))
+
+    def _metered(self, username: str) -> bool:
+        """Whether a channel of the user here charges a quota share already."""
+        return any(server.username == username and server.usage is not None
+                   for servers in self._sftp.values() for server in servers)
 
     # -- direct mode and shutdown -------------------------------------------------------------
     async def listen(self, host: str, port: int, *, reuse_port: bool = False,
