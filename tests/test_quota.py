@@ -72,21 +72,23 @@ async def test_changes_made_while_a_quota_is_scanned_are_rescanned_or_reported(
     (tmp_path / "old.bin").write_bytes(b"o" * MiB)
     user = User(name="alice", home=str(tmp_path), quota_bytes=10 * MiB)
     book = QuotaBook()
-    usage = await book.acquire(user)
-    assert usage is not None and usage.used() == (MiB, 1)
-    await book.ready(user, usage, lambda: False)        # nothing changed: nothing to do
+    usage = await book.share(user, 1, lambda: False)    # nothing changed: scanned once
+    assert usage.used() == (MiB, 1)
     with book.unmetered("alice"):                       # a session without a share stores
         (tmp_path / "during.bin").write_bytes(b"d" * MiB)
-    await book.ready(user, usage, lambda: False)
+    assert await book.share(user, 1, lambda: False) is usage
     assert usage.used() == (2 * MiB, 2)                 # scanned again
     with book.unmetered("alice"):
         (tmp_path / "more.bin").write_bytes(b"m" * MiB)
-    await book.ready(user, usage, lambda: True)         # a channel here charges already
+    await book.share(user, 1, lambda: True)             # a channel here charges already
     assert usage.used() == (2 * MiB, 2)
     assert "may be off by those changes" in caplog.text
     caplog.clear()
-    await book.ready(user, usage, lambda: False)        # reported once, not again
+    await book.share(user, 1, lambda: False)            # reported once, not again
     assert not caplog.text
+    for _ in range(4):
+        book.release("alice")
+    assert await book.acquire(user) is not usage        # let go: figures taken anew
     book.release("alice")
 
 

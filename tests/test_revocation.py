@@ -299,7 +299,10 @@ async def test_a_file_stored_while_a_new_quota_is_scanned_is_counted(
         assert await asyncio.to_thread(scanned.wait, ENDED_WITHIN), "no quota scan"
         async with sftp.open("during.bin", "wb") as f:     # after the scan, no share yet
             await f.write(b"\1" * 600)
+        opening = asyncio.ensure_future(conn.start_sftp_client())   # a channel opened now
+        await asyncio.sleep(INTERVAL)
         go_on.set()
+        late = await opening
         probe = await sftp.open("probe.bin", "wb")  # left open: counted whenever
         deadline = time.monotonic() + ENDED_WITHIN
         for offset in itertools.count(0, 100):      # until the quota applies: 1,600 stored,
@@ -317,8 +320,12 @@ async def test_a_file_stored_while_a_new_quota_is_scanned_is_counted(
         with pytest.raises(asyncssh.SFTPFailure, match="quota exceeded"):
             async with sftp.open("again.bin", "wb") as f:
                 await f.write(b"\3" * 600)
+        with pytest.raises(asyncssh.SFTPFailure, match="quota exceeded"):
+            async with late.open("late.bin", "wb") as f:   # has the quota too
+                await f.write(b"\5" * 600)
         async with sftp.open("fits.bin", "wb") as f:
             await f.write(b"\4" * 500)
+        late.exit()
     assert (home / "fits.bin").stat().st_size == 500
     assert not (home / "again.bin").exists()
     assert "may be off" not in caplog.text

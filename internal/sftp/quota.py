@@ -14,7 +14,7 @@ with one worker.
 
 A quota given to a user whose sessions run is scanned while they go on: what they change
 meanwhile is counted (QuotaBook.unmetered), and the root scanned again before they take
-their shares if anything changed (QuotaBook.ready).
+their shares if anything changed (QuotaBook.share).
 """
 from __future__ import annotations
 
@@ -315,7 +315,7 @@ class QuotaBook:
     def unmetered(self, username: str) -> Iterator[None]:
         """Around an operation of a channel without a share (its user had no quota) that may
         change what a scan of the root counts: a quota's figures scanned meanwhile may miss it
-        (ready). On the event loop's thread."""
+        (share). On the event loop's thread."""
         count = self._unmetered.setdefault(username, [0, 0])
         count[1] += 1
         try:
@@ -330,18 +330,19 @@ class QuotaBook:
         done, under_way = self._unmetered.get(username, (0, 0))
         return done, under_way
 
-    async def ready(self, user: User, usage: Usage, metered_here: Callable[[], bool]) -> None:
-        """Before channels without a share take one of `usage` (their user was given a quota
-        while they ran): what they changed since its figures were scanned, or are changing,
-        may be missing from the figures or counted twice. The root is then scanned again, if
-        no channel here (`metered_here`) nor another process holds a share, whose charges
-        that would lose; else a warning. The caller hands out the shares with no await
-        after this."""
+    async def share(self, user: User, count: int, metered_here: Callable[[], bool]) -> Usage:
+        """`count` shares of `user`'s figures for channels that ran without one (the user was
+        given a quota): what they changed since the figures were scanned, or are changing,
+        may be missing from them or counted twice. The root is then scanned again, unless a
+        channel here (`metered_here`) or another process holds a share, whose charges that
+        would lose: a warning then. The caller hands out the shares with no await after
+        this, so that they change nothing meanwhile."""
         async with self._lock:
+            usage = await self._take(user, count)
             for _ in range(RESCANS):
                 done, under_way = self._changes(user.name)
                 if not under_way and done == usage.scanned_at:
-                    return
+                    return usage
                 if metered_here() or not await self._rescan(usage, user):
                     break
                 usage.scanned_at = done
@@ -349,6 +350,7 @@ class QuotaBook:
                         "be off by those changes until the root is scanned again (when no "
                         "session of the user runs)", user.name)
             usage.scanned_at = self._changes(user.name)[0]
+            return usage
 
     @staticmethod
     async def _rescan(usage: Usage, user: User) -> bool:
@@ -363,19 +365,21 @@ class QuotaBook:
         if user.quota_bytes is None and user.quota_files is None:
             return None
         async with self._lock:
-            held = self._usage.get(user.name)
-            if held is None:
-                scanned_at = self._changes(user.name)[0]
-                ledger, used, files = await _open_figures(user)
-                usage = Usage(user.name, ledger, used, files, user.quota_bytes,
-                              user.quota_files)
-                usage.scanned_at = scanned_at
-                self._usage[user.name] = (usage, 1)
-                return usage
-            usage, refs = held
-            usage.limit_bytes, usage.limit_files = user.quota_bytes, user.quota_files
-            self._usage[user.name] = (usage, refs + 1)
+            return await self._take(user, 1)
+
+    async def _take(self, user: User, count: int) -> Usage:
+        held = self._usage.get(user.name)
+        if held is None:
+            scanned_at = self._changes(user.name)[0]
+            ledger, used, files = await _open_figures(user)
+            usage = Usage(user.name, ledger, used, files, user.quota_bytes, user.quota_files)
+            usage.scanned_at = scanned_at
+            self._usage[user.name] = (usage, count)
             return usage
+        usage, refs = held
+        usage.limit_bytes, usage.limit_files = user.quota_bytes, user.quota_files
+        self._usage[user.name] = (usage, refs + count)
+        return usage
 
     async def update(self, user: User, *, rescan: bool = False) -> None:
         """A newer record of a user with sessions here: its limits apply from now on and, with

@@ -388,27 +388,25 @@ class SSHService:
                 log.error("user %s: cannot create the new root: %s", user.name, exc)
                 return "user root unusable"
         await self._quotas.update(user, rescan=moved)
-        await self._update_sftp(user, [(session, server) for session in sessions
-                                       for server in list(self._sftp.get(session, ()))])
-        for session in sessions:
+        servers = [(session, server) for session in sessions
+                   for server in list(self._sftp.get(session, ()))]
+        for session in sessions:    # first: a channel opened meanwhile follows it (_open_sftp)
             session.user = user
+        await self._update_sftp(user, servers)
         return None
 
     async def _update_sftp(self, user: User,
                            servers: list[tuple[Session, NodeSFTPServer]]) -> None:
         """These channels of `user` follow its newer record. Those without a quota share take
         one if it now has a quota: all at once, once the figures count what they changed
-        while the share was made (QuotaBook.ready)."""
+        while the share was made (QuotaBook.share)."""
         shares: dict[NodeSFTPServer, Usage] = {}
         if user.quota_bytes is not None or user.quota_files is not None:
-            for _, server in servers:
-                if server.usage is None:
-                    usage = await self._quotas.acquire(user)
-                    assert usage is not None    # a user with a quota has figures
-                    shares[server] = usage
-            if shares:
-                await self._quotas.ready(user, next(iter(shares.values())),
-                                         functools.partial(self._metered, user.name))
+            unshared = [server for _, server in servers if server.usage is None]
+            if unshared:
+                usage = await self._quotas.share(user, len(unshared),
+                                                 functools.partial(self._metered, user.name))
+                shares = dict.fromkeys(unshared, usage)
         # no await from here on: no channel changes files between the check and the shares
         for session, server in servers:
             if server in shares and server not in self._sftp.get(session, ()):
