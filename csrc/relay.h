@@ -53,10 +53,13 @@ typedef struct relay_config {
  * wakeups. A wakeup that found RELAY_COALESCE_BATCH or more already had its batch (the thread
  * is behind the sender, not woken by each of its segments), and pausing after it would only
  * hold the next bytes. Interactive traffic (keystrokes, round trips of small messages) never
- * reaches the lower bound and is never delayed unless it shares a thread with a bulk transfer. */
+ * reaches the lower bound and is never delayed unless it shares a thread with a bulk transfer.
+ * Off by default: since the threads run SCHED_BATCH (a busy machine wakes them late, with a
+ * batch waiting) it no longer saved CPU per GB uploaded, while it slowed a single fast stream
+ * and held the small messages of every session sharing the thread (bench/README.md). */
 #define RELAY_COALESCE_MIN 32768u
 #define RELAY_COALESCE_BATCH 131072u
-#define RELAY_COALESCE_DEFAULT_US 200u
+#define RELAY_COALESCE_DEFAULT_US 0u
 #define RELAY_COALESCE_MAX_US 100000u
 
 /* Bounds relay_engine_create() checks: idle pipes or buffers kept per thread, and the idle

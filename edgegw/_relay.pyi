@@ -21,7 +21,7 @@ class Engine:
         fin_timeout: float = 0.0,
         pool_max: int = 64,
         buffer_size: int = 64 * 1024,
-        coalesce_us: int = 200,
+        coalesce_us: int = 0,
         sched_batch: bool = True,
     ) -> None: ...
     @property

@@ -60,7 +60,9 @@ MAX_SNDBUF = 64 << 20
               type=IntRange(0, MAX_COALESCE_US),
               help="Microseconds a relay thread that just moved a little bulk (32 to 128 KiB "
                    "in one wakeup) lets data gather before it polls again: fewer wakeups per GB "
-                   "for uploads. Small messages and larger batches never trigger it. 0: off.")
+                   "where a fast sender's segments would each wake it, at the cost of a single "
+                   "stream's speed and of the latency of sessions sharing the thread. Small "
+                   "messages and larger batches never trigger it. 0: off.")
 @click.option("--relay-sched", type=click.Choice(["batch", "normal"]), default="batch",
               show_default=True,
               help="Linux scheduling policy of the relay threads: batch (SCHED_BATCH) takes an "

@@ -13,10 +13,11 @@ from typing import Callable, Container, Protocol
 
 log = logging.getLogger("edgegw.relay")
 
-# C engine: microseconds a thread that just moved bulk waits before polling again. The same
-# values as csrc/relay.h's RELAY_COALESCE_*_US (tests/test_relay_tuning.py holds them equal);
-# here too so that they are known where the C engine is not built.
-DEFAULT_COALESCE_US = 200
+# C engine: microseconds a thread that just moved bulk waits before polling again (0: never,
+# the default; csrc/relay.h says why). The same values as csrc/relay.h's RELAY_COALESCE_*_US
+# (tests/test_relay_tuning.py holds them equal); here too so that they are known where the C
+# engine is not built.
+DEFAULT_COALESCE_US = 0
 MAX_COALESCE_US = 100_000
 # The longest idle timeout (about 31 years; 0 is never): csrc/relay.h's RELAY_IDLE_TIMEOUT_MAX.
 MAX_IDLE_TIMEOUT = 1e9
