@@ -92,13 +92,7 @@ class Ledger:
         ledger = cls(fd)
         try:
             with ledger.locked():
-                try:
-                    _lock(fd, fcntl.F_WRLCK, _PRESENT, wait=False)
-                    ledger.write(*scan_home(root))    # alone: the figures may be stale
-                    ledger.rescanned = True
-                except BlockingIOError:
-                    pass                              # others hold it: their figures are live
-                _lock(fd, fcntl.F_RDLCK, _PRESENT)
+                ledger.rescanned = ledger._scan_if_alone(root)
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
@@ -110,14 +104,20 @@ class Ledger:
         """Scan `root` into the figures again, unless another process holds them (what its
         uploads took would be lost): then False. Blocking."""
         with self.locked():
-            try:
-                _lock(self.fd, fcntl.F_WRLCK, _PRESENT, wait=False)
-            except BlockingIOError:
-                return False
-            try:
-                self.write(*scan_home(root))
-            finally:
-                _lock(self.fd, fcntl.F_RDLCK, _PRESENT)
+            return self._scan_if_alone(root)
+
+    def _scan_if_alone(self, root: str | bytes) -> bool:
+        """With the mutex held: scan `root` into the figures if no other process holds them
+        (alone, they may be stale; held elsewhere, they are live), then hold them."""
+        try:
+            _lock(self.fd, fcntl.F_WRLCK, _PRESENT, wait=False)
+        except BlockingIOError:
+            _lock(self.fd, fcntl.F_RDLCK, _PRESENT)   # a no-op where held already
+            return False
+        try:
+            self.write(*scan_home(root))
+        finally:
+            _lock(self.fd, fcntl.F_RDLCK, _PRESENT)
         return True
 
     @contextmanager
