@@ -125,8 +125,9 @@ class AuditLog:
         if port is None or not 0 <= port <= 65535:
             detail["client_port"] = repr(raw_port)
             port = 0
+        texts: dict[str, Any] = {k: _text(v) for k, v in known.items()}   # the str fields
         return AuditEvent(kind=_text(kind), node_id=self.node_id, detail=detail, ts=ts,
-                          client_port=port, **{k: _text(v) for k, v in known.items()})
+                          client_port=port, **texts)
 
     def _run(self) -> None:
         backoff = 0.1

@@ -138,7 +138,7 @@ async def serve(home: NodeHome, opts: ServeOptions) -> None:
         if opts.listen is not None:  # the CLI refuses --listen with --forward
             # the node admits and counts direct clients too: drain, capacity and load see them
             client_cc = resolve_client_congestion(opts.client_congestion)
-            listener = await service.listen(opts.listen.host, opts.listen.port,  # type: ignore[attr-defined]
+            listener = await service.listen(opts.listen.host, opts.listen.port,  # type: ignore[union-attr]
                                             reuse_port=opts.reuse_port,
                                             on_client=node.serve_direct, congestion=client_cc)
             log.info("serving SSH/SFTP directly on %s (TCP congestion control: %s)",

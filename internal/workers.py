@@ -120,7 +120,7 @@ def _supervise(argv: list[str], workers: int, node_id: str, run_dir: Path,
     done: set[int] = set()           # worker indexes that are over
     crashes: list[float] = []        # when workers died (but at first start): crash guard
     stopping = False
-    stop_signal = signal.SIGTERM     # what stop_all sent, for workers started after it
+    stop_signal: int = signal.SIGTERM   # what stop_all sent, for workers started after it
     failure: str | None = None       # why the supervisor gave up
     env = dict(os.environ, **({MULTIPROC_ENV: metrics_dir} if metrics_dir else {}),
                **{SUPERVISOR_ENV: str(os.getpid())})

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING, Awaitable, Callable, TypeVar
+from typing import TYPE_CHECKING, Awaitable, Callable, Literal, TypeVar, cast
 
 from edgegw.gateway.offers import DataFailed, PeerLost, PendingOffer
 from edgegw.gateway.peers import Peer, PooledData
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgegw.gateway.session")
 
 T = TypeVar("T")
+Paired = tuple[int, socket.socket]   # an offer's answer: the session id and its Data socket
 
 
 async def dispatch_client(gw: "Gateway", sock: socket.socket, ip: str, port: int) -> bool:
@@ -107,7 +108,7 @@ async def _await_answer(peer: Peer, attempt: Callable[[], Awaitable[T]], timeout
 
 
 async def _offer_to(gw: "Gateway", peer: Peer, ip: str, port: int, who: str,
-                    hold: float | None = None) -> tuple[int, socket.socket] | None | bool:
+                    hold: float | None = None) -> Paired | None | Literal[False]:
     """Offer the client to one node. (id, data socket) if paired; None: try another; False: give
     up. `hold`: see _await_answer."""
     if not peer.alive:
@@ -171,7 +172,7 @@ async def _offer_to(gw: "Gateway", peer: Peer, ip: str, port: int, who: str,
 
 
 async def _assign_pooled(gw: "Gateway", peer: Peer, ip: str, port: int, who: str,
-                         hold: float | None = None) -> tuple[int, socket.socket] | None | bool:
+                         hold: float | None = None) -> Paired | None | Literal[False]:
     """Give the client to one of the peer's pre-opened Data connections; same answers as
     _offer_to. A connection found dead (the node closed it, or something on the way dropped
     it) is skipped for the peer's next one, and after the last, the client is offered."""
@@ -187,7 +188,7 @@ async def _assign_pooled(gw: "Gateway", peer: Peer, ip: str, port: int, who: str
                         peer.node_id, peer.drop_pool())
             break
         if result is not _STALE:
-            return result
+            return cast("Paired | None | Literal[False]", result)
     return await _offer_to(gw, peer, ip, port, who, hold)
 
 
@@ -205,7 +206,7 @@ SLOW_NODE_POLL = 0.25
 
 
 async def _assign_on(gw: "Gateway", peer: Peer, pooled: PooledData, ip: str, port: int, who: str,
-                     hold: float | None) -> tuple[int, socket.socket] | None | bool | object:
+                     hold: float | None) -> Paired | None | Literal[False] | object:
     loop = asyncio.get_running_loop()
     timeout = min(POOL_ANSWER_TIMEOUT, gw.config.offer_timeout)
     session_id = gw.offers.new_id(gw.sessions)

@@ -93,8 +93,8 @@ class GatewayCollector(Collector):
         refused = CounterMetricFamily("edgegw_gateway_clients_refused",
                                       "Clients closed before they reached a node, by why.",
                                       labels=["reason"])
-        for reason in REFUSED_REASONS:
-            refused.add_metric([reason], counters.refused[reason])
+        for why in REFUSED_REASONS:
+            refused.add_metric([why], counters.refused[why])
         yield refused
         client_cc = CounterMetricFamily(
             "edgegw_gateway_client_connections",

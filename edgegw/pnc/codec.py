@@ -8,6 +8,7 @@ with `ipaddress`, and a body with bytes left over is refused.
 """
 from __future__ import annotations
 
+import builtins
 import ipaddress
 import math
 import struct
@@ -114,7 +115,7 @@ NET = _Kind("", _net, MAX_IP_TEXT)
 
 class _Spec(NamedTuple):
     type: int
-    cls: type
+    cls: builtins.type   # the field above shadows the name inside this body
     fixed: struct.Struct
     fixed_fields: tuple[tuple[str, _Kind], ...]
     text_fields: tuple[tuple[str, _Kind], ...]

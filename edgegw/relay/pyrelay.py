@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Optional, cast
+from typing import Callable, Optional, cast
 
 from edgegw.relay.base import (FinishedCallback, FinishReason, RelayReport, RelayStats,
                                check_new_id, deliver)
@@ -58,13 +58,20 @@ class _Side(asyncio.Protocol):
         self.session.on_lost(self.index, exc)
 
 
+def _factory(side: _Side) -> Callable[[], _Side]:
+    """A protocol factory for connect_accepted_socket() that hands over an existing protocol."""
+    return lambda: side
+
+
 class _Session:
-    __slots__ = ("relay", "id", "sides", "bytes", "start", "last", "reason", "error",
+    __slots__ = ("relay", "id", "clock", "sides", "bytes", "start", "last", "reason", "error",
                  "ready", "reported", "early")
 
-    def __init__(self, relay: "PyRelay", session_id: int, now: float) -> None:
+    def __init__(self, relay: "PyRelay", session_id: int, clock: Callable[[], float]) -> None:
         self.relay = relay
         self.id = session_id
+        self.clock = clock   # the running loop's time()
+        now = clock()
         self.sides = (_Side(self, 0), _Side(self, 1))
         self.bytes = [0, 0]
         self.start = now
@@ -96,13 +103,13 @@ class _Session:
         peer.write(data)  # sends at once when it can: no batching
         self.bytes[index] += len(data)
         self.relay._bytes_total += len(data)
-        self.last = self.relay._loop.time()
+        self.last = self.clock()
 
     def on_eof(self, index: int) -> None:
         if self.sides[index].eof:
             return  # resume_reading() after EOF reads it again
         self.sides[index].eof = True
-        self.last = self.relay._loop.time()   # the other side's fin timeout starts now
+        self.last = self.clock()   # the other side's fin timeout starts now
         peer = self.sides[1 - index].transport
         if peer is not None and not peer.is_closing():
             peer.write_eof()  # after the buffered bytes, like shutdown(SHUT_WR) after the pipe
@@ -180,7 +187,7 @@ class PyRelay:
             s.setblocking(False)
             if s.family in (socket.AF_INET, socket.AF_INET6):
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        session = _Session(self, session_id, self._loop.time())
+        session = _Session(self, session_id, self._loop.time)
         self._sessions[session_id] = session
         self._total += 1
         self._loop.create_task(self._connect(session, sa, sb))
@@ -188,11 +195,9 @@ class PyRelay:
     async def _connect(self, session: _Session, sa: socket.socket, sb: socket.socket) -> None:
         loop = self._loop
         assert loop is not None
-        made = 0
         try:
-            for i, sock in enumerate((sa, sb)):
-                await loop.connect_accepted_socket(lambda i=i: session.sides[i], sock)
-                made += 1
+            for side, sock in zip(session.sides, (sa, sb)):
+                await loop.connect_accepted_socket(_factory(side), sock)
         except BaseException as exc:  # pragma: no cover - needs a broken socket
             for i, sock in enumerate((sa, sb)):
                 t = session.sides[i].transport

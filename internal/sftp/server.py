@@ -22,7 +22,7 @@ import sys
 import weakref
 from contextlib import AbstractContextManager, contextmanager
 from types import FrameType
-from typing import Any, AsyncIterator, Callable, Iterator, Protocol
+from typing import Any, AsyncIterator, Callable, Iterator, Protocol, cast
 
 import asyncssh
 from asyncssh import SFTPAttrs, SFTPError, SFTPName
@@ -249,9 +249,10 @@ class NodeSFTPServer(asyncssh.SFTPServer):
         # writes were all taken before it (requests are handled in order).
         aborted = _closed_by_cleanup(sys._getframe(1))
         self._drop_handle()     # asyncssh forgets the handle whatever the close's outcome
+        handle = cast(OpenFile, file_obj)   # what open() returned
         if aborted:
-            return self._close_left(file_obj)
-        return self._close(file_obj, aborted)
+            return self._close_left(handle)
+        return self._close(handle, aborted)
 
     async def _close_left(self, handle: OpenFile) -> None:
         """A handle the client left open when its channel ended. A failure is logged, not

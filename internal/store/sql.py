@@ -422,7 +422,8 @@ def _lies_in(network: Network) -> Callable[[str], bool]:
             try:
                 if "/" in text:
                     stored = parse_cidr(text)
-                    verdict = stored.version == network.version and stored.subnet_of(network)
+                    verdict = (stored.version == network.version
+                               and stored.subnet_of(network))  # type: ignore[arg-type]
                 else:
                     verdict = parse_ip(text) in network
             except ValueError:
