@@ -10,10 +10,11 @@ engine starts moving it.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING, Awaitable, Callable, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Awaitable, Callable, Literal, TypeVar
 
 from edgegw.gateway.offers import DataFailed, PeerLost, PendingOffer
 from edgegw.gateway.peers import Peer, PooledData
@@ -178,7 +179,7 @@ async def _assign_pooled(gw: "Gateway", peer: Peer, ip: str, port: int, who: str
     it) is skipped for the peer's next one, and after the last, the client is offered."""
     while peer.pool:
         result = await _assign_on(gw, peer, peer.pool.popleft(), ip, port, who, hold)
-        if result is _SILENT:
+        if result is _Unanswered.SILENT:
             # Silence, not a reset, is what a stateful firewall that lost its state table (a
             # restart, a failover) leaves behind, and every pooled connection of this node went
             # through it: drop them all rather than wait on each in turn. The node's PNC is
@@ -187,13 +188,16 @@ async def _assign_pooled(gw: "Gateway", peer: Peer, ip: str, port: int, who: str
                         "%d others, offering over the PNC until the node opens new ones",
                         peer.node_id, peer.drop_pool())
             break
-        if result is not _STALE:
-            return cast("Paired | None | Literal[False]", result)
+        if result is not _Unanswered.STALE:
+            return result
     return await _offer_to(gw, peer, ip, port, who, hold)
 
 
-_STALE = object()    # _assign_on: that connection was dead before the node could answer
-_SILENT = object()   # _assign_on: no answer on that connection in time
+class _Unanswered(enum.Enum):
+    """Why _assign_on got no answer on a pooled connection."""
+    STALE = "stale"     # that connection was dead before the node could answer
+    SILENT = "silent"   # no answer on it in time
+
 
 # A node answers an assignment from its event loop as soon as it reads it; a pooled connection
 # silent for this long is taken as dead (at most the offer timeout), unless the node is the
@@ -206,7 +210,7 @@ SLOW_NODE_POLL = 0.25
 
 
 async def _assign_on(gw: "Gateway", peer: Peer, pooled: PooledData, ip: str, port: int, who: str,
-                     hold: float | None) -> Paired | None | Literal[False] | object:
+                     hold: float | None) -> Paired | None | Literal[False] | _Unanswered:
     loop = asyncio.get_running_loop()
     timeout = min(POOL_ANSWER_TIMEOUT, gw.config.offer_timeout)
     session_id = gw.offers.new_id(gw.sessions)
@@ -235,7 +239,7 @@ async def _assign_on(gw: "Gateway", peer: Peer, pooled: PooledData, ip: str, por
         log.warning("client %s: node %s did not answer assignment %016x on a pooled data "
                     "connection within %.1fs", who, peer.node_id, session_id,
                     time.perf_counter() - t0)
-        return _SILENT
+        return _Unanswered.SILENT
     except RemoteProtocolError as exc:
         log.warning("client %s: node %s answered the assignment with garbage (%s); trying "
                     "another node", who, peer.node_id, exc)
@@ -243,7 +247,7 @@ async def _assign_on(gw: "Gateway", peer: Peer, pooled: PooledData, ip: str, por
     except (ConnectionError, OSError) as exc:
         log.info("client %s: a pooled data connection of %s was dead (%s); trying its next",
                  who, peer.node_id, exc)
-        return _STALE
+        return _Unanswered.STALE
     finally:
         peer.pending -= 1
         if not paired:
