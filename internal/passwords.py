@@ -1,13 +1,27 @@
 """Password hashing for SSH password logins: argon2id, PHC strings in the store."""
 from __future__ import annotations
 
+import functools
+
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 _hasher = PasswordHasher()   # argon2id with the library's current recommended parameters
-# Verified against when a user has no password or does not exist, so that timing does not tell
-# an attacker which user names are real.
-_DUMMY_HASH = _hasher.hash("edgegw: no such password")
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified against when a user has no password or does not exist, so that timing does not
+    tell an attacker which user names are real. Made with today's parameters, as real hashes
+    are; made on first use (it costs as much as a login), not at import: every CLI command
+    imports this module. A node that takes passwords calls prepare() before its first client."""
+    return _hasher.hash("edgegw: no such password")
+
+
+def prepare() -> None:
+    """Make the dummy hash now, so that the first unknown user's login takes no longer than
+    the next one's."""
+    _dummy_hash()
 
 
 def hash_password(pw: str) -> str:
@@ -20,7 +34,7 @@ def hash_password(pw: str) -> str:
 def verify_password(stored: str | None, pw: str) -> bool:
     """True when `pw` matches `stored`; False for a mismatch, a missing or a malformed hash."""
     if not stored or not isinstance(stored, str) or not stored.startswith("$argon2"):
-        _safe_verify(_DUMMY_HASH, pw)
+        _safe_verify(_dummy_hash(), pw)
         return False
     return _safe_verify(stored, pw)
 

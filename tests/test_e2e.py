@@ -252,8 +252,11 @@ def test_a_second_node_with_an_attached_id_waits_its_turn(tmp_path: Path, node_h
     _ok(sftp_batch(gw.external, user, key, "ls\n"))
 
 
-def test_gateway_writes_nothing(tmp_path: Path, node_home: Path, procs: list[Proc],
-                                alice: tuple[str, Path]) -> None:
+def test_gateway_writes_nothing_and_loads_no_node_code(tmp_path: Path, node_home: Path,
+                                                       procs: list[Proc],
+                                                       alice: tuple[str, Path]) -> None:
+    """The DMZ process writes no file, and never imports the node's code (SSH, password
+    hashing, the store): its log lists every module it imported (-X importtime)."""
     user, key = alice
     cwd = tmp_path / "gw-cwd"
     home = tmp_path / "gw-home"
@@ -261,7 +264,8 @@ def test_gateway_writes_nothing(tmp_path: Path, node_home: Path, procs: list[Pro
     home.mkdir()
     trust = tmp_path / "trust.pem"
     trust.write_bytes((node_home / "gateway-trust.pem").read_bytes())
-    env = dict(os.environ, HOME=str(home), PYTHONDONTWRITEBYTECODE="1")
+    env = dict(os.environ, HOME=str(home), PYTHONDONTWRITEBYTECODE="1",
+               PYTHONPROFILEIMPORTTIME="1")
     gw = start_gateway(tmp_path, trust, env=env, cwd=str(cwd))
     procs.append(gw)
     node = start_node(tmp_path, node_home, [gw])
@@ -269,6 +273,10 @@ def test_gateway_writes_nothing(tmp_path: Path, node_home: Path, procs: list[Pro
     _ok(sftp_batch(gw.external, user, key, "put /etc/hostname h\nget h /dev/null\n"))
     gw.wait_log(r"closed \(eof")
     assert list(cwd.iterdir()) == [] and list(home.iterdir()) == []
+    imported = re.findall(r"^import time: +\d+ \| +\d+ \| +(\S+)$", gw.text(), re.M)
+    assert "edgegw.gateway.server" in imported and "edgegw.relay.cengine" in imported
+    node_code = [m for m in imported if m.split(".")[0] in ("internal", "asyncssh", "argon2")]
+    assert node_code == []
 
 
 def test_direct_listen_and_forward_mode(tmp_path: Path, node_home: Path, procs: list[Proc],

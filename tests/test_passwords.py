@@ -32,3 +32,21 @@ def test_garbage_hashes_never_raise(stored):
 @given(stored=st.text(max_size=80), pw=st.text(max_size=20))
 def test_fuzz_verify_never_raises(stored, pw):
     assert verify_password("$argon2id$" + stored, pw) is False
+
+
+def test_unknown_users_verify_against_a_dummy_made_with_todays_parameters(monkeypatch):
+    """No user, or no password: the password is still checked against an argon2id hash made
+    with the hasher's own parameters (made once, by prepare() or the first such login), so
+    the answer takes as long as for a real user's wrong password."""
+    from internal import passwords
+
+    passwords.prepare()
+    dummy = passwords._dummy_hash()
+    assert dummy.startswith("$argon2id$") and not needs_rehash(dummy)
+    seen: list[str] = []
+    real_verify = passwords._safe_verify
+    monkeypatch.setattr(passwords, "_safe_verify",
+                        lambda stored, pw: seen.append(stored) or real_verify(stored, pw))
+    assert verify_password(None, "guess") is False
+    assert verify_password("", "guess") is False
+    assert seen == [dummy, dummy]

@@ -23,6 +23,7 @@ import asyncssh
 from edgegw.acceptor import Acceptor
 from edgegw.netaddr import HostPort
 from edgegw.sockio import ClientCongestion, listen_socket
+from internal import passwords
 from internal.audit import AuditLog
 from internal.defender import Defender
 from internal.home import NodeHome
@@ -147,6 +148,7 @@ class SSHService:
 
     # -- offers -----------------------------------------------------------------------------
     async def start(self) -> None:
+        await asyncio.to_thread(passwords.prepare)
         try:
             await self.refresh()
         except Exception as exc:  # the refresher keeps trying; admit fails open until then
