@@ -226,6 +226,8 @@ class ViewChannel(SSHServerChannel):
     send_packet joins the parts and prepends the recipient: two more copies): the packet's
     bytes are first copied where they are sealed."""
 
+    _send_state: str   # asyncssh's, unannotated there: "open", "eof_pending", "close_pending", ...
+
     def send_packet(self, pkttype: int, *args: Any) -> None:
         if self._send_chan is None:
             return

@@ -31,7 +31,7 @@ import asyncio
 import os
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional, cast
 
 import asyncssh
 from asyncssh.channel import SSHServerChannel
@@ -71,6 +71,15 @@ class NodeServerConnection(SSHServerConnection):
     """asyncssh's SSHServerConnection with the per-packet fast path described above."""
 
     banner_sent = False   # set on an instance whose version line the node wrote itself
+
+    # asyncssh's own state that this class reads and replaces, typed as it is used here
+    # (asyncssh leaves them unannotated): the receive buffer is a view into a read's buffer
+    # where it can be, and a pending packet's first block may be one too.
+    _inpbuf: bytes | memoryview
+    _packet: bytes | memoryview
+    _pktlen: int
+    _recv_handler: Callable[[], bool]
+    _send_seq: int
 
     def _send_version(self) -> None:
         if not self.banner_sent:
@@ -138,7 +147,7 @@ class NodeServerConnection(SSHServerConnection):
         self.__dict__["_node_recv_enc"] = wrap_cipher(enc)
 
     # -- receive ---------------------------------------------------------------------------
-    def data_received(self, data: bytes, datatype: Any = None) -> None:
+    def data_received(self, data: bytes | memoryview, datatype: Any = None) -> None:
         buf = self._inpbuf
         handler = self._recv_handler
         if handler == self._recv_packet:
@@ -249,7 +258,7 @@ def _unpinned(data: Any) -> Any:
     large read's, `ReadInto`): kept across reads, such views let a client that sends a
     packet in 16 KiB pieces make the node hold 256 KiB per piece. Views that fill a good
     part of their buffer are kept as they are (no copy on the bulk path)."""
-    if isinstance(data, memoryview) and len(data) * 4 < len(data.obj):
+    if isinstance(data, memoryview) and len(data) * 4 < len(cast(bytes, data.obj)):
         return data.tobytes()
     return data
 
