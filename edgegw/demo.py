@@ -23,13 +23,31 @@ def _edgegw(*args: str) -> list[str]:
     return [sys.executable, "-m", "edgegw", *args]
 
 
+def _create(home: Path, key: Path) -> None:
+    """A node home with the demo user, who logs in with `key` (made here) or the password."""
+    subprocess.run(_edgegw("internal", "init", "--home", str(home), "--node-id", "demo-node"),
+                   check=True, stdout=subprocess.DEVNULL)
+    if not key.exists():
+        import asyncssh   # after internal (demo() imports it), which quiets its import warnings
+        k = asyncssh.generate_private_key("ssh-ed25519", comment="edgegw demo")
+        k.write_private_key(str(key))
+        k.write_public_key(str(key) + ".pub")
+        os.chmod(key, 0o600)
+    subprocess.run(_edgegw("internal", "user", "add", DEMO_USER, "--home", str(home),
+                           "--key", f"{key}.pub", "--password-stdin"),
+                   input=DEMO_PASSWORD.encode(), check=True, stdout=subprocess.DEVNULL)
+
+
 @click.command()
 @click.option("--port", default=2222, show_default=True, type=IntRange(0, 65535),
               help="External SFTP port of the gateway (0: any free port).")
 @click.option("--dir", "workdir", default=None, type=click.Path(file_okay=False),
-              help="Where to put the node home (default: a temporary directory, removed on exit).")
+              help="Where to put the node home and the demo key, kept for the next run (default: a "
+                   "temporary directory, removed on exit).")
 def demo(port: int, workdir: str | None) -> None:
     """Run a gateway and an internal node on loopback with a demo user; Ctrl-C stops both."""
+    from internal.home import CONFIG_NAME   # the demo runs the node's code too
+
     tmp = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="edgegw-demo-"))
     home = tmp / "node-home"
     port = port or free_port()
@@ -38,18 +56,14 @@ def demo(port: int, workdir: str | None) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in background
     signal.signal(signal.SIGTERM, lambda *_: signal.default_int_handler(signal.SIGINT, None))
     try:
-        subprocess.run(_edgegw("internal", "init", "--home", str(home), "--node-id", "demo-node"),
-                       check=True, stdout=subprocess.DEVNULL)
         key = tmp / "demo_key"
-        if not key.exists():
-            import asyncssh
-            k = asyncssh.generate_private_key("ssh-ed25519", comment="edgegw demo")
-            k.write_private_key(str(key))
-            k.write_public_key(str(key) + ".pub")
-            os.chmod(key, 0o600)
-        subprocess.run(_edgegw("internal", "user", "add", DEMO_USER, "--home", str(home),
-                               "--key", f"{key}.pub", "--password-stdin"),
-                       input=DEMO_PASSWORD.encode(), check=True, stdout=subprocess.DEVNULL)
+        if not (home / CONFIG_NAME).exists():
+            _create(home, key)
+        elif key.exists():
+            click.echo(f"reusing the node home {home} and its demo user")
+        else:
+            raise click.ClickException(f"{home} is a node home but {key} is gone: remove "
+                                       f"{tmp} or pick another --dir")
         procs.append(subprocess.Popen(_edgegw(
             "serve", "--external", f"127.0.0.1:{port}", "--pnc", f"127.0.0.1:{pnc}",
             "--data", f"127.0.0.1:{data}", "--trust", str(home / "gateway-trust.pem"),
@@ -72,12 +86,19 @@ def demo(port: int, workdir: str | None) -> None:
     except KeyboardInterrupt:
         click.echo("\nstopping")
     except subprocess.CalledProcessError as exc:
-        raise click.ClickException(f"demo setup failed: {exc}") from None
+        what = " ".join(str(a) for a in exc.cmd[2:])   # after "python -m"
+        raise click.ClickException(f"demo setup failed: {what} exited with status "
+                                   f"{exc.returncode} (its error is above)") from None
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not orphan them
-        for p in procs:
+        for p in reversed(procs):   # the node first: the gateway then sees it detach
             if p.poll() is None:
                 p.send_signal(signal.SIGINT)
+                if p is procs[-1] and len(procs) > 1:
+                    try:
+                        p.wait(10)
+                    except subprocess.TimeoutExpired:
+                        pass
         for p in procs:
             try:
                 p.wait(10)

@@ -104,13 +104,15 @@ class GatewayLink:
             except asyncio.CancelledError:
                 raise
             except ssl.SSLError as exc:
-                log.warning("gateway %s: TLS failed: %s", self.target, exc)
+                log.log(self._level(logging.WARNING), "gateway %s: TLS failed: %s",
+                        self.target, exc)
             except RemoteProtocolError as exc:
-                log.warning("gateway %s: protocol error: %s", self.target, exc)
+                log.log(self._level(logging.WARNING), "gateway %s: protocol error: %s",
+                        self.target, exc)
             # UnicodeError: a name the resolver's idna codec refuses (it is not an OSError);
             # logged and redialed like any other failure rather than ending the task
             except (OSError, UnicodeError, asyncio.TimeoutError, ConnectionError) as exc:
-                log.log(logging.INFO if attempt else logging.WARNING,
+                log.log(self._level(logging.INFO if attempt else logging.WARNING),
                         "gateway %s: %s", self.target, exc or type(exc).__name__)
             if self._stopping:
                 break
@@ -119,6 +121,11 @@ class GatewayLink:
             delay = random.uniform(0, min(self.backoff_max, self.backoff_base * 2 ** attempt))
             attempt = min(attempt + 1, 30)
             await asyncio.sleep(max(delay, 0.05))
+
+    def _level(self, level: int) -> int:
+        """How loud a link's end is: the gateway closing it after our own goodbye (the node
+        stopping) is what was asked for, not a problem."""
+        return logging.DEBUG if self._stopping else level
 
     async def stop(self, reason: str = "node shutting down") -> None:
         self._stopping = True
