@@ -94,12 +94,6 @@ def demo(port: int, workdir: str | None) -> None:
         for p in reversed(procs):   # the node first: the gateway then sees it detach
             if p.poll() is None:
                 p.send_signal(signal.SIGINT)
-                if p is procs[-1] and len(procs) > 1:
-                    try:
-                        p.wait(10)
-                    except subprocess.TimeoutExpired:
-                        pass
-        for p in procs:
             try:
                 p.wait(10)
             except subprocess.TimeoutExpired:
