@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgegw.sockio import listening
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 REPO = Path(__file__).resolve().parent.parent
@@ -29,23 +31,6 @@ def log(msg: str) -> None:
 
 class Skip(Exception):
     """A path cannot run here; the message is the reason printed and stored in the JSON."""
-
-
-def listening(port: int) -> bool:
-    """True when something listens on the TCP port (checked in /proc/net/tcp{,6}, so that
-    waiting for a relay does not open a session through it to the service behind)."""
-    hexport = f":{port:04X} "
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f)
-                for line in f:
-                    cols = line.split()
-                    if cols[3] == "0A" and (cols[1] + " ").endswith(hexport):
-                        return True
-        except OSError:
-            continue
-    return False
 
 
 def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 20.0,

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from edgegw.cliparams import IntRange
-from edgegw.sockio import free_port
+from edgegw.sockio import free_port, listening
 
 DEMO_USER = "demo"
 DEMO_PASSWORD = "demo"
@@ -36,6 +36,20 @@ def _create(home: Path, key: Path) -> None:
     subprocess.run(_edgegw("internal", "user", "add", DEMO_USER, "--home", str(home),
                            "--key", f"{key}.pub", "--password-stdin"),
                    input=DEMO_PASSWORD.encode(), check=True, stdout=subprocess.DEVNULL)
+
+
+def _wait_listening(gateway: subprocess.Popen[bytes], port: int, timeout: float = 30.0) -> None:
+    if not os.path.exists("/proc/net/tcp"):   # where listening() cannot tell: give it a second
+        time.sleep(1.0)
+        return
+    deadline = time.monotonic() + timeout
+    while not listening(port):
+        if gateway.poll() is not None:
+            raise click.ClickException("the gateway exited; see its log above")
+        if time.monotonic() > deadline:
+            raise click.ClickException(f"the gateway is not listening on {port} after "
+                                       f"{timeout:.0f}s")
+        time.sleep(0.05)
 
 
 @click.command()
@@ -68,6 +82,7 @@ def demo(port: int, workdir: str | None) -> None:
             "serve", "--external", f"127.0.0.1:{port}", "--pnc", f"127.0.0.1:{pnc}",
             "--data", f"127.0.0.1:{data}", "--trust", str(home / "gateway-trust.pem"),
             "--gateway-id", "demo-gateway"), cwd="/"))
+        _wait_listening(procs[0], pnc)   # the node's first dial then finds the gateway up
         procs.append(subprocess.Popen(_edgegw(
             "internal", "serve", "--home", str(home), "--gateway", f"127.0.0.1:{pnc}")))
         time.sleep(1.0)

@@ -60,6 +60,23 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999  # Linux's default
 
 
+def listening(port: int) -> bool:
+    """True when something listens on the TCP port (checked in /proc/net/tcp{,6}, so that
+    waiting for a relay does not open a session through it to the service behind)."""
+    hexport = f":{port:04X} "
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    cols = line.split()
+                    if cols[3] == "0A" and (cols[1] + " ").endswith(hexport):
+                        return True
+        except OSError:
+            continue
+    return False
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free now, for a server that a child process will bind later.
 
