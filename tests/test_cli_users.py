@@ -535,3 +535,26 @@ def test_a_failed_add_or_set_leaves_no_home_directory(home, tmp_path, monkeypatc
     assert not NodeHome.load(home).user_home("carol").exists()
     assert (tmp_path / "kept").is_dir() and (tmp_path / "alice").is_dir()   # not ours to remove
     assert _user(home, "alice")[0].home == str(tmp_path / "alice")
+
+
+def test_admin_commands_load_no_server_code(home):
+    """`user`, `ban` and `audit` run in a process that never imports the node's SSH server,
+    its runtime or the gateway (each command's module is imported when it runs)."""
+    script = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from edgegw.cli import main\n"
+        f"home = {str(home)!r}\n"
+        "for args in (['user', 'list'], ['ban', 'list'], ['audit', '--limit', '1']):\n"
+        "    r = CliRunner().invoke(main, ['internal', *args, '--home', home])\n"
+        "    assert r.exit_code == 0, (args, r.output)\n"
+        "print(' '.join(sorted(sys.modules)))\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    loaded = res.stdout.split()
+    assert "internal.cli.users" in loaded and "internal.cli.bans" in loaded
+    server = [m for m in loaded if m.startswith(("internal.ssh", "internal.sftp",
+                                                  "internal.runtime", "internal.node",
+                                                  "edgegw.gateway", "uvloop"))]
+    assert server == []

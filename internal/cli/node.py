@@ -223,5 +223,3 @@ def ca_create(directory: str) -> None:
         raise click.ClickException(str(exc)) from None
     click.echo(f"CA written; give gateways {crt} as --trust")
 
-
-COMMANDS = [init, serve, drain, ca]
