@@ -99,3 +99,31 @@ async def test_outdated_algorithms_are_refused(sshnode: NodeUnderTest, tmp_path:
                          "alice@127.0.0.1", "-s", "sftp")
     assert "kex: algorithm: curve25519-sha256" in out, out
     assert "kex: server->client cipher: aes128-ctr" in out, out
+
+
+async def test_an_sftp_channel_closed_before_its_init_ends_alone(sshnode: NodeUnderTest,
+                                                                 tmp_path: Path) -> None:
+    """A client may close an SFTP channel before sending its init (`ssh -n -s sftp`, or a
+    client giving up on one channel of several): that channel ends with status 0 and the
+    connection, with its other channels, goes on; the session ends as soon as the client
+    leaves (it waited 5 s for an SFTP exit that never came, and the connection was dropped)."""
+    _, key = sshnode.add_user("alice")
+    rc, out = await _run("ssh", "-n", "-p", str(sshnode.port), "-i", str(key), *SSH_OPTS,
+                         "-o", "IdentitiesOnly=yes", "alice@127.0.0.1", "-s", "sftp")
+    assert rc == 0, out
+    assert "closed by remote host" not in out, out
+    await sshnode.wait_idle(timeout=2.0)
+    data = os.urandom(300_000)
+    (tmp_path / "up.bin").write_bytes(data)
+    async with asyncssh.connect("127.0.0.1", sshnode.port, username="alice",
+                                client_keys=[str(key)], known_hosts=None) as conn:
+        async with conn.start_sftp_client() as sftp:
+            chan, _ = await conn.create_session(asyncssh.SSHClientSession, subsystem="sftp")
+            chan.close()                               # a second channel, given up at once
+            await asyncio.wait_for(chan.wait_closed(), 5)
+            await sftp.put(str(tmp_path / "up.bin"), "up.bin")   # the first one goes on
+            await sftp.get("up.bin", str(tmp_path / "down.bin"))
+    assert (tmp_path / "down.bin").read_bytes() == data
+    await sshnode.wait_idle(timeout=2.0)
+    ends = sshnode.events("session.disconnect")
+    assert [e.detail["reason"] for e in ends] == ["closed", "closed"], ends

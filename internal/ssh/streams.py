@@ -123,6 +123,19 @@ class ViewSFTPHandler(SFTPServerHandler):
     `String(data)`: four copies of a 256 KiB read reply before the channel sees it. Here the
     parts go to the channel as they are."""
 
+    async def run(self) -> None:
+        # asyncssh reads the client's init unguarded: a channel closed before it (`ssh -n -s
+        # sftp`, a client giving up) raised out of the handler, which made asyncssh drop the
+        # whole connection, with every other channel on it, and never call the server's
+        # exit(), so the session's quota share and record waited out a timeout. After the
+        # init, asyncssh's own loop ends a session this way on these errors.
+        try:
+            await super().run()
+        except EOFError:
+            await self._cleanup(None)
+        except OSError as exc:
+            await self._cleanup(exc)
+
     async def _process_read_parts(self, packet: SSHPacket) -> _DataReply:
         data, at_end = await SFTPServerHandler._process_read(self, packet)
         return _DataReply(data, at_end, self._version)
@@ -160,7 +173,10 @@ class ViewSFTPHandler(SFTPServerHandler):
         assert reader is not None
         if writer is not None:
             await writer.drain()            # the client's channel window is closed
-            wait_writable = getattr(writer.channel.get_connection(), "wait_writable", None)
+            # (get_connection() asserts once the client has closed the channel: it is read to
+            # its end all the same, as asyncssh's loop does)
+            wait_writable = getattr(writer.channel.get_extra_info("connection"),
+                                    "wait_writable", None)
             if wait_writable is not None:
                 await wait_writable()       # its socket is full
         pktlen = int.from_bytes(await reader.readexactly(4), "big")
