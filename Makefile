@@ -4,6 +4,9 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# tests run in parallel (pytest-xdist): most of a test's time is spent waiting on the
+# processes and sockets it talks to, so three workers on two cores halve the run
+TEST_WORKERS ?= 3
 
 .PHONY: setup demo test bench clean
 
@@ -14,7 +17,7 @@ demo: setup
 	$(BIN)/edgegw demo
 
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python -m bench

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -20,6 +23,43 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item
         uvloop = pytest.importorskip("uvloop")
         return {"uvloop": uvloop.new_event_loop}
     return {"asyncio": asyncio.new_event_loop}
+
+
+def _processes_naming(path: str) -> dict[int, str]:
+    """Processes (other than this one) whose command line names `path`."""
+    found: dict[int, str] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                argv = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue        # gone meanwhile, or a kernel thread
+        if path in argv:
+            found[int(entry.name)] = argv
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_process_outlives_its_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that used a temporary directory leaves no process naming it (a gateway, a node,
+    a client's ssh orphaned when its sftp was killed): one still running a few seconds after
+    the test's own fixtures stopped theirs fails the test, and is killed."""
+    if "tmp_path" not in request.fixturenames:
+        yield
+        return
+    path = str(request.getfixturevalue("tmp_path"))
+    yield
+    deadline = time.monotonic() + 3.0
+    while (left := _processes_naming(path)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    assert not left, f"processes outlived the test: {left}"
 
 
 @pytest.fixture

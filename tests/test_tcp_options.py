@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -61,7 +62,8 @@ def _held_session(port: int, user: str, key: Path, host: str = "127.0.0.1",
     """An interactive sftp session to host:port, logged in and idle, for the body."""
     held = subprocess.Popen([*on, "sftp", "-P", str(port), "-i", str(key), *SSH_OPTS,
                              f"{user}@{host}"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
     try:
         assert held.stdin is not None and held.stdout is not None
         held.stdin.write("pwd\n")
@@ -70,7 +72,9 @@ def _held_session(port: int, user: str, key: Path, host: str = "127.0.0.1",
             assert line, "sftp exited before it logged in"
         yield
     finally:
-        held.kill()
+        # sftp's ssh child too: killed alone, sftp left it holding a connection into a
+        # namespace about to be deleted, where nothing would ever close it
+        os.killpg(held.pid, signal.SIGKILL)
         held.wait()
 
 
