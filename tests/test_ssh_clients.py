@@ -1,16 +1,20 @@
 """Real clients against the node: asyncssh (with post-quantum KEX), paramiko, OpenSSH scp;
-outdated algorithms are refused."""
+outdated algorithms are refused, and so is everything but SFTP."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import socket
 from pathlib import Path
 
 import asyncssh
 import paramiko
+import pytest
 
 from internal.ssh.algorithms import KEX_ALGS
-from tests.procs import SSH_OPTS
+from internal.ssh.auth import MAX_REFUSED_REQUESTS
+from tests.procs import SSH_OPTS, free_port
 from tests.sshutil import NodeUnderTest
 
 
@@ -127,3 +131,84 @@ async def test_an_sftp_channel_closed_before_its_init_ends_alone(sshnode: NodeUn
     await sshnode.wait_idle(timeout=2.0)
     ends = sshnode.events("session.disconnect")
     assert [e.detail["reason"] for e in ends] == ["closed", "closed"], ends
+
+
+async def test_everything_but_sftp_is_refused_logged_and_audited(
+        sshnode: NodeUnderTest, caplog: pytest.LogCaptureFixture) -> None:
+    """A partner's key opens SFTP and nothing else: no shell, no command (nor legacy scp), no
+    other subsystem, no port forward into the trusted network or back out of it. Each refusal
+    is one log line and one `ssh.refused` audit event naming what was asked."""
+    caplog.set_level(logging.INFO, logger="edgegw.node.auth")
+    _, key = sshnode.add_user("alice")
+    base = ["ssh", "-p", str(sshnode.port), "-i", str(key), "-o", "IdentitiesOnly=yes",
+            *SSH_OPTS]
+    target = socket.create_server(("127.0.0.1", 0))     # what a forward would reach
+    target.setblocking(False)
+    tport = target.getsockname()[1]
+    with target:
+        for argv in (["-n", "alice@127.0.0.1", "id"], ["-n", "-T", "alice@127.0.0.1"],
+                     ["-n", "-s", "alice@127.0.0.1", "foo"],
+                     ["-n", "alice@127.0.0.1", "scp -t /tmp"],     # legacy scp
+                     ["-N", "-o", "ExitOnForwardFailure=yes", "-R", "0:127.0.0.1:9",
+                      "alice@127.0.0.1"]):
+            rc, out = await _run(*base, *argv)
+            assert rc != 0, (argv, out)
+        lport = free_port()
+        fwd = await asyncio.create_subprocess_exec(
+            *base, "-N", "-L", f"127.0.0.1:{lport}:127.0.0.1:{tport}", "alice@127.0.0.1",
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL)
+        try:
+            reader = None
+            for _ in range(200):        # until ssh listens on the local end
+                try:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", lport)
+                    break
+                except OSError:
+                    await asyncio.sleep(0.05)
+            assert reader is not None, "ssh -L never listened"
+            writer.write(b"hello")
+            try:
+                got = await asyncio.wait_for(reader.read(), 10)
+            except ConnectionResetError:
+                got = b""
+            assert got == b""                               # closed, nothing relayed
+            writer.close()
+        finally:
+            fwd.kill()
+            await fwd.wait()
+        with pytest.raises(BlockingIOError):
+            target.accept()                                 # nothing reached the target
+    await sshnode.wait_idle()
+    asked = {(e.detail["request"], e.detail["target"]) for e in sshnode.events("ssh.refused")}
+    assert asked == {("exec", "id"), ("shell", ""), ("subsystem", "foo"),
+                     ("exec", "scp -t /tmp"), ("tcpip-forward", "localhost:0"),
+                     ("direct-tcpip", f"127.0.0.1:{tport}")}, asked
+    lines = [r.getMessage() for r in caplog.records if r.name == "edgegw.node.auth"
+             and r.getMessage().startswith("refused:")]
+    assert len(lines) == 6 and all("user=alice client=127.0.0.1" in m for m in lines), lines
+
+
+async def test_a_connection_that_keeps_asking_for_more_is_ended(sshnode: NodeUnderTest) -> None:
+    """Unix socket forwards are refused as TCP ones are; a client that goes on asking after
+    MAX_REFUSED_REQUESTS refusals is disconnected rather than writing audit events at will.
+    Control characters in what it asks are escaped in the log and the audit trail."""
+    _, key = sshnode.add_user("alice")
+    async with asyncssh.connect("127.0.0.1", sshnode.port, username="alice",
+                                client_keys=[str(key)], known_hosts=None) as conn:
+        with pytest.raises(asyncssh.ChannelOpenError):
+            await conn.open_unix_connection("/run/postgresql/.s.PGSQL.5432")
+        with pytest.raises(asyncssh.ChannelListenError):
+            await conn.forward_remote_path("/tmp/edgegw-test.sock", "/tmp/x.sock")
+        for _ in range(MAX_REFUSED_REQUESTS - 2):
+            with pytest.raises(asyncssh.ChannelOpenError):
+                await conn.run("rm -rf /\x1b[2J", check=False)
+        await asyncio.wait_for(conn.wait_closed(), 5)
+    await sshnode.wait_idle()
+    asked = [(e.detail["request"], e.detail["target"]) for e in sshnode.events("ssh.refused")]
+    assert sorted(set(asked)) == [("direct-streamlocal", "/run/postgresql/.s.PGSQL.5432"),
+                                  ("exec", "rm -rf /\\x1b[2J"),
+                                  ("streamlocal-forward", "/tmp/edgegw-test.sock")], asked
+    assert len(asked) == MAX_REFUSED_REQUESTS
+    [end] = sshnode.events("session.disconnect")
+    assert end.detail["reason"] == "too many refused requests"

@@ -20,6 +20,7 @@ from internal.audit import AuditLog
 from internal.defender import Defender
 from internal.ipmatch import user_allows_ip
 from internal.passwords import verify_password
+from internal.sftp.errors import printable
 from internal.session import SessionContext
 from internal.store.base import Store, User
 from internal.store.calls import store_call
@@ -31,6 +32,14 @@ log = logging.getLogger("edgegw.node.auth")
 # Every attempt is audited: without a cap one connection could write thousands of audit events
 # in its login time, as keys count once towards the defender's bans.
 MAX_AUTH_TRIES = 10
+
+# Requests for anything but SFTP (a shell, a command, another subsystem, a port forward: a
+# reach into the trusted network) one connection may make before it is ended. Each is refused,
+# logged and audited; no SFTP client sends one, and the cap keeps a client from writing audit
+# events as fast as it can ask.
+MAX_REFUSED_REQUESTS = 10
+# What is kept of a client's text (a command, a host name) in one log line or audit event.
+_SHOWN_MAX = 200
 
 
 class Session:
@@ -125,6 +134,7 @@ class NodeSSHServer(asyncssh.SSHServer):
         self._key_failure_counted = False
         self._tries = 0     # failed attempts on this connection (MAX_AUTH_TRIES)
         self._store_failed = False   # the user could not be read: not the client's failure
+        self._refused = 0   # requests for anything but SFTP (MAX_REFUSED_REQUESTS)
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
@@ -188,6 +198,39 @@ class NodeSSHServer(asyncssh.SSHServer):
         if user.max_sessions is not None and self._sessions.count(user.name) > user.max_sessions:
             self._disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS,   # audited by the lease claim
                              f"too many sessions for {user.name}", "too many sessions")
+
+    # Only SFTP is served. asyncssh refuses every other channel and request by default, but
+    # silently: these say so (session channels: internal.ssh.streams.ViewStreamSession).
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
+                             orig_port: int) -> bool:
+        self.refuse("direct-tcpip", f"{dest_host}:{dest_port}")
+        return False
+
+    def unix_connection_requested(self, dest_path: str) -> bool:
+        self.refuse("direct-streamlocal", dest_path)
+        return False
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        self.refuse("tcpip-forward", f"{listen_host}:{listen_port}")
+        return False
+
+    def unix_server_requested(self, listen_path: str) -> bool:
+        self.refuse("streamlocal-forward", listen_path)
+        return False
+
+    def refuse(self, request: str, target: str = "") -> None:
+        """A request for anything but SFTP: one log line, one `ssh.refused` audit event, and
+        the connection ended after MAX_REFUSED_REQUESTS of them."""
+        shown = printable(target[:_SHOWN_MAX] + ("..." if len(target) > _SHOWN_MAX else ""))
+        ctx = self.session.ctx
+        log.info("refused: user=%s client=%s request=%s target=%s: only SFTP is served",
+                 self.session.username or "-", ctx.client_ip, request, shown or "-")
+        self.session.audit("ssh.refused", request=request, target=shown, result="refused",
+                           reason="only SFTP is served")
+        self._refused += 1
+        if self._refused == MAX_REFUSED_REQUESTS:
+            self._disconnect(asyncssh.DISC_BY_APPLICATION, "too many refused requests",
+                             "too many refused requests")
 
     async def _read_user(self, username: str) -> User | None:
         """The account, asked twice: a pooled store connection the server closed while idle

@@ -218,6 +218,24 @@ class ViewStreamSession(SSHServerStreamSession):
     def data_received(self, data: Any, datatype: Any) -> None:
         super().data_received(memoryview(data) if type(data) is bytes else data, datatype)
 
+    # asyncssh refuses all but the SFTP subsystem (the node gives it no shell, no commands,
+    # no scp): the connection's owner logs and audits each refusal
+    def shell_requested(self) -> bool:
+        return super().shell_requested() or self._refused("shell")
+
+    def exec_requested(self, command: str) -> bool:
+        return super().exec_requested(command) or self._refused("exec", command)
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        return super().subsystem_requested(subsystem) or self._refused("subsystem", subsystem)
+
+    def _refused(self, request: str, target: str = "") -> bool:
+        owner = self._conn.get_owner() if self._conn is not None else None
+        refuse = getattr(owner, "refuse", None)
+        if refuse is not None:
+            refuse(request, target)
+        return False
+
     def session_started(self) -> None:
         chan = self._chan
         if chan is None or chan.get_subsystem() != "sftp":
