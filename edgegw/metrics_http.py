@@ -129,9 +129,12 @@ class MetricsServer:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=MAX_HEAD)
         tls = self.endpoint.tls
+        # our protocol, not the one returned: with TLS, uvloop returns its SSL protocol, which
+        # a StreamWriter cannot drain through (every HTTPS scrape ended in a traceback)
+        protocol = asyncio.StreamReaderProtocol(reader)
         try:
-            transport, protocol = await loop.connect_accepted_socket(
-                lambda: asyncio.StreamReaderProtocol(reader), sock, ssl=tls,
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol, sock, ssl=tls,
                 ssl_handshake_timeout=HEAD_TIMEOUT if tls is not None else None)
         except (OSError, asyncio.TimeoutError) as exc:   # TLS: plain HTTP, distrust, a reset
             why = getattr(exc, "reason", None) or str(exc) or type(exc).__name__

@@ -113,7 +113,7 @@ class GatewayLink:
             # logged and redialed like any other failure rather than ending the task
             except (OSError, UnicodeError, asyncio.TimeoutError, ConnectionError) as exc:
                 log.log(self._level(logging.INFO if attempt else logging.WARNING),
-                        "gateway %s: %s", self.target, exc or type(exc).__name__)
+                        "gateway %s: %s", self.target, str(exc) or type(exc).__name__)
             if self._stopping:
                 break
             if time.monotonic() - started > 10:
@@ -144,8 +144,15 @@ class GatewayLink:
         reader = asyncio.StreamReader(limit=READ_SIZE * 4)
         protocol = asyncio.StreamReaderProtocol(reader)
         # Roles reversed: we dialed, but we are the TLS server the gateway verifies.
-        transport, _ = await loop.connect_accepted_socket(
-            lambda: protocol, sock, ssl=self.tls, ssl_handshake_timeout=10.0)
+        try:
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol, sock, ssl=self.tls, ssl_handshake_timeout=10.0)
+        except ConnectionError as exc:
+            # all the node sees of a refusal: the gateway logs why
+            raise ConnectionError(
+                f"the gateway closed the connection during the TLS handshake "
+                f"({type(exc).__name__}; the gateway's log says why: a node whose certificate "
+                f"is not in its --trust file is refused so)") from exc
         self._writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         self._conn = Connection(Role.NODE)
         self.connected = True

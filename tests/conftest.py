@@ -78,13 +78,23 @@ def alice(node_home: Path, user_key: Path) -> tuple[str, Path]:
     return "alice", user_key
 
 
+# What no edgegw process may log, whatever a test did to it: an exception nothing handled.
+_UNHANDLED = ("Traceback (most recent call last)", "exception was never retrieved")
+
+
 @pytest.fixture
 def procs() -> Iterator[list[Proc]]:
-    """Every process a test starts goes here and is stopped by PID afterwards."""
+    """Every process a test starts goes here and is stopped by PID afterwards; then none of
+    them may have logged an unhandled exception."""
     started: list[Proc] = []
     yield started
     for proc in reversed(started):
         proc.stop()
+    for proc in started:
+        text = proc.text()
+        for marker in _UNHANDLED:
+            at = text.find(marker)
+            assert at < 0, f"{proc.name} logged an unhandled exception:\n{text[at - 300:at + 3000]}"
 
 
 @pytest.fixture

@@ -113,6 +113,8 @@ def test_untrusted_node_certificate_is_refused(tmp_path: Path, procs: list[Proc]
     procs.append(node)
     gw.wait_log(r"refused: TLS verification failed")
     assert gw.count("attached from") == 0
+    node.wait_log(r"WARNING .* the gateway closed the connection during the TLS handshake "
+                  r"\(\w+; the gateway's log says why")
 
 
 def test_wrong_data_proof_pairs_nothing(gateway: GatewayProc, node: Proc) -> None:
