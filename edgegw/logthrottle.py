@@ -22,7 +22,7 @@ class LogThrottle:
         self._last: dict[str, float] = {}
         self._held: dict[str, int] = {}
 
-    def log(self, key: str, level: int, msg: str, *args: object) -> bool:
+    def log(self, key: str, level: int, msg: str, *args: object, exc_info: object = None) -> bool:
         """Log `msg % args` unless `key` was logged less than `every` seconds ago; True if it
         was logged."""
         now = self.clock()
@@ -34,5 +34,5 @@ class LogThrottle:
         if held:
             msg += " (%d more like it not logged since the last)"
             args = (*args, held)
-        self.logger.log(level, msg, *args)
+        self.logger.log(level, msg, *args, exc_info=exc_info)  # type: ignore[arg-type]
         return True

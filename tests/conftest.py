@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import time
@@ -60,6 +61,36 @@ def no_process_outlives_its_test(request: pytest.FixtureRequest) -> Iterator[Non
         except OSError:
             pass
     assert not left, f"processes outlived the test: {left}"
+
+
+class _ErrorRecords(logging.Handler):
+    """edgegw's errors logged with a traceback: what its code says of an exception nothing
+    handled (internal.ssh.transport logs asyncssh's internal errors so). asyncio's own reports
+    are left out here: it makes some when a future is collected, in whichever test runs then;
+    the processes' logs are checked for them (`procs`)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info is not None:
+            self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def unhandled_errors() -> Iterator[list[logging.LogRecord]]:
+    """An unhandled exception reported by edgegw's code running in the test's own process
+    fails the test; a test that expects one asks for this list and removes what it expected."""
+    handler = _ErrorRecords()
+    logger = logging.getLogger("edgegw")
+    logger.addHandler(handler)
+    try:
+        yield handler.records
+    finally:
+        logger.removeHandler(handler)
+    assert not handler.records, "unhandled exceptions: " + "; ".join(
+        f"{r.name}: {r.getMessage()}" for r in handler.records)
 
 
 @pytest.fixture

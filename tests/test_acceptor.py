@@ -65,7 +65,8 @@ async def test_takes_every_queued_connection_non_blocking(closing) -> None:  # t
     assert sorted(s.getpeername()[1] for s in got) == sorted(c.getsockname()[1] for c in clients)
 
 
-async def test_a_failing_handler_closes_its_connection_only(closing, caplog) -> None:  # type: ignore[no-untyped-def]
+async def test_a_failing_handler_closes_its_connection_only(closing, caplog,  # type: ignore[no-untyped-def]
+                                                            unhandled_errors) -> None:
     lsock, port = _listener(closing)
     kept: list[socket.socket] = []
     calls = 0
@@ -85,6 +86,8 @@ async def test_a_failing_handler_closes_its_connection_only(closing, caplog) -> 
     _connect(closing, port)
     await _until(lambda: len(kept) == 1)                   # the listener goes on
     assert "internal error; closed it" in caplog.text
+    assert [str(r.exc_info[1]) for r in unhandled_errors if r.exc_info] == ["handler bug"]
+    unhandled_errors.clear()
 
 
 class _FailingOnce:

@@ -195,6 +195,8 @@ async def test_a_root_that_holds_the_node_home_is_refused_at_login(sshnode: Node
     run = await sshnode.sftp("alice", key, f"get pnc/node.key {dl}/k\n")
     assert run.returncode != 0 and os.listdir(dl) == [], run.output
     assert "holds the node home" in caplog.text and "SFTP refused" in caplog.text
+    # the client is told, on the channel's stderr; its connection was not dropped as a fault
+    assert "this account's files are misconfigured on the server" in run.output, run.output
     sshnode.update_user("alice", home=str(sshnode.home.user_home("alice")))
     run = await sshnode.sftp("alice", key, "pwd\n")
     assert run.returncode == 0, run.output

@@ -17,6 +17,7 @@ import asyncio
 import inspect
 from typing import Any, Optional
 
+from asyncssh import ChannelOpenError
 from asyncssh.channel import SSHServerChannel
 from asyncssh.constants import MSG_CHANNEL_DATA, MSG_CHANNEL_EOF, MSG_CHANNEL_EXTENDED_DATA
 from asyncssh.packet import SSHPacket
@@ -203,7 +204,18 @@ class ViewSFTPHandler(SFTPServerHandler):
 async def _run_sftp(server: Any, reader: SSHReader, writer: SSHWriter, version: int) -> None:
     # asyncssh.sftp.run_sftp_server, with the handler above
     if inspect.isawaitable(server):
-        server = await server
+        try:
+            server = await server
+        except ChannelOpenError as exc:
+            # The node refused this user an SFTP server (a session over its cap, an account
+            # whose root is unsafe): the channel ends with the reason on its stderr and
+            # status 1. Raised on, it ended the whole connection as an internal error.
+            reader.logger.info("SFTP refused: %s", exc.reason)
+            chan = writer.channel
+            if not chan.is_closing():
+                chan.write_stderr(f"{exc.reason}\n".encode())
+                chan.exit(1)
+            return
     await ViewSFTPHandler(server, reader, writer, version).run()
 
 

@@ -28,7 +28,9 @@ authentication completes, during key exchange, or with compression go through it
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import sys
 import threading
 import time
 from typing import Any, Callable, Optional, cast
@@ -39,6 +41,7 @@ from asyncssh.connection import SSHServerConnection
 from asyncssh.packet import SSHPacketLogger
 from asyncssh.stream import SSHServerStreamSession
 
+from edgegw.logthrottle import LogThrottle
 from internal.ssh.ciphers import FastChaCha, FastGCM, wrap_cipher
 from internal.ssh.streams import CorkedTransport, ViewChannel, ViewStreamSession
 
@@ -65,6 +68,9 @@ def _skip_received_packet_log() -> None:
 
 
 _skip_received_packet_log()
+
+log = logging.getLogger("edgegw.node.ssh")
+_unhandled = LogThrottle(log)   # a client that can set one off could repeat it at will
 
 
 class NodeServerConnection(SSHServerConnection):
@@ -118,6 +124,18 @@ class NodeServerConnection(SSHServerConnection):
     async def wait_writable(self) -> None:
         """Until the socket takes data again (returns at once while it does)."""
         await self._writable.wait()
+
+    def internal_error(self, exc_info: Any = None, error_logger: Any = None) -> None:
+        # An exception nothing handled, in asyncssh or in the node's code under it (maybe set
+        # off by a client's bytes), ends the connection with every channel on it; asyncssh
+        # says so at its debug level only.
+        info = exc_info or sys.exc_info()
+        session = getattr(self.get_owner(), "session", None)
+        who = (f"session {session.ctx.session_id} client {session.ctx.client_ip}"
+               if session is not None else "a connection")
+        _unhandled.log(type(info[1]).__name__, logging.ERROR, "%s ended on an unhandled %s: %s",
+                       who, type(info[1]).__name__, info[1], exc_info=info)
+        super().internal_error(info, error_logger)
 
     def _process_session_open(self, packet: Any) -> tuple[Any, Any]:
         chan, session = super()._process_session_open(packet)
