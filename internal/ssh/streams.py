@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from typing import Any, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 from asyncssh import ChannelOpenError
 from asyncssh.channel import SSHServerChannel
@@ -124,6 +124,14 @@ class ViewSFTPHandler(SFTPServerHandler):
     `String(data)`: four copies of a 256 KiB read reply before the channel sees it. Here the
     parts go to the channel as they are."""
 
+    def __init__(self, server: Any, reader: SSHReader, writer: SSHWriter, version: int
+                 ) -> None:
+        super().__init__(server, reader, writer, version)
+        # the connection's, looked up once: the channel forgets its connection once the
+        # client has closed it, and is read to its end all the same
+        self._wait_writable: Optional[Callable[[], Awaitable[None]]] = getattr(
+            writer.channel.get_extra_info("connection"), "wait_writable", None)
+
     async def run(self) -> None:
         # asyncssh reads the client's init unguarded: a channel closed before it (`ssh -n -s
         # sftp`, a client giving up) raised out of the handler, which made asyncssh drop the
@@ -174,12 +182,8 @@ class ViewSFTPHandler(SFTPServerHandler):
         assert reader is not None
         if writer is not None:
             await writer.drain()            # the client's channel window is closed
-            # (get_connection() asserts once the client has closed the channel: it is read to
-            # its end all the same, as asyncssh's loop does)
-            wait_writable = getattr(writer.channel.get_extra_info("connection"),
-                                    "wait_writable", None)
-            if wait_writable is not None:
-                await wait_writable()       # its socket is full
+            if self._wait_writable is not None:
+                await self._wait_writable()  # its socket is full
         pktlen = int.from_bytes(await reader.readexactly(4), "big")
         if pktlen > MAX_SFTP_PACKET_LEN:
             raise SFTPBadMessage("Max packet size exceeded")
