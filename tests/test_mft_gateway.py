@@ -286,3 +286,40 @@ def test_gateway_reports_every_session_to_the_audit_trail(
     assert len(ours) == 3 and set(closed) == ours, (ours, closed)
     for event in closed.values():
         assert event["detail"]["bytes_up"] > 100_000 and event["detail"]["bytes_down"] > 0
+
+
+async def test_a_partner_cannot_tunnel_through_the_gateway(node_home: Path, gateway: GatewayProc,
+                                                            node: Proc, alice: tuple[str, Path]
+                                                            ) -> None:
+    """What the DMZ is for: a partner's valid key reaches SFTP through the gateway and no host
+    of the trusted network. Forwards and commands are refused by the node, logged with the
+    partner's real address and audited."""
+    user, key = alice
+    inside = socket.create_server(("127.0.0.1", 0))   # a service on the trusted network
+    inside.setblocking(False)
+    port = inside.getsockname()[1]
+    with inside:
+        async with asyncssh.connect("127.0.0.1", gateway.external, username=user,
+                                    client_keys=[str(key)], known_hosts=None,
+                                    local_addr=("127.0.0.6", 0)) as conn:
+            with pytest.raises(asyncssh.ChannelOpenError):
+                await conn.open_connection("127.0.0.1", port)
+            with pytest.raises(asyncssh.ChannelListenError):
+                await conn.forward_remote_port("0.0.0.0", 0, "127.0.0.1", 22)
+            with pytest.raises(asyncssh.ChannelOpenError):
+                await conn.run("cat /etc/passwd")
+            async with conn.start_sftp_client() as sftp:      # what the key is for
+                assert await sftp.listdir(".") is not None
+        with pytest.raises(BlockingIOError):
+            inside.accept()                                   # nothing reached it
+    node.wait_log(rf"refused: user={user} client=127\.0\.0\.6 request=direct-tcpip "
+                  rf"target=127\.0\.0\.1:{port}")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        refused = _audit(node_home, "--kind", "ssh.refused")
+        if len(refused) == 3:
+            break
+        time.sleep(0.1)
+    assert sorted(e["detail"]["request"] for e in refused) == ["direct-tcpip", "exec",
+                                                               "tcpip-forward"]
+    assert {e["ip"] for e in refused} == {"127.0.0.6"}
