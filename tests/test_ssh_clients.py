@@ -212,3 +212,22 @@ async def test_a_connection_that_keeps_asking_for_more_is_ended(sshnode: NodeUnd
     assert len(asked) == MAX_REFUSED_REQUESTS
     [end] = sshnode.events("session.disconnect")
     assert end.detail["reason"] == "too many refused requests"
+
+
+async def test_a_packet_with_no_payload_ends_only_that_connection(
+        sshnode: NodeUnderTest) -> None:
+    """A packet whose payload is empty (asyncssh reads its type byte unchecked) closes that
+    connection as malformed input: no error logged as the node's fault (the autouse
+    `unhandled_errors` check), the session recorded, and the node serves on."""
+    _, key = sshnode.add_user("alice")
+    reader, writer = await asyncio.open_connection("127.0.0.1", sshnode.port)
+    assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"SSH-2.0-edgegw")
+    # packet_length 12 = padding length byte + 11 bytes of padding, no payload
+    writer.write(b"SSH-2.0-probe\r\n" + (12).to_bytes(4, "big") + bytes([11]) + bytes(11))
+    await asyncio.wait_for(reader.read(), 5)        # up to its KEXINIT, then closed
+    writer.close()
+    await sshnode.wait_idle()
+    [end] = sshnode.events("session.disconnect")
+    assert "Incomplete packet" in end.detail["reason"], end
+    async with sshnode.sftp_client("alice", key) as sftp:
+        assert await sftp.getcwd() == "/"

@@ -38,7 +38,7 @@ from typing import Any, Callable, Optional, cast
 import asyncssh
 from asyncssh.channel import SSHServerChannel
 from asyncssh.connection import SSHServerConnection
-from asyncssh.packet import SSHPacketLogger
+from asyncssh.packet import PacketDecodeError, SSHPacketLogger
 from asyncssh.stream import SSHServerStreamSession
 
 from edgegw.logthrottle import LogThrottle
@@ -130,6 +130,12 @@ class NodeServerConnection(SSHServerConnection):
         # off by a client's bytes), ends the connection with every channel on it; asyncssh
         # says so at its debug level only.
         info = exc_info or sys.exc_info()
+        if isinstance(info[1], PacketDecodeError):
+            # a packet asyncssh reads without its checks (one with an empty payload, say):
+            # the client's malformed bytes, ended as asyncssh ends them, not a fault here
+            log.debug("connection ended on a malformed packet: %s", info[1])
+            super().internal_error(info, error_logger)
+            return
         session = getattr(self.get_owner(), "session", None)
         who = (f"session {session.ctx.session_id} client {session.ctx.client_ip}"
                if session is not None else "a connection")
