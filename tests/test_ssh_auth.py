@@ -14,7 +14,9 @@ from typing import Any
 import asyncssh
 import pytest
 
+from edgegw.logthrottle import LogThrottle
 from internal.session import SessionContext
+from internal.ssh import transport
 from internal.store.base import StoreError
 from internal.store.calls import STORE_THREADS
 from tests.sshutil import NodeUnderTest, start_node, stop_node
@@ -314,6 +316,8 @@ async def test_a_key_blob_asyncssh_cannot_decode_ends_only_that_connection(
         return BadKey()
 
     monkeypatch.setattr(asyncssh.SSHClientConnection, "public_key_auth_requested", one_bad_key)
+    # its line is throttled per exception type: whatever an earlier test in this process did
+    monkeypatch.setattr(transport, "_unhandled", LogThrottle(transport.log))
     node_end, client_end = tcp_pair()
     ctx = SessionContext("00112233445566aa", "203.0.113.7", 40000, "gw-1")
     served = asyncio.create_task(sshnode.service.serve_socket(node_end, ctx))
