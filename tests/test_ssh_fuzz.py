@@ -12,7 +12,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.sshutil import start_node, stop_node
+from tests.sshutil import start_node, stop_node, tree
 
 FUZZ = settings(max_examples=80, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow])
@@ -149,14 +149,12 @@ def test_hostile_sftp_requests_end_at_most_their_channel(tmp_path: Path) -> None
         home, key = node.keyed_user("alice")
         (home / "f.txt").write_bytes(b"x" * 1000)
         (home / "dir").mkdir()
+        root = os.path.relpath(home, tmp_path)
+
         def outside() -> set[str]:
             """Every name under tmp_path but the user's root and the store's own files."""
-            names: set[str] = set()
-            for top, dirs, files in os.walk(tmp_path):
-                dirs[:] = [d for d in dirs if os.path.join(top, d) != str(home)]
-                names.update(os.path.relpath(os.path.join(top, n), tmp_path)
-                             for n in dirs + files if not n.startswith("edgegw.db"))
-            return names
+            return {n for n in tree(tmp_path) if not n.startswith(root + os.sep)
+                    and not os.path.basename(n).startswith("edgegw.db")}
 
         before = outside()
         conn = loop.run_until_complete(asyncssh.connect(
